@@ -1,0 +1,550 @@
+//! Service configuration: an optional TOML file, then environment variables on top, validated
+//! once at start with errors that name the setting.
+//!
+//! Every setting has an environment variable `{PREFIX}_{KEY}` where the prefix is the service's
+//! (`WALLET`, `SUBSCRIPTION`, `RESELLER`) and the key is the upper-cased TOML key, e.g.
+//! `WALLET_DATABASE_URL`. `{PREFIX}_CONFIG` names the TOML file. Tokens in the environment use
+//! `{PREFIX}_TOKENS="name:secret:scope+scope,other:secret2:read"`.
+
+use std::{collections::BTreeMap, fmt, net::SocketAddr, path::Path, time::Duration};
+
+use serde::Deserialize;
+
+use crate::auth::Scope;
+
+/// What distinguishes one service's configuration from another's: its name, the prefix of its
+/// environment variables and its default ports.
+#[derive(Debug, Clone, Copy)]
+pub struct ServiceDefaults {
+    /// Service name used in logs, metrics and the default database file (`credits-wallet`).
+    pub name: &'static str,
+    /// Prefix of the environment variables (`WALLET`).
+    pub env_prefix: &'static str,
+    /// Default gRPC port on 127.0.0.1.
+    pub grpc_port: u16,
+    /// Default Prometheus port on 127.0.0.1.
+    pub metrics_port: u16,
+    /// Default PostgreSQL schema owned by the service.
+    pub schema: &'static str,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+/// One bearer token that may call the service, with its scopes.
+#[derive(Clone, Deserialize)]
+pub struct TokenConfig {
+    /// Who holds the token (appears in logs instead of the secret).
+    pub name: String,
+    /// The secret itself; never logged.
+    pub token: String,
+    /// What the holder may do.
+    pub scopes: Vec<Scope>,
+}
+
+impl fmt::Debug for TokenConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TokenConfig")
+            .field("name", &self.name)
+            .field("token", &"<redacted>")
+            .field("scopes", &self.scopes)
+            .finish()
+    }
+}
+
+/// Another service this one calls over gRPC.
+#[derive(Clone, Deserialize)]
+pub struct PeerConfig {
+    /// e.g. `http://127.0.0.1:50051`.
+    pub url: String,
+    /// Bearer token presented to the peer; never logged.
+    pub token: String,
+}
+
+impl fmt::Debug for PeerConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PeerConfig")
+            .field("url", &self.url)
+            .field("token", &"<redacted>")
+            .finish()
+    }
+}
+
+/// The validated configuration of one service process.
+#[derive(Debug, Clone)]
+pub struct ServiceConfig {
+    /// Name of the service (from [`ServiceDefaults`]).
+    pub service_name: &'static str,
+    /// gRPC listen address.
+    pub listen_addr: SocketAddr,
+    /// Prometheus listen address; `None` turns the metrics endpoint off.
+    pub metrics_addr: Option<SocketAddr>,
+    /// `sqlite://path` (embedded default) or `postgres://...` (production).
+    pub database_url: String,
+    /// PostgreSQL schema that holds this service's tables and migrations table.
+    pub database_schema: String,
+    /// Upper bound of the connection pool.
+    pub database_max_connections: u32,
+    /// Log format.
+    pub log_format: LogFormat,
+    /// `tracing` filter directive, e.g. `info,sqlx=warn`.
+    pub log_filter: String,
+    /// Deadline for one unary call.
+    pub request_timeout: Duration,
+    /// Calls in flight at once; more are shed with `RESOURCE_EXHAUSTED`.
+    pub concurrency_limit: usize,
+    /// Run on a frozen test clock that `TestClock/AdvanceTime` moves.
+    pub test_clock: bool,
+    /// How long idempotency keys are kept (at least 24 hours).
+    pub idempotency_retention: Duration,
+    /// Bearer tokens accepted by this service.
+    pub tokens: Vec<TokenConfig>,
+    /// Services this one calls, by name (e.g. `wallet`).
+    pub peers: BTreeMap<String, PeerConfig>,
+}
+
+/// A configuration problem, named precisely enough to fix it.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The path given.
+        path: String,
+        /// The IO error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this schema.
+    #[error("config file {path} is invalid: {message}")]
+    Parse {
+        /// The path given.
+        path: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// A setting has a value that cannot be used.
+    #[error("invalid setting {key}: {message}")]
+    Invalid {
+        /// The TOML key or environment variable.
+        key: String,
+        /// What is wrong and what is expected.
+        message: String,
+    },
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    listen_addr: Option<String>,
+    metrics_addr: Option<String>,
+    database_url: Option<String>,
+    database_schema: Option<String>,
+    database_max_connections: Option<u32>,
+    log_format: Option<LogFormat>,
+    log_filter: Option<String>,
+    request_timeout_ms: Option<u64>,
+    concurrency_limit: Option<usize>,
+    test_clock: Option<bool>,
+    idempotency_retention_hours: Option<u64>,
+    #[serde(default)]
+    tokens: Vec<TokenConfig>,
+    #[serde(default)]
+    peers: BTreeMap<String, PeerConfig>,
+}
+
+/// Where settings come from: a lookup of environment variables (injectable for tests).
+pub trait Environment {
+    /// The value of one variable, if set.
+    fn var(&self, name: &str) -> Option<String>;
+}
+
+/// The process environment.
+pub struct ProcessEnv;
+
+impl Environment for ProcessEnv {
+    fn var(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok().filter(|v| !v.is_empty())
+    }
+}
+
+impl Environment for BTreeMap<String, String> {
+    fn var(&self, name: &str) -> Option<String> {
+        self.get(name).cloned()
+    }
+}
+
+impl ServiceConfig {
+    /// Loads the file named by `{PREFIX}_CONFIG` (if any), applies the environment and validates.
+    pub fn load(defaults: &ServiceDefaults, env: &dyn Environment) -> Result<Self, ConfigError> {
+        let file = match env.var(&format!("{}_CONFIG", defaults.env_prefix)) {
+            Some(path) => read_file(Path::new(&path))?,
+            None => FileConfig::default(),
+        };
+        Self::from_parts(defaults, file, env)
+    }
+
+    /// Loads an explicit TOML text (used by tests and the suite launcher), then the environment.
+    pub fn from_toml(
+        defaults: &ServiceDefaults,
+        text: &str,
+        env: &dyn Environment,
+    ) -> Result<Self, ConfigError> {
+        let file = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: "<inline>".into(),
+            message: e.to_string(),
+        })?;
+        Self::from_parts(defaults, file, env)
+    }
+
+    fn from_parts(
+        defaults: &ServiceDefaults,
+        file: FileConfig,
+        env: &dyn Environment,
+    ) -> Result<Self, ConfigError> {
+        let get = |key: &str| env.var(&format!("{}_{}", defaults.env_prefix, key.to_uppercase()));
+        let env_key = |key: &str| format!("{}_{}", defaults.env_prefix, key.to_uppercase());
+
+        let listen_addr = parse_addr(
+            "listen_addr",
+            get("listen_addr")
+                .or(file.listen_addr)
+                .unwrap_or_else(|| format!("127.0.0.1:{}", defaults.grpc_port)),
+        )?;
+        let metrics_addr = match get("metrics_addr")
+            .or(file.metrics_addr)
+            .unwrap_or_else(|| format!("127.0.0.1:{}", defaults.metrics_port))
+        {
+            off if off == "off" => None,
+            addr => Some(parse_addr("metrics_addr", addr)?),
+        };
+        let database_url = get("database_url")
+            .or(file.database_url)
+            .unwrap_or_else(|| format!("sqlite://data/{}.db", defaults.name));
+        if !(database_url.starts_with("sqlite:") || database_url.starts_with("postgres")) {
+            return Err(invalid(
+                "database_url",
+                "must start with sqlite: (embedded) or postgres:// (production)",
+            ));
+        }
+        let database_schema = get("database_schema")
+            .or(file.database_schema)
+            .unwrap_or_else(|| defaults.schema.to_string());
+        if database_schema.is_empty()
+            || !database_schema
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+            || database_schema.starts_with(|c: char| c.is_ascii_digit())
+        {
+            return Err(invalid(
+                "database_schema",
+                "must be a lower-case SQL identifier (a-z, 0-9, _)",
+            ));
+        }
+        let database_max_connections = parse_num(
+            &env_key("database_max_connections"),
+            get("database_max_connections"),
+            file.database_max_connections,
+            10,
+        )?;
+        if database_max_connections == 0 {
+            return Err(invalid("database_max_connections", "must be at least 1"));
+        }
+        let log_format = match get("log_format") {
+            Some(v) => match v.as_str() {
+                "text" => LogFormat::Text,
+                "json" => LogFormat::Json,
+                _ => return Err(invalid("log_format", "must be text or json")),
+            },
+            None => file.log_format.unwrap_or(LogFormat::Text),
+        };
+        let log_filter = get("log_filter")
+            .or(file.log_filter)
+            .unwrap_or_else(|| "info,sqlx=warn".into());
+        let timeout_ms: u64 = parse_num(
+            &env_key("request_timeout_ms"),
+            get("request_timeout_ms"),
+            file.request_timeout_ms,
+            10_000,
+        )?;
+        if timeout_ms == 0 {
+            return Err(invalid("request_timeout_ms", "must be at least 1"));
+        }
+        let concurrency_limit = parse_num(
+            &env_key("concurrency_limit"),
+            get("concurrency_limit"),
+            file.concurrency_limit,
+            1024,
+        )?;
+        if concurrency_limit == 0 {
+            return Err(invalid("concurrency_limit", "must be at least 1"));
+        }
+        let test_clock = match get("test_clock") {
+            Some(v) => match v.as_str() {
+                "true" | "1" => true,
+                "false" | "0" => false,
+                _ => return Err(invalid("test_clock", "must be true or false")),
+            },
+            None => file.test_clock.unwrap_or(false),
+        };
+        let retention_hours: u64 = parse_num(
+            &env_key("idempotency_retention_hours"),
+            get("idempotency_retention_hours"),
+            file.idempotency_retention_hours,
+            48,
+        )?;
+        if retention_hours < 24 {
+            return Err(invalid(
+                "idempotency_retention_hours",
+                "must be at least 24: a client may retry a mutation for a day",
+            ));
+        }
+        let tokens = match get("tokens") {
+            Some(spec) => parse_tokens(&spec)?,
+            None => file.tokens,
+        };
+        validate_tokens(&tokens)?;
+        let mut peers = file.peers;
+        for (name, peer) in peers.iter_mut() {
+            let upper = name.to_uppercase();
+            if let Some(url) = get(&format!("peer_{upper}_url")) {
+                peer.url = url;
+            }
+            if let Some(token) = get(&format!("peer_{upper}_token")) {
+                peer.token = token;
+            }
+        }
+        Ok(Self {
+            service_name: defaults.name,
+            listen_addr,
+            metrics_addr,
+            database_url,
+            database_schema,
+            database_max_connections,
+            log_format,
+            log_filter,
+            request_timeout: Duration::from_millis(timeout_ms),
+            concurrency_limit,
+            test_clock,
+            idempotency_retention: Duration::from_secs(retention_hours * 3600),
+            tokens,
+            peers,
+        })
+    }
+
+    /// The peer named `name`, or a clear error naming the settings to add.
+    pub fn peer(&self, name: &str) -> Result<&PeerConfig, ConfigError> {
+        self.peers.get(name).ok_or_else(|| ConfigError::Invalid {
+            key: format!("peers.{name}"),
+            message: format!(
+                "this service calls {name}: set peers.{name}.url and peers.{name}.token"
+            ),
+        })
+    }
+}
+
+fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.display().to_string(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    })
+}
+
+fn invalid(key: &str, message: &str) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+fn parse_addr(key: &str, value: String) -> Result<SocketAddr, ConfigError> {
+    value.parse().map_err(|_| ConfigError::Invalid {
+        key: key.into(),
+        message: format!("{value:?} is not a socket address like 127.0.0.1:50051"),
+    })
+}
+
+fn parse_num<T: std::str::FromStr>(
+    env_key: &str,
+    from_env: Option<String>,
+    from_file: Option<T>,
+    default: T,
+) -> Result<T, ConfigError> {
+    match from_env {
+        Some(v) => v.parse().map_err(|_| ConfigError::Invalid {
+            key: env_key.into(),
+            message: format!("{v:?} is not a non-negative whole number"),
+        }),
+        None => Ok(from_file.unwrap_or(default)),
+    }
+}
+
+/// Parses `name:secret:scope+scope,name2:secret2:scope`.
+fn parse_tokens(spec: &str) -> Result<Vec<TokenConfig>, ConfigError> {
+    spec.split(',')
+        .filter(|s| !s.trim().is_empty())
+        .map(|entry| {
+            let mut parts = entry.trim().splitn(3, ':');
+            let (Some(name), Some(token), Some(scopes)) = (parts.next(), parts.next(), parts.next())
+            else {
+                return Err(invalid(
+                    "tokens",
+                    "each entry must be name:secret:scope+scope (scopes: read, mutate, admin, act-for-user)",
+                ));
+            };
+            let scopes = scopes
+                .split('+')
+                .map(|s| {
+                    s.parse::<Scope>().map_err(|_| ConfigError::Invalid {
+                        key: "tokens".into(),
+                        message: format!(
+                            "unknown scope {s:?} for token {name:?}; scopes are read, mutate, admin, act-for-user"
+                        ),
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(TokenConfig {
+                name: name.to_string(),
+                token: token.to_string(),
+                scopes,
+            })
+        })
+        .collect()
+}
+
+fn validate_tokens(tokens: &[TokenConfig]) -> Result<(), ConfigError> {
+    if tokens.is_empty() {
+        return Err(invalid(
+            "tokens",
+            "no bearer tokens configured: every business RPC would be refused; set tokens in the config file or name:secret:scope+scope in the environment",
+        ));
+    }
+    for t in tokens {
+        if t.name.is_empty() {
+            return Err(invalid("tokens", "a token has an empty name"));
+        }
+        if t.token.len() < 8 {
+            return Err(ConfigError::Invalid {
+                key: "tokens".into(),
+                message: format!(
+                    "the secret of token {:?} is shorter than 8 characters",
+                    t.name
+                ),
+            });
+        }
+        if t.scopes.is_empty() {
+            return Err(ConfigError::Invalid {
+                key: "tokens".into(),
+                message: format!("token {:?} has no scopes", t.name),
+            });
+        }
+    }
+    let mut secrets: Vec<&str> = tokens.iter().map(|t| t.token.as_str()).collect();
+    secrets.sort_unstable();
+    if secrets.windows(2).any(|w| w[0] == w[1]) {
+        return Err(invalid("tokens", "two tokens share one secret"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    const DEFAULTS: ServiceDefaults = ServiceDefaults {
+        name: "credits-wallet",
+        env_prefix: "WALLET",
+        grpc_port: 50051,
+        metrics_port: 9101,
+        schema: "wallet",
+    };
+
+    fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_apply_and_env_overrides_file() {
+        let cfg = ServiceConfig::from_toml(
+            &DEFAULTS,
+            "listen_addr = \"127.0.0.1:7000\"\n[[tokens]]\nname = \"ops\"\ntoken = \"secret-ops\"\nscopes = [\"admin\"]\n",
+            &env(&[("WALLET_LISTEN_ADDR", "127.0.0.1:7001")]),
+        )
+        .unwrap();
+        assert_eq!(cfg.listen_addr.port(), 7001);
+        assert_eq!(cfg.metrics_addr.unwrap().port(), 9101);
+        assert_eq!(cfg.database_url, "sqlite://data/credits-wallet.db");
+        assert_eq!(cfg.database_schema, "wallet");
+        assert_eq!(cfg.tokens[0].scopes, vec![Scope::Admin]);
+    }
+
+    #[test]
+    fn tokens_from_env_parse_scopes() {
+        let cfg = ServiceConfig::from_toml(
+            &DEFAULTS,
+            "",
+            &env(&[(
+                "WALLET_TOKENS",
+                "pipeline:s3cret-pipe:read+mutate,ops:s3cret-ops:admin",
+            )]),
+        )
+        .unwrap();
+        assert_eq!(cfg.tokens.len(), 2);
+        assert_eq!(cfg.tokens[0].scopes, vec![Scope::Read, Scope::Mutate]);
+    }
+
+    #[test]
+    fn errors_name_the_setting() {
+        let cases = [
+            ("WALLET_LISTEN_ADDR", "nope", "listen_addr"),
+            ("WALLET_DATABASE_URL", "mysql://x", "database_url"),
+            (
+                "WALLET_IDEMPOTENCY_RETENTION_HOURS",
+                "2",
+                "idempotency_retention_hours",
+            ),
+            ("WALLET_CONCURRENCY_LIMIT", "-1", "WALLET_CONCURRENCY_LIMIT"),
+            ("WALLET_TOKENS", "a:short:read", "tokens"),
+            ("WALLET_TOKENS", "a:long-enough:fly", "tokens"),
+        ];
+        for (key, value, named) in cases {
+            let mut e = env(&[("WALLET_TOKENS", "t:long-secret:read")]);
+            e.insert(key.into(), value.into());
+            let err = ServiceConfig::from_toml(&DEFAULTS, "", &e).unwrap_err();
+            assert!(err.to_string().contains(named), "{key}={value}: {err}");
+        }
+    }
+
+    #[test]
+    fn no_tokens_is_refused_and_unknown_file_keys_too() {
+        let err = ServiceConfig::from_toml(&DEFAULTS, "", &env(&[])).unwrap_err();
+        assert!(err.to_string().contains("no bearer tokens"));
+        let err = ServiceConfig::from_toml(&DEFAULTS, "lisen_addr = \"x\"", &env(&[])).unwrap_err();
+        assert!(err.to_string().contains("lisen_addr"), "{err}");
+    }
+
+    #[test]
+    fn debug_output_redacts_secrets() {
+        let cfg = ServiceConfig::from_toml(
+            &DEFAULTS,
+            "",
+            &env(&[("WALLET_TOKENS", "pipeline:very-secret-value:read")]),
+        )
+        .unwrap();
+        assert!(!format!("{cfg:?}").contains("very-secret-value"));
+    }
+}

@@ -1,0 +1,243 @@
+//! Storage plumbing shared by every service: one connection URL, SQLite as the embedded default
+//! and PostgreSQL for production, migrations embedded per service and per backend.
+//!
+//! Store code is written once against sqlx's `Any` driver: both backends accept `$1` parameters,
+//! `RETURNING` and `ON CONFLICT`, and the schema keeps to types both share (settled money as
+//! integer minor units in `BIGINT`, rates as decimal text, instants as `BIGINT` microseconds
+//! since the epoch, ids as text). Where the dialects differ (row locks), [`Backend`] says which.
+//!
+//! - SQLite: a file (directories created), WAL, `busy_timeout`, foreign keys, and write
+//!   transactions that start with `BEGIN IMMEDIATE`, so two writers never deadlock upgrading a
+//!   read lock: the second waits for the first at `BEGIN`.
+//! - PostgreSQL: each service in its own schema (created if missing) that also holds its
+//!   migrations table; every connection's `search_path` is that schema. Several replicas may
+//!   share the database: correctness comes from row locks and constraints, not process memory.
+
+use std::{str::FromStr, time::Duration};
+
+use sqlx::{
+    AnyPool, Executor, Transaction,
+    any::{AnyConnectOptions, AnyPoolOptions},
+    migrate::{Migration, Migrator},
+};
+
+use crate::config::ServiceConfig;
+
+/// Which database a [`Db`] talks to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// Embedded default.
+    Sqlite,
+    /// Production.
+    Postgres,
+}
+
+/// A service's migrations for both backends (`sqlx::migrate!("migrations/sqlite")`, ...).
+pub struct Migrations {
+    /// Applied on SQLite.
+    pub sqlite: Migrator,
+    /// Applied on PostgreSQL.
+    pub postgres: Migrator,
+}
+
+/// A storage failure.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    /// The driver failed.
+    #[error(transparent)]
+    Sqlx(#[from] sqlx::Error),
+    /// Migrations failed.
+    #[error(transparent)]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// Something in the database contradicts an invariant.
+    #[error("storage invariant violated: {0}")]
+    Corrupt(String),
+}
+
+/// A pool plus the backend it talks to. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Db {
+    pool: AnyPool,
+    backend: Backend,
+}
+
+/// The runtime's own tables (outbox, idempotency keys, relay state), migrated with each service.
+static PLATFORM_SQLITE: Migrator = sqlx::migrate!("migrations/sqlite");
+static PLATFORM_POSTGRES: Migrator = sqlx::migrate!("migrations/postgres");
+
+impl Db {
+    /// Connects with the service's settings and runs the platform's and the service's migrations.
+    pub async fn connect(config: &ServiceConfig, migrations: &Migrations) -> Result<Db, DbError> {
+        Self::connect_url(
+            &config.database_url,
+            &config.database_schema,
+            config.database_max_connections,
+            migrations,
+        )
+        .await
+    }
+
+    /// Connects to `url` (schema used on PostgreSQL only) and migrates.
+    pub async fn connect_url(
+        url: &str,
+        schema: &str,
+        max_connections: u32,
+        migrations: &Migrations,
+    ) -> Result<Db, DbError> {
+        sqlx::any::install_default_drivers();
+        let db = if url.starts_with("sqlite:") {
+            Self::connect_sqlite(url, max_connections).await?
+        } else {
+            Self::connect_postgres(url, schema, max_connections).await?
+        };
+        let (platform, own) = match db.backend {
+            Backend::Sqlite => (&PLATFORM_SQLITE, &migrations.sqlite),
+            Backend::Postgres => (&PLATFORM_POSTGRES, &migrations.postgres),
+        };
+        combined(platform, own).run(&db.pool).await?;
+        Ok(db)
+    }
+
+    async fn connect_sqlite(url: &str, max_connections: u32) -> Result<Db, DbError> {
+        let path = url
+            .trim_start_matches("sqlite://")
+            .trim_start_matches("sqlite:");
+        let path = path.split('?').next().unwrap_or(path);
+        if path != ":memory:" {
+            if let Some(dir) = std::path::Path::new(path).parent() {
+                if !dir.as_os_str().is_empty() {
+                    std::fs::create_dir_all(dir).map_err(|e| sqlx::Error::Io(e))?;
+                }
+            }
+        }
+        let url = if url.contains("mode=") {
+            url.to_string()
+        } else if url.contains('?') {
+            format!("{url}&mode=rwc")
+        } else {
+            format!("{url}?mode=rwc")
+        };
+        let options = AnyConnectOptions::from_str(&url)?;
+        let pool = AnyPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(Duration::from_secs(30))
+            .after_connect(|conn, _| {
+                Box::pin(async move {
+                    conn.execute(
+                        "PRAGMA journal_mode = WAL; PRAGMA busy_timeout = 10000; \
+                         PRAGMA foreign_keys = ON; PRAGMA synchronous = NORMAL;",
+                    )
+                    .await?;
+                    Ok(())
+                })
+            })
+            .connect_with(options)
+            .await?;
+        Ok(Db {
+            pool,
+            backend: Backend::Sqlite,
+        })
+    }
+
+    async fn connect_postgres(
+        url: &str,
+        schema: &str,
+        max_connections: u32,
+    ) -> Result<Db, DbError> {
+        let options = AnyConnectOptions::from_str(url)?;
+        // The schema must exist before a connection can make it its search_path. Replicas may
+        // race here: a duplicate-schema error from the loser means the schema is there.
+        {
+            let setup = AnyPoolOptions::new()
+                .max_connections(1)
+                .connect_with(options.clone())
+                .await?;
+            if let Err(e) = setup
+                .execute(format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\"").as_str())
+                .await
+            {
+                let duplicate = e
+                    .as_database_error()
+                    .and_then(|d| d.code())
+                    .is_some_and(|c| c == "23505" || c == "42P06");
+                if !duplicate {
+                    return Err(e.into());
+                }
+            }
+            setup.close().await;
+        }
+        let set_path = format!("SET search_path TO \"{schema}\"");
+        let pool = AnyPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(Duration::from_secs(30))
+            .after_connect(move |conn, _| {
+                let set_path = set_path.clone();
+                Box::pin(async move {
+                    conn.execute(set_path.as_str()).await?;
+                    Ok(())
+                })
+            })
+            .connect_with(options)
+            .await?;
+        Ok(Db {
+            pool,
+            backend: Backend::Postgres,
+        })
+    }
+
+    /// The backend.
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// The pool, for reads.
+    pub fn pool(&self) -> &AnyPool {
+        &self.pool
+    }
+
+    /// Starts a write transaction: `BEGIN IMMEDIATE` on SQLite (takes the write lock at once, so
+    /// no transaction can fail upgrading a read lock), `BEGIN` on PostgreSQL (rows are locked with
+    /// `FOR UPDATE`, see [`Db::for_update`]).
+    pub async fn begin_write(&self) -> Result<Transaction<'static, sqlx::Any>, DbError> {
+        Ok(match self.backend {
+            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
+            Backend::Postgres => self.pool.begin().await?,
+        })
+    }
+
+    /// The row-lock suffix for a `SELECT` inside a write transaction: ` FOR UPDATE` on
+    /// PostgreSQL; nothing on SQLite, whose write transaction already excludes other writers.
+    pub fn for_update(&self) -> &'static str {
+        match self.backend {
+            Backend::Sqlite => "",
+            Backend::Postgres => " FOR UPDATE",
+        }
+    }
+
+    /// Connections open and idle, for metrics.
+    pub fn pool_usage(&self) -> (u32, usize) {
+        (self.pool.size(), self.pool.num_idle())
+    }
+
+    /// Closes the pool, waiting for connections to be returned.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+/// The platform's migrations followed by the service's, as one migrator (one migrations table).
+/// Versions are timestamps; the platform's come first.
+fn combined(platform: &Migrator, own: &Migrator) -> Migrator {
+    let mut all: Vec<Migration> = platform.iter().chain(own.iter()).cloned().collect();
+    all.sort_by_key(|m| m.version);
+    Migrator {
+        migrations: all.into(),
+        ..Migrator::DEFAULT
+    }
+}
+
+/// Whether `err` is a unique-constraint violation (both backends).
+pub fn is_unique_violation(err: &sqlx::Error) -> bool {
+    err.as_database_error()
+        .is_some_and(|d| d.kind() == sqlx::error::ErrorKind::UniqueViolation)
+}

@@ -1,0 +1,234 @@
+//! Idempotency keys (Stripe's design): every mutation names a client-supplied key; the key, the
+//! change and its outbox events commit in one transaction.
+//!
+//! - First call: [`IdempotencyKey::claim`] finds nothing, the mutation runs, and
+//!   [`IdempotencyKey::record`] stores its response in the same transaction.
+//! - Retry with the same key and the same request: `claim` returns the stored response and the
+//!   mutation does not run again. A concurrent duplicate blocks on the key's unique index (or on
+//!   SQLite's write lock) until the first commits, then replays it.
+//! - Same key, different request (or another operation): `ALREADY_EXISTS`, nothing changes.
+//! - A refusal that changes nothing (e.g. insufficient credits) may be stored too, with
+//!   [`IdempotencyKey::record_refusal`], so a retry returns the same refusal.
+//!
+//! Keys are kept for the configured retention (at least 24 hours), then swept.
+
+use prost::Message;
+use sha2::{Digest, Sha256};
+use sqlx::{AnyConnection, Row};
+use tonic::{Code, Status};
+
+use crate::db::{Db, DbError};
+
+/// Longest key accepted.
+pub const MAX_KEY_LEN: usize = 255;
+
+/// A validated key for one operation and one request.
+#[derive(Debug, Clone)]
+pub struct IdempotencyKey {
+    key: String,
+    operation: &'static str,
+    fingerprint: String,
+}
+
+/// What a claim found.
+#[derive(Debug)]
+pub enum Claimed<R> {
+    /// First use: run the mutation.
+    New,
+    /// A retry: the first outcome.
+    Replay(Result<R, Status>),
+}
+
+/// Why a key cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum IdempotencyError {
+    /// Storage failed.
+    #[error(transparent)]
+    Db(#[from] DbError),
+    /// The key was used for different parameters.
+    #[error(
+        "idempotency key {key:?} was already used for a different request ({operation}); use a new key for a new request"
+    )]
+    Mismatch {
+        /// The key.
+        key: String,
+        /// The operation it was first used for.
+        operation: String,
+    },
+    /// The stored response cannot be decoded (schema drift).
+    #[error("stored response for idempotency key {0:?} cannot be decoded")]
+    Undecodable(String),
+}
+
+impl From<sqlx::Error> for IdempotencyError {
+    fn from(e: sqlx::Error) -> Self {
+        Self::Db(DbError::Sqlx(e))
+    }
+}
+
+impl IdempotencyKey {
+    /// Validates `key` and fingerprints `request` (its canonical protobuf encoding, which
+    /// includes the key itself) for `operation`.
+    pub fn new<M: Message>(
+        operation: &'static str,
+        key: &str,
+        request: &M,
+    ) -> Result<Self, Status> {
+        if key.is_empty() {
+            return Err(Status::invalid_argument(
+                "idempotency_key is required: every mutation takes a client-supplied key",
+            ));
+        }
+        if key.len() > MAX_KEY_LEN || !key.chars().all(|c| c.is_ascii_graphic()) {
+            return Err(Status::invalid_argument(format!(
+                "idempotency_key must be 1 to {MAX_KEY_LEN} printable ASCII characters"
+            )));
+        }
+        let mut hasher = Sha256::new();
+        hasher.update(operation.as_bytes());
+        hasher.update([0]);
+        hasher.update(request.encode_to_vec());
+        let fingerprint = hasher
+            .finalize()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        Ok(Self {
+            key: key.to_string(),
+            operation,
+            fingerprint,
+        })
+    }
+
+    /// The key text.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// Looks the key up inside the mutation's write transaction.
+    pub async fn claim<R: Message + Default>(
+        &self,
+        conn: &mut AnyConnection,
+    ) -> Result<Claimed<R>, IdempotencyError> {
+        let row = sqlx::query(
+            "SELECT operation, fingerprint, status_code, response FROM idempotency_keys \
+             WHERE idempotency_key = $1",
+        )
+        .bind(&self.key)
+        .fetch_optional(conn)
+        .await?;
+        let Some(row) = row else {
+            return Ok(Claimed::New);
+        };
+        let operation: String = row.try_get(0)?;
+        let fingerprint: String = row.try_get(1)?;
+        if operation != self.operation || fingerprint != self.fingerprint {
+            return Err(IdempotencyError::Mismatch {
+                key: self.key.clone(),
+                operation,
+            });
+        }
+        let code: i32 = row.try_get(2)?;
+        let response: Vec<u8> = row.try_get(3)?;
+        if code == Code::Ok as i32 {
+            R::decode(response.as_slice())
+                .map(|r| Claimed::Replay(Ok(r)))
+                .map_err(|_| IdempotencyError::Undecodable(self.key.clone()))
+        } else {
+            let message = String::from_utf8_lossy(&response).into_owned();
+            Ok(Claimed::Replay(Err(Status::new(
+                Code::from_i32(code),
+                message,
+            ))))
+        }
+    }
+
+    /// Stores the response of the mutation in its transaction. A concurrent twin that got here
+    /// first makes this fail with a unique violation, rolling this transaction back.
+    pub async fn record<R: Message>(
+        &self,
+        conn: &mut AnyConnection,
+        response: &R,
+        now_us: i64,
+    ) -> Result<(), IdempotencyError> {
+        self.insert(conn, Code::Ok as i32, response.encode_to_vec(), now_us)
+            .await
+    }
+
+    /// Stores a refusal (a status that changed nothing) in its own transaction, so a retry gets
+    /// the same answer. Losing a race to a concurrent twin is fine: the twin's outcome stands.
+    pub async fn record_refusal(
+        &self,
+        db: &Db,
+        status: &Status,
+        now_us: i64,
+    ) -> Result<(), IdempotencyError> {
+        let mut tx = db.begin_write().await?;
+        let inserted = sqlx::query(
+            "INSERT INTO idempotency_keys \
+             (idempotency_key, operation, fingerprint, status_code, response, created_at_us) \
+             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (idempotency_key) DO NOTHING",
+        )
+        .bind(&self.key)
+        .bind(self.operation)
+        .bind(&self.fingerprint)
+        .bind(status.code() as i32)
+        .bind(status.message().as_bytes().to_vec())
+        .bind(now_us)
+        .execute(&mut *tx)
+        .await?;
+        let _ = inserted;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn insert(
+        &self,
+        conn: &mut AnyConnection,
+        code: i32,
+        response: Vec<u8>,
+        now_us: i64,
+    ) -> Result<(), IdempotencyError> {
+        sqlx::query(
+            "INSERT INTO idempotency_keys \
+             (idempotency_key, operation, fingerprint, status_code, response, created_at_us) \
+             VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(&self.key)
+        .bind(self.operation)
+        .bind(&self.fingerprint)
+        .bind(code)
+        .bind(response)
+        .bind(now_us)
+        .execute(conn)
+        .await?;
+        Ok(())
+    }
+}
+
+/// Deletes keys older than the retention; returns how many.
+pub async fn sweep(db: &Db, older_than_us: i64) -> Result<u64, DbError> {
+    Ok(
+        sqlx::query("DELETE FROM idempotency_keys WHERE created_at_us < $1")
+            .bind(older_than_us)
+            .execute(db.pool())
+            .await?
+            .rows_affected(),
+    )
+}
+
+impl From<IdempotencyError> for Status {
+    fn from(e: IdempotencyError) -> Self {
+        match e {
+            IdempotencyError::Mismatch { .. } => Status::already_exists(e.to_string()),
+            IdempotencyError::Db(inner) => {
+                tracing::error!(error = %inner, "idempotency store failed");
+                Status::internal("internal error")
+            }
+            IdempotencyError::Undecodable(_) => {
+                tracing::error!(error = %e, "idempotency replay failed");
+                Status::internal("internal error")
+            }
+        }
+    }
+}

@@ -1,0 +1,34 @@
+//! The runtime every billing service stands on.
+//!
+//! - [`config`]: file + environment configuration, validated at start.
+//! - [`telemetry`]: structured (text or JSON) logs.
+//! - [`auth`], [`middleware`]: bearer tokens with scopes, request ids and spans, load shedding,
+//!   deadlines and per-call metrics, as tower layers.
+//! - [`metrics`]: Prometheus text on a separate port.
+//! - [`db`]: SQLite (embedded default) and PostgreSQL (production) behind one connection URL,
+//!   migrations per service and backend.
+//! - [`idempotency`], [`outbox`]: idempotent mutations and the transactional outbox with its
+//!   resumable `WatchEvents` stream.
+//! - [`clock`]: the system clock or a test clock.
+//! - [`server`]: puts it all together; [`client`]: calls another service.
+//! - [`testing`]: a fresh database per test on the backend the test run selects.
+//!
+//! Invariant: nothing here knows a business rule; services bring their own domain, store and
+//! gRPC layers and hand the runtime their routes.
+
+pub mod auth;
+pub mod client;
+pub mod clock;
+pub mod clock_service;
+pub mod config;
+pub mod convert;
+pub mod db;
+pub mod idempotency;
+pub mod metrics;
+pub mod middleware;
+pub mod outbox;
+pub mod server;
+pub mod telemetry;
+pub mod testing;
+
+pub use server::{Platform, Running, ServiceSpec};

@@ -1,0 +1,195 @@
+//! Prometheus metrics, served as text on a separate HTTP port per service (`/metrics`).
+//!
+//! Per-RPC request counts by gRPC code, latency histograms, calls in flight and shed, database
+//! pool use, and outbox lag (events not yet given a delivery cursor, and the age of the oldest).
+
+use std::{net::SocketAddr, sync::Arc};
+
+use axum::{Router, extract::State, http::header, response::IntoResponse, routing::get};
+use prometheus_client::{
+    encoding::{EncodeLabelSet, text::encode},
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::Registry,
+};
+use tokio_util::sync::CancellationToken;
+
+use crate::db::Db;
+
+/// Labels of a finished call.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CallLabels {
+    /// Full gRPC path.
+    pub method: String,
+    /// gRPC status code name, e.g. `OK`, `UNAUTHENTICATED`.
+    pub code: String,
+}
+
+/// Labels of a latency observation.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MethodLabels {
+    /// Full gRPC path.
+    pub method: String,
+}
+
+/// Labels of the pool gauges.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PoolLabels {
+    /// `open` or `idle`.
+    pub state: &'static str,
+}
+
+type HistogramFamily = Family<MethodLabels, Histogram, fn() -> Histogram>;
+
+/// One service's metrics.
+pub struct Metrics {
+    registry: Registry,
+    /// Finished calls by method and code.
+    pub rpc_requests: Family<CallLabels, Counter>,
+    /// Call latency by method, in seconds.
+    pub rpc_latency: HistogramFamily,
+    /// Calls being served now.
+    pub in_flight: Gauge,
+    /// Calls refused by load shedding.
+    pub shed: Counter,
+    /// Database connections by state.
+    pub pool: Family<PoolLabels, Gauge>,
+    /// Outbox events not yet given a delivery cursor.
+    pub outbox_pending: Gauge,
+    /// Age in seconds of the oldest such event (0 when none).
+    pub outbox_oldest_pending_seconds: Gauge,
+    /// The newest delivery cursor.
+    pub outbox_head_cursor: Gauge,
+}
+
+fn latency_histogram() -> Histogram {
+    // 0.25 ms .. ~8 s in 16 doubling buckets.
+    Histogram::new(exponential_buckets(0.000_25, 2.0, 16))
+}
+
+impl Metrics {
+    /// Registers every metric under the `billing` prefix with a `service` label.
+    pub fn new(service: &'static str) -> Arc<Self> {
+        let mut registry = Registry::with_prefix_and_labels(
+            "billing",
+            [("service".into(), service.into())].into_iter(),
+        );
+        let rpc_requests = Family::<CallLabels, Counter>::default();
+        let rpc_latency = HistogramFamily::new_with_constructor(latency_histogram);
+        let in_flight = Gauge::default();
+        let shed = Counter::default();
+        let pool = Family::<PoolLabels, Gauge>::default();
+        let outbox_pending = Gauge::default();
+        let outbox_oldest_pending_seconds = Gauge::default();
+        let outbox_head_cursor = Gauge::default();
+        registry.register(
+            "rpc_requests",
+            "Finished gRPC calls by method and status code",
+            rpc_requests.clone(),
+        );
+        registry.register(
+            "rpc_duration_seconds",
+            "gRPC call latency by method",
+            rpc_latency.clone(),
+        );
+        registry.register(
+            "rpc_in_flight",
+            "gRPC calls being served",
+            in_flight.clone(),
+        );
+        registry.register(
+            "rpc_shed",
+            "gRPC calls refused with RESOURCE_EXHAUSTED by the concurrency limit",
+            shed.clone(),
+        );
+        registry.register(
+            "db_pool_connections",
+            "Database pool connections by state",
+            pool.clone(),
+        );
+        registry.register(
+            "outbox_pending_events",
+            "Outbox events not yet given a delivery cursor",
+            outbox_pending.clone(),
+        );
+        registry.register(
+            "outbox_oldest_pending_seconds",
+            "Age of the oldest outbox event not yet given a delivery cursor",
+            outbox_oldest_pending_seconds.clone(),
+        );
+        registry.register(
+            "outbox_head_cursor",
+            "The newest delivery cursor of the event stream",
+            outbox_head_cursor.clone(),
+        );
+        Arc::new(Self {
+            registry,
+            rpc_requests,
+            rpc_latency,
+            in_flight,
+            shed,
+            pool,
+            outbox_pending,
+            outbox_oldest_pending_seconds,
+            outbox_head_cursor,
+        })
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        if encode(&mut out, &self.registry).is_err() {
+            tracing::error!("metrics encoding failed");
+        }
+        out
+    }
+}
+
+#[derive(Clone)]
+struct Scrape {
+    metrics: Arc<Metrics>,
+    db: Db,
+}
+
+async fn scrape(State(s): State<Scrape>) -> impl IntoResponse {
+    let (open, idle) = s.db.pool_usage();
+    s.metrics
+        .pool
+        .get_or_create(&PoolLabels { state: "open" })
+        .set(i64::from(open));
+    s.metrics
+        .pool
+        .get_or_create(&PoolLabels { state: "idle" })
+        .set(i64::try_from(idle).unwrap_or(i64::MAX));
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        s.metrics.render(),
+    )
+}
+
+/// Serves `/metrics` on `listener` until `shutdown` is cancelled.
+pub async fn serve_metrics(
+    listener: tokio::net::TcpListener,
+    metrics: Arc<Metrics>,
+    db: Db,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let app = Router::new()
+        .route("/metrics", get(scrape))
+        .with_state(Scrape { metrics, db });
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+}
+
+/// Binds the metrics address.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr).await
+}

@@ -1,0 +1,298 @@
+//! Assembles a service: storage, clock, outbox relay, key sweeper, health, reflection, the
+//! middleware stack and the metrics endpoint; serves until shutdown, then drains.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use chrono::{TimeZone, Utc};
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{service::Routes, transport::Server};
+use tonic_health::ServingStatus;
+use tower::ServiceBuilder;
+
+use crate::{
+    auth::{AuthLayer, MethodScopes, Scope, TokenRegistry},
+    clock::ServiceClock,
+    clock_service::TestClockService,
+    config::{ServiceConfig, ServiceDefaults},
+    db::{Db, Migrations},
+    idempotency,
+    metrics::{self, Metrics},
+    middleware::{LoadShedLayer, RequestContextLayer, TimeoutLayer},
+    outbox::Outbox,
+};
+
+/// The full gRPC name of the test clock service.
+pub const TEST_CLOCK_SERVICE: &str = "billing.common.v1.TestClock";
+
+/// What a service tells the runtime about itself.
+pub struct ServiceSpec {
+    /// Name, env prefix, default ports and schema.
+    pub defaults: ServiceDefaults,
+    /// Full names of the gRPC services it serves (listed by reflection, reported by health).
+    pub grpc_services: &'static [&'static str],
+    /// The scope each business RPC requires.
+    pub scopes: fn() -> MethodScopes,
+    /// The service's migrations for both backends.
+    pub migrations: fn() -> Migrations,
+}
+
+/// Everything a service's handlers share, built by the runtime.
+#[derive(Clone)]
+pub struct Platform {
+    /// Validated configuration.
+    pub config: Arc<ServiceConfig>,
+    /// Storage.
+    pub db: Db,
+    /// The clock every rule reads.
+    pub clock: ServiceClock,
+    /// The transactional outbox.
+    pub outbox: Outbox,
+    /// Metrics registry.
+    pub metrics: Arc<Metrics>,
+    /// Cancelled when the service begins to shut down; long-running work stops on it.
+    pub shutdown: CancellationToken,
+}
+
+/// A service that is serving, as returned by [`start`].
+pub struct Running {
+    /// Where gRPC listens.
+    pub addr: SocketAddr,
+    /// Where `/metrics` listens, if enabled.
+    pub metrics_addr: Option<SocketAddr>,
+    /// Cancel to shut down gracefully.
+    pub shutdown: CancellationToken,
+    /// Ends when the service has drained and stopped.
+    pub task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    /// The platform, for tests that look inside.
+    pub platform: Platform,
+}
+
+impl Running {
+    /// Shuts down gracefully and waits for the drain.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        self.task.await?
+    }
+}
+
+/// The test clock's start when none is given: a fixed, recognizable instant.
+fn test_clock_start() -> chrono::DateTime<Utc> {
+    Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0)
+        .single()
+        .unwrap_or_else(Utc::now)
+}
+
+/// Binds the listeners, connects storage, migrates, and serves in a background task.
+/// `build` adds the service's own gRPC services to the routes.
+pub async fn start<F>(
+    spec: &ServiceSpec,
+    config: ServiceConfig,
+    build: F,
+) -> anyhow::Result<Running>
+where
+    F: FnOnce(&Platform) -> anyhow::Result<Routes>,
+{
+    let config = Arc::new(config);
+    let shutdown = CancellationToken::new();
+    let metrics = Metrics::new(spec.defaults.name);
+    let db = Db::connect(&config, &(spec.migrations)()).await?;
+    let clock = if config.test_clock {
+        ServiceClock::test(test_clock_start())
+    } else {
+        ServiceClock::system()
+    };
+    let outbox = Outbox::new(db.clone(), clock.clone(), Arc::clone(&metrics));
+    let platform = Platform {
+        config: Arc::clone(&config),
+        db: db.clone(),
+        clock: clock.clone(),
+        outbox: outbox.clone(),
+        metrics: Arc::clone(&metrics),
+        shutdown: shutdown.clone(),
+    };
+
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_service_status("", ServingStatus::Serving)
+        .await;
+    for name in spec.grpc_services {
+        health_reporter
+            .set_service_status(*name, ServingStatus::Serving)
+            .await;
+    }
+
+    let mut reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .with_service_name("grpc.health.v1.Health")
+        .with_service_name(TEST_CLOCK_SERVICE);
+    let mut reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .with_service_name("grpc.health.v1.Health")
+        .with_service_name(TEST_CLOCK_SERVICE);
+    for name in spec.grpc_services {
+        reflection_v1 = reflection_v1.with_service_name(*name);
+        reflection_v1alpha = reflection_v1alpha.with_service_name(*name);
+    }
+
+    let routes = build(&platform)?
+        .add_service(health_service)
+        .add_service(reflection_v1.build_v1()?)
+        .add_service(reflection_v1alpha.build_v1alpha()?)
+        .add_service(proto::common::v1::test_clock_server::TestClockServer::new(
+            TestClockService::new(clock.clone()),
+        ));
+
+    let scopes = (spec.scopes)()
+        .require(TEST_CLOCK_SERVICE, "GetTime", Scope::Read)
+        .require(TEST_CLOCK_SERVICE, "AdvanceTime", Scope::Admin);
+    let layers = ServiceBuilder::new()
+        .layer(RequestContextLayer::new(
+            spec.defaults.name,
+            Arc::clone(&metrics),
+        ))
+        .layer(LoadShedLayer::new(
+            config.concurrency_limit,
+            Arc::clone(&metrics),
+        ))
+        .layer(AuthLayer::new(TokenRegistry::new(&config.tokens), scopes))
+        .layer(TimeoutLayer::new(config.request_timeout))
+        .into_inner();
+
+    let listener = TcpListener::bind(config.listen_addr).await?;
+    let addr = listener.local_addr()?;
+    let metrics_listener = match config.metrics_addr {
+        Some(a) => Some(TcpListener::bind(a).await?),
+        None => None,
+    };
+    let metrics_addr = metrics_listener
+        .as_ref()
+        .map(TcpListener::local_addr)
+        .transpose()?;
+
+    let relay = outbox.spawn_relay(shutdown.clone());
+    let sweeper = spawn_key_sweeper(&platform);
+    let metrics_task = metrics_listener.map(|l| {
+        tokio::spawn(metrics::serve_metrics(
+            l,
+            Arc::clone(&metrics),
+            db.clone(),
+            shutdown.clone(),
+        ))
+    });
+
+    let name = spec.defaults.name;
+    let signal = shutdown.clone();
+    let task = tokio::spawn(async move {
+        let drain = async move {
+            signal.cancelled().await;
+            // Tell load balancers first, then stop accepting and let in-flight calls finish.
+            health_reporter
+                .set_service_status("", ServingStatus::NotServing)
+                .await;
+            tracing::info!(
+                service = name,
+                "shutting down: NOT_SERVING, draining in-flight calls"
+            );
+        };
+        let served = Server::builder()
+            .layer(layers)
+            .add_routes(routes)
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), drain)
+            .await;
+        let _ = relay.await;
+        let _ = sweeper.await;
+        if let Some(t) = metrics_task {
+            let _ = t.await;
+        }
+        db.close().await;
+        tracing::info!(service = name, "stopped");
+        served.map_err(anyhow::Error::from)
+    });
+    tracing::info!(service = name, %addr, metrics = ?metrics_addr, "serving");
+    Ok(Running {
+        addr,
+        metrics_addr,
+        shutdown,
+        task,
+        platform,
+    })
+}
+
+fn spawn_key_sweeper(platform: &Platform) -> tokio::task::JoinHandle<()> {
+    let db = platform.db.clone();
+    let clock = platform.clock.clone();
+    let retention =
+        i64::try_from(platform.config.idempotency_retention.as_micros()).unwrap_or(i64::MAX);
+    let shutdown = platform.shutdown.clone();
+    tokio::spawn(async move {
+        loop {
+            match idempotency::sweep(&db, clock.now_micros().saturating_sub(retention)).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(swept = n, "expired idempotency keys removed"),
+                Err(e) => tracing::warn!(error = %e, "idempotency key sweep failed"),
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tokio::time::sleep(Duration::from_secs(600)) => {}
+            }
+        }
+    })
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
+
+/// The whole `main` of a service binary: configuration from `{PREFIX}_CONFIG` and the
+/// environment, logs, serve until SIGTERM or Ctrl-C, drain, exit.
+pub async fn run_main<F>(spec: &ServiceSpec, build: F) -> std::process::ExitCode
+where
+    F: FnOnce(&Platform) -> anyhow::Result<Routes>,
+{
+    let config = match ServiceConfig::load(&spec.defaults, &crate::config::ProcessEnv) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{}: configuration error: {e}", spec.defaults.name);
+            return std::process::ExitCode::from(2);
+        }
+    };
+    crate::telemetry::init(config.log_format, &config.log_filter);
+    let running = match start(spec, config, build).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "failed to start");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    shutdown_signal().await;
+    match running.stop().await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "server failed");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

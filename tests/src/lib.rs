@@ -1,0 +1,85 @@
+//! End-to-end tests across the three services: each started for real on `127.0.0.1:0` with its
+//! own fresh database on the run's backend (`BILLING_TEST_BACKEND`), the test clock on, and
+//! talked to only through the generated gRPC clients.
+
+use runtime::{Running, testing};
+use tonic::transport::Channel;
+
+/// The three services of one test.
+pub struct Suite {
+    /// credits-wallet.
+    pub wallet: Running,
+    /// subscription.
+    pub subscription: Running,
+    /// reseller-billing (pointed at `wallet`).
+    pub reseller: Running,
+    _db: testing::TestDatabase,
+}
+
+impl Suite {
+    /// Starts the three services, each on its own fresh database.
+    pub async fn start() -> anyhow::Result<Suite> {
+        let db = testing::TestDatabase::fresh();
+        let wallet_db = db.sibling("wallet");
+        let wallet = runtime::server::start(
+            &credits_wallet::SPEC,
+            testing::config(&credits_wallet::DEFAULTS, &wallet_db),
+            credits_wallet::routes,
+        )
+        .await?;
+        let subscription_db = db.sibling("subscription");
+        let subscription = runtime::server::start(
+            &subscription::SPEC,
+            testing::config(&subscription::DEFAULTS, &subscription_db),
+            subscription::routes,
+        )
+        .await?;
+        let reseller_db = db.sibling("reseller");
+        let peer = format!(
+            "[peers.wallet]\nurl = \"http://{}\"\ntoken = \"{}\"\n",
+            wallet.addr,
+            testing::ADMIN_TOKEN
+        );
+        let reseller = runtime::server::start(
+            &reseller_billing::SPEC,
+            testing::config_with(&reseller_billing::DEFAULTS, &reseller_db, &peer),
+            reseller_billing::routes,
+        )
+        .await?;
+        Ok(Suite {
+            wallet,
+            subscription,
+            reseller,
+            _db: db,
+        })
+    }
+
+    /// The three services with their names.
+    pub fn all(&self) -> [(&'static str, &Running); 3] {
+        [
+            (credits_wallet::SERVICE, &self.wallet),
+            (subscription::SERVICE, &self.subscription),
+            (reseller_billing::SERVICE, &self.reseller),
+        ]
+    }
+
+    /// Stops all three gracefully.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        let (a, b, c) = tokio::join!(
+            self.wallet.stop(),
+            self.subscription.stop(),
+            self.reseller.stop()
+        );
+        a.and(b).and(c)
+    }
+}
+
+/// A channel to a running service.
+pub async fn channel(running: &Running) -> anyhow::Result<Channel> {
+    Ok(Channel::from_shared(format!("http://{}", running.addr))?
+        .connect()
+        .await?)
+}
+
+#[cfg(test)]
+mod foundation;
