@@ -22,10 +22,10 @@ impl Interceptor for PeerAuth {
     fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
         req.metadata_mut()
             .insert("authorization", self.bearer.clone());
-        if let Some(id) = middleware::current_request_id() {
-            if let Ok(v) = MetadataValue::try_from(&*id) {
-                req.metadata_mut().insert(middleware::REQUEST_ID_HEADER, v);
-            }
+        if let Some(id) = middleware::current_request_id()
+            && let Ok(v) = MetadataValue::try_from(&*id)
+        {
+            req.metadata_mut().insert(middleware::REQUEST_ID_HEADER, v);
         }
         Ok(req)
     }

@@ -233,10 +233,10 @@ impl<B: HttpBody> HttpBody for MeteredBody<B> {
         let polled = this.inner.poll_frame(cx);
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
-                if let (Some(trailers), Some(guard)) = (frame.trailers_ref(), this.guard.as_mut()) {
-                    if let Some(code) = grpc_code(trailers) {
-                        guard.code = Some(code);
-                    }
+                if let (Some(trailers), Some(guard)) = (frame.trailers_ref(), this.guard.as_mut())
+                    && let Some(code) = grpc_code(trailers)
+                {
+                    guard.code = Some(code);
                 }
             }
             Poll::Ready(None) => {
