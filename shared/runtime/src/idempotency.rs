@@ -164,7 +164,7 @@ impl IdempotencyKey {
         now_us: i64,
     ) -> Result<(), IdempotencyError> {
         let mut tx = db.begin_write().await?;
-        let inserted = sqlx::query(
+        sqlx::query(
             "INSERT INTO idempotency_keys \
              (idempotency_key, operation, fingerprint, status_code, response, created_at_us) \
              VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (idempotency_key) DO NOTHING",
@@ -177,7 +177,6 @@ impl IdempotencyKey {
         .bind(now_us)
         .execute(&mut *tx)
         .await?;
-        let _ = inserted;
         tx.commit().await?;
         Ok(())
     }
