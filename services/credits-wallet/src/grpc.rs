@@ -1,24 +1,388 @@
-//! `wallet.v1.CreditsWallet` over the runtime: message conversion and error mapping only.
+//! `billing.wallet.v1.CreditsWallet`: validates requests into typed commands, calls the use
+//! cases, maps errors to status codes. No business rule lives here.
 
-use proto::common::v1::{Event, WatchEventsRequest};
-use runtime::Platform;
+use chrono::{DateTime, Utc};
+use prost::Message;
+use proto::{
+    common::v1::{Event, WatchEventsRequest},
+    wallet::v1::{self as pb, credits_wallet_server::CreditsWallet},
+};
+use runtime::{Platform, idempotency::IdempotencyKey};
+use shared::{Currency, Money};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
+
+use crate::{
+    convert,
+    domain::{self, MAX_CREDITS},
+    error::WalletError,
+    service::{DEFAULT_HOLD_TTL_SECONDS, MAX_HOLD_TTL_SECONDS, OpenWallet, Spend, Wallets},
+};
 
 /// The gRPC face of the service.
 pub struct CreditsWalletApi {
     platform: Platform,
+    wallets: Wallets,
 }
 
 impl CreditsWalletApi {
-    /// Serves on `platform`.
-    pub fn new(platform: Platform) -> Self {
-        Self { platform }
+    /// Serves `wallets` on `platform`.
+    pub fn new(platform: Platform, wallets: Wallets) -> Self {
+        Self { platform, wallets }
     }
 }
 
+/// Longest id accepted (wallet, mailing, reservation).
+const MAX_ID_LEN: usize = 128;
+
+fn id<'a>(field: &'static str, value: &'a str) -> Result<&'a str, WalletError> {
+    if value.is_empty() {
+        return Err(WalletError::invalid(field, "is required"));
+    }
+    if value.len() > MAX_ID_LEN || !value.chars().all(|c| c.is_ascii_graphic()) {
+        return Err(WalletError::invalid(
+            field,
+            format!("must be 1 to {MAX_ID_LEN} printable ASCII characters without spaces"),
+        ));
+    }
+    Ok(value)
+}
+
+fn credits(field: &'static str, value: u64) -> Result<i64, WalletError> {
+    let v = i64::try_from(value).unwrap_or(i64::MAX);
+    Ok(domain::positive_credits(field, v)?)
+}
+
+fn currency(value: &str) -> Result<Currency, WalletError> {
+    value.parse().map_err(|_| {
+        WalletError::invalid(
+            "currency",
+            format!("{value:?} is not a supported ISO-4217 code (EUR, USD, GBP, CHF, SEK, DKK, NOK, PLN, JPY)"),
+        )
+    })
+}
+
+fn payment_method(field: &'static str, value: &str) -> Result<(), WalletError> {
+    if !value.is_empty() && !shared::gateway::is_known_payment_method(value) {
+        return Err(WalletError::invalid(
+            field,
+            format!("{value:?} is not a payment method the gateway knows"),
+        ));
+    }
+    Ok(())
+}
+
+fn instant(
+    field: &'static str,
+    t: Option<&prost_types::Timestamp>,
+) -> Result<Option<DateTime<Utc>>, WalletError> {
+    t.map(|t| runtime::convert::instant(t, field))
+        .transpose()
+        .map_err(|s| WalletError::invalid(field, s.message().to_string()))
+}
+
+fn key<M: Message>(op: &'static str, k: &str, req: &M) -> Result<IdempotencyKey, Status> {
+    IdempotencyKey::new(op, k, req)
+}
+
+fn ok<T>(r: Result<T, WalletError>) -> Result<Response<T>, Status> {
+    r.map(Response::new).map_err(Status::from)
+}
+
+fn decoded<T: Message + Default>(r: Result<Vec<u8>, WalletError>) -> Result<Response<T>, Status> {
+    let bytes = r.map_err(Status::from)?;
+    T::decode(bytes.as_slice())
+        .map(Response::new)
+        .map_err(|_| Status::internal("internal error"))
+}
+
 #[tonic::async_trait]
-impl proto::wallet::v1::credits_wallet_server::CreditsWallet for CreditsWalletApi {
+impl CreditsWallet for CreditsWalletApi {
+    #[tracing::instrument(skip_all, fields(wallet = %req.get_ref().wallet_id))]
+    async fn open_wallet(
+        &self,
+        req: Request<pb::OpenWalletRequest>,
+    ) -> Result<Response<pb::Wallet>, Status> {
+        let r = req.into_inner();
+        let key = key("OpenWallet", &r.idempotency_key, &r)?;
+        let cmd = (|| {
+            let currency = currency(&r.currency)?;
+            let signup_credits = if r.signup_credits == 0 {
+                0
+            } else {
+                credits("signup_credits", r.signup_credits)?
+            };
+            Ok::<_, WalletError>(OpenWallet {
+                wallet_id: id("wallet_id", &r.wallet_id)?.to_string(),
+                currency,
+                pricing: convert::pricing_from(r.pricing.as_ref(), currency)?,
+                rating: convert::rating_from(r.rating.as_ref())?,
+                signup_credits,
+                signup_expires_at: instant(
+                    "signup_credits_expire_at",
+                    r.signup_credits_expire_at.as_ref(),
+                )?,
+            })
+        })()?;
+        if cmd
+            .signup_expires_at
+            .is_some_and(|t| t <= self.platform.clock.now())
+        {
+            return Err(
+                WalletError::invalid("signup_credits_expire_at", "must be in the future").into(),
+            );
+        }
+        ok(self.wallets.open_wallet(&key, cmd).await)
+    }
+
+    #[tracing::instrument(skip_all, fields(wallet = %req.get_ref().wallet_id))]
+    async fn get_wallet(
+        &self,
+        req: Request<pb::GetWalletRequest>,
+    ) -> Result<Response<pb::Wallet>, Status> {
+        let r = req.into_inner();
+        let wallet_id = id("wallet_id", &r.wallet_id)?;
+        ok(self.wallets.get_wallet(wallet_id).await)
+    }
+
+    #[tracing::instrument(skip_all, fields(wallet = %req.get_ref().wallet_id))]
+    async fn quote_credit_purchase(
+        &self,
+        req: Request<pb::QuoteCreditPurchaseRequest>,
+    ) -> Result<Response<pb::CreditQuote>, Status> {
+        let r = req.into_inner();
+        let wallet_id = id("wallet_id", &r.wallet_id)?;
+        let n = credits("credits", r.credits)?;
+        ok(self.wallets.quote(wallet_id, n).await)
+    }
+
+    #[tracing::instrument(skip_all, fields(wallet = %req.get_ref().wallet_id))]
+    async fn purchase_credits(
+        &self,
+        req: Request<pb::PurchaseCreditsRequest>,
+    ) -> Result<Response<pb::Purchase>, Status> {
+        let r = req.into_inner();
+        let key = key("PurchaseCredits", &r.idempotency_key, &r)?;
+        let wallet_id = id("wallet_id", &r.wallet_id)?;
+        let n = credits("credits", r.credits)?;
+        payment_method("payment_method", &r.payment_method)?;
+        let expires_at = instant("expires_at", r.expires_at.as_ref())?;
+        let expected = r
+            .expected_amount
+            .as_ref()
+            .map(|m| Money::parse(&m.amount, &m.currency))
+            .transpose()
+            .map_err(|e| WalletError::invalid("expected_amount", e.to_string()))?;
+        ok(self
+            .wallets
+            .purchase(&key, wallet_id, n, &r.payment_method, expires_at, expected)
+            .await)
+    }
+
+    #[tracing::instrument(skip_all, fields(wallet = %req.get_ref().wallet_id))]
+    async fn grant_credits(
+        &self,
+        req: Request<pb::GrantCreditsRequest>,
+    ) -> Result<Response<pb::WalletChange>, Status> {
+        let r = req.into_inner();
+        let key = key("GrantCredits", &r.idempotency_key, &r)?;
+        let wallet_id = id("wallet_id", &r.wallet_id)?;
+        let n = credits("credits", r.credits)?;
+        let kind = convert::grant_kind(r.kind)?;
+        let expires_at = instant("expires_at", r.expires_at.as_ref())?;
+        if r.reference.len() > 256 {
+            return Err(WalletError::invalid("reference", "at most 256 characters").into());
+        }
+        ok(self
+            .wallets
+            .grant(&key, wallet_id, kind, n, expires_at, &r.reference)
+            .await)
+    }
+
+    #[tracing::instrument(skip_all, fields(wallet = %req.get_ref().wallet_id))]
+    async fn rate_mailing(
+        &self,
+        req: Request<pb::RateMailingRequest>,
+    ) -> Result<Response<pb::MailingRating>, Status> {
+        let r = req.into_inner();
+        let wallet_id = id("wallet_id", &r.wallet_id)?;
+        ok(self.wallets.rate(wallet_id, r.recipients).await)
+    }
+
+    #[tracing::instrument(skip_all, fields(wallet = %req.get_ref().wallet_id, mailing = %req.get_ref().mailing_id))]
+    async fn charge_mailing(
+        &self,
+        req: Request<pb::ChargeMailingRequest>,
+    ) -> Result<Response<pb::MailingCharge>, Status> {
+        let r = req.into_inner();
+        let key = key("ChargeMailing", &r.idempotency_key, &r)?;
+        let wallet_id = id("wallet_id", &r.wallet_id)?;
+        let spend = Spend::Charge {
+            mailing_id: id("mailing_id", &r.mailing_id)?.to_string(),
+            recipients: recipients(r.recipients)?,
+        };
+        decoded(self.wallets.spend(&key, wallet_id, spend).await)
+    }
+
+    #[tracing::instrument(skip_all, fields(wallet = %req.get_ref().wallet_id, mailing = %req.get_ref().mailing_id))]
+    async fn reserve_credits(
+        &self,
+        req: Request<pb::ReserveCreditsRequest>,
+    ) -> Result<Response<pb::Reservation>, Status> {
+        let r = req.into_inner();
+        let key = key("ReserveCredits", &r.idempotency_key, &r)?;
+        let wallet_id = id("wallet_id", &r.wallet_id)?;
+        let ttl_seconds = match r.ttl_seconds {
+            0 => DEFAULT_HOLD_TTL_SECONDS,
+            t if t > MAX_HOLD_TTL_SECONDS => {
+                return Err(
+                    WalletError::invalid("ttl_seconds", "at most 30 days (2592000)").into(),
+                );
+            }
+            t => t,
+        };
+        let spend = Spend::Hold {
+            mailing_id: id("mailing_id", &r.mailing_id)?.to_string(),
+            recipients: recipients(r.recipients)?,
+            ttl_seconds,
+        };
+        decoded(self.wallets.spend(&key, wallet_id, spend).await)
+    }
+
+    #[tracing::instrument(skip_all, fields(wallet = %req.get_ref().wallet_id, reservation = %req.get_ref().reservation_id))]
+    async fn capture_reservation(
+        &self,
+        req: Request<pb::CaptureReservationRequest>,
+    ) -> Result<Response<pb::Reservation>, Status> {
+        let r = req.into_inner();
+        let key = key("CaptureReservation", &r.idempotency_key, &r)?;
+        let wallet_id = id("wallet_id", &r.wallet_id)?;
+        let reservation_id = id("reservation_id", &r.reservation_id)?;
+        if r.recipients_sent > shared::rating::MAX_RECIPIENTS {
+            return Err(WalletError::invalid(
+                "recipients_sent",
+                "above the largest mailing accepted",
+            )
+            .into());
+        }
+        ok(self
+            .wallets
+            .capture(&key, wallet_id, reservation_id, r.recipients_sent)
+            .await)
+    }
+
+    #[tracing::instrument(skip_all, fields(wallet = %req.get_ref().wallet_id, reservation = %req.get_ref().reservation_id))]
+    async fn release_reservation(
+        &self,
+        req: Request<pb::ReleaseReservationRequest>,
+    ) -> Result<Response<pb::Reservation>, Status> {
+        let r = req.into_inner();
+        let key = key("ReleaseReservation", &r.idempotency_key, &r)?;
+        let wallet_id = id("wallet_id", &r.wallet_id)?;
+        let reservation_id = id("reservation_id", &r.reservation_id)?;
+        ok(self.wallets.release(&key, wallet_id, reservation_id).await)
+    }
+
+    #[tracing::instrument(skip_all, fields(wallet = %req.get_ref().wallet_id))]
+    async fn configure_auto_top_up(
+        &self,
+        req: Request<pb::ConfigureAutoTopUpRequest>,
+    ) -> Result<Response<pb::Wallet>, Status> {
+        let r = req.into_inner();
+        let key = key("ConfigureAutoTopUp", &r.idempotency_key, &r)?;
+        let wallet_id = id("wallet_id", &r.wallet_id)?;
+        let top_up = convert::auto_top_up_from(r.auto_top_up.as_ref())?;
+        payment_method("payment_method", &r.payment_method)?;
+        ok(self
+            .wallets
+            .configure_auto_top_up(&key, wallet_id, top_up, &r.payment_method)
+            .await)
+    }
+
+    #[tracing::instrument(skip_all, fields(wallet = %req.get_ref().wallet_id))]
+    async fn configure_low_balance_reminder(
+        &self,
+        req: Request<pb::ConfigureLowBalanceReminderRequest>,
+    ) -> Result<Response<pb::Wallet>, Status> {
+        let r = req.into_inner();
+        let key = key("ConfigureLowBalanceReminder", &r.idempotency_key, &r)?;
+        let wallet_id = id("wallet_id", &r.wallet_id)?;
+        let threshold = match r.threshold {
+            0 => None,
+            t => Some(credits("threshold", t)?),
+        };
+        ok(self
+            .wallets
+            .configure_reminder(&key, wallet_id, threshold)
+            .await)
+    }
+
+    #[tracing::instrument(skip_all, fields(wallet = %req.get_ref().wallet_id))]
+    async fn set_funding_mode(
+        &self,
+        req: Request<pb::SetFundingModeRequest>,
+    ) -> Result<Response<pb::Wallet>, Status> {
+        let r = req.into_inner();
+        let key = key("SetFundingMode", &r.idempotency_key, &r)?;
+        let wallet_id = id("wallet_id", &r.wallet_id)?;
+        let mode = convert::funding_from(r.funding_mode)?;
+        payment_method("payment_method", &r.payment_method)?;
+        ok(self
+            .wallets
+            .set_funding_mode(&key, wallet_id, mode, &r.payment_method)
+            .await)
+    }
+
+    #[tracing::instrument(skip_all, fields(wallet = %req.get_ref().wallet_id))]
+    async fn adjust_credits(
+        &self,
+        req: Request<pb::AdjustCreditsRequest>,
+    ) -> Result<Response<pb::WalletChange>, Status> {
+        let r = req.into_inner();
+        let key = key("AdjustCredits", &r.idempotency_key, &r)?;
+        let wallet_id = id("wallet_id", &r.wallet_id)?;
+        if r.delta == 0 || r.delta.unsigned_abs() > MAX_CREDITS.unsigned_abs() {
+            return Err(WalletError::invalid(
+                "delta",
+                format!("must be non-zero and at most {MAX_CREDITS} either way"),
+            )
+            .into());
+        }
+        let reason = r.reason.trim();
+        if reason.is_empty() || reason.len() > 500 {
+            return Err(
+                WalletError::invalid("reason", "is required (at most 500 characters)").into(),
+            );
+        }
+        ok(self.wallets.adjust(&key, wallet_id, r.delta, reason).await)
+    }
+
+    #[tracing::instrument(skip_all, fields(wallet = %req.get_ref().wallet_id))]
+    async fn list_ledger_entries(
+        &self,
+        req: Request<pb::ListLedgerEntriesRequest>,
+    ) -> Result<Response<pb::ListLedgerEntriesResponse>, Status> {
+        let r = req.into_inner();
+        let wallet_id = id("wallet_id", &r.wallet_id)?;
+        let page_size = match r.page_size {
+            0 => 100,
+            n if n > 500 => return Err(WalletError::invalid("page_size", "at most 500").into()),
+            n => i64::from(n),
+        };
+        let after = if r.page_token.is_empty() {
+            0
+        } else {
+            r.page_token
+                .parse::<i64>()
+                .ok()
+                .filter(|n| *n >= 0)
+                .ok_or_else(|| {
+                    WalletError::invalid("page_token", "is not a token from a previous page")
+                })?
+        };
+        ok(self.wallets.ledger(wallet_id, after, page_size).await)
+    }
+
     type WatchEventsStream = ReceiverStream<Result<Event, Status>>;
 
     #[tracing::instrument(skip_all, fields(after = req.get_ref().after_cursor))]
@@ -32,4 +396,17 @@ impl proto::wallet::v1::credits_wallet_server::CreditsWallet for CreditsWalletAp
                 .watch(req.into_inner(), self.platform.shutdown.clone()),
         ))
     }
+}
+
+fn recipients(n: u64) -> Result<u64, WalletError> {
+    if n == 0 {
+        return Err(WalletError::invalid("recipients", "must be at least 1"));
+    }
+    if n > shared::rating::MAX_RECIPIENTS {
+        return Err(WalletError::invalid(
+            "recipients",
+            format!("at most {} per mailing", shared::rating::MAX_RECIPIENTS),
+        ));
+    }
+    Ok(n)
 }

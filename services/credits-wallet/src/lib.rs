@@ -1,9 +1,24 @@
 //! The credits-wallet service: prepaid credits, rated debits, holds, expiry, reminders, auto top-up and on-demand charging (rules C1-C9).
 //!
-//! Layers: `grpc` converts messages and maps errors; the runtime (`shared/runtime`) brings
-//! storage, idempotency, the outbox and the middleware.
+//! Layers: `domain` (rules, no IO) and `model` (records); `store` (SQL, both backends);
+//! `account` (one locked wallet: rules applied, invariant checked, saved with events);
+//! `service` (use cases, gateway calls between transactions); `jobs` (settlement,
+//! reconciliation, sweeps); `convert` and `grpc` (messages and status codes). The runtime
+//! (`shared/runtime`) brings storage, idempotency keys, the outbox and the middleware.
 
+pub mod account;
+pub mod convert;
+pub mod domain;
+pub mod error;
 pub mod grpc;
+pub mod jobs;
+pub mod model;
+pub mod service;
+pub mod store;
+
+use std::sync::Arc;
+
+use shared::SimulatedGateway;
 
 use runtime::{
     Platform, ServiceSpec,
@@ -34,7 +49,31 @@ pub const SPEC: ServiceSpec = ServiceSpec {
 
 /// The scope each RPC requires.
 pub fn scopes() -> MethodScopes {
-    MethodScopes::new().require(SERVICE, "WatchEvents", Scope::Read)
+    let mut scopes = MethodScopes::new();
+    for method in [
+        "GetWallet",
+        "QuoteCreditPurchase",
+        "RateMailing",
+        "ListLedgerEntries",
+        "WatchEvents",
+    ] {
+        scopes = scopes.require(SERVICE, method, Scope::Read);
+    }
+    for method in [
+        "OpenWallet",
+        "PurchaseCredits",
+        "GrantCredits",
+        "ChargeMailing",
+        "ReserveCredits",
+        "CaptureReservation",
+        "ReleaseReservation",
+        "ConfigureAutoTopUp",
+        "ConfigureLowBalanceReminder",
+        "SetFundingMode",
+    ] {
+        scopes = scopes.require(SERVICE, method, Scope::Mutate);
+    }
+    scopes.require(SERVICE, "AdjustCredits", Scope::Admin)
 }
 
 /// This service's migrations, embedded, per backend.
@@ -45,11 +84,16 @@ pub fn migrations() -> Migrations {
     }
 }
 
-/// The service's gRPC routes.
+/// The service's gRPC routes, with its background jobs started. Payments go through the
+/// deterministic gateway simulator (the only gateway so far; real providers implement
+/// `shared::PaymentGateway`).
 pub fn routes(platform: &Platform) -> anyhow::Result<tonic::service::Routes> {
+    let simulator = Arc::new(SimulatedGateway::new());
+    let wallets = service::Wallets::new(platform.clone(), simulator.clone());
+    jobs::spawn(platform, wallets.clone(), simulator);
     Ok(tonic::service::Routes::new(
         proto::wallet::v1::credits_wallet_server::CreditsWalletServer::new(
-            grpc::CreditsWalletApi::new(platform.clone()),
+            grpc::CreditsWalletApi::new(platform.clone(), wallets),
         ),
     ))
 }

@@ -8,7 +8,7 @@
 //!   SQLite's write lock) until the first commits, then replays it.
 //! - Same key, different request (or another operation): `ALREADY_EXISTS`, nothing changes.
 //! - A refusal that changes nothing (e.g. insufficient credits) may be stored too, with
-//!   [`IdempotencyKey::record_refusal`], so a retry returns the same refusal.
+//!   [`IdempotencyKey::record_status`], so a retry returns the same refusal.
 //!
 //! Keys are kept for the configured retention (at least 24 hours), then swept.
 
@@ -110,6 +110,21 @@ impl IdempotencyKey {
         &self,
         conn: &mut AnyConnection,
     ) -> Result<Claimed<R>, IdempotencyError> {
+        match self.claim_bytes(conn).await? {
+            Claimed::New => Ok(Claimed::New),
+            Claimed::Replay(Err(status)) => Ok(Claimed::Replay(Err(status))),
+            Claimed::Replay(Ok(bytes)) => R::decode(bytes.as_slice())
+                .map(|r| Claimed::Replay(Ok(r)))
+                .map_err(|_| IdempotencyError::Undecodable(self.key.clone())),
+        }
+    }
+
+    /// Like [`IdempotencyKey::claim`], with the stored response as its encoded bytes (for an
+    /// operation whose response message depends on the request).
+    pub async fn claim_bytes(
+        &self,
+        conn: &mut AnyConnection,
+    ) -> Result<Claimed<Vec<u8>>, IdempotencyError> {
         let row = sqlx::query(
             "SELECT operation, fingerprint, status_code, response FROM idempotency_keys \
              WHERE idempotency_key = $1",
@@ -131,9 +146,7 @@ impl IdempotencyKey {
         let code: i32 = row.try_get(2)?;
         let response: Vec<u8> = row.try_get(3)?;
         if code == Code::Ok as i32 {
-            R::decode(response.as_slice())
-                .map(|r| Claimed::Replay(Ok(r)))
-                .map_err(|_| IdempotencyError::Undecodable(self.key.clone()))
+            Ok(Claimed::Replay(Ok(response)))
         } else {
             let message = String::from_utf8_lossy(&response).into_owned();
             Ok(Claimed::Replay(Err(Status::new(
@@ -155,30 +168,31 @@ impl IdempotencyKey {
             .await
     }
 
-    /// Stores a refusal (a status that changed nothing) in its own transaction, so a retry gets
-    /// the same answer. Losing a race to a concurrent twin is fine: the twin's outcome stands.
-    pub async fn record_refusal(
+    /// Stores already-encoded response bytes (see [`IdempotencyKey::claim_bytes`]).
+    pub async fn record_bytes(
         &self,
-        db: &Db,
+        conn: &mut AnyConnection,
+        response: Vec<u8>,
+        now_us: i64,
+    ) -> Result<(), IdempotencyError> {
+        self.insert(conn, Code::Ok as i32, response, now_us).await
+    }
+
+    /// Stores a refusal (a status that changed nothing) in the caller's transaction, so a
+    /// retry gets the same answer instead of a second evaluation.
+    pub async fn record_status(
+        &self,
+        conn: &mut AnyConnection,
         status: &Status,
         now_us: i64,
     ) -> Result<(), IdempotencyError> {
-        let mut tx = db.begin_write().await?;
-        sqlx::query(
-            "INSERT INTO idempotency_keys \
-             (idempotency_key, operation, fingerprint, status_code, response, created_at_us) \
-             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (idempotency_key) DO NOTHING",
+        self.insert(
+            conn,
+            status.code() as i32,
+            status.message().as_bytes().to_vec(),
+            now_us,
         )
-        .bind(&self.key)
-        .bind(self.operation)
-        .bind(&self.fingerprint)
-        .bind(status.code() as i32)
-        .bind(status.message().as_bytes().to_vec())
-        .bind(now_us)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(())
+        .await
     }
 
     async fn insert(

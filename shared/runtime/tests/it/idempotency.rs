@@ -50,7 +50,9 @@ async fn a_stored_refusal_is_replayed() {
     let (db, _t) = fresh_db().await;
     let key = IdempotencyKey::new("Charge", "key-2", &request("10.00")).unwrap();
     let refusal = Status::failed_precondition("insufficient credits: short by 5");
-    key.record_refusal(&db, &refusal, 1).await.unwrap();
+    let mut tx = db.begin_write().await.unwrap();
+    key.record_status(&mut tx, &refusal, 1).await.unwrap();
+    tx.commit().await.unwrap();
     let mut tx = db.begin_write().await.unwrap();
     match key.claim::<WatchEventsRequest>(&mut tx).await.unwrap() {
         Claimed::Replay(Err(s)) => {

@@ -1,0 +1,320 @@
+//! Conversions between the wallet's records and its protobuf messages, by hand.
+
+use proto::{common::v1::Money as PbMoney, wallet::v1 as pb};
+use runtime::convert::timestamp;
+use rust_decimal::Decimal;
+use shared::{Credits, Currency, Money, RatingRule, Tier, TierMode, TierTable};
+
+use crate::{
+    account::Account,
+    domain::{AutoTopUp, AutoTopUpMode, Lot, LotKind},
+    error::WalletError,
+    model::{
+        EntryKind, EntryRecord, FundingMode, PurchaseRecord, PurchaseStatus, PurchaseTrigger,
+        ReservationRecord, ReservationStatus,
+    },
+};
+
+fn u(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+/// Money as its message.
+pub fn money(m: &Money) -> PbMoney {
+    PbMoney {
+        amount: m.amount().to_string(),
+        currency: m.currency().code().to_string(),
+    }
+}
+
+fn lot_kind(k: LotKind) -> pb::LotKind {
+    match k {
+        LotKind::Purchased => pb::LotKind::Purchased,
+        LotKind::Signup => pb::LotKind::Signup,
+        LotKind::Promotional => pb::LotKind::Promotional,
+        LotKind::SubscriptionAllowance => pb::LotKind::SubscriptionAllowance,
+        LotKind::Adjustment => pb::LotKind::Adjustment,
+    }
+}
+
+/// The lot kinds a caller may grant.
+pub fn grant_kind(k: i32) -> Result<LotKind, WalletError> {
+    match pb::LotKind::try_from(k) {
+        Ok(pb::LotKind::Signup) => Ok(LotKind::Signup),
+        Ok(pb::LotKind::Promotional) => Ok(LotKind::Promotional),
+        Ok(pb::LotKind::SubscriptionAllowance) => Ok(LotKind::SubscriptionAllowance),
+        _ => Err(WalletError::invalid(
+            "kind",
+            "must be LOT_KIND_SIGNUP, LOT_KIND_PROMOTIONAL or LOT_KIND_SUBSCRIPTION_ALLOWANCE",
+        )),
+    }
+}
+
+fn lot(l: &Lot, granted: i64) -> pb::CreditLot {
+    pb::CreditLot {
+        lot_id: l.lot_id.clone(),
+        kind: lot_kind(l.kind) as i32,
+        granted: u(granted),
+        remaining: u(l.remaining),
+        expires_at: l.expires_at.map(timestamp),
+        created_at: Some(timestamp(l.created_at)),
+    }
+}
+
+fn funding(f: FundingMode) -> pb::FundingMode {
+    match f {
+        FundingMode::Prepaid => pb::FundingMode::Prepaid,
+        FundingMode::OnDemand => pb::FundingMode::OnDemand,
+    }
+}
+
+/// Parses a funding mode.
+pub fn funding_from(v: i32) -> Result<FundingMode, WalletError> {
+    match pb::FundingMode::try_from(v) {
+        Ok(pb::FundingMode::Prepaid) => Ok(FundingMode::Prepaid),
+        Ok(pb::FundingMode::OnDemand) => Ok(FundingMode::OnDemand),
+        _ => Err(WalletError::invalid(
+            "funding_mode",
+            "must be FUNDING_MODE_PREPAID or FUNDING_MODE_ON_DEMAND",
+        )),
+    }
+}
+
+fn auto_top_up(t: &AutoTopUp) -> pb::AutoTopUp {
+    let cap = u(t.monthly_cap.unwrap_or(0));
+    match t.mode {
+        AutoTopUpMode::Off => pb::AutoTopUp {
+            mode: pb::AutoTopUpMode::Off as i32,
+            monthly_cap: cap,
+            ..Default::default()
+        },
+        AutoTopUpMode::Fixed { threshold, amount } => pb::AutoTopUp {
+            mode: pb::AutoTopUpMode::Fixed as i32,
+            threshold: u(threshold),
+            amount: u(amount),
+            monthly_cap: cap,
+            ..Default::default()
+        },
+        AutoTopUpMode::Shortfall { max_per_purchase } => pb::AutoTopUp {
+            mode: pb::AutoTopUpMode::Shortfall as i32,
+            max_per_purchase: u(max_per_purchase),
+            monthly_cap: cap,
+            ..Default::default()
+        },
+    }
+}
+
+fn credits_field(field: &'static str, v: u64) -> Result<i64, WalletError> {
+    i64::try_from(v)
+        .ok()
+        .filter(|v| *v <= crate::domain::MAX_CREDITS)
+        .ok_or_else(|| WalletError::invalid(field, "is larger than the largest credit amount"))
+}
+
+/// Parses auto top-up settings (C4, C5, C6).
+pub fn auto_top_up_from(t: Option<&pb::AutoTopUp>) -> Result<AutoTopUp, WalletError> {
+    let t = t.ok_or_else(|| WalletError::invalid("auto_top_up", "is required"))?;
+    let mode = match pb::AutoTopUpMode::try_from(t.mode) {
+        Ok(pb::AutoTopUpMode::Off) => AutoTopUpMode::Off,
+        Ok(pb::AutoTopUpMode::Fixed) => AutoTopUpMode::Fixed {
+            threshold: credits_field("auto_top_up.threshold", t.threshold)?,
+            amount: credits_field("auto_top_up.amount", t.amount)?,
+        },
+        Ok(pb::AutoTopUpMode::Shortfall) => AutoTopUpMode::Shortfall {
+            max_per_purchase: credits_field("auto_top_up.max_per_purchase", t.max_per_purchase)?,
+        },
+        _ => {
+            return Err(WalletError::invalid(
+                "auto_top_up.mode",
+                "must be AUTO_TOP_UP_MODE_OFF, _FIXED or _SHORTFALL",
+            ));
+        }
+    };
+    let cap = credits_field("auto_top_up.monthly_cap", t.monthly_cap)?;
+    let cfg = AutoTopUp {
+        mode,
+        monthly_cap: (cap > 0).then_some(cap),
+    };
+    cfg.validate()
+        .map_err(|e| WalletError::invalid("auto_top_up", e.to_string()))?;
+    Ok(cfg)
+}
+
+fn tier_mode(m: TierMode) -> pb::TierMode {
+    match m {
+        TierMode::Volume => pb::TierMode::Volume,
+        TierMode::Graduated => pb::TierMode::Graduated,
+        TierMode::FlatPerBand => pb::TierMode::FlatPerBand,
+    }
+}
+
+/// The price list as its message.
+pub fn pricing(t: &TierTable) -> pb::CreditPricing {
+    pb::CreditPricing {
+        mode: tier_mode(t.mode()) as i32,
+        tiers: t
+            .tiers()
+            .iter()
+            .map(|tier| pb::PriceTier {
+                first: tier.first,
+                last: tier.last.unwrap_or(0),
+                unit_price: tier.unit_price.to_string(),
+                flat_price: tier.flat_price.to_string(),
+            })
+            .collect(),
+    }
+}
+
+fn decimal(field: &'static str, s: &str) -> Result<Decimal, WalletError> {
+    if s.is_empty() {
+        return Ok(Decimal::ZERO);
+    }
+    Money::parse(s, "EUR")
+        .map(|m| m.amount())
+        .map_err(|e| WalletError::invalid(field, e.to_string()))
+}
+
+/// Parses and validates a price list (C1) in `currency`.
+pub fn pricing_from(
+    p: Option<&pb::CreditPricing>,
+    currency: Currency,
+) -> Result<TierTable, WalletError> {
+    let p = p.ok_or_else(|| WalletError::invalid("pricing", "is required"))?;
+    let mode = match pb::TierMode::try_from(p.mode) {
+        Ok(pb::TierMode::Volume) => TierMode::Volume,
+        Ok(pb::TierMode::Graduated) => TierMode::Graduated,
+        Ok(pb::TierMode::FlatPerBand) => TierMode::FlatPerBand,
+        _ => {
+            return Err(WalletError::invalid(
+                "pricing.mode",
+                "must be TIER_MODE_VOLUME, _GRADUATED or _FLAT_PER_BAND",
+            ));
+        }
+    };
+    let tiers = p
+        .tiers
+        .iter()
+        .map(|t| {
+            Ok(Tier {
+                first: t.first,
+                last: (t.last != 0).then_some(t.last),
+                unit_price: decimal("pricing.tiers.unit_price", &t.unit_price)?,
+                flat_price: decimal("pricing.tiers.flat_price", &t.flat_price)?,
+            })
+        })
+        .collect::<Result<Vec<_>, WalletError>>()?;
+    TierTable::new(mode, currency, tiers)
+        .map_err(|e| WalletError::invalid("pricing", e.to_string()))
+}
+
+/// The rating rule as its message.
+pub fn rating(r: &RatingRule) -> pb::RatingRule {
+    pb::RatingRule {
+        credits_per_recipient: r.credits_per_recipient().to_string(),
+        per_mailing_surcharge: u(r.per_mailing_surcharge().get()),
+    }
+}
+
+/// Parses a rating rule (C2).
+pub fn rating_from(r: Option<&pb::RatingRule>) -> Result<RatingRule, WalletError> {
+    let r = r.ok_or_else(|| WalletError::invalid("rating", "is required"))?;
+    let cpr = decimal("rating.credits_per_recipient", &r.credits_per_recipient)?;
+    let surcharge = credits_field("rating.per_mailing_surcharge", r.per_mailing_surcharge)?;
+    let surcharge = Credits::new(surcharge)
+        .map_err(|e| WalletError::invalid("rating.per_mailing_surcharge", e.to_string()))?;
+    RatingRule::new(cpr, surcharge).map_err(|e| WalletError::invalid("rating", e.to_string()))
+}
+
+/// The wallet as its message.
+pub fn wallet(acct: &Account) -> pb::Wallet {
+    let w = &acct.wallet;
+    pb::Wallet {
+        wallet_id: w.wallet_id.clone(),
+        currency: w.currency.code().to_string(),
+        balance: w.balance,
+        held: u(w.held),
+        available: u(acct.available()),
+        debt: u(w.debt),
+        lots: acct.live_lots().iter().map(|(l, g)| lot(l, *g)).collect(),
+        funding_mode: funding(w.funding) as i32,
+        payment_method: w.payment_method.clone(),
+        auto_top_up: Some(auto_top_up(&w.top_up)),
+        low_balance_threshold: u(w.reminder.threshold.unwrap_or(0)),
+        rating: Some(rating(&w.rating)),
+        pricing: Some(pricing(&w.pricing)),
+        created_at: Some(timestamp(w.created_at)),
+        auto_top_up_bought_this_month: u(acct.auto_bought_this_month),
+    }
+}
+
+/// A ledger entry as its message.
+pub fn entry(e: &EntryRecord) -> pb::LedgerEntry {
+    let kind = match e.kind {
+        EntryKind::Purchase => pb::LedgerEntryKind::Purchase,
+        EntryKind::Grant => pb::LedgerEntryKind::Grant,
+        EntryKind::Mailing => pb::LedgerEntryKind::Mailing,
+        EntryKind::ReservationCapture => pb::LedgerEntryKind::ReservationCapture,
+        EntryKind::Expiry => pb::LedgerEntryKind::Expiry,
+        EntryKind::Adjustment => pb::LedgerEntryKind::Adjustment,
+        EntryKind::Clawback => pb::LedgerEntryKind::Clawback,
+    };
+    pb::LedgerEntry {
+        sequence: u(e.seq),
+        kind: kind as i32,
+        delta: e.delta,
+        balance_after: e.balance_after,
+        reference: e.reference.clone(),
+        description: e.description.clone(),
+        created_at: Some(timestamp(e.created_at)),
+    }
+}
+
+/// A purchase as its message.
+pub fn purchase(p: &PurchaseRecord) -> pb::Purchase {
+    let status = match p.status {
+        PurchaseStatus::Processing => pb::PurchaseStatus::Processing,
+        PurchaseStatus::PendingSettlement => pb::PurchaseStatus::PendingSettlement,
+        PurchaseStatus::Succeeded => pb::PurchaseStatus::Succeeded,
+        PurchaseStatus::Failed => pb::PurchaseStatus::Failed,
+        PurchaseStatus::Returned => pb::PurchaseStatus::Returned,
+    };
+    let trigger = match p.trigger {
+        PurchaseTrigger::Manual => pb::PurchaseTrigger::Manual,
+        PurchaseTrigger::AutoFixed => pb::PurchaseTrigger::AutoFixed,
+        PurchaseTrigger::AutoShortfall => pb::PurchaseTrigger::AutoShortfall,
+        PurchaseTrigger::OnDemand => pb::PurchaseTrigger::OnDemand,
+    };
+    pb::Purchase {
+        purchase_id: p.purchase_id.clone(),
+        wallet_id: p.wallet_id.clone(),
+        credits: u(p.credits),
+        amount: Some(money(&p.amount)),
+        status: status as i32,
+        trigger: trigger as i32,
+        failure_reason: p.failure_reason.clone(),
+        payment_method: p.payment_method.clone(),
+        lot_id: p.lot_id.clone().unwrap_or_default(),
+        created_at: Some(timestamp(p.created_at)),
+    }
+}
+
+/// A hold as its message, with the wallet's balances after the change.
+pub fn reservation(r: &ReservationRecord, acct: &Account) -> pb::Reservation {
+    let status = match r.status {
+        ReservationStatus::Active => pb::ReservationStatus::Active,
+        ReservationStatus::Captured => pb::ReservationStatus::Captured,
+        ReservationStatus::Released => pb::ReservationStatus::Released,
+        ReservationStatus::Expired => pb::ReservationStatus::Expired,
+    };
+    pb::Reservation {
+        reservation_id: r.reservation_id.clone(),
+        wallet_id: r.wallet_id.clone(),
+        mailing_id: r.mailing_id.clone(),
+        credits: u(r.credits),
+        status: status as i32,
+        expires_at: Some(timestamp(r.expires_at)),
+        captured_credits: u(r.captured_credits),
+        balance_after: acct.wallet.balance,
+        available_after: u(acct.available()),
+    }
+}

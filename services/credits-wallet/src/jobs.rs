@@ -1,0 +1,74 @@
+//! Background work of the wallet, on every replica (each step is safe to run twice: purchase
+//! statuses move once under the wallet's lock, and sweeps only write what is due):
+//!
+//! - direct debits settle or come back (the simulator's bank moves with the service clock);
+//! - open purchases are reconciled with the gateway under their own idempotency key, so a
+//!   timeout or a crash never loses a paid purchase nor grants it twice;
+//! - expired lots (C7) and lapsed holds are swept, with their ledger entries and events.
+//!
+//! It runs every [`INTERVAL`] and at once whenever the test clock moves.
+
+use std::{sync::Arc, time::Duration};
+
+use runtime::Platform;
+use shared::SimulatedGateway;
+
+use crate::{service::Wallets, store};
+
+/// How often the jobs run.
+pub const INTERVAL: Duration = Duration::from_millis(500);
+const BATCH: i64 = 200;
+
+/// Runs the jobs until the platform shuts down.
+pub fn spawn(platform: &Platform, wallets: Wallets, simulator: Arc<SimulatedGateway>) {
+    let platform = platform.clone();
+    tokio::spawn(async move {
+        let mut clock_moves = platform.clock.subscribe();
+        loop {
+            run_once(&platform, &wallets, &simulator).await;
+            let moved = async {
+                match clock_moves.as_mut() {
+                    Some(rx) => rx.changed().await.is_ok(),
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = platform.shutdown.cancelled() => break,
+                _ = tokio::time::sleep(INTERVAL) => {}
+                _ = moved => {}
+            }
+        }
+    });
+}
+
+/// One pass of every job.
+pub async fn run_once(platform: &Platform, wallets: &Wallets, simulator: &SimulatedGateway) {
+    let now = platform.clock.now();
+    let settled = simulator.settle_due(now);
+    if !settled.is_empty() {
+        tracing::info!(
+            count = settled.len(),
+            "direct debits settled or returned at the bank"
+        );
+    }
+    match store::open_purchase_ids(&platform.db, BATCH).await {
+        Ok(ids) => {
+            for id in ids {
+                if let Err(e) = wallets.reconcile_purchase(&id).await {
+                    tracing::warn!(purchase = %id, error = %e, "reconciling a purchase failed");
+                }
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "listing open purchases failed"),
+    }
+    match store::wallets_with_due_work(&platform.db, now, BATCH).await {
+        Ok(ids) => {
+            for id in ids {
+                if let Err(e) = wallets.sweep_wallet(&id).await {
+                    tracing::warn!(wallet = %id, error = %e, "sweeping a wallet failed");
+                }
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "listing due wallets failed"),
+    }
+}

@@ -1,0 +1,218 @@
+//! The wallet's stored records and their enumerations (plain data, no IO).
+
+use chrono::{DateTime, Utc};
+use shared::{Currency, Money, RatingRule, TierTable};
+
+use crate::domain::{AutoTopUp, Reminder};
+
+/// How a wallet pays for sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FundingMode {
+    /// Credits bought in advance (C1).
+    Prepaid,
+    /// Each send buys exactly the credits it lacks through the method on file (C9).
+    OnDemand,
+}
+
+/// What started a purchase.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PurchaseTrigger {
+    /// `PurchaseCredits`.
+    Manual,
+    /// C4: the balance fell to the threshold.
+    AutoFixed,
+    /// C5: a send lacked credits.
+    AutoShortfall,
+    /// C9: an on-demand send.
+    OnDemand,
+}
+
+/// Where a purchase stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PurchaseStatus {
+    /// Sent (or about to be sent) to the gateway; outcome not known for sure.
+    Processing,
+    /// A direct debit submitted and not settled yet.
+    PendingSettlement,
+    /// Paid.
+    Succeeded,
+    /// Declined; nothing granted.
+    Failed,
+    /// A direct debit returned; its credits were clawed back.
+    Returned,
+}
+
+/// Where a hold stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReservationStatus {
+    /// Holding credits.
+    Active,
+    /// Debited.
+    Captured,
+    /// Given back without a debit.
+    Released,
+    /// Lapsed at its expiry.
+    Expired,
+}
+
+/// What a ledger entry records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EntryKind {
+    /// Credits bought.
+    Purchase,
+    /// Credits granted (signup, promotional, subscription allowance).
+    Grant,
+    /// A mailing charged at once.
+    Mailing,
+    /// A hold captured.
+    ReservationCapture,
+    /// Credits that expired unused.
+    Expiry,
+    /// An operator's correction.
+    Adjustment,
+    /// Credits taken back after a returned direct debit.
+    Clawback,
+}
+
+macro_rules! text_enum {
+    ($ty:ty { $($variant:ident => $text:literal),+ $(,)? }) => {
+        impl $ty {
+            /// The stored text.
+            pub fn as_str(self) -> &'static str {
+                match self { $(Self::$variant => $text),+ }
+            }
+            /// Parses the stored text.
+            pub fn parse(s: &str) -> Option<Self> {
+                match s { $($text => Some(Self::$variant),)+ _ => None }
+            }
+        }
+    };
+}
+
+text_enum!(FundingMode { Prepaid => "prepaid", OnDemand => "on_demand" });
+text_enum!(PurchaseTrigger {
+    Manual => "manual",
+    AutoFixed => "auto_fixed",
+    AutoShortfall => "auto_shortfall",
+    OnDemand => "on_demand",
+});
+text_enum!(PurchaseStatus {
+    Processing => "processing",
+    PendingSettlement => "pending_settlement",
+    Succeeded => "succeeded",
+    Failed => "failed",
+    Returned => "returned",
+});
+text_enum!(ReservationStatus {
+    Active => "active",
+    Captured => "captured",
+    Released => "released",
+    Expired => "expired",
+});
+text_enum!(EntryKind {
+    Purchase => "purchase",
+    Grant => "grant",
+    Mailing => "mailing",
+    ReservationCapture => "reservation_capture",
+    Expiry => "expiry",
+    Adjustment => "adjustment",
+    Clawback => "clawback",
+});
+
+/// A wallet's stored header (lots, entries, purchases and holds are separate rows).
+#[derive(Debug, Clone)]
+pub struct WalletRecord {
+    /// Caller-chosen id.
+    pub wallet_id: String,
+    /// Currency of its purchases.
+    pub currency: Currency,
+    /// Sum of the ledger.
+    pub balance: i64,
+    /// Credits held by active reservations.
+    pub held: i64,
+    /// Credits owed after a returned direct debit.
+    pub debt: i64,
+    /// Last ledger sequence number.
+    pub ledger_seq: i64,
+    /// Prepaid or on demand.
+    pub funding: FundingMode,
+    /// Payment-method token on file ("" = none).
+    pub payment_method: String,
+    /// C2 rating.
+    pub rating: RatingRule,
+    /// C1 price list.
+    pub pricing: TierTable,
+    /// C4/C5/C6.
+    pub top_up: AutoTopUp,
+    /// C3.
+    pub reminder: Reminder,
+    /// When it was opened.
+    pub created_at: DateTime<Utc>,
+}
+
+/// A purchase of credits.
+#[derive(Debug, Clone)]
+pub struct PurchaseRecord {
+    /// Id, also the gateway idempotency key.
+    pub purchase_id: String,
+    /// Wallet credited.
+    pub wallet_id: String,
+    /// Idempotency key of the request that caused it.
+    pub origin_key: Option<String>,
+    /// What started it.
+    pub trigger: PurchaseTrigger,
+    /// Credits bought.
+    pub credits: i64,
+    /// Price, rounded to the minor unit.
+    pub amount: Money,
+    /// Token charged.
+    pub payment_method: String,
+    /// Where it stands.
+    pub status: PurchaseStatus,
+    /// Why it failed.
+    pub failure_reason: String,
+    /// The lot it granted, once granted.
+    pub lot_id: Option<String>,
+    /// Expiry of the credits it grants.
+    pub expires_at: Option<DateTime<Utc>>,
+    /// When it was created.
+    pub created_at: DateTime<Utc>,
+}
+
+/// A hold.
+#[derive(Debug, Clone)]
+pub struct ReservationRecord {
+    /// Id.
+    pub reservation_id: String,
+    /// Wallet.
+    pub wallet_id: String,
+    /// The platform's mailing.
+    pub mailing_id: String,
+    /// Credits held.
+    pub credits: i64,
+    /// Where it stands.
+    pub status: ReservationStatus,
+    /// When it lapses.
+    pub expires_at: DateTime<Utc>,
+    /// Credits debited at capture.
+    pub captured_credits: i64,
+}
+
+/// One ledger entry as stored.
+#[derive(Debug, Clone)]
+pub struct EntryRecord {
+    /// 1, 2, 3, ... per wallet.
+    pub seq: i64,
+    /// What it records.
+    pub kind: EntryKind,
+    /// Signed change.
+    pub delta: i64,
+    /// Balance after it.
+    pub balance_after: i64,
+    /// What caused it.
+    pub reference: String,
+    /// Free text.
+    pub description: String,
+    /// When.
+    pub created_at: DateTime<Utc>,
+}

@@ -1,0 +1,1184 @@
+//! The wallet's use cases: each runs in write transactions on the locked wallet, with its
+//! idempotency key and outbox events in the same transaction.
+//!
+//! A payment never happens inside a transaction. A send that must buy credits (C5 shortfall,
+//! C9 on demand) or a purchase runs in three steps:
+//! 1. a transaction records the purchase as `processing`, tied to the request's idempotency key;
+//! 2. the gateway is called with the purchase id as its idempotency key;
+//! 3. a second transaction applies the outcome: grants the credits and, for a send, debits them,
+//!    recording the response under the request's key.
+//!
+//! A crash or a gateway timeout between the steps leaves a `processing` purchase: a retry with
+//! the same key resumes it (the gateway returns the first outcome for the same purchase id), and
+//! the reconciler ([`crate::jobs`]) finishes it otherwise. Credits are never granted twice (the
+//! purchase's status moves once, under the wallet's lock) and a paid purchase is never lost.
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Duration, Utc};
+use prost::Message;
+use proto::wallet::v1 as pb;
+use runtime::{
+    Platform,
+    db::Db,
+    idempotency::{Claimed, IdempotencyKey},
+};
+use serde_json::json;
+use shared::{
+    ChargeOutcome, ChargeRequest, ChargeStatus, Currency, GatewayError, Money, PaymentGateway,
+    RatingRule, TierTable,
+};
+use sqlx::{Any, Transaction};
+use tonic::Status;
+
+use crate::{
+    account::Account,
+    convert,
+    domain::{self, AutoTopUp, LotKind, Reminder, TopUpPlan},
+    error::WalletError,
+    model::{
+        EntryKind, FundingMode, PurchaseRecord, PurchaseStatus, PurchaseTrigger, ReservationRecord,
+        ReservationStatus, WalletRecord,
+    },
+    store,
+};
+
+/// Default lifetime of a hold.
+pub const DEFAULT_HOLD_TTL_SECONDS: u32 = 24 * 3600;
+/// Longest lifetime of a hold.
+pub const MAX_HOLD_TTL_SECONDS: u32 = 30 * 24 * 3600;
+
+/// The wallet service's use cases.
+#[derive(Clone)]
+pub struct Wallets {
+    db: Db,
+    platform: Platform,
+    gateway: Arc<dyn PaymentGateway>,
+}
+
+/// What a gateway call came to.
+#[derive(Debug, Clone)]
+pub enum PaymentOutcome {
+    /// Paid.
+    Paid,
+    /// A direct debit submitted; settles later.
+    Pending,
+    /// Refused, with the reason shown to the caller.
+    Declined(String),
+    /// Not known (timeout): left `processing` for a retry or the reconciler.
+    Unknown,
+}
+
+enum Begun<R> {
+    Replay(Result<R, Status>),
+    Fresh(Transaction<'static, Any>),
+}
+
+/// A new wallet.
+pub struct OpenWallet {
+    /// Id chosen by the caller.
+    pub wallet_id: String,
+    /// Currency of purchases.
+    pub currency: Currency,
+    /// C1 price list.
+    pub pricing: TierTable,
+    /// C2 rating.
+    pub rating: RatingRule,
+    /// C8 signup credits.
+    pub signup_credits: i64,
+    /// Their expiry.
+    pub signup_expires_at: Option<DateTime<Utc>>,
+}
+
+/// Something a send needs credits for.
+#[derive(Debug, Clone)]
+pub enum Spend {
+    /// Debit at once (ChargeMailing).
+    Charge {
+        /// The mailing.
+        mailing_id: String,
+        /// Its recipients.
+        recipients: u64,
+    },
+    /// Hold (ReserveCredits).
+    Hold {
+        /// The mailing.
+        mailing_id: String,
+        /// Its recipients.
+        recipients: u64,
+        /// Lifetime of the hold.
+        ttl_seconds: u32,
+    },
+}
+
+impl Wallets {
+    /// The use cases on `platform`, paying through `gateway`.
+    pub fn new(platform: Platform, gateway: Arc<dyn PaymentGateway>) -> Self {
+        Self {
+            db: platform.db.clone(),
+            platform,
+            gateway,
+        }
+    }
+
+    fn now(&self) -> DateTime<Utc> {
+        self.platform.clock.now()
+    }
+
+    async fn begin<R: Message + Default>(
+        &self,
+        key: &IdempotencyKey,
+    ) -> Result<Begun<R>, WalletError> {
+        let mut tx = self.db.begin_write().await?;
+        match key.claim::<R>(&mut tx).await? {
+            Claimed::Replay(r) => Ok(Begun::Replay(r)),
+            Claimed::New => Ok(Begun::Fresh(tx)),
+        }
+    }
+
+    async fn begin_bytes(&self, key: &IdempotencyKey) -> Result<Begun<Vec<u8>>, WalletError> {
+        let mut tx = self.db.begin_write().await?;
+        match key.claim_bytes(&mut tx).await? {
+            Claimed::Replay(r) => Ok(Begun::Replay(r)),
+            Claimed::New => Ok(Begun::Fresh(tx)),
+        }
+    }
+
+    /// Like [`Wallets::finish`] for an encoded response.
+    async fn finish_bytes(
+        &self,
+        mut tx: Transaction<'static, Any>,
+        acct: Account,
+        key: &IdempotencyKey,
+        response: Vec<u8>,
+    ) -> Result<Vec<u8>, WalletError> {
+        acct.save(&mut tx).await?;
+        key.record_bytes(&mut tx, response.clone(), self.now().timestamp_micros())
+            .await?;
+        tx.commit().await?;
+        self.platform.outbox.poke();
+        Ok(response)
+    }
+
+    /// Saves `acct`, records `response` under `key`, commits.
+    async fn finish<R: Message>(
+        &self,
+        mut tx: Transaction<'static, Any>,
+        acct: Account,
+        key: &IdempotencyKey,
+        response: R,
+    ) -> Result<R, WalletError> {
+        acct.save(&mut tx).await?;
+        key.record(&mut tx, &response, self.now().timestamp_micros())
+            .await?;
+        tx.commit().await?;
+        self.platform.outbox.poke();
+        Ok(response)
+    }
+
+    /// Saves what happened before the refusal (expiries), records the refusal under `key` so a
+    /// retry gets the same answer, commits, and returns the refusal.
+    async fn refuse<R>(
+        &self,
+        mut tx: Transaction<'static, Any>,
+        before: Account,
+        key: &IdempotencyKey,
+        err: WalletError,
+    ) -> Result<R, WalletError> {
+        before.save(&mut tx).await?;
+        if err.is_recorded_refusal() {
+            let status = Status::from(err.clone_refusal());
+            key.record_status(&mut tx, &status, self.now().timestamp_micros())
+                .await?;
+        }
+        tx.commit().await?;
+        self.platform.outbox.poke();
+        Err(err)
+    }
+
+    fn replayed<R>(r: Result<R, Status>) -> Result<R, WalletError> {
+        r.map_err(WalletError::Replayed)
+    }
+
+    /// OpenWallet: idempotent; C8 signup credits.
+    pub async fn open_wallet(
+        &self,
+        key: &IdempotencyKey,
+        cmd: OpenWallet,
+    ) -> Result<pb::Wallet, WalletError> {
+        let mut tx = match self.begin::<pb::Wallet>(key).await? {
+            Begun::Replay(r) => return Self::replayed(r),
+            Begun::Fresh(tx) => tx,
+        };
+        let now = self.now();
+        let record = WalletRecord {
+            wallet_id: cmd.wallet_id.clone(),
+            currency: cmd.currency,
+            balance: 0,
+            held: 0,
+            debt: 0,
+            ledger_seq: 0,
+            funding: FundingMode::Prepaid,
+            payment_method: String::new(),
+            rating: cmd.rating,
+            pricing: cmd.pricing,
+            top_up: AutoTopUp::OFF,
+            reminder: Reminder {
+                threshold: None,
+                armed: false,
+            },
+            created_at: now,
+        };
+        if !store::insert_wallet(&mut tx, &record).await? {
+            return Err(WalletError::WalletExists(cmd.wallet_id));
+        }
+        let mut acct = Account::load(&mut tx, record, now).await?;
+        if cmd.signup_credits > 0 {
+            acct.grant(
+                LotKind::Signup,
+                cmd.signup_credits,
+                cmd.signup_expires_at,
+                EntryKind::Grant,
+                format!("grant:{}", key.key()),
+                "signup credits".into(),
+            );
+        }
+        acct.event(
+            "wallet.opened",
+            json!({"wallet_id": cmd.wallet_id, "currency": cmd.currency.code(), "signup_credits": cmd.signup_credits}),
+        );
+        let response = convert::wallet(&acct);
+        self.finish(tx, acct, key, response).await
+    }
+
+    /// GetWallet: the wallet after any due expiry (expired credits never count).
+    pub async fn get_wallet(&self, wallet_id: &str) -> Result<pb::Wallet, WalletError> {
+        let mut tx = self.db.begin_write().await?;
+        let mut acct = Account::lock(&mut tx, &self.db, wallet_id, self.now()).await?;
+        acct.housekeeping(&mut tx).await?;
+        let response = convert::wallet(&acct);
+        if acct.has_changes() {
+            acct.save(&mut tx).await?;
+            tx.commit().await?;
+            self.platform.outbox.poke();
+        } else {
+            tx.rollback().await?;
+        }
+        Ok(response)
+    }
+
+    /// Runs due expiries and hold lapses of one wallet (the background sweep).
+    pub async fn sweep_wallet(&self, wallet_id: &str) -> Result<(), WalletError> {
+        self.get_wallet(wallet_id).await.map(|_| ())
+    }
+
+    async fn read_account(&self, wallet_id: &str) -> Result<Account, WalletError> {
+        let mut conn = self
+            .db
+            .pool()
+            .acquire()
+            .await
+            .map_err(runtime::db::DbError::from)?;
+        let record = store::read_wallet(&mut conn, wallet_id)
+            .await?
+            .ok_or_else(|| WalletError::WalletNotFound(wallet_id.to_string()))?;
+        Account::load(&mut conn, record, self.now()).await
+    }
+
+    /// QuoteCreditPurchase (C1).
+    pub async fn quote(
+        &self,
+        wallet_id: &str,
+        credits: i64,
+    ) -> Result<pb::CreditQuote, WalletError> {
+        let acct = self.read_account(wallet_id).await?;
+        let amount = price(&acct.wallet.pricing, credits)?;
+        let unit = acct
+            .wallet
+            .pricing
+            .unit_price_at(u64::try_from(credits).unwrap_or(0))
+            .map_err(|e| WalletError::invalid("credits", e.to_string()))?;
+        Ok(pb::CreditQuote {
+            credits: u64::try_from(credits).unwrap_or(0),
+            amount: Some(convert::money(&amount)),
+            unit_price: unit.to_string(),
+        })
+    }
+
+    /// RateMailing (C2).
+    pub async fn rate(
+        &self,
+        wallet_id: &str,
+        recipients: u64,
+    ) -> Result<pb::MailingRating, WalletError> {
+        let acct = self.read_account(wallet_id).await?;
+        let credits = rate(&acct.wallet.rating, recipients)?;
+        let available = acct.available();
+        Ok(pb::MailingRating {
+            recipients,
+            credits: u64::try_from(credits).unwrap_or(0),
+            covered: credits <= available && acct.wallet.debt == 0,
+            available: u64::try_from(available).unwrap_or(0),
+        })
+    }
+
+    /// ListLedgerEntries.
+    pub async fn ledger(
+        &self,
+        wallet_id: &str,
+        after_seq: i64,
+        page_size: i64,
+    ) -> Result<pb::ListLedgerEntriesResponse, WalletError> {
+        // Existence first, so an unknown wallet is NOT_FOUND rather than an empty page.
+        self.read_account(wallet_id).await?;
+        let mut rows = store::entries_after(&self.db, wallet_id, after_seq, page_size + 1).await?;
+        let more = rows.len() as i64 > page_size;
+        rows.truncate(usize::try_from(page_size).unwrap_or(0));
+        Ok(pb::ListLedgerEntriesResponse {
+            next_page_token: if more {
+                rows.last().map(|e| e.seq.to_string()).unwrap_or_default()
+            } else {
+                String::new()
+            },
+            entries: rows.iter().map(convert::entry).collect(),
+        })
+    }
+
+    /// GrantCredits (C7, C8).
+    pub async fn grant(
+        &self,
+        key: &IdempotencyKey,
+        wallet_id: &str,
+        kind: LotKind,
+        credits: i64,
+        expires_at: Option<DateTime<Utc>>,
+        reference: &str,
+    ) -> Result<pb::WalletChange, WalletError> {
+        let mut tx = match self.begin::<pb::WalletChange>(key).await? {
+            Begun::Replay(r) => return Self::replayed(r),
+            Begun::Fresh(tx) => tx,
+        };
+        let mut acct = Account::lock(&mut tx, &self.db, wallet_id, self.now()).await?;
+        acct.housekeeping(&mut tx).await?;
+        if expires_at.is_some_and(|e| e <= acct.now) {
+            return Err(WalletError::invalid("expires_at", "must be in the future"));
+        }
+        let reference = if reference.is_empty() {
+            format!("grant:{}", key.key())
+        } else {
+            reference.to_string()
+        };
+        let (_, entry) = acct.grant(
+            kind,
+            credits,
+            expires_at,
+            EntryKind::Grant,
+            reference,
+            format!("{} credits", kind.as_str()),
+        );
+        let response = pb::WalletChange {
+            entry: Some(convert::entry(&entry)),
+            wallet: Some(convert::wallet(&acct)),
+        };
+        self.finish(tx, acct, key, response).await
+    }
+
+    /// AdjustCredits: an operator's correction with a reason.
+    pub async fn adjust(
+        &self,
+        key: &IdempotencyKey,
+        wallet_id: &str,
+        delta: i64,
+        reason: &str,
+    ) -> Result<pb::WalletChange, WalletError> {
+        let mut tx = match self.begin::<pb::WalletChange>(key).await? {
+            Begun::Replay(r) => return Self::replayed(r),
+            Begun::Fresh(tx) => tx,
+        };
+        let mut acct = Account::lock(&mut tx, &self.db, wallet_id, self.now()).await?;
+        acct.housekeeping(&mut tx).await?;
+        let before = acct.clone();
+        let reference = format!("adjustment:{}", key.key());
+        let entry = if delta > 0 {
+            acct.grant(
+                LotKind::Adjustment,
+                delta,
+                None,
+                EntryKind::Adjustment,
+                reference,
+                reason.to_string(),
+            )
+            .1
+        } else {
+            match acct.debit(-delta, EntryKind::Adjustment, reference, reason.to_string()) {
+                Ok(e) => e,
+                Err(shortfall) => {
+                    let err = WalletError::Insufficient {
+                        shortfall,
+                        top_up: None,
+                    };
+                    return self.refuse(tx, before, key, err).await;
+                }
+            }
+        };
+        let response = pb::WalletChange {
+            entry: Some(convert::entry(&entry)),
+            wallet: Some(convert::wallet(&acct)),
+        };
+        self.finish(tx, acct, key, response).await
+    }
+
+    /// ConfigureAutoTopUp (C4, C5, C6).
+    pub async fn configure_auto_top_up(
+        &self,
+        key: &IdempotencyKey,
+        wallet_id: &str,
+        top_up: AutoTopUp,
+        payment_method: &str,
+    ) -> Result<pb::Wallet, WalletError> {
+        let mut tx = match self.begin::<pb::Wallet>(key).await? {
+            Begun::Replay(r) => return Self::replayed(r),
+            Begun::Fresh(tx) => tx,
+        };
+        let mut acct = Account::lock(&mut tx, &self.db, wallet_id, self.now()).await?;
+        acct.housekeeping(&mut tx).await?;
+        if !payment_method.is_empty() {
+            acct.wallet.payment_method = payment_method.to_string();
+        }
+        if top_up != AutoTopUp::OFF && acct.wallet.payment_method.is_empty() {
+            return Err(WalletError::invalid(
+                "payment_method",
+                "auto top-up needs a card or direct-debit method on file",
+            ));
+        }
+        acct.wallet.top_up = top_up;
+        let response = convert::wallet(&acct);
+        self.finish(tx, acct, key, response).await
+    }
+
+    /// ConfigureLowBalanceReminder (C3).
+    pub async fn configure_reminder(
+        &self,
+        key: &IdempotencyKey,
+        wallet_id: &str,
+        threshold: Option<i64>,
+    ) -> Result<pb::Wallet, WalletError> {
+        let mut tx = match self.begin::<pb::Wallet>(key).await? {
+            Begun::Replay(r) => return Self::replayed(r),
+            Begun::Fresh(tx) => tx,
+        };
+        let mut acct = Account::lock(&mut tx, &self.db, wallet_id, self.now()).await?;
+        acct.housekeeping(&mut tx).await?;
+        acct.set_reminder(threshold);
+        let response = convert::wallet(&acct);
+        self.finish(tx, acct, key, response).await
+    }
+
+    /// SetFundingMode (C9).
+    pub async fn set_funding_mode(
+        &self,
+        key: &IdempotencyKey,
+        wallet_id: &str,
+        mode: FundingMode,
+        payment_method: &str,
+    ) -> Result<pb::Wallet, WalletError> {
+        let mut tx = match self.begin::<pb::Wallet>(key).await? {
+            Begun::Replay(r) => return Self::replayed(r),
+            Begun::Fresh(tx) => tx,
+        };
+        let mut acct = Account::lock(&mut tx, &self.db, wallet_id, self.now()).await?;
+        acct.housekeeping(&mut tx).await?;
+        if !payment_method.is_empty() {
+            acct.wallet.payment_method = payment_method.to_string();
+        }
+        if mode == FundingMode::OnDemand && acct.wallet.payment_method.is_empty() {
+            return Err(WalletError::invalid(
+                "payment_method",
+                "on-demand funding needs a card or direct-debit method",
+            ));
+        }
+        acct.wallet.funding = mode;
+        let response = convert::wallet(&acct);
+        self.finish(tx, acct, key, response).await
+    }
+
+    /// PurchaseCredits (C1): card purchases grant at once, direct debits on settlement, a
+    /// decline grants nothing and says why.
+    pub async fn purchase(
+        &self,
+        key: &IdempotencyKey,
+        wallet_id: &str,
+        credits: i64,
+        payment_method: &str,
+        expires_at: Option<DateTime<Utc>>,
+        expected: Option<Money>,
+    ) -> Result<pb::Purchase, WalletError> {
+        let mut tx = match self.begin::<pb::Purchase>(key).await? {
+            Begun::Replay(r) => return Self::replayed(r),
+            Begun::Fresh(tx) => tx,
+        };
+        let mut acct = Account::lock(&mut tx, &self.db, wallet_id, self.now()).await?;
+        acct.housekeeping(&mut tx).await?;
+        let purchase = match store::purchase_by_origin(&mut tx, key.key()).await? {
+            Some(p) => p,
+            None => {
+                let method = if payment_method.is_empty() {
+                    acct.wallet.payment_method.clone()
+                } else {
+                    payment_method.to_string()
+                };
+                if method.is_empty() {
+                    return Err(WalletError::invalid(
+                        "payment_method",
+                        "no payment method given and none on file",
+                    ));
+                }
+                if expires_at.is_some_and(|e| e <= acct.now) {
+                    return Err(WalletError::invalid("expires_at", "must be in the future"));
+                }
+                let amount = price(&acct.wallet.pricing, credits)?;
+                if let Some(expected) = expected
+                    && expected != amount
+                {
+                    return Err(WalletError::Precondition(format!(
+                        "the price of {credits} credits is {amount}, not the expected {expected}; quote again"
+                    )));
+                }
+                let p = new_purchase(
+                    &acct,
+                    Some(key.key()),
+                    PurchaseTrigger::Manual,
+                    credits,
+                    amount,
+                    method,
+                    expires_at,
+                );
+                store::insert_purchase(&mut tx, &p, acct.now).await?;
+                p
+            }
+        };
+        acct.save(&mut tx).await?;
+        tx.commit().await?;
+
+        let outcome = self.pay(&purchase).await;
+
+        let mut tx = match self.begin::<pb::Purchase>(key).await? {
+            Begun::Replay(r) => return Self::replayed(r),
+            Begun::Fresh(tx) => tx,
+        };
+        let mut acct = Account::lock(&mut tx, &self.db, wallet_id, self.now()).await?;
+        acct.housekeeping(&mut tx).await?;
+        let mut p = store::purchase(&mut tx, &purchase.purchase_id)
+            .await?
+            .ok_or_else(|| runtime::db::DbError::Corrupt("purchase vanished".into()))?;
+        apply_outcome(&mut tx, &mut acct, &mut p, &outcome).await?;
+        let response = convert::purchase(&p);
+        if p.status == PurchaseStatus::Processing {
+            // Outcome unknown: answer without recording the key, so a retry resumes it.
+            acct.save(&mut tx).await?;
+            tx.commit().await?;
+            self.platform.outbox.poke();
+            return Ok(response);
+        }
+        self.finish(tx, acct, key, response).await
+    }
+
+    /// ChargeMailing (C2, C5, C9) and ReserveCredits: the credits a send needs, paid from the
+    /// wallet, bought for the shortfall, or bought on demand.
+    pub async fn spend(
+        &self,
+        key: &IdempotencyKey,
+        wallet_id: &str,
+        spend: Spend,
+    ) -> Result<Vec<u8>, WalletError> {
+        // Phase 1: pay from the wallet, refuse, or record the purchase the send needs.
+        let mut tx = match self.begin_bytes(key).await? {
+            Begun::Replay(r) => return Self::replayed(r),
+            Begun::Fresh(tx) => tx,
+        };
+        let mut acct = Account::lock(&mut tx, &self.db, wallet_id, self.now()).await?;
+        acct.housekeeping(&mut tx).await?;
+        let needed = rate(&acct.wallet.rating, spend.recipients())?;
+        let before = acct.clone();
+        if let Spend::Hold { .. } = spend
+            && acct.wallet.funding == FundingMode::OnDemand
+        {
+            return self
+                .refuse(
+                    tx,
+                    before,
+                    key,
+                    WalletError::Precondition(
+                        "on-demand wallets are charged when the mailing is sent: use ChargeMailing"
+                            .into(),
+                    ),
+                )
+                .await;
+        }
+        if acct.wallet.debt > 0 {
+            let debt = acct.wallet.debt;
+            return self.refuse(tx, before, key, WalletError::Debt(debt)).await;
+        }
+        let purchase = match store::purchase_by_origin(&mut tx, key.key()).await? {
+            Some(p) => Some(p),
+            None => {
+                let available = acct.available();
+                let plan = match acct.wallet.funding {
+                    FundingMode::Prepaid => domain::plan_top_up_for_send(
+                        &acct.wallet.top_up,
+                        available,
+                        needed,
+                        acct.auto_bought_this_month,
+                    ),
+                    FundingMode::OnDemand if needed <= available => TopUpPlan::NotNeeded,
+                    FundingMode::OnDemand => TopUpPlan::Buy(needed - available),
+                };
+                match plan {
+                    TopUpPlan::NotNeeded => None,
+                    TopUpPlan::Refused { shortfall, reason } => {
+                        let err = WalletError::Insufficient {
+                            shortfall,
+                            top_up: Some(reason),
+                        };
+                        return self.refuse(tx, before, key, err).await;
+                    }
+                    TopUpPlan::Buy(credits) => {
+                        let trigger = match (acct.wallet.funding, acct.wallet.top_up.mode) {
+                            (FundingMode::OnDemand, _) => PurchaseTrigger::OnDemand,
+                            (_, domain::AutoTopUpMode::Fixed { .. }) => PurchaseTrigger::AutoFixed,
+                            _ => PurchaseTrigger::AutoShortfall,
+                        };
+                        if acct.wallet.payment_method.is_empty() {
+                            return self
+                                .refuse(
+                                    tx,
+                                    before,
+                                    key,
+                                    WalletError::Precondition(
+                                        "credits must be bought for this send but no payment method is on file".into(),
+                                    ),
+                                )
+                                .await;
+                        }
+                        let amount = price(&acct.wallet.pricing, credits)?;
+                        let method = acct.wallet.payment_method.clone();
+                        let p = new_purchase(
+                            &acct,
+                            Some(key.key()),
+                            trigger,
+                            credits,
+                            amount,
+                            method,
+                            None,
+                        );
+                        store::insert_purchase(&mut tx, &p, acct.now).await?;
+                        Some(p)
+                    }
+                }
+            }
+        };
+
+        let Some(purchase) = purchase else {
+            return self
+                .complete_spend(tx, acct, key, &spend, needed, None)
+                .await;
+        };
+        if purchase.status != PurchaseStatus::Processing {
+            // Finished earlier (by the reconciler, or before a crash): spend with it.
+            return self
+                .complete_spend(tx, acct, key, &spend, needed, Some(purchase))
+                .await;
+        }
+        acct.save(&mut tx).await?;
+        tx.commit().await?;
+
+        // Phase 2: the gateway, outside any transaction.
+        let outcome = self.pay(&purchase).await;
+
+        // Phase 3: apply the outcome and spend, under the wallet's lock again.
+        let mut tx = match self.begin_bytes(key).await? {
+            Begun::Replay(r) => return Self::replayed(r),
+            Begun::Fresh(tx) => tx,
+        };
+        let mut acct = Account::lock(&mut tx, &self.db, wallet_id, self.now()).await?;
+        acct.housekeeping(&mut tx).await?;
+        let mut p = store::purchase(&mut tx, &purchase.purchase_id)
+            .await?
+            .ok_or_else(|| runtime::db::DbError::Corrupt("purchase vanished".into()))?;
+        apply_outcome(&mut tx, &mut acct, &mut p, &outcome).await?;
+        self.complete_spend(tx, acct, key, &spend, needed, Some(p))
+            .await
+    }
+
+    async fn complete_spend(
+        &self,
+        mut tx: Transaction<'static, Any>,
+        mut acct: Account,
+        key: &IdempotencyKey,
+        spend: &Spend,
+        needed: i64,
+        purchase: Option<PurchaseRecord>,
+    ) -> Result<Vec<u8>, WalletError> {
+        match purchase.as_ref().map(|p| p.status) {
+            Some(PurchaseStatus::Failed | PurchaseStatus::Returned) => {
+                let reason = purchase.map(|p| p.failure_reason).unwrap_or_default();
+                return self
+                    .refuse(tx, acct.clone(), key, WalletError::PaymentDeclined(reason))
+                    .await;
+            }
+            Some(PurchaseStatus::Processing) => {
+                acct.save(&mut tx).await?;
+                tx.commit().await?;
+                self.platform.outbox.poke();
+                return Err(WalletError::PaymentOutcomeUnknown);
+            }
+            _ => {}
+        }
+        let before = acct.clone();
+        let bought = purchase.as_ref().map_or(0, |p| p.credits);
+        let response = match spend {
+            Spend::Charge {
+                mailing_id,
+                recipients,
+            } => {
+                let entry = match acct.debit(
+                    needed,
+                    EntryKind::Mailing,
+                    format!("mailing:{mailing_id}"),
+                    format!("{recipients} recipients"),
+                ) {
+                    Ok(e) => e,
+                    Err(shortfall) => {
+                        let err = WalletError::Insufficient {
+                            shortfall,
+                            top_up: None,
+                        };
+                        return self.refuse(tx, before, key, err).await;
+                    }
+                };
+                let follow_up = self.fixed_top_up_after(&mut tx, &mut acct).await?;
+                let charge = pb::MailingCharge {
+                    charge_id: format!("{}:{}", acct.wallet.wallet_id, entry.seq),
+                    wallet_id: acct.wallet.wallet_id.clone(),
+                    mailing_id: mailing_id.clone(),
+                    recipients: *recipients,
+                    credits: u64::try_from(needed).unwrap_or(0),
+                    credits_bought: u64::try_from(bought).unwrap_or(0),
+                    purchase: purchase.as_ref().map(convert::purchase),
+                    balance_after: acct.wallet.balance,
+                    available_after: u64::try_from(acct.available()).unwrap_or(0),
+                };
+                let response = self
+                    .finish_bytes(tx, acct, key, charge.encode_to_vec())
+                    .await?;
+                if let Some(p) = follow_up {
+                    self.drive_in_background(p);
+                }
+                return Ok(response);
+            }
+            Spend::Hold {
+                mailing_id,
+                ttl_seconds,
+                ..
+            } => {
+                let available = acct.available();
+                if available < needed {
+                    let err = WalletError::Insufficient {
+                        shortfall: domain::Shortfall {
+                            available,
+                            needed,
+                            shortfall: needed - available,
+                        },
+                        top_up: None,
+                    };
+                    return self.refuse(tx, before, key, err).await;
+                }
+                let r = ReservationRecord {
+                    reservation_id: format!("res_{}", uuid::Uuid::now_v7().simple()),
+                    wallet_id: acct.wallet.wallet_id.clone(),
+                    mailing_id: mailing_id.clone(),
+                    credits: needed,
+                    status: ReservationStatus::Active,
+                    expires_at: acct.now + Duration::seconds(i64::from(*ttl_seconds)),
+                    captured_credits: 0,
+                };
+                acct.add_reservation(r.clone());
+                convert::reservation(&r, &acct).encode_to_vec()
+            }
+        };
+        self.finish_bytes(tx, acct, key, response).await
+    }
+
+    /// C4: after a debit leaves the available balance at or below the threshold, record one
+    /// automatic purchase (driven after commit; the reconciler finishes it after a crash).
+    async fn fixed_top_up_after(
+        &self,
+        tx: &mut Transaction<'static, Any>,
+        acct: &mut Account,
+    ) -> Result<Option<PurchaseRecord>, WalletError> {
+        if acct.wallet.funding != FundingMode::Prepaid || acct.wallet.payment_method.is_empty() {
+            return Ok(None);
+        }
+        let in_flight = store::auto_fixed_in_flight(tx, &acct.wallet.wallet_id).await?;
+        let Some(credits) = domain::plan_top_up_after_debit(
+            &acct.wallet.top_up,
+            acct.available(),
+            acct.auto_bought_this_month,
+            in_flight,
+        ) else {
+            return Ok(None);
+        };
+        let amount = price(&acct.wallet.pricing, credits)?;
+        let method = acct.wallet.payment_method.clone();
+        let p = new_purchase(
+            acct,
+            None,
+            PurchaseTrigger::AutoFixed,
+            credits,
+            amount,
+            method,
+            None,
+        );
+        store::insert_purchase(tx, &p, acct.now).await?;
+        acct.auto_bought_this_month += credits;
+        Ok(Some(p))
+    }
+
+    /// CaptureReservation: debit what was sent, release the rest.
+    pub async fn capture(
+        &self,
+        key: &IdempotencyKey,
+        wallet_id: &str,
+        reservation_id: &str,
+        recipients_sent: u64,
+    ) -> Result<pb::Reservation, WalletError> {
+        let mut tx = match self.begin::<pb::Reservation>(key).await? {
+            Begun::Replay(r) => return Self::replayed(r),
+            Begun::Fresh(tx) => tx,
+        };
+        let mut acct = Account::lock(&mut tx, &self.db, wallet_id, self.now()).await?;
+        acct.housekeeping(&mut tx).await?;
+        let mut r = self
+            .active_reservation(&mut tx, &acct, wallet_id, reservation_id)
+            .await?;
+        let credits = if recipients_sent == 0 {
+            0
+        } else {
+            rate(&acct.wallet.rating, recipients_sent)?
+        };
+        let before = acct.clone();
+        acct.wallet.held -= r.credits;
+        if credits > 0
+            && let Err(shortfall) = acct.debit(
+                credits,
+                EntryKind::ReservationCapture,
+                format!("reservation:{}", r.reservation_id),
+                format!(
+                    "mailing {}: {recipients_sent} recipients sent",
+                    r.mailing_id
+                ),
+            )
+        {
+            let err = WalletError::Insufficient {
+                shortfall,
+                top_up: None,
+            };
+            return self.refuse(tx, before, key, err).await;
+        }
+        r.status = ReservationStatus::Captured;
+        r.captured_credits = credits;
+        acct.update_reservation(r.clone());
+        let follow_up = self.fixed_top_up_after(&mut tx, &mut acct).await?;
+        let response = convert::reservation(&r, &acct);
+        let response = self.finish(tx, acct, key, response).await?;
+        if let Some(p) = follow_up {
+            self.drive_in_background(p);
+        }
+        Ok(response)
+    }
+
+    /// ReleaseReservation.
+    pub async fn release(
+        &self,
+        key: &IdempotencyKey,
+        wallet_id: &str,
+        reservation_id: &str,
+    ) -> Result<pb::Reservation, WalletError> {
+        let mut tx = match self.begin::<pb::Reservation>(key).await? {
+            Begun::Replay(r) => return Self::replayed(r),
+            Begun::Fresh(tx) => tx,
+        };
+        let mut acct = Account::lock(&mut tx, &self.db, wallet_id, self.now()).await?;
+        acct.housekeeping(&mut tx).await?;
+        let mut r = self
+            .active_reservation(&mut tx, &acct, wallet_id, reservation_id)
+            .await?;
+        acct.wallet.held -= r.credits;
+        r.status = ReservationStatus::Released;
+        acct.update_reservation(r.clone());
+        let response = convert::reservation(&r, &acct);
+        self.finish(tx, acct, key, response).await
+    }
+
+    async fn active_reservation(
+        &self,
+        tx: &mut Transaction<'static, Any>,
+        acct: &Account,
+        wallet_id: &str,
+        reservation_id: &str,
+    ) -> Result<ReservationRecord, WalletError> {
+        let r = store::reservation(tx, wallet_id, reservation_id)
+            .await?
+            .ok_or_else(|| WalletError::ReservationNotFound(reservation_id.to_string()))?;
+        // A hold lapsed by this transaction's housekeeping is still 'active' in the table.
+        if r.status != ReservationStatus::Active || r.expires_at <= acct.now {
+            let status = if r.status == ReservationStatus::Active {
+                ReservationStatus::Expired
+            } else {
+                r.status
+            };
+            return Err(WalletError::Precondition(format!(
+                "reservation {reservation_id} is {}, not active",
+                status.as_str()
+            )));
+        }
+        Ok(r)
+    }
+
+    /// Calls the gateway for `p` (its id is the gateway's idempotency key).
+    async fn pay(&self, p: &PurchaseRecord) -> PaymentOutcome {
+        let request = ChargeRequest {
+            idempotency_key: p.purchase_id.clone(),
+            payment_method: p.payment_method.clone(),
+            amount: p.amount.clone(),
+            description: format!("{} credits for wallet {}", p.credits, p.wallet_id),
+            requested_at: self.now(),
+        };
+        match self.gateway.charge(&request).await {
+            Ok(ChargeOutcome::Succeeded { .. }) => PaymentOutcome::Paid,
+            Ok(ChargeOutcome::Pending { .. }) => PaymentOutcome::Pending,
+            Ok(ChargeOutcome::Declined { reason }) => PaymentOutcome::Declined(reason.to_string()),
+            Err(GatewayError::Timeout) => {
+                tracing::warn!(purchase = %p.purchase_id, "gateway timed out; outcome unknown, will reconcile");
+                PaymentOutcome::Unknown
+            }
+            Err(e) => PaymentOutcome::Declined(e.to_string()),
+        }
+    }
+
+    /// Drives an automatic purchase to its outcome after the request that recorded it.
+    fn drive_in_background(&self, p: PurchaseRecord) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            if let Err(e) = this.reconcile_purchase(&p.purchase_id).await {
+                tracing::warn!(purchase = %p.purchase_id, error = %e, "automatic purchase not finished; the reconciler retries");
+            }
+        });
+    }
+
+    /// Finishes one open purchase: asks the gateway (same idempotency key) and applies the
+    /// outcome, or applies a direct debit's settlement or return.
+    pub async fn reconcile_purchase(&self, purchase_id: &str) -> Result<(), WalletError> {
+        let p = {
+            let mut conn = self
+                .db
+                .pool()
+                .acquire()
+                .await
+                .map_err(runtime::db::DbError::from)?;
+            match store::purchase(&mut conn, purchase_id).await? {
+                Some(p) => p,
+                None => return Ok(()),
+            }
+        };
+        let outcome = match p.status {
+            PurchaseStatus::Processing => self.pay(&p).await,
+            PurchaseStatus::PendingSettlement => {
+                match self.gateway.charge_status(&p.purchase_id).await {
+                    Ok(Some(record)) => match record.status {
+                        ChargeStatus::Succeeded => PaymentOutcome::Paid,
+                        ChargeStatus::Returned => {
+                            PaymentOutcome::Declined("direct debit returned".into())
+                        }
+                        ChargeStatus::Declined(reason) => {
+                            PaymentOutcome::Declined(reason.to_string())
+                        }
+                        ChargeStatus::Pending => return Ok(()),
+                    },
+                    Ok(None) => PaymentOutcome::Declined(
+                        "the gateway has no record of this direct debit".into(),
+                    ),
+                    Err(_) => return Ok(()),
+                }
+            }
+            _ => return Ok(()),
+        };
+        if matches!(outcome, PaymentOutcome::Unknown) {
+            return Ok(());
+        }
+        let mut tx = self.db.begin_write().await?;
+        let mut acct = Account::lock(&mut tx, &self.db, &p.wallet_id, self.now()).await?;
+        acct.housekeeping(&mut tx).await?;
+        let mut p = store::purchase(&mut tx, purchase_id)
+            .await?
+            .ok_or_else(|| runtime::db::DbError::Corrupt("purchase vanished".into()))?;
+        apply_outcome(&mut tx, &mut acct, &mut p, &outcome).await?;
+        acct.save(&mut tx).await?;
+        tx.commit().await?;
+        self.platform.outbox.poke();
+        Ok(())
+    }
+}
+
+impl Spend {
+    fn recipients(&self) -> u64 {
+        match self {
+            Spend::Charge { recipients, .. } | Spend::Hold { recipients, .. } => *recipients,
+        }
+    }
+}
+
+fn new_purchase(
+    acct: &Account,
+    origin_key: Option<&str>,
+    trigger: PurchaseTrigger,
+    credits: i64,
+    amount: Money,
+    payment_method: String,
+    expires_at: Option<DateTime<Utc>>,
+) -> PurchaseRecord {
+    PurchaseRecord {
+        purchase_id: format!("pur_{}", uuid::Uuid::now_v7().simple()),
+        wallet_id: acct.wallet.wallet_id.clone(),
+        origin_key: origin_key.map(str::to_string),
+        trigger,
+        credits,
+        amount,
+        payment_method,
+        status: PurchaseStatus::Processing,
+        failure_reason: String::new(),
+        lot_id: None,
+        expires_at,
+        created_at: acct.now,
+    }
+}
+
+/// The rounded price of `credits` from the wallet's volume tiers (C1).
+fn price(pricing: &TierTable, credits: i64) -> Result<Money, WalletError> {
+    let quantity =
+        u64::try_from(credits).map_err(|_| WalletError::invalid("credits", "must be positive"))?;
+    pricing
+        .price(quantity)
+        .map(|m| m.round_to_minor_unit())
+        .map_err(|e| WalletError::invalid("credits", e.to_string()))
+}
+
+/// The credits a mailing needs (C2).
+fn rate(rule: &RatingRule, recipients: u64) -> Result<i64, WalletError> {
+    rule.credits_for(recipients)
+        .map(|c| c.get())
+        .map_err(|e| WalletError::invalid("recipients", e.to_string()))
+}
+
+/// Whether a purchase pays for a send now (C5, C9): its credits are granted as soon as the
+/// payment is accepted, even a direct debit that settles later (a return claws them back).
+fn funds_a_send(p: &PurchaseRecord) -> bool {
+    p.origin_key.is_some() && p.trigger != PurchaseTrigger::Manual
+}
+
+/// Applies a gateway outcome to a purchase under the wallet's lock. Each status moves once:
+/// an outcome for a purchase that already moved is ignored.
+async fn apply_outcome(
+    tx: &mut Transaction<'static, Any>,
+    acct: &mut Account,
+    p: &mut PurchaseRecord,
+    outcome: &PaymentOutcome,
+) -> Result<(), WalletError> {
+    let auto = matches!(
+        p.trigger,
+        PurchaseTrigger::AutoFixed | PurchaseTrigger::AutoShortfall
+    );
+    let (ok_event, failed_event) = if auto {
+        ("wallet.top_up_succeeded", "wallet.top_up_failed")
+    } else {
+        ("wallet.purchase_succeeded", "wallet.purchase_failed")
+    };
+    let granted = p.lot_id.is_some();
+    let payload = |p: &PurchaseRecord| {
+        json!({
+            "wallet_id": p.wallet_id, "purchase_id": p.purchase_id, "credits": p.credits,
+            "amount": p.amount.amount().to_string(), "currency": p.amount.currency().code(),
+            "trigger": p.trigger.as_str(), "reason": p.failure_reason,
+        })
+    };
+    let grant = |acct: &mut Account, p: &mut PurchaseRecord| {
+        let (lot_id, _) = acct.grant(
+            LotKind::Purchased,
+            p.credits,
+            p.expires_at,
+            EntryKind::Purchase,
+            format!("purchase:{}", p.purchase_id),
+            format!("{} credits for {}", p.credits, p.amount),
+        );
+        p.lot_id = Some(lot_id);
+    };
+    match (p.status, outcome) {
+        (PurchaseStatus::Processing, PaymentOutcome::Paid) => {
+            p.status = PurchaseStatus::Succeeded;
+            grant(acct, p);
+            acct.event(ok_event, payload(p));
+        }
+        (PurchaseStatus::Processing, PaymentOutcome::Pending) => {
+            p.status = PurchaseStatus::PendingSettlement;
+            if funds_a_send(p) {
+                grant(acct, p);
+            }
+        }
+        (PurchaseStatus::Processing, PaymentOutcome::Declined(reason)) => {
+            p.status = PurchaseStatus::Failed;
+            p.failure_reason = reason.clone();
+            acct.event(failed_event, payload(p));
+        }
+        (PurchaseStatus::PendingSettlement, PaymentOutcome::Paid) => {
+            p.status = PurchaseStatus::Succeeded;
+            if !granted {
+                grant(acct, p);
+            }
+            acct.event(ok_event, payload(p));
+        }
+        (PurchaseStatus::PendingSettlement, PaymentOutcome::Declined(reason)) => {
+            p.status = if granted {
+                PurchaseStatus::Returned
+            } else {
+                PurchaseStatus::Failed
+            };
+            p.failure_reason = reason.clone();
+            if granted {
+                acct.claw_back(
+                    p.lot_id.as_deref(),
+                    p.credits,
+                    format!("purchase:{}", p.purchase_id),
+                );
+            }
+            acct.event("wallet.payment_returned", payload(p));
+        }
+        _ => return Ok(()),
+    }
+    store::update_purchase(tx, p, acct.now).await?;
+    Ok(())
+}
+
+impl WalletError {
+    /// A copy of a recorded refusal (the variants [`WalletError::is_recorded_refusal`] names).
+    fn clone_refusal(&self) -> WalletError {
+        match self {
+            WalletError::Insufficient { shortfall, top_up } => WalletError::Insufficient {
+                shortfall: *shortfall,
+                top_up: *top_up,
+            },
+            WalletError::PaymentDeclined(r) => WalletError::PaymentDeclined(r.clone()),
+            WalletError::Debt(d) => WalletError::Debt(*d),
+            other => WalletError::Precondition(other.to_string()),
+        }
+    }
+}
