@@ -309,21 +309,14 @@ pub async fn entries_after(
 
 /// Sum of a wallet's ledger deltas (for invariant checks).
 pub async fn ledger_sum(conn: &mut AnyConnection, wallet_id: &str) -> Result<i64, DbError> {
-    let row =
-        sqlx::query("SELECT COALESCE(SUM(delta), 0) FROM ledger_entries WHERE wallet_id = $1")
-            .bind(wallet_id)
-            .fetch_one(conn)
-            .await?;
-    // PostgreSQL's SUM(BIGINT) is NUMERIC; cast-free decoding differs per backend.
-    decode_sum(&row)
-}
-
-fn decode_sum(row: &AnyRow) -> Result<i64, DbError> {
-    if let Ok(v) = row.try_get::<i64, _>(0) {
-        return Ok(v);
-    }
-    let text: String = row.try_get(0)?;
-    text.parse().map_err(|_| corrupt("ledger sum"))
+    // PostgreSQL's SUM(BIGINT) is NUMERIC, which the Any driver does not decode: cast it.
+    let row = sqlx::query(
+        "SELECT CAST(COALESCE(SUM(delta), 0) AS BIGINT) FROM ledger_entries WHERE wallet_id = $1",
+    )
+    .bind(wallet_id)
+    .fetch_one(conn)
+    .await?;
+    Ok(row.try_get(0)?)
 }
 
 const PURCHASE_COLUMNS: &str = "purchase_id, wallet_id, origin_key, trigger, credits, amount_minor, \
@@ -454,14 +447,14 @@ pub async fn auto_bought_since(
     since: DateTime<Utc>,
 ) -> Result<i64, DbError> {
     let row = sqlx::query(
-        "SELECT COALESCE(SUM(credits), 0) FROM purchases WHERE wallet_id = $1 \
+        "SELECT CAST(COALESCE(SUM(credits), 0) AS BIGINT) FROM purchases WHERE wallet_id = $1 \
          AND trigger IN ('auto_fixed', 'auto_shortfall') AND status <> 'failed' AND created_at_us >= $2",
     )
     .bind(wallet_id)
     .bind(micros(since))
     .fetch_one(conn)
     .await?;
-    decode_sum(&row)
+    Ok(row.try_get(0)?)
 }
 
 /// Whether an automatic fixed top-up is still open for the wallet (one at a time).

@@ -77,6 +77,15 @@ impl TestDatabase {
         }
     }
 
+    /// The same database again, for a second replica of one service.
+    pub fn share(&self) -> TestDatabase {
+        TestDatabase {
+            url: self.url.clone(),
+            schema: self.schema.clone(),
+            _dir: None,
+        }
+    }
+
     /// Another database of the same test at the same place, for a second service (its own file
     /// or schema).
     pub fn sibling(&self, name: &str) -> TestDatabase {
