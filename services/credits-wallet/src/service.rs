@@ -950,7 +950,7 @@ impl Wallets {
         let request = ChargeRequest {
             idempotency_key: p.purchase_id.clone(),
             payment_method: p.payment_method.clone(),
-            amount: p.amount.clone(),
+            amount: p.amount,
             description: format!("{} credits for wallet {}", p.credits, p.wallet_id),
             requested_at: self.now(),
         };
