@@ -155,6 +155,30 @@ impl Account {
         Ok(self.entry(kind, -credits, reference, description))
     }
 
+    /// Debits `credits` like [`Account::debit`] and returns the earliest expiry among the lots
+    /// they came from (a transfer passes it on, so moving credits never rescues them from
+    /// expiring).
+    pub fn debit_for_transfer(
+        &mut self,
+        credits: i64,
+        reference: String,
+        description: String,
+    ) -> Result<Option<DateTime<Utc>>, Shortfall> {
+        let takes = domain::plan_debit(&self.plain_lots(), self.wallet.held, credits, self.now)?;
+        let earliest = takes
+            .iter()
+            .filter_map(|t| {
+                self.lots
+                    .iter()
+                    .find(|(l, _)| l.lot_id == t.lot_id)
+                    .and_then(|(l, _)| l.expires_at)
+            })
+            .min();
+        self.take_from_lots(&takes);
+        self.entry(EntryKind::Transfer, -credits, reference, description);
+        Ok(earliest)
+    }
+
     /// Grants a new lot; credits first pay back any debt (a returned direct debit).
     pub fn grant(
         &mut self,

@@ -257,6 +257,7 @@ pub fn entry(e: &EntryRecord) -> pb::LedgerEntry {
         EntryKind::Expiry => pb::LedgerEntryKind::Expiry,
         EntryKind::Adjustment => pb::LedgerEntryKind::Adjustment,
         EntryKind::Clawback => pb::LedgerEntryKind::Clawback,
+        EntryKind::Transfer => pb::LedgerEntryKind::Transfer,
     };
     pb::LedgerEntry {
         sequence: u(e.seq),

@@ -357,6 +357,27 @@ impl CreditsWallet for CreditsWalletApi {
         ok(self.wallets.adjust(&key, wallet_id, r.delta, reason).await)
     }
 
+    #[tracing::instrument(skip_all, fields(from = %req.get_ref().from_wallet_id, to = %req.get_ref().to_wallet_id))]
+    async fn transfer_credits(
+        &self,
+        req: Request<pb::TransferCreditsRequest>,
+    ) -> Result<Response<pb::CreditTransfer>, Status> {
+        let r = req.into_inner();
+        let key = key("TransferCredits", &r.idempotency_key, &r)?;
+        let from = id("from_wallet_id", &r.from_wallet_id)?;
+        let to = id("to_wallet_id", &r.to_wallet_id)?;
+        if from == to {
+            return Err(
+                WalletError::invalid("to_wallet_id", "must differ from from_wallet_id").into(),
+            );
+        }
+        let n = credits("credits", r.credits)?;
+        if r.reason.len() > 500 {
+            return Err(WalletError::invalid("reason", "at most 500 characters").into());
+        }
+        ok(self.wallets.transfer(&key, from, to, n, &r.reason).await)
+    }
+
     #[tracing::instrument(skip_all, fields(wallet = %req.get_ref().wallet_id))]
     async fn list_ledger_entries(
         &self,

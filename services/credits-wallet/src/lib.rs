@@ -70,6 +70,7 @@ pub fn scopes() -> MethodScopes {
         "ConfigureAutoTopUp",
         "ConfigureLowBalanceReminder",
         "SetFundingMode",
+        "TransferCredits",
     ] {
         scopes = scopes.require(SERVICE, method, Scope::Mutate);
     }

@@ -72,6 +72,8 @@ pub enum EntryKind {
     Adjustment,
     /// Credits taken back after a returned direct debit.
     Clawback,
+    /// Credits moved to or from another wallet.
+    Transfer,
 }
 
 macro_rules! text_enum {
@@ -117,6 +119,7 @@ text_enum!(EntryKind {
     Expiry => "expiry",
     Adjustment => "adjustment",
     Clawback => "clawback",
+    Transfer => "transfer",
 });
 
 /// A wallet's stored header (lots, entries, purchases and holds are separate rows).

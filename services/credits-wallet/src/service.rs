@@ -428,6 +428,66 @@ impl Wallets {
         self.finish(tx, acct, key, response).await
     }
 
+    /// TransferCredits: both wallets locked in id order (so two opposite transfers cannot
+    /// deadlock), debit and grant in one transaction.
+    pub async fn transfer(
+        &self,
+        key: &IdempotencyKey,
+        from: &str,
+        to: &str,
+        credits: i64,
+        reason: &str,
+    ) -> Result<pb::CreditTransfer, WalletError> {
+        let mut tx = match self.begin::<pb::CreditTransfer>(key).await? {
+            Begun::Replay(r) => return Self::replayed(r),
+            Begun::Fresh(tx) => tx,
+        };
+        let now = self.now();
+        let (first, second) = if from < to { (from, to) } else { (to, from) };
+        let mut a = Account::lock(&mut tx, &self.db, first, now).await?;
+        let mut b = Account::lock(&mut tx, &self.db, second, now).await?;
+        a.housekeeping(&mut tx).await?;
+        b.housekeeping(&mut tx).await?;
+        let (mut source, mut target) = if from < to { (a, b) } else { (b, a) };
+        let before = source.clone();
+        if source.wallet.debt > 0 {
+            let debt = source.wallet.debt;
+            target.save(&mut tx).await?;
+            return self.refuse(tx, before, key, WalletError::Debt(debt)).await;
+        }
+        let reference = format!("transfer:{}", key.key());
+        let expires_at = match source.debit_for_transfer(
+            credits,
+            reference.clone(),
+            format!("to {to}: {reason}"),
+        ) {
+            Ok(e) => e,
+            Err(shortfall) => {
+                target.save(&mut tx).await?;
+                let err = WalletError::Insufficient {
+                    shortfall,
+                    top_up: None,
+                };
+                return self.refuse(tx, before, key, err).await;
+            }
+        };
+        target.grant(
+            LotKind::Adjustment,
+            credits,
+            expires_at,
+            EntryKind::Transfer,
+            reference,
+            format!("from {from}: {reason}"),
+        );
+        let response = pb::CreditTransfer {
+            credits: u64::try_from(credits).unwrap_or(0),
+            from_wallet: Some(convert::wallet(&source)),
+            to_wallet: Some(convert::wallet(&target)),
+        };
+        target.save(&mut tx).await?;
+        self.finish(tx, source, key, response).await
+    }
+
     /// ConfigureAutoTopUp (C4, C5, C6).
     pub async fn configure_auto_top_up(
         &self,

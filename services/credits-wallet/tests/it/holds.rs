@@ -138,3 +138,55 @@ async fn a_hold_beyond_the_available_balance_is_refused() {
     assert!(err.message().contains("short by 1000"), "{}", err.message());
     assert_eq!(h.wallet("w1").await.held, 0);
 }
+
+#[tokio::test]
+async fn a_transfer_moves_credits_between_wallets_atomically_keeping_their_expiry() {
+    let h = Harness::start().await;
+    h.open("w1", "1", 0).await;
+    h.open("w2", "1", 0).await;
+    let expires = h.running.platform.clock.now() + chrono::Duration::days(10);
+    h.client
+        .clone()
+        .grant_credits(authed(
+            ADMIN_TOKEN,
+            pb::GrantCreditsRequest {
+                idempotency_key: h.key(),
+                wallet_id: "w1".into(),
+                credits: 1_000,
+                kind: pb::LotKind::Promotional as i32,
+                expires_at: Some(runtime::convert::timestamp(expires)),
+                reference: String::new(),
+            },
+        ))
+        .await
+        .unwrap();
+    let transfer = |credits| pb::TransferCreditsRequest {
+        idempotency_key: format!("t-{credits}"),
+        from_wallet_id: "w1".into(),
+        to_wallet_id: "w2".into(),
+        credits,
+        reason: "allocation".into(),
+    };
+    let mut c = h.client.clone();
+    let t = c
+        .transfer_credits(authed(ADMIN_TOKEN, transfer(400)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(t.from_wallet.unwrap().balance, 600);
+    let to = t.to_wallet.unwrap();
+    assert_eq!(to.balance, 400);
+    assert_eq!(
+        to.lots[0].expires_at.as_ref().unwrap().seconds,
+        expires.timestamp()
+    );
+    let err = c
+        .transfer_credits(authed(ADMIN_TOKEN, transfer(700)))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert_eq!(h.wallet("w1").await.balance, 600);
+    assert_eq!(h.wallet("w2").await.balance, 400);
+    h.assert_ledger_balances("w1").await;
+    h.assert_ledger_balances("w2").await;
+}
