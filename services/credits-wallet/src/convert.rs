@@ -3,7 +3,7 @@
 use proto::{common::v1::Money as PbMoney, wallet::v1 as pb};
 use runtime::convert::timestamp;
 use rust_decimal::Decimal;
-use shared::{Credits, Currency, Money, RatingRule, Tier, TierMode, TierTable};
+use shared::{Credits, Currency, Money, RatingRule, TierTable};
 
 use crate::{
     account::Account,
@@ -140,38 +140,13 @@ pub fn auto_top_up_from(t: Option<&pb::AutoTopUp>) -> Result<AutoTopUp, WalletEr
     Ok(cfg)
 }
 
-fn tier_mode(m: TierMode) -> pb::TierMode {
-    match m {
-        TierMode::Volume => pb::TierMode::Volume,
-        TierMode::Graduated => pb::TierMode::Graduated,
-        TierMode::FlatPerBand => pb::TierMode::FlatPerBand,
-    }
-}
-
 /// The price list as its message.
 pub fn pricing(t: &TierTable) -> pb::CreditPricing {
-    pb::CreditPricing {
-        mode: tier_mode(t.mode()) as i32,
-        tiers: t
-            .tiers()
-            .iter()
-            .map(|tier| pb::PriceTier {
-                first: tier.first,
-                last: tier.last.unwrap_or(0),
-                unit_price: tier.unit_price.to_string(),
-                flat_price: tier.flat_price.to_string(),
-            })
-            .collect(),
-    }
+    runtime::convert::tier_table_message(t)
 }
 
 fn decimal(field: &'static str, s: &str) -> Result<Decimal, WalletError> {
-    if s.is_empty() {
-        return Ok(Decimal::ZERO);
-    }
-    Money::parse(s, "EUR")
-        .map(|m| m.amount())
-        .map_err(|e| WalletError::invalid(field, e.to_string()))
+    runtime::convert::decimal(field, s).map_err(|(f, m)| WalletError::invalid(f, m))
 }
 
 /// Parses and validates a price list (C1) in `currency`.
@@ -180,31 +155,7 @@ pub fn pricing_from(
     currency: Currency,
 ) -> Result<TierTable, WalletError> {
     let p = p.ok_or_else(|| WalletError::invalid("pricing", "is required"))?;
-    let mode = match pb::TierMode::try_from(p.mode) {
-        Ok(pb::TierMode::Volume) => TierMode::Volume,
-        Ok(pb::TierMode::Graduated) => TierMode::Graduated,
-        Ok(pb::TierMode::FlatPerBand) => TierMode::FlatPerBand,
-        _ => {
-            return Err(WalletError::invalid(
-                "pricing.mode",
-                "must be TIER_MODE_VOLUME, _GRADUATED or _FLAT_PER_BAND",
-            ));
-        }
-    };
-    let tiers = p
-        .tiers
-        .iter()
-        .map(|t| {
-            Ok(Tier {
-                first: t.first,
-                last: (t.last != 0).then_some(t.last),
-                unit_price: decimal("pricing.tiers.unit_price", &t.unit_price)?,
-                flat_price: decimal("pricing.tiers.flat_price", &t.flat_price)?,
-            })
-        })
-        .collect::<Result<Vec<_>, WalletError>>()?;
-    TierTable::new(mode, currency, tiers)
-        .map_err(|e| WalletError::invalid("pricing", e.to_string()))
+    runtime::convert::tier_table(p, currency).map_err(|(f, m)| WalletError::invalid(f, m))
 }
 
 /// The rating rule as its message.

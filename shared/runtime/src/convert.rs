@@ -30,3 +30,84 @@ pub fn instant(t: &prost_types::Timestamp, field: &str) -> Result<DateTime<Utc>,
             Status::invalid_argument(format!("{field} is not a timestamp between 1970 and 9999"))
         })
 }
+
+/// A price-list message as a validated tier table in `currency`, or the field and the problem.
+pub fn tier_table(
+    p: &proto::wallet::v1::CreditPricing,
+    currency: shared::Currency,
+) -> Result<shared::TierTable, (&'static str, String)> {
+    use proto::wallet::v1::TierMode as Pb;
+    let mode = match Pb::try_from(p.mode) {
+        Ok(Pb::Volume) => shared::TierMode::Volume,
+        Ok(Pb::Graduated) => shared::TierMode::Graduated,
+        Ok(Pb::FlatPerBand) => shared::TierMode::FlatPerBand,
+        _ => {
+            return Err((
+                "pricing.mode",
+                "must be TIER_MODE_VOLUME, _GRADUATED or _FLAT_PER_BAND".into(),
+            ));
+        }
+    };
+    let tiers = p
+        .tiers
+        .iter()
+        .map(|t| {
+            Ok(shared::Tier {
+                first: t.first,
+                last: (t.last != 0).then_some(t.last),
+                unit_price: decimal("pricing.tiers.unit_price", &t.unit_price)?,
+                flat_price: decimal("pricing.tiers.flat_price", &t.flat_price)?,
+            })
+        })
+        .collect::<Result<Vec<_>, (&'static str, String)>>()?;
+    shared::TierTable::new(mode, currency, tiers).map_err(|e| ("pricing", e.to_string()))
+}
+
+/// A tier table as its price-list message.
+pub fn tier_table_message(t: &shared::TierTable) -> proto::wallet::v1::CreditPricing {
+    use proto::wallet::v1::TierMode as Pb;
+    let mode = match t.mode() {
+        shared::TierMode::Volume => Pb::Volume,
+        shared::TierMode::Graduated => Pb::Graduated,
+        shared::TierMode::FlatPerBand => Pb::FlatPerBand,
+    };
+    proto::wallet::v1::CreditPricing {
+        mode: mode as i32,
+        tiers: t
+            .tiers()
+            .iter()
+            .map(|tier| proto::wallet::v1::PriceTier {
+                first: tier.first,
+                last: tier.last.unwrap_or(0),
+                unit_price: tier.unit_price.to_string(),
+                flat_price: tier.flat_price.to_string(),
+            })
+            .collect(),
+    }
+}
+
+/// A decimal field ("" is zero): a plain number such as `0.0125` (no exponent), at most 12
+/// decimals.
+pub fn decimal(
+    field: &'static str,
+    s: &str,
+) -> Result<rust_decimal::Decimal, (&'static str, String)> {
+    if s.is_empty() {
+        return Ok(rust_decimal::Decimal::ZERO);
+    }
+    let plain = s
+        .strip_prefix('-')
+        .unwrap_or(s)
+        .chars()
+        .all(|c| c.is_ascii_digit() || c == '.');
+    let parsed = s
+        .parse::<rust_decimal::Decimal>()
+        .ok()
+        .filter(|d| plain && d.scale() <= 12);
+    parsed.ok_or_else(|| {
+        (
+            field,
+            format!("{s:?} is not a plain decimal number with at most 12 decimals"),
+        )
+    })
+}
