@@ -1,9 +1,17 @@
 //! The reseller-billing service: partners, their sub-accounts, and who pays each customer's sends (rules W1-W5).
 //!
-//! Layers: `grpc` converts messages and maps errors; the runtime (`shared/runtime`) brings
-//! storage, idempotency, the outbox and the middleware.
+//! Layers: `domain` (who pays, caps, resale amounts; no IO); `store` (SQL, both backends);
+//! `wallet` (the credits-wallet client, keys derived from the caller's); `service` (use cases);
+//! `jobs` (relay of the partner wallets' events); `grpc` (validation, partner-bound tokens,
+//! status codes).
 
+pub mod domain;
+pub mod error;
 pub mod grpc;
+pub mod jobs;
+pub mod service;
+pub mod store;
+pub mod wallet;
 
 use runtime::{
     Platform, ServiceSpec,
@@ -34,7 +42,33 @@ pub const SPEC: ServiceSpec = ServiceSpec {
 
 /// The scope each RPC requires.
 pub fn scopes() -> MethodScopes {
-    MethodScopes::new().require(SERVICE, "WatchEvents", Scope::Read)
+    let mut scopes = MethodScopes::new();
+    for method in [
+        "GetPartner",
+        "ListCustomers",
+        "GetCustomer",
+        "GetUsageStatement",
+        "WatchEvents",
+    ] {
+        scopes = scopes.require(SERVICE, method, Scope::Read);
+    }
+    for method in [
+        "AddCustomer",
+        "SuspendCustomer",
+        "SetBillingMode",
+        "ChargeMailing",
+        "ReserveMailing",
+        "CaptureMailing",
+        "ReleaseMailing",
+        "SetCustomerLimit",
+        "AllocateCredits",
+        "SetResalePrices",
+        "ConfigurePartnerReminder",
+        "ConfigurePartnerAutoTopUp",
+    ] {
+        scopes = scopes.require(SERVICE, method, Scope::Mutate);
+    }
+    scopes.require(SERVICE, "RegisterPartner", Scope::Admin)
 }
 
 /// This service's migrations, embedded, per backend.
@@ -45,11 +79,14 @@ pub fn migrations() -> Migrations {
     }
 }
 
-/// The service's gRPC routes.
+/// The service's gRPC routes, with the wallet-event relay started. Needs the `wallet` peer.
 pub fn routes(platform: &Platform) -> anyhow::Result<tonic::service::Routes> {
+    let wallet = wallet::Wallet::connect(&platform.config)?;
+    let resellers = service::Resellers::new(platform.clone(), wallet.clone());
+    jobs::spawn(platform, resellers.clone(), wallet);
     Ok(tonic::service::Routes::new(
         proto::reseller::v1::reseller_billing_server::ResellerBillingServer::new(
-            grpc::ResellerBillingApi::new(platform.clone()),
+            grpc::ResellerBillingApi::new(platform.clone(), resellers),
         ),
     ))
 }
