@@ -1,23 +1,9 @@
 //! The subscription service: plans priced by contact tiers, seats, levels, products and add-ons; trials, prorated changes, renewals, invoices and contact slots (rules S1-S19).
 //!
-//! Layers: `domain` (rules, no IO) and `model` (records); `store` (SQL, both backends);
-//! `unit` (one locked subscription: changes, history and events saved together); `service`
-//! (use cases, gateway calls between transactions, renewals); `jobs` (renewal, collection,
-//! trial ends, credit grants); `convert` and `grpc` (messages, the actor check of S5, status
-//! codes). The runtime (`shared/runtime`) brings storage, idempotency, the outbox and the
-//! middleware.
+//! Layers: `grpc` converts messages and maps errors; the runtime (`shared/runtime`) brings
+//! storage, idempotency, the outbox and the middleware.
 
-pub mod convert;
-pub mod domain;
-pub mod error;
 pub mod grpc;
-pub mod jobs;
-pub mod model;
-pub mod service;
-pub mod store;
-pub mod unit;
-
-use std::{sync::Arc, time::Duration};
 
 use runtime::{
     Platform, ServiceSpec,
@@ -25,12 +11,9 @@ use runtime::{
     config::ServiceDefaults,
     db::Migrations,
 };
-use shared::SimulatedGateway;
 
-/// Full gRPC name of the subscriptions service.
+/// Full gRPC name of the service.
 pub const SERVICE: &str = "billing.subscription.v1.Subscriptions";
-/// Full gRPC name of the catalog service.
-pub const CATALOG: &str = "billing.subscription.v1.Catalog";
 
 /// Name, environment prefix (`SUBSCRIPTION_`), default ports and PostgreSQL schema.
 pub const DEFAULTS: ServiceDefaults = ServiceDefaults {
@@ -44,47 +27,14 @@ pub const DEFAULTS: ServiceDefaults = ServiceDefaults {
 /// What the runtime needs to know to serve this service.
 pub const SPEC: ServiceSpec = ServiceSpec {
     defaults: DEFAULTS,
-    grpc_services: &[SERVICE, CATALOG],
+    grpc_services: &[SERVICE],
     scopes,
     migrations,
 };
 
-/// The scope each RPC requires. Requests on behalf of a user also need `act-for-user` (S5),
-/// checked by the handlers since it depends on the request's actor.
+/// The scope each RPC requires.
 pub fn scopes() -> MethodScopes {
-    let mut scopes = MethodScopes::new()
-        .require(CATALOG, "ListPlans", Scope::Read)
-        .require(CATALOG, "GetPlan", Scope::Read)
-        .require(CATALOG, "PublishPlan", Scope::Admin);
-    for method in [
-        "WatchEvents",
-        "GetSubscription",
-        "GetContactUsage",
-        "PreviewChange",
-        "ListChangeRequests",
-        "ListInvoices",
-        "GetInvoice",
-        "CheckSending",
-    ] {
-        scopes = scopes.require(SERVICE, method, Scope::Read);
-    }
-    for method in [
-        "StartTrial",
-        "Subscribe",
-        "AdmitContacts",
-        "ReleaseContacts",
-        "ApplyChange",
-        "CancelAddOn",
-        "Cancel",
-        "Resume",
-        "RecordMailsSent",
-    ] {
-        scopes = scopes.require(SERVICE, method, Scope::Mutate);
-    }
-    for method in ["VerifyAccount", "ResolveChangeRequest", "RecordBankTransfer"] {
-        scopes = scopes.require(SERVICE, method, Scope::Admin);
-    }
-    scopes
+    MethodScopes::new().require(SERVICE, "WatchEvents", Scope::Read)
 }
 
 /// This service's migrations, embedded, per backend.
@@ -95,33 +45,11 @@ pub fn migrations() -> Migrations {
     }
 }
 
-/// The service's gRPC routes, with its background jobs started. Payments go through the
-/// deterministic gateway simulator; subscription credits are granted through the wallet peer
-/// (`[peers.wallet]`) when one is configured.
+/// The service's gRPC routes.
 pub fn routes(platform: &Platform) -> anyhow::Result<tonic::service::Routes> {
-    let wallet = match platform.config.peer("wallet") {
-        Ok(peer) => Some(
-            proto::wallet::v1::credits_wallet_client::CreditsWalletClient::new(
-                runtime::client::peer_channel(peer, Duration::from_secs(5))?,
-            ),
-        ),
-        Err(_) => {
-            tracing::info!("no [peers.wallet] configured: subscription credits are not granted");
-            None
-        }
-    };
-    let cases = service::Subscriptions::new(
-        platform.clone(),
-        Arc::new(SimulatedGateway::new()),
-        wallet,
-    );
-    jobs::spawn(platform, cases.clone());
     Ok(tonic::service::Routes::new(
         proto::subscription::v1::subscriptions_server::SubscriptionsServer::new(
-            grpc::SubscriptionsApi::new(platform.clone(), cases.clone()),
+            grpc::SubscriptionsApi::new(platform.clone()),
         ),
-    )
-    .add_service(proto::subscription::v1::catalog_server::CatalogServer::new(
-        grpc::CatalogApi::new(cases),
-    )))
+    ))
 }
