@@ -11,7 +11,7 @@ pub struct Suite {
     pub wallet: Running,
     /// subscription.
     pub subscription: Running,
-    /// reseller-billing (pointed at `wallet`).
+    /// reseller-billing (pointed at `wallet`, like subscription).
     pub reseller: Running,
     _db: testing::TestDatabase,
 }
@@ -27,19 +27,19 @@ impl Suite {
             credits_wallet::routes,
         )
         .await?;
-        let subscription_db = db.sibling("subscription");
-        let subscription = runtime::server::start(
-            &subscription::SPEC,
-            testing::config(&subscription::DEFAULTS, &subscription_db),
-            subscription::routes,
-        )
-        .await?;
-        let reseller_db = db.sibling("reseller");
         let peer = format!(
             "[peers.wallet]\nurl = \"http://{}\"\ntoken = \"{}\"\n",
             wallet.addr,
             testing::ADMIN_TOKEN
         );
+        let subscription_db = db.sibling("subscription");
+        let subscription = runtime::server::start(
+            &subscription::SPEC,
+            testing::config_with(&subscription::DEFAULTS, &subscription_db, &peer),
+            subscription::routes,
+        )
+        .await?;
+        let reseller_db = db.sibling("reseller");
         let reseller = runtime::server::start(
             &reseller_billing::SPEC,
             testing::config_with(&reseller_billing::DEFAULTS, &reseller_db, &peer),
@@ -54,12 +54,12 @@ impl Suite {
         })
     }
 
-    /// The three services with their names.
-    pub fn all(&self) -> [(&'static str, &Running); 3] {
+    /// The three services with the gRPC services each declares.
+    pub fn all(&self) -> [(&'static [&'static str], &Running); 3] {
         [
-            (credits_wallet::SERVICE, &self.wallet),
-            (subscription::SERVICE, &self.subscription),
-            (reseller_billing::SERVICE, &self.reseller),
+            (credits_wallet::SPEC.grpc_services, &self.wallet),
+            (subscription::SPEC.grpc_services, &self.subscription),
+            (reseller_billing::SPEC.grpc_services, &self.reseller),
         ]
     }
 

@@ -37,6 +37,7 @@ pub const DEFAULTS: ServiceDefaults = ServiceDefaults {
     grpc_port: 50051,
     metrics_port: 9101,
     schema: "wallet",
+    peers: &[],
 };
 
 /// What the runtime needs to know to serve this service.

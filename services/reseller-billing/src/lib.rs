@@ -30,6 +30,7 @@ pub const DEFAULTS: ServiceDefaults = ServiceDefaults {
     grpc_port: 50053,
     metrics_port: 9103,
     schema: "reseller",
+    peers: &["wallet"],
 };
 
 /// What the runtime needs to know to serve this service.

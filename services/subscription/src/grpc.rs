@@ -1,24 +1,168 @@
-//! `subscription.v1.Subscriptions` over the runtime: message conversion and error mapping only.
+//! `billing.subscription.v1.Catalog` and `.Subscriptions`: validate requests into typed
+//! commands, check the actor (S5), call the use cases, map errors to status codes. No business
+//! rule lives here.
 
-use proto::common::v1::{Event, WatchEventsRequest};
-use runtime::Platform;
+use prost::Message;
+use proto::{
+    common::v1::{Event, WatchEventsRequest},
+    subscription::v1::{self as pb, catalog_server::Catalog, subscriptions_server::Subscriptions},
+};
+use runtime::{Platform, auth::Scope, idempotency::IdempotencyKey};
+use rust_decimal::Decimal;
+use shared::Money;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-/// The gRPC face of the service.
-pub struct SubscriptionsApi {
-    platform: Platform,
+use crate::{
+    convert,
+    error::SubError,
+    model::PaymentKind,
+    service::{Actor, PaymentChoice, SubscribeCmd, Subscriptions as UseCases},
+};
+
+/// Longest id accepted (account, plan, invoice, request).
+const MAX_ID_LEN: usize = 128;
+
+fn id<'a>(field: &'static str, value: &'a str) -> Result<&'a str, SubError> {
+    if value.is_empty() {
+        return Err(SubError::invalid(field, "is required"));
+    }
+    if value.len() > MAX_ID_LEN || !value.chars().all(|c| c.is_ascii_graphic()) {
+        return Err(SubError::invalid(
+            field,
+            format!("must be 1 to {MAX_ID_LEN} printable ASCII characters without spaces"),
+        ));
+    }
+    Ok(value)
 }
 
-impl SubscriptionsApi {
-    /// Serves on `platform`.
-    pub fn new(platform: Platform) -> Self {
-        Self { platform }
+fn key<M: Message>(op: &'static str, k: &str, req: &M) -> Result<IdempotencyKey, Status> {
+    IdempotencyKey::new(op, k, req)
+}
+
+fn ok<T>(r: Result<T, SubError>) -> Result<Response<T>, Status> {
+    r.map(Response::new).map_err(Status::from)
+}
+
+/// S5: a request for an end user needs the act-for-user scope and a user with billing
+/// permission; a request without a user is the platform (named by its token).
+fn actor<T>(req: &Request<T>, actor: Option<&pb::Actor>) -> Result<Actor, Status> {
+    let principal = runtime::auth::principal(req)?;
+    match actor {
+        Some(a) if !a.user_id.is_empty() => {
+            if !principal.has(Scope::ActForUser) {
+                return Err(SubError::PermissionDenied(format!(
+                    "token {:?} lacks the act-for-user scope needed to act for user {:?}",
+                    principal.name, a.user_id
+                ))
+                .into());
+            }
+            if !a.billing_permission {
+                return Err(SubError::PermissionDenied(format!(
+                    "user {:?} has no billing permission: only the primary admin or users with account-management access may see or change billing",
+                    a.user_id
+                ))
+                .into());
+            }
+            if a.user_id.len() > MAX_ID_LEN {
+                return Err(SubError::invalid("actor.user_id", "too long").into());
+            }
+            Ok(Actor(format!("user:{}", a.user_id)))
+        }
+        _ => Ok(Actor(format!("service:{}", principal.name))),
+    }
+}
+
+fn count(field: &'static str, v: u64) -> Result<u64, SubError> {
+    if v == 0 || v > 100_000_000 {
+        return Err(SubError::invalid(field, "must be 1..=100,000,000"));
+    }
+    Ok(v)
+}
+
+fn vat_rate(s: &str) -> Result<Decimal, SubError> {
+    let rate =
+        runtime::convert::decimal("vat_rate", s).map_err(|(f, m)| SubError::invalid(f, m))?;
+    if rate < Decimal::ZERO || rate >= Decimal::ONE {
+        return Err(SubError::invalid(
+            "vat_rate",
+            "must be in [0, 1), e.g. 0.21",
+        ));
+    }
+    Ok(rate)
+}
+
+/// The catalog's gRPC face.
+pub struct CatalogApi {
+    cases: UseCases,
+}
+
+impl CatalogApi {
+    /// Serves `cases`.
+    pub fn new(cases: UseCases) -> Self {
+        Self { cases }
     }
 }
 
 #[tonic::async_trait]
-impl proto::subscription::v1::subscriptions_server::Subscriptions for SubscriptionsApi {
+impl Catalog for CatalogApi {
+    #[tracing::instrument(skip_all)]
+    async fn publish_plan(
+        &self,
+        req: Request<pb::PublishPlanRequest>,
+    ) -> Result<Response<pb::Plan>, Status> {
+        let r = req.into_inner();
+        let key = key("PublishPlan", &r.idempotency_key, &r)?;
+        let spec = r
+            .plan
+            .as_ref()
+            .ok_or_else(|| Status::from(SubError::invalid("plan", "is required")))?;
+        id("plan.plan_id", &spec.plan_id)?;
+        let plan = convert::plan_from(spec)?;
+        ok(self.cases.publish_plan(&key, plan).await)
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn list_plans(
+        &self,
+        req: Request<pb::ListPlansRequest>,
+    ) -> Result<Response<pb::ListPlansResponse>, Status> {
+        let r = req.into_inner();
+        let product = if r.product == pb::Product::Unspecified as i32 {
+            None
+        } else {
+            Some(convert::product_from(r.product, "product")?)
+        };
+        ok(self.cases.list_plans(product, r.all_versions).await)
+    }
+
+    #[tracing::instrument(skip_all, fields(plan = %req.get_ref().plan_id))]
+    async fn get_plan(
+        &self,
+        req: Request<pb::GetPlanRequest>,
+    ) -> Result<Response<pb::Plan>, Status> {
+        let r = req.into_inner();
+        id("plan_id", &r.plan_id)?;
+        let version = (r.version != 0).then_some(r.version);
+        ok(self.cases.get_plan(&r.plan_id, version).await)
+    }
+}
+
+/// The subscriptions' gRPC face.
+pub struct SubscriptionsApi {
+    platform: Platform,
+    cases: UseCases,
+}
+
+impl SubscriptionsApi {
+    /// Serves `cases` on `platform`.
+    pub fn new(platform: Platform, cases: UseCases) -> Self {
+        Self { platform, cases }
+    }
+}
+
+#[tonic::async_trait]
+impl Subscriptions for SubscriptionsApi {
     type WatchEventsStream = ReceiverStream<Result<Event, Status>>;
 
     #[tracing::instrument(skip_all, fields(after = req.get_ref().after_cursor))]
@@ -31,5 +175,318 @@ impl proto::subscription::v1::subscriptions_server::Subscriptions for Subscripti
                 .outbox
                 .watch(req.into_inner(), self.platform.shutdown.clone()),
         ))
+    }
+
+    #[tracing::instrument(skip_all, fields(account = %req.get_ref().account_id))]
+    async fn start_trial(
+        &self,
+        req: Request<pb::StartTrialRequest>,
+    ) -> Result<Response<pb::Subscription>, Status> {
+        let who = actor(&req, req.get_ref().actor.as_ref())?;
+        let admin = runtime::auth::principal(&req)?.has(Scope::Admin);
+        let r = req.into_inner();
+        let key = key("StartTrial", &r.idempotency_key, &r)?;
+        let account = id("account_id", &r.account_id)?;
+        id("plan_id", &r.plan_id)?;
+        let terms = r.terms_override.as_ref().map(convert::terms_from);
+        if terms.is_some() && !admin {
+            return Err(SubError::PermissionDenied(
+                "larger trials are granted by hand: terms_override needs the admin scope".into(),
+            )
+            .into());
+        }
+        let contacts = (r.contacts != 0).then_some(r.contacts);
+        ok(self
+            .cases
+            .start_trial(&key, &who, account, &r.plan_id, contacts, terms)
+            .await)
+    }
+
+    #[tracing::instrument(skip_all, fields(account = %req.get_ref().account_id))]
+    async fn subscribe(
+        &self,
+        req: Request<pb::SubscribeRequest>,
+    ) -> Result<Response<pb::Subscription>, Status> {
+        let who = actor(&req, req.get_ref().actor.as_ref())?;
+        let r = req.into_inner();
+        let key = key("Subscribe", &r.idempotency_key, &r)?;
+        let account = id("account_id", &r.account_id)?.to_string();
+        id("plan_id", &r.plan_id)?;
+        let payment = r
+            .payment
+            .as_ref()
+            .ok_or_else(|| Status::from(SubError::invalid("payment", "is required")))?;
+        let payment = match pb::PaymentKind::try_from(payment.kind) {
+            Ok(pb::PaymentKind::Card) => {
+                if !shared::gateway::is_known_payment_method(&payment.payment_method) {
+                    return Err(SubError::invalid(
+                        "payment.payment_method",
+                        format!(
+                            "{:?} is not a payment method the gateway knows",
+                            payment.payment_method
+                        ),
+                    )
+                    .into());
+                }
+                PaymentChoice {
+                    kind: PaymentKind::Card,
+                    method: payment.payment_method.clone(),
+                }
+            }
+            Ok(pb::PaymentKind::BankTransfer) => PaymentChoice {
+                kind: PaymentKind::BankTransfer,
+                method: String::new(),
+            },
+            _ => {
+                return Err(SubError::invalid(
+                    "payment.kind",
+                    "must be PAYMENT_KIND_CARD or PAYMENT_KIND_BANK_TRANSFER",
+                )
+                .into());
+            }
+        };
+        let cmd = SubscribeCmd {
+            account_id: account,
+            plan_id: r.plan_id.clone(),
+            selection: crate::domain::Selection {
+                contacts: r.contacts,
+                seats: r.seats.max(1),
+                add_ons: r.add_ons.clone(),
+            },
+            payment,
+            vat_rate: vat_rate(&r.vat_rate)?,
+        };
+        ok(self.cases.subscribe(&key, &who, cmd).await)
+    }
+
+    #[tracing::instrument(skip_all, fields(account = %req.get_ref().account_id))]
+    async fn get_subscription(
+        &self,
+        req: Request<pb::GetSubscriptionRequest>,
+    ) -> Result<Response<pb::Subscription>, Status> {
+        actor(&req, req.get_ref().actor.as_ref())?;
+        let r = req.into_inner();
+        let account = id("account_id", &r.account_id)?;
+        ok(self.cases.get_subscription(account).await)
+    }
+
+    #[tracing::instrument(skip_all, fields(account = %req.get_ref().account_id))]
+    async fn verify_account(
+        &self,
+        req: Request<pb::VerifyAccountRequest>,
+    ) -> Result<Response<pb::VerifyAccountResponse>, Status> {
+        let who = actor(&req, req.get_ref().actor.as_ref())?;
+        let r = req.into_inner();
+        let key = key("VerifyAccount", &r.idempotency_key, &r)?;
+        let account = id("account_id", &r.account_id)?;
+        ok(self.cases.verify_account(&key, &who, account).await)
+    }
+
+    #[tracing::instrument(skip_all, fields(account = %req.get_ref().account_id))]
+    async fn admit_contacts(
+        &self,
+        req: Request<pb::AdmitContactsRequest>,
+    ) -> Result<Response<pb::AdmitContactsResponse>, Status> {
+        actor(&req, req.get_ref().actor.as_ref())?;
+        let r = req.into_inner();
+        let key = key("AdmitContacts", &r.idempotency_key, &r)?;
+        let account = id("account_id", &r.account_id)?;
+        let n = count("contacts", r.contacts)?;
+        ok(self.cases.admit_contacts(&key, account, n).await)
+    }
+
+    #[tracing::instrument(skip_all, fields(account = %req.get_ref().account_id))]
+    async fn release_contacts(
+        &self,
+        req: Request<pb::ReleaseContactsRequest>,
+    ) -> Result<Response<pb::ContactUsage>, Status> {
+        actor(&req, req.get_ref().actor.as_ref())?;
+        let r = req.into_inner();
+        let key = key("ReleaseContacts", &r.idempotency_key, &r)?;
+        let account = id("account_id", &r.account_id)?;
+        if r.subscribed == 0 && r.pending == 0 {
+            return Err(SubError::invalid("subscribed", "release at least one contact").into());
+        }
+        ok(self
+            .cases
+            .release_contacts(&key, account, r.subscribed, r.pending)
+            .await)
+    }
+
+    #[tracing::instrument(skip_all, fields(account = %req.get_ref().account_id))]
+    async fn get_contact_usage(
+        &self,
+        req: Request<pb::GetContactUsageRequest>,
+    ) -> Result<Response<pb::ContactUsage>, Status> {
+        actor(&req, req.get_ref().actor.as_ref())?;
+        let r = req.into_inner();
+        let account = id("account_id", &r.account_id)?;
+        ok(self.cases.contact_usage(account).await)
+    }
+
+    #[tracing::instrument(skip_all, fields(account = %req.get_ref().account_id))]
+    async fn preview_change(
+        &self,
+        req: Request<pb::PreviewChangeRequest>,
+    ) -> Result<Response<pb::ChangePreview>, Status> {
+        actor(&req, req.get_ref().actor.as_ref())?;
+        let r = req.into_inner();
+        let account = id("account_id", &r.account_id)?;
+        let asked = convert::change_from(r.change.as_ref())?;
+        ok(self.cases.preview_change(account, &asked).await)
+    }
+
+    #[tracing::instrument(skip_all, fields(account = %req.get_ref().account_id))]
+    async fn apply_change(
+        &self,
+        req: Request<pb::ApplyChangeRequest>,
+    ) -> Result<Response<pb::ApplyChangeResponse>, Status> {
+        let who = actor(&req, req.get_ref().actor.as_ref())?;
+        let r = req.into_inner();
+        let key = key("ApplyChange", &r.idempotency_key, &r)?;
+        let account = id("account_id", &r.account_id)?;
+        let asked = convert::change_from(r.change.as_ref())?;
+        id("preview_token", &r.preview_token)?;
+        ok(self
+            .cases
+            .apply_change(&key, &who, account, &asked, &r.preview_token)
+            .await)
+    }
+
+    #[tracing::instrument(skip_all, fields(account = %req.get_ref().account_id))]
+    async fn list_change_requests(
+        &self,
+        req: Request<pb::ListChangeRequestsRequest>,
+    ) -> Result<Response<pb::ListChangeRequestsResponse>, Status> {
+        actor(&req, req.get_ref().actor.as_ref())?;
+        let r = req.into_inner();
+        if !r.account_id.is_empty() {
+            id("account_id", &r.account_id)?;
+        }
+        ok(self.cases.list_requests(&r.account_id, r.open_only).await)
+    }
+
+    #[tracing::instrument(skip_all, fields(request = %req.get_ref().request_id))]
+    async fn resolve_change_request(
+        &self,
+        req: Request<pb::ResolveChangeRequestRequest>,
+    ) -> Result<Response<pb::ChangeRequest>, Status> {
+        let who = actor(&req, req.get_ref().actor.as_ref())?;
+        let r = req.into_inner();
+        let key = key("ResolveChangeRequest", &r.idempotency_key, &r)?;
+        let request_id = id("request_id", &r.request_id)?;
+        if r.note.len() > 1_000 {
+            return Err(SubError::invalid("note", "at most 1,000 characters").into());
+        }
+        ok(self
+            .cases
+            .resolve_request(&key, &who, request_id, r.approve, &r.note)
+            .await)
+    }
+
+    #[tracing::instrument(skip_all, fields(account = %req.get_ref().account_id))]
+    async fn cancel_add_on(
+        &self,
+        req: Request<pb::CancelAddOnRequest>,
+    ) -> Result<Response<pb::CancelAddOnResponse>, Status> {
+        let who = actor(&req, req.get_ref().actor.as_ref())?;
+        let r = req.into_inner();
+        let key = key("CancelAddOn", &r.idempotency_key, &r)?;
+        let account = id("account_id", &r.account_id)?;
+        let code = id("add_on", &r.add_on)?;
+        ok(self.cases.cancel_add_on(&key, &who, account, code).await)
+    }
+
+    #[tracing::instrument(skip_all, fields(account = %req.get_ref().account_id))]
+    async fn cancel(
+        &self,
+        req: Request<pb::CancelRequest>,
+    ) -> Result<Response<pb::Subscription>, Status> {
+        let who = actor(&req, req.get_ref().actor.as_ref())?;
+        let r = req.into_inner();
+        let key = key("Cancel", &r.idempotency_key, &r)?;
+        let account = id("account_id", &r.account_id)?;
+        ok(self.cases.cancel(&key, &who, account, false).await)
+    }
+
+    #[tracing::instrument(skip_all, fields(account = %req.get_ref().account_id))]
+    async fn resume(
+        &self,
+        req: Request<pb::ResumeRequest>,
+    ) -> Result<Response<pb::Subscription>, Status> {
+        let who = actor(&req, req.get_ref().actor.as_ref())?;
+        let r = req.into_inner();
+        let key = key("Resume", &r.idempotency_key, &r)?;
+        let account = id("account_id", &r.account_id)?;
+        ok(self.cases.cancel(&key, &who, account, true).await)
+    }
+
+    #[tracing::instrument(skip_all, fields(account = %req.get_ref().account_id))]
+    async fn list_invoices(
+        &self,
+        req: Request<pb::ListInvoicesRequest>,
+    ) -> Result<Response<pb::ListInvoicesResponse>, Status> {
+        actor(&req, req.get_ref().actor.as_ref())?;
+        let r = req.into_inner();
+        let account = id("account_id", &r.account_id)?;
+        ok(self.cases.list_invoices(account).await)
+    }
+
+    #[tracing::instrument(skip_all, fields(invoice = %req.get_ref().invoice_id))]
+    async fn get_invoice(
+        &self,
+        req: Request<pb::GetInvoiceRequest>,
+    ) -> Result<Response<pb::Invoice>, Status> {
+        actor(&req, req.get_ref().actor.as_ref())?;
+        let r = req.into_inner();
+        let invoice = id("invoice_id", &r.invoice_id)?;
+        ok(self.cases.get_invoice(invoice).await)
+    }
+
+    #[tracing::instrument(skip_all, fields(invoice = %req.get_ref().invoice_id))]
+    async fn record_bank_transfer(
+        &self,
+        req: Request<pb::RecordBankTransferRequest>,
+    ) -> Result<Response<pb::Invoice>, Status> {
+        let who = actor(&req, req.get_ref().actor.as_ref())?;
+        let r = req.into_inner();
+        let key = key("RecordBankTransfer", &r.idempotency_key, &r)?;
+        let invoice = id("invoice_id", &r.invoice_id)?;
+        let amount = r
+            .amount
+            .as_ref()
+            .ok_or_else(|| SubError::invalid("amount", "is required"))
+            .and_then(|m| {
+                Money::parse(&m.amount, &m.currency)
+                    .map_err(|e| SubError::invalid("amount", e.to_string()))
+            })?;
+        ok(self
+            .cases
+            .record_bank_transfer(&key, &who, invoice, amount)
+            .await)
+    }
+
+    #[tracing::instrument(skip_all, fields(account = %req.get_ref().account_id))]
+    async fn check_sending(
+        &self,
+        req: Request<pb::CheckSendingRequest>,
+    ) -> Result<Response<pb::SendingDecision>, Status> {
+        actor(&req, req.get_ref().actor.as_ref())?;
+        let r = req.into_inner();
+        let account = id("account_id", &r.account_id)?;
+        ok(self.cases.check_sending(account, r.mails).await)
+    }
+
+    #[tracing::instrument(skip_all, fields(account = %req.get_ref().account_id))]
+    async fn record_mails_sent(
+        &self,
+        req: Request<pb::RecordMailsSentRequest>,
+    ) -> Result<Response<pb::SendingDecision>, Status> {
+        actor(&req, req.get_ref().actor.as_ref())?;
+        let r = req.into_inner();
+        let key = key("RecordMailsSent", &r.idempotency_key, &r)?;
+        let account = id("account_id", &r.account_id)?;
+        let n = count("mails", r.mails)?;
+        ok(self.cases.record_mails_sent(&key, account, n).await)
     }
 }

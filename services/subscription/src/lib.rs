@@ -1,9 +1,23 @@
 //! The subscription service: plans priced by contact tiers, seats, levels, products and add-ons; trials, prorated changes, renewals, invoices and contact slots (rules S1-S19).
 //!
-//! Layers: `grpc` converts messages and maps errors; the runtime (`shared/runtime`) brings
-//! storage, idempotency, the outbox and the middleware.
+//! Layers: `domain` (rules, no IO) and `model` (records); `store` (SQL, both backends);
+//! `unit` (one locked subscription: changes, history and events saved together); `service`
+//! (use cases, gateway calls between transactions, renewals); `jobs` (renewal, collection,
+//! trial ends, credit grants); `convert` and `grpc` (messages, the actor check of S5, status
+//! codes). The runtime (`shared/runtime`) brings storage, idempotency, the outbox and the
+//! middleware.
 
+pub mod convert;
+pub mod domain;
+pub mod error;
 pub mod grpc;
+pub mod jobs;
+pub mod model;
+pub mod service;
+pub mod store;
+pub mod unit;
+
+use std::{sync::Arc, time::Duration};
 
 use runtime::{
     Platform, ServiceSpec,
@@ -11,9 +25,12 @@ use runtime::{
     config::ServiceDefaults,
     db::Migrations,
 };
+use shared::SimulatedGateway;
 
-/// Full gRPC name of the service.
+/// Full gRPC name of the subscriptions service.
 pub const SERVICE: &str = "billing.subscription.v1.Subscriptions";
+/// Full gRPC name of the catalog service.
+pub const CATALOG: &str = "billing.subscription.v1.Catalog";
 
 /// Name, environment prefix (`SUBSCRIPTION_`), default ports and PostgreSQL schema.
 pub const DEFAULTS: ServiceDefaults = ServiceDefaults {
@@ -22,19 +39,57 @@ pub const DEFAULTS: ServiceDefaults = ServiceDefaults {
     grpc_port: 50052,
     metrics_port: 9102,
     schema: "subscription",
+    peers: &["wallet"],
 };
 
 /// What the runtime needs to know to serve this service.
 pub const SPEC: ServiceSpec = ServiceSpec {
     defaults: DEFAULTS,
-    grpc_services: &[SERVICE],
+    grpc_services: &[SERVICE, CATALOG],
     scopes,
     migrations,
 };
 
-/// The scope each RPC requires.
+/// The scope each RPC requires. Requests on behalf of a user also need `act-for-user` (S5),
+/// checked by the handlers since it depends on the request's actor.
 pub fn scopes() -> MethodScopes {
-    MethodScopes::new().require(SERVICE, "WatchEvents", Scope::Read)
+    let mut scopes = MethodScopes::new()
+        .require(CATALOG, "ListPlans", Scope::Read)
+        .require(CATALOG, "GetPlan", Scope::Read)
+        .require(CATALOG, "PublishPlan", Scope::Admin);
+    for method in [
+        "WatchEvents",
+        "GetSubscription",
+        "GetContactUsage",
+        "PreviewChange",
+        "ListChangeRequests",
+        "ListInvoices",
+        "GetInvoice",
+        "CheckSending",
+    ] {
+        scopes = scopes.require(SERVICE, method, Scope::Read);
+    }
+    for method in [
+        "StartTrial",
+        "Subscribe",
+        "AdmitContacts",
+        "ReleaseContacts",
+        "ApplyChange",
+        "CancelAddOn",
+        "Cancel",
+        "Resume",
+        "RecordMailsSent",
+    ] {
+        scopes = scopes.require(SERVICE, method, Scope::Mutate);
+    }
+    for method in [
+        "VerifyAccount",
+        "ResolveChangeRequest",
+        "RecordBankTransfer",
+    ] {
+        scopes = scopes.require(SERVICE, method, Scope::Admin);
+    }
+    scopes
 }
 
 /// This service's migrations, embedded, per backend.
@@ -45,11 +100,30 @@ pub fn migrations() -> Migrations {
     }
 }
 
-/// The service's gRPC routes.
+/// The service's gRPC routes, with its background jobs started. Payments go through the
+/// deterministic gateway simulator; subscription credits are granted through the wallet peer
+/// (`[peers.wallet]`) when one is configured.
 pub fn routes(platform: &Platform) -> anyhow::Result<tonic::service::Routes> {
+    let wallet = match platform.config.peer("wallet") {
+        Ok(peer) => Some(
+            proto::wallet::v1::credits_wallet_client::CreditsWalletClient::new(
+                runtime::client::peer_channel(peer, Duration::from_secs(5))?,
+            ),
+        ),
+        Err(_) => {
+            tracing::info!("no [peers.wallet] configured: subscription credits are not granted");
+            None
+        }
+    };
+    let cases =
+        service::Subscriptions::new(platform.clone(), Arc::new(SimulatedGateway::new()), wallet);
+    jobs::spawn(platform, cases.clone());
     Ok(tonic::service::Routes::new(
         proto::subscription::v1::subscriptions_server::SubscriptionsServer::new(
-            grpc::SubscriptionsApi::new(platform.clone()),
+            grpc::SubscriptionsApi::new(platform.clone(), cases.clone()),
         ),
-    ))
+    )
+    .add_service(proto::subscription::v1::catalog_server::CatalogServer::new(
+        grpc::CatalogApi::new(cases),
+    )))
 }

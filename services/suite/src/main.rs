@@ -4,7 +4,7 @@
 //! embedded default (SQLite files under `./data/`, ports 50051-50053, metrics 9101-9103) and,
 //! when no tokens are configured, to one development token with every scope
 //! (`BILLING_DEV_TOKEN`, default `dev-admin-token`) that is printed at start. The
-//! reseller-billing service is pointed at the credits-wallet service it calls.
+//! reseller-billing and subscription services are pointed at the credits-wallet service they call.
 
 use std::{collections::BTreeMap, process::ExitCode};
 

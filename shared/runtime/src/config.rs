@@ -26,6 +26,8 @@ pub struct ServiceDefaults {
     pub metrics_port: u16,
     /// Default PostgreSQL schema owned by the service.
     pub schema: &'static str,
+    /// Services this one calls (`[peers.<name>]`, or `{PREFIX}_PEER_<NAME>_URL` and `_TOKEN`).
+    pub peers: &'static [&'static str],
 }
 
 /// Log output format.
@@ -311,13 +313,36 @@ impl ServiceConfig {
         };
         validate_tokens(&tokens)?;
         let mut peers = file.peers;
-        for (name, peer) in peers.iter_mut() {
-            let upper = name.to_uppercase();
-            if let Some(url) = get(&format!("peer_{upper}_url")) {
-                peer.url = url;
+        for name in defaults.peers {
+            let url = get(&format!("peer_{name}_url"));
+            let token = get(&format!("peer_{name}_token"));
+            match (peers.get_mut(*name), url, token) {
+                (Some(peer), url, token) => {
+                    if let Some(url) = url {
+                        peer.url = url;
+                    }
+                    if let Some(token) = token {
+                        peer.token = token;
+                    }
+                }
+                (None, Some(url), Some(token)) => {
+                    peers.insert((*name).to_string(), PeerConfig { url, token });
+                }
+                (None, None, None) => {}
+                (None, _, _) => {
+                    return Err(ConfigError::Invalid {
+                        key: format!("{}_PEER_{}_URL", defaults.env_prefix, name.to_uppercase()),
+                        message: "set both the peer's URL and its token".into(),
+                    });
+                }
             }
-            if let Some(token) = get(&format!("peer_{upper}_token")) {
-                peer.token = token;
+        }
+        for (name, peer) in &peers {
+            if !(peer.url.starts_with("http://") || peer.url.starts_with("https://")) {
+                return Err(ConfigError::Invalid {
+                    key: format!("peers.{name}.url"),
+                    message: format!("{:?} is not an http:// or https:// URL", peer.url),
+                });
             }
         }
         Ok(Self {
@@ -468,6 +493,7 @@ mod tests {
         grpc_port: 50051,
         metrics_port: 9101,
         schema: "wallet",
+        peers: &["wallet"],
     };
 
     fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
@@ -535,6 +561,34 @@ mod tests {
         assert!(err.to_string().contains("no bearer tokens"));
         let err = ServiceConfig::from_toml(&DEFAULTS, "lisen_addr = \"x\"", &env(&[])).unwrap_err();
         assert!(err.to_string().contains("lisen_addr"), "{err}");
+    }
+
+    #[test]
+    fn peers_come_from_the_environment_too() {
+        let cfg = ServiceConfig::from_toml(
+            &DEFAULTS,
+            "",
+            &env(&[
+                ("WALLET_TOKENS", "t:long-secret:read"),
+                ("WALLET_PEER_WALLET_URL", "http://127.0.0.1:1"),
+                ("WALLET_PEER_WALLET_TOKEN", "peer-secret"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(cfg.peer("wallet").unwrap().url, "http://127.0.0.1:1");
+        let half = ServiceConfig::from_toml(
+            &DEFAULTS,
+            "",
+            &env(&[
+                ("WALLET_TOKENS", "t:long-secret:read"),
+                ("WALLET_PEER_WALLET_URL", "http://127.0.0.1:1"),
+            ]),
+        )
+        .unwrap_err();
+        assert!(
+            half.to_string().contains("WALLET_PEER_WALLET_URL"),
+            "{half}"
+        );
     }
 
     #[test]

@@ -1,0 +1,224 @@
+//! The service's stored records and their enumerations (plain data, no IO).
+
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
+use shared::{Currency, Money};
+
+use crate::domain::{Change, Line, Selection, Status, TrialTerms};
+
+/// How a subscription pays (S18).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PaymentKind {
+    /// Nothing on file yet (a trial).
+    None,
+    /// A card token: charged at once, sending at once.
+    Card,
+    /// Bank transfer: invoices stay open until the money arrives; sending waits for it.
+    BankTransfer,
+}
+
+/// Where an invoice stands. Its lines and amounts never change once issued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InvoiceStatus {
+    /// Awaiting payment.
+    Open,
+    /// Paid.
+    Paid,
+    /// Cancelled (its number stays used).
+    Void,
+}
+
+/// Where a change request stands (S10).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestStatus {
+    /// Waiting for staff.
+    Open,
+    /// Approved: scheduled for the next cycle.
+    Approved,
+    /// Rejected.
+    Rejected,
+}
+
+macro_rules! text_enum {
+    ($ty:ty { $($variant:ident => $text:literal),+ $(,)? }) => {
+        impl $ty {
+            /// The stored text.
+            pub fn as_str(self) -> &'static str {
+                match self { $(Self::$variant => $text),+ }
+            }
+            /// Parses the stored text.
+            pub fn parse(s: &str) -> Option<Self> {
+                match s { $($text => Some(Self::$variant),)+ _ => None }
+            }
+        }
+    };
+}
+
+text_enum!(PaymentKind { None => "none", Card => "card", BankTransfer => "bank_transfer" });
+text_enum!(InvoiceStatus { Open => "open", Paid => "paid", Void => "void" });
+text_enum!(RequestStatus { Open => "open", Approved => "approved", Rejected => "rejected" });
+
+/// An account's review state (S16).
+#[derive(Debug, Clone)]
+pub struct AccountRecord {
+    /// Id.
+    pub account_id: String,
+    /// Reviewed.
+    pub verified: bool,
+    /// When.
+    pub verified_at: Option<DateTime<Utc>>,
+}
+
+/// A subscription as stored (one per account).
+#[derive(Debug, Clone)]
+pub struct SubscriptionRecord {
+    /// Id.
+    pub subscription_id: String,
+    /// The account.
+    pub account_id: String,
+    /// Plan.
+    pub plan_id: String,
+    /// The plan version bought (kept across republishing).
+    pub plan_version: u32,
+    /// Status.
+    pub status: Status,
+    /// Tier, seats, add-ons.
+    pub selection: Selection,
+    /// Card, bank transfer, or none yet.
+    pub payment_kind: PaymentKind,
+    /// Card token.
+    pub payment_method: String,
+    /// The account's VAT rate.
+    pub vat_rate: Decimal,
+    /// Periods are computed from here.
+    pub anchor: DateTime<Utc>,
+    /// Index of the current period from the anchor.
+    pub period_index: u32,
+    /// Count of periods billed so far (survives an S8 restart of the anchor).
+    pub cycle: i64,
+    /// Current period (the trial window during a trial).
+    pub period_start: DateTime<Utc>,
+    /// Its end.
+    pub period_end: DateTime<Utc>,
+    /// When the trial ends.
+    pub trial_ends_at: Option<DateTime<Utc>>,
+    /// The trial's terms (S14).
+    pub trial: Option<TrialTerms>,
+    /// Mails sent in the trial.
+    pub trial_mails_sent: u64,
+    /// "Trial ending" announced.
+    pub trial_ending_notified: bool,
+    /// S13.
+    pub cancel_at_period_end: bool,
+    /// Changes for the next cycle.
+    pub scheduled: Vec<Change>,
+    /// S1: active (subscribed) contacts.
+    pub active_contacts: u64,
+    /// S12: pending-upgrade contacts.
+    pub pending_contacts: u64,
+    /// Bumped by every change of price, plan or period (preview tokens name it).
+    pub revision: i64,
+    /// A payment in flight for this subscription (the change it pays for).
+    pub pending_op: Option<String>,
+    /// The idempotency key of the Subscribe that created it.
+    pub origin_key: Option<String>,
+    /// Last cycle whose credit allowance was granted (-1 = none).
+    pub allowance_cycle: i64,
+    /// Last history sequence number.
+    pub history_seq: i64,
+    /// Created.
+    pub created_at: DateTime<Utc>,
+}
+
+impl SubscriptionRecord {
+    /// How many contacts may be subscribed now: the tier, or the trial's cap (S12, S14).
+    pub fn contact_limit(&self) -> u64 {
+        match (self.status, self.trial) {
+            (Status::Trialing, Some(t)) if t.contact_cap > 0 => t.contact_cap,
+            _ => self.selection.contacts,
+        }
+    }
+}
+
+/// One history entry.
+#[derive(Debug, Clone)]
+pub struct HistoryRecord {
+    /// 1, 2, ...
+    pub seq: i64,
+    /// When.
+    pub at: DateTime<Utc>,
+    /// Who.
+    pub actor: String,
+    /// What.
+    pub action: String,
+    /// Details.
+    pub detail: String,
+}
+
+/// An issued invoice.
+#[derive(Debug, Clone)]
+pub struct InvoiceRecord {
+    /// Id (also the gateway key stem).
+    pub invoice_id: String,
+    /// Consecutive number.
+    pub number: i64,
+    /// Account.
+    pub account_id: String,
+    /// Subscription.
+    pub subscription_id: String,
+    /// subscribe, renewal, conversion, change.
+    pub kind: String,
+    /// The cycle a subscribe/renewal/conversion invoice bills.
+    pub cycle: Option<i64>,
+    /// Currency.
+    pub currency: Currency,
+    /// Rounded lines.
+    pub lines: Vec<Line>,
+    /// Sum of lines.
+    pub subtotal: Money,
+    /// VAT rate.
+    pub vat_rate: Decimal,
+    /// VAT.
+    pub vat: Money,
+    /// Total.
+    pub total: Money,
+    /// Status.
+    pub status: InvoiceStatus,
+    /// How it is paid.
+    pub payment_kind: PaymentKind,
+    /// Card token.
+    pub payment_method: String,
+    /// Card attempts so far.
+    pub payment_attempts: u32,
+    /// Next card attempt.
+    pub next_attempt_at: Option<DateTime<Utc>>,
+    /// Issued.
+    pub issued_at: DateTime<Utc>,
+    /// Paid.
+    pub paid_at: Option<DateTime<Utc>>,
+}
+
+/// A change request (S10).
+#[derive(Debug, Clone)]
+pub struct ChangeRequestRecord {
+    /// Id.
+    pub request_id: String,
+    /// Subscription.
+    pub subscription_id: String,
+    /// Account.
+    pub account_id: String,
+    /// The change asked for.
+    pub change: Change,
+    /// Status.
+    pub status: RequestStatus,
+    /// Who filed it.
+    pub filed_by: String,
+    /// When.
+    pub filed_at: DateTime<Utc>,
+    /// Who resolved it.
+    pub resolved_by: String,
+    /// When.
+    pub resolved_at: Option<DateTime<Utc>>,
+    /// Staff note.
+    pub note: String,
+}

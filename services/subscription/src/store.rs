@@ -1,0 +1,745 @@
+//! The service's schema and queries, written once for SQLite and PostgreSQL (sqlx `Any`; see
+//! `runtime::db`). Functions taking `&mut AnyConnection` run inside the caller's transaction;
+//! `lock_*` take row locks on PostgreSQL (SQLite's write transaction already excludes other
+//! writers).
+
+use chrono::{DateTime, Utc};
+use runtime::{
+    clock::from_micros,
+    db::{Db, DbError},
+};
+use rust_decimal::Decimal;
+use shared::{Currency, Money};
+use sqlx::{AnyConnection, Row, any::AnyRow};
+
+use crate::{
+    domain::{Change, Line, Plan, Product, Selection, Status, TrialTerms},
+    model::{
+        AccountRecord, ChangeRequestRecord, HistoryRecord, InvoiceRecord, InvoiceStatus,
+        PaymentKind, RequestStatus, SubscriptionRecord,
+    },
+};
+
+fn corrupt(what: impl Into<String>) -> DbError {
+    DbError::Corrupt(what.into())
+}
+
+fn micros(t: DateTime<Utc>) -> i64 {
+    t.timestamp_micros()
+}
+
+fn json<T: serde::Serialize>(v: &T) -> Result<String, DbError> {
+    serde_json::to_string(v).map_err(|e| corrupt(e.to_string()))
+}
+
+fn from_json<T: serde::de::DeserializeOwned>(what: &str, s: &str) -> Result<T, DbError> {
+    serde_json::from_str(s).map_err(|e| corrupt(format!("{what}: {e}")))
+}
+
+fn minor(m: &Money) -> Result<i64, DbError> {
+    m.to_minor_units()
+        .map_err(|e| corrupt(format!("amount {m}: {e}")))
+}
+
+fn u32_of(v: i64, what: &str) -> Result<u32, DbError> {
+    u32::try_from(v).map_err(|_| corrupt(what.to_string()))
+}
+
+fn u64_of(v: i64, what: &str) -> Result<u64, DbError> {
+    u64::try_from(v).map_err(|_| corrupt(what.to_string()))
+}
+
+fn i64_of(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+// ---- plans -------------------------------------------------------------------------------
+
+/// The next version of `plan_id` (1 for a new plan), inside the publishing transaction.
+pub async fn next_plan_version(conn: &mut AnyConnection, plan_id: &str) -> Result<u32, DbError> {
+    let row = sqlx::query(
+        "SELECT CAST(COALESCE(MAX(version), 0) AS BIGINT) FROM plans WHERE plan_id = $1",
+    )
+    .bind(plan_id)
+    .fetch_one(conn)
+    .await?;
+    u32_of(row.try_get::<i64, _>(0)? + 1, "plan version")
+}
+
+/// Stores a plan version; `false` if that version exists (a concurrent publisher won).
+pub async fn insert_plan(
+    conn: &mut AnyConnection,
+    plan: &Plan,
+    published_at: DateTime<Utc>,
+) -> Result<bool, DbError> {
+    let done = sqlx::query(
+        "INSERT INTO plans (plan_id, version, product, level_rank, document, published_at_us) \
+         VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (plan_id, version) DO NOTHING",
+    )
+    .bind(&plan.plan_id)
+    .bind(i64::from(plan.version))
+    .bind(plan.product.as_str())
+    .bind(i64::from(plan.level.rank))
+    .bind(json(plan)?)
+    .bind(micros(published_at))
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+fn plan_from_row(r: &AnyRow) -> Result<(Plan, DateTime<Utc>), DbError> {
+    let doc: String = r.try_get("document")?;
+    Ok((
+        from_json("plan", &doc)?,
+        from_micros(r.try_get("published_at_us")?),
+    ))
+}
+
+/// One plan version, or the latest when `version` is `None`.
+pub async fn plan(
+    conn: &mut AnyConnection,
+    plan_id: &str,
+    version: Option<u32>,
+) -> Result<Option<(Plan, DateTime<Utc>)>, DbError> {
+    let row =
+        match version {
+            Some(v) => sqlx::query(
+                "SELECT document, published_at_us FROM plans WHERE plan_id = $1 AND version = $2",
+            )
+            .bind(plan_id)
+            .bind(i64::from(v))
+            .fetch_optional(conn)
+            .await?,
+            None => {
+                sqlx::query(
+                    "SELECT document, published_at_us FROM plans WHERE plan_id = $1 \
+                 ORDER BY version DESC LIMIT 1",
+                )
+                .bind(plan_id)
+                .fetch_optional(conn)
+                .await?
+            }
+        };
+    row.as_ref().map(plan_from_row).transpose()
+}
+
+/// Plans, latest versions only unless `all_versions`, optionally of one product.
+pub async fn list_plans(
+    db: &Db,
+    product: Option<Product>,
+    all_versions: bool,
+) -> Result<Vec<(Plan, DateTime<Utc>)>, DbError> {
+    let rows = sqlx::query(
+        "SELECT p.document, p.published_at_us FROM plans p \
+         WHERE ($1 = '' OR p.product = $1) \
+         AND ($2 = 1 OR p.version = (SELECT MAX(q.version) FROM plans q WHERE q.plan_id = p.plan_id)) \
+         ORDER BY p.plan_id, p.version",
+    )
+    .bind(product.map_or("", Product::as_str))
+    .bind(i64::from(all_versions))
+    .fetch_all(db.pool())
+    .await?;
+    rows.iter().map(plan_from_row).collect()
+}
+
+// ---- accounts ----------------------------------------------------------------------------
+
+/// Creates the account row if missing.
+pub async fn ensure_account(conn: &mut AnyConnection, account_id: &str) -> Result<(), DbError> {
+    sqlx::query(
+        "INSERT INTO accounts (account_id, verified, verified_at_us, verified_by) \
+         VALUES ($1, 0, NULL, '') ON CONFLICT (account_id) DO NOTHING",
+    )
+    .bind(account_id)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// The account (unverified when unknown).
+pub async fn account(conn: &mut AnyConnection, account_id: &str) -> Result<AccountRecord, DbError> {
+    let row = sqlx::query("SELECT verified, verified_at_us FROM accounts WHERE account_id = $1")
+        .bind(account_id)
+        .fetch_optional(conn)
+        .await?;
+    Ok(match row {
+        Some(r) => AccountRecord {
+            account_id: account_id.to_string(),
+            verified: r.try_get::<i64, _>(0)? != 0,
+            verified_at: r.try_get::<Option<i64>, _>(1)?.map(from_micros),
+        },
+        None => AccountRecord {
+            account_id: account_id.to_string(),
+            verified: false,
+            verified_at: None,
+        },
+    })
+}
+
+/// Marks an account verified (S16).
+pub async fn verify_account(
+    conn: &mut AnyConnection,
+    account_id: &str,
+    by: &str,
+    at: DateTime<Utc>,
+) -> Result<(), DbError> {
+    sqlx::query(
+        "UPDATE accounts SET verified = 1, verified_at_us = $2, verified_by = $3 \
+         WHERE account_id = $1 AND verified = 0",
+    )
+    .bind(account_id)
+    .bind(micros(at))
+    .bind(by)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+// ---- subscriptions -----------------------------------------------------------------------
+
+const SUB_COLUMNS: &str = "subscription_id, account_id, plan_id, plan_version, status, contacts, \
+     seats, add_ons, payment_kind, payment_method, vat_rate, anchor_us, period_index, cycle, \
+     period_start_us, period_end_us, trial_ends_at_us, trial_days, trial_contact_cap, \
+     trial_free_mails, trial_mails_sent, trial_ending_notified, cancel_at_period_end, scheduled, \
+     active_contacts, pending_contacts, revision, pending_op, origin_key, allowance_cycle, \
+     history_seq, created_at_us";
+
+fn sub_from_row(r: &AnyRow) -> Result<SubscriptionRecord, DbError> {
+    let status: String = r.try_get("status")?;
+    let add_ons: String = r.try_get("add_ons")?;
+    let kind: String = r.try_get("payment_kind")?;
+    let vat: String = r.try_get("vat_rate")?;
+    let scheduled: String = r.try_get("scheduled")?;
+    let trial_days = u32_of(r.try_get("trial_days")?, "trial_days")?;
+    Ok(SubscriptionRecord {
+        subscription_id: r.try_get("subscription_id")?,
+        account_id: r.try_get("account_id")?,
+        plan_id: r.try_get("plan_id")?,
+        plan_version: u32_of(r.try_get("plan_version")?, "plan_version")?,
+        status: Status::parse(&status).ok_or_else(|| corrupt("status"))?,
+        selection: Selection {
+            contacts: u64_of(r.try_get("contacts")?, "contacts")?,
+            seats: u32_of(r.try_get("seats")?, "seats")?,
+            add_ons: from_json("add_ons", &add_ons)?,
+        },
+        payment_kind: PaymentKind::parse(&kind).ok_or_else(|| corrupt("payment_kind"))?,
+        payment_method: r.try_get("payment_method")?,
+        vat_rate: vat.parse::<Decimal>().map_err(|_| corrupt("vat_rate"))?,
+        anchor: from_micros(r.try_get("anchor_us")?),
+        period_index: u32_of(r.try_get("period_index")?, "period_index")?,
+        cycle: r.try_get("cycle")?,
+        period_start: from_micros(r.try_get("period_start_us")?),
+        period_end: from_micros(r.try_get("period_end_us")?),
+        trial_ends_at: r
+            .try_get::<Option<i64>, _>("trial_ends_at_us")?
+            .map(from_micros),
+        trial: (trial_days > 0)
+            .then(|| {
+                Ok::<_, DbError>(TrialTerms {
+                    days: trial_days,
+                    contact_cap: u64_of(r.try_get("trial_contact_cap")?, "trial_contact_cap")?,
+                    free_mails: u64_of(r.try_get("trial_free_mails")?, "trial_free_mails")?,
+                })
+            })
+            .transpose()?,
+        trial_mails_sent: u64_of(r.try_get("trial_mails_sent")?, "trial_mails_sent")?,
+        trial_ending_notified: r.try_get::<i64, _>("trial_ending_notified")? != 0,
+        cancel_at_period_end: r.try_get::<i64, _>("cancel_at_period_end")? != 0,
+        scheduled: from_json::<Vec<Change>>("scheduled", &scheduled)?,
+        active_contacts: u64_of(r.try_get("active_contacts")?, "active_contacts")?,
+        pending_contacts: u64_of(r.try_get("pending_contacts")?, "pending_contacts")?,
+        revision: r.try_get("revision")?,
+        pending_op: r.try_get("pending_op")?,
+        origin_key: r.try_get("origin_key")?,
+        allowance_cycle: r.try_get("allowance_cycle")?,
+        history_seq: r.try_get("history_seq")?,
+        created_at: from_micros(r.try_get("created_at_us")?),
+    })
+}
+
+/// Inserts a subscription; `false` when the account already has one.
+pub async fn insert_subscription(
+    conn: &mut AnyConnection,
+    s: &SubscriptionRecord,
+) -> Result<bool, DbError> {
+    let placeholders = (1..=32)
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let q = format!(
+        "INSERT INTO subscriptions ({SUB_COLUMNS}) VALUES ({placeholders}) \
+         ON CONFLICT (account_id) DO NOTHING"
+    );
+    let done = bind_sub(sqlx::query(&q), s)?.execute(conn).await?;
+    Ok(done.rows_affected() == 1)
+}
+
+fn bind_sub<'q>(
+    q: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>,
+    s: &'q SubscriptionRecord,
+) -> Result<sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>, DbError> {
+    let trial = s.trial.unwrap_or(TrialTerms {
+        days: 0,
+        contact_cap: 0,
+        free_mails: 0,
+    });
+    Ok(q.bind(&s.subscription_id)
+        .bind(&s.account_id)
+        .bind(&s.plan_id)
+        .bind(i64::from(s.plan_version))
+        .bind(s.status.as_str())
+        .bind(i64_of(s.selection.contacts))
+        .bind(i64::from(s.selection.seats))
+        .bind(json(&s.selection.add_ons)?)
+        .bind(s.payment_kind.as_str())
+        .bind(&s.payment_method)
+        .bind(s.vat_rate.to_string())
+        .bind(micros(s.anchor))
+        .bind(i64::from(s.period_index))
+        .bind(s.cycle)
+        .bind(micros(s.period_start))
+        .bind(micros(s.period_end))
+        .bind(s.trial_ends_at.map(micros))
+        .bind(i64::from(trial.days))
+        .bind(i64_of(trial.contact_cap))
+        .bind(i64_of(trial.free_mails))
+        .bind(i64_of(s.trial_mails_sent))
+        .bind(i64::from(s.trial_ending_notified))
+        .bind(i64::from(s.cancel_at_period_end))
+        .bind(json(&s.scheduled)?)
+        .bind(i64_of(s.active_contacts))
+        .bind(i64_of(s.pending_contacts))
+        .bind(s.revision)
+        .bind(&s.pending_op)
+        .bind(&s.origin_key)
+        .bind(s.allowance_cycle)
+        .bind(s.history_seq)
+        .bind(micros(s.created_at)))
+}
+
+/// Writes back every column of a subscription.
+pub async fn update_subscription(
+    conn: &mut AnyConnection,
+    s: &SubscriptionRecord,
+) -> Result<(), DbError> {
+    let sets = SUB_COLUMNS
+        .split(',')
+        .map(str::trim)
+        .enumerate()
+        .skip(1)
+        .map(|(i, c)| format!("{c} = ${}", i + 1))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let q = format!("UPDATE subscriptions SET {sets} WHERE subscription_id = $1");
+    bind_sub(sqlx::query(&q), s)?.execute(conn).await?;
+    Ok(())
+}
+
+/// Deletes a subscription whose first payment was declined, with its history.
+pub async fn delete_subscription(
+    conn: &mut AnyConnection,
+    subscription_id: &str,
+) -> Result<(), DbError> {
+    sqlx::query("DELETE FROM subscription_history WHERE subscription_id = $1")
+        .bind(subscription_id)
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query("DELETE FROM subscriptions WHERE subscription_id = $1")
+        .bind(subscription_id)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Reads and (on PostgreSQL) row-locks the account's subscription.
+pub async fn lock_subscription(
+    conn: &mut AnyConnection,
+    db: &Db,
+    account_id: &str,
+) -> Result<Option<SubscriptionRecord>, DbError> {
+    let row = sqlx::query(&format!(
+        "SELECT {SUB_COLUMNS} FROM subscriptions WHERE account_id = $1{}",
+        db.for_update()
+    ))
+    .bind(account_id)
+    .fetch_optional(conn)
+    .await?;
+    row.as_ref().map(sub_from_row).transpose()
+}
+
+/// Reads the account's subscription without locking.
+pub async fn read_subscription(
+    conn: &mut AnyConnection,
+    account_id: &str,
+) -> Result<Option<SubscriptionRecord>, DbError> {
+    let row = sqlx::query(&format!(
+        "SELECT {SUB_COLUMNS} FROM subscriptions WHERE account_id = $1"
+    ))
+    .bind(account_id)
+    .fetch_optional(conn)
+    .await?;
+    row.as_ref().map(sub_from_row).transpose()
+}
+
+/// Accounts whose subscription has something due by `now`: a period or trial end, a trial
+/// ending soon, or a credit allowance not yet granted (the jobs' work list).
+pub async fn due_accounts(
+    db: &Db,
+    now: DateTime<Utc>,
+    notice_us: i64,
+    limit: i64,
+) -> Result<Vec<String>, DbError> {
+    let rows = sqlx::query(
+        "SELECT account_id FROM subscriptions WHERE \
+         (status IN ('active', 'past_due', 'suspended', 'trialing') AND period_end_us <= $1) \
+         OR (status = 'trialing' AND trial_ending_notified = 0 AND period_end_us <= $2) \
+         OR (status IN ('active', 'past_due') AND allowance_cycle < cycle) \
+         ORDER BY period_end_us LIMIT $3",
+    )
+    .bind(micros(now))
+    .bind(micros(now) + notice_us)
+    .bind(limit)
+    .fetch_all(db.pool())
+    .await?;
+    rows.iter().map(|r| Ok(r.try_get(0)?)).collect()
+}
+
+// ---- history -----------------------------------------------------------------------------
+
+/// Appends a history entry.
+pub async fn insert_history(
+    conn: &mut AnyConnection,
+    subscription_id: &str,
+    h: &HistoryRecord,
+) -> Result<(), DbError> {
+    sqlx::query(
+        "INSERT INTO subscription_history (subscription_id, seq, at_us, actor, action, detail) \
+         VALUES ($1, $2, $3, $4, $5, $6)",
+    )
+    .bind(subscription_id)
+    .bind(h.seq)
+    .bind(micros(h.at))
+    .bind(&h.actor)
+    .bind(&h.action)
+    .bind(&h.detail)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// The whole history, oldest first.
+pub async fn history(
+    conn: &mut AnyConnection,
+    subscription_id: &str,
+) -> Result<Vec<HistoryRecord>, DbError> {
+    let rows = sqlx::query(
+        "SELECT seq, at_us, actor, action, detail FROM subscription_history \
+         WHERE subscription_id = $1 ORDER BY seq",
+    )
+    .bind(subscription_id)
+    .fetch_all(conn)
+    .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(HistoryRecord {
+                seq: r.try_get(0)?,
+                at: from_micros(r.try_get(1)?),
+                actor: r.try_get(2)?,
+                action: r.try_get(3)?,
+                detail: r.try_get(4)?,
+            })
+        })
+        .collect()
+}
+
+// ---- invoices ----------------------------------------------------------------------------
+
+/// Takes the next invoice number: the counter row is locked (PostgreSQL `FOR UPDATE`, SQLite's
+/// write transaction) until the invoice's transaction ends, so numbers are consecutive and a
+/// rolled-back invoice gives its number back.
+pub async fn next_invoice_number(conn: &mut AnyConnection, db: &Db) -> Result<i64, DbError> {
+    let n: i64 = sqlx::query(&format!(
+        "SELECT next_number FROM invoice_counter WHERE id = 1{}",
+        db.for_update()
+    ))
+    .fetch_one(&mut *conn)
+    .await?
+    .try_get(0)?;
+    sqlx::query("UPDATE invoice_counter SET next_number = $1 WHERE id = 1")
+        .bind(n + 1)
+        .execute(conn)
+        .await?;
+    Ok(n)
+}
+
+const INVOICE_COLUMNS: &str = "invoice_id, number, account_id, subscription_id, kind, cycle, \
+     currency, lines, subtotal_minor, vat_rate, vat_minor, total_minor, status, payment_kind, \
+     payment_method, payment_attempts, next_attempt_at_us, issued_at_us, paid_at_us";
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct StoredLine {
+    description: String,
+    amount_minor: i64,
+}
+
+fn invoice_from_row(r: &AnyRow) -> Result<InvoiceRecord, DbError> {
+    let currency: Currency = r
+        .try_get::<String, _>("currency")?
+        .parse()
+        .map_err(|_| corrupt("currency"))?;
+    let lines: String = r.try_get("lines")?;
+    let lines: Vec<StoredLine> = from_json("invoice lines", &lines)?;
+    let status: String = r.try_get("status")?;
+    let kind: String = r.try_get("payment_kind")?;
+    let vat: String = r.try_get("vat_rate")?;
+    Ok(InvoiceRecord {
+        invoice_id: r.try_get("invoice_id")?,
+        number: r.try_get("number")?,
+        account_id: r.try_get("account_id")?,
+        subscription_id: r.try_get("subscription_id")?,
+        kind: r.try_get("kind")?,
+        cycle: r.try_get("cycle")?,
+        currency,
+        lines: lines
+            .into_iter()
+            .map(|l| Line {
+                description: l.description,
+                amount: Money::from_minor_units(l.amount_minor, currency),
+            })
+            .collect(),
+        subtotal: Money::from_minor_units(r.try_get("subtotal_minor")?, currency),
+        vat_rate: vat.parse().map_err(|_| corrupt("vat_rate"))?,
+        vat: Money::from_minor_units(r.try_get("vat_minor")?, currency),
+        total: Money::from_minor_units(r.try_get("total_minor")?, currency),
+        status: InvoiceStatus::parse(&status).ok_or_else(|| corrupt("invoice status"))?,
+        payment_kind: PaymentKind::parse(&kind).ok_or_else(|| corrupt("payment_kind"))?,
+        payment_method: r.try_get("payment_method")?,
+        payment_attempts: u32_of(r.try_get("payment_attempts")?, "payment_attempts")?,
+        next_attempt_at: r
+            .try_get::<Option<i64>, _>("next_attempt_at_us")?
+            .map(from_micros),
+        issued_at: from_micros(r.try_get("issued_at_us")?),
+        paid_at: r.try_get::<Option<i64>, _>("paid_at_us")?.map(from_micros),
+    })
+}
+
+/// Stores a newly issued invoice.
+pub async fn insert_invoice(conn: &mut AnyConnection, i: &InvoiceRecord) -> Result<(), DbError> {
+    let lines = i
+        .lines
+        .iter()
+        .map(|l| {
+            Ok(StoredLine {
+                description: l.description.clone(),
+                amount_minor: minor(&l.amount)?,
+            })
+        })
+        .collect::<Result<Vec<_>, DbError>>()?;
+    sqlx::query(&format!(
+        "INSERT INTO invoices ({INVOICE_COLUMNS}) VALUES \
+         ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19)"
+    ))
+    .bind(&i.invoice_id)
+    .bind(i.number)
+    .bind(&i.account_id)
+    .bind(&i.subscription_id)
+    .bind(&i.kind)
+    .bind(i.cycle)
+    .bind(i.currency.code())
+    .bind(json(&lines)?)
+    .bind(minor(&i.subtotal)?)
+    .bind(i.vat_rate.to_string())
+    .bind(minor(&i.vat)?)
+    .bind(minor(&i.total)?)
+    .bind(i.status.as_str())
+    .bind(i.payment_kind.as_str())
+    .bind(&i.payment_method)
+    .bind(i64::from(i.payment_attempts))
+    .bind(i.next_attempt_at.map(micros))
+    .bind(micros(i.issued_at))
+    .bind(i.paid_at.map(micros))
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Writes an invoice's payment state (status, attempts, next attempt, paid at). Lines and
+/// amounts are never updated: an issued invoice does not change.
+pub async fn update_invoice_payment(
+    conn: &mut AnyConnection,
+    i: &InvoiceRecord,
+) -> Result<(), DbError> {
+    sqlx::query(
+        "UPDATE invoices SET status = $2, payment_attempts = $3, next_attempt_at_us = $4, \
+         paid_at_us = $5 WHERE invoice_id = $1",
+    )
+    .bind(&i.invoice_id)
+    .bind(i.status.as_str())
+    .bind(i64::from(i.payment_attempts))
+    .bind(i.next_attempt_at.map(micros))
+    .bind(i.paid_at.map(micros))
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// One invoice (locked on PostgreSQL when `lock`).
+pub async fn invoice(
+    conn: &mut AnyConnection,
+    db: &Db,
+    invoice_id: &str,
+    lock: bool,
+) -> Result<Option<InvoiceRecord>, DbError> {
+    let row = sqlx::query(&format!(
+        "SELECT {INVOICE_COLUMNS} FROM invoices WHERE invoice_id = $1{}",
+        if lock { db.for_update() } else { "" }
+    ))
+    .bind(invoice_id)
+    .fetch_optional(conn)
+    .await?;
+    row.as_ref().map(invoice_from_row).transpose()
+}
+
+/// An account's invoices by number.
+pub async fn invoices_of(
+    conn: &mut AnyConnection,
+    account_id: &str,
+) -> Result<Vec<InvoiceRecord>, DbError> {
+    let rows = sqlx::query(&format!(
+        "SELECT {INVOICE_COLUMNS} FROM invoices WHERE account_id = $1 ORDER BY number"
+    ))
+    .bind(account_id)
+    .fetch_all(conn)
+    .await?;
+    rows.iter().map(invoice_from_row).collect()
+}
+
+/// Whether the account has an open bank-transfer invoice (S18).
+pub async fn has_unpaid_bank_transfer(
+    conn: &mut AnyConnection,
+    account_id: &str,
+) -> Result<bool, DbError> {
+    let row = sqlx::query(
+        "SELECT COUNT(*) FROM invoices WHERE account_id = $1 AND status = 'open' \
+         AND payment_kind = 'bank_transfer'",
+    )
+    .bind(account_id)
+    .fetch_one(conn)
+    .await?;
+    Ok(row.try_get::<i64, _>(0)? > 0)
+}
+
+/// Open card invoices whose next attempt is due.
+pub async fn due_card_invoices(
+    db: &Db,
+    now: DateTime<Utc>,
+    limit: i64,
+) -> Result<Vec<String>, DbError> {
+    let rows = sqlx::query(
+        "SELECT invoice_id FROM invoices WHERE status = 'open' AND payment_kind = 'card' \
+         AND next_attempt_at_us IS NOT NULL AND next_attempt_at_us <= $1 \
+         ORDER BY number LIMIT $2",
+    )
+    .bind(micros(now))
+    .bind(limit)
+    .fetch_all(db.pool())
+    .await?;
+    rows.iter().map(|r| Ok(r.try_get(0)?)).collect()
+}
+
+// ---- change requests ---------------------------------------------------------------------
+
+const REQUEST_COLUMNS: &str = "request_id, subscription_id, account_id, change, status, filed_by, \
+     filed_at_us, resolved_by, resolved_at_us, note";
+
+fn request_from_row(r: &AnyRow) -> Result<ChangeRequestRecord, DbError> {
+    let change: String = r.try_get("change")?;
+    let status: String = r.try_get("status")?;
+    Ok(ChangeRequestRecord {
+        request_id: r.try_get("request_id")?,
+        subscription_id: r.try_get("subscription_id")?,
+        account_id: r.try_get("account_id")?,
+        change: from_json("change", &change)?,
+        status: RequestStatus::parse(&status).ok_or_else(|| corrupt("request status"))?,
+        filed_by: r.try_get("filed_by")?,
+        filed_at: from_micros(r.try_get("filed_at_us")?),
+        resolved_by: r.try_get("resolved_by")?,
+        resolved_at: r
+            .try_get::<Option<i64>, _>("resolved_at_us")?
+            .map(from_micros),
+        note: r.try_get("note")?,
+    })
+}
+
+/// Files a change request.
+pub async fn insert_request(
+    conn: &mut AnyConnection,
+    c: &ChangeRequestRecord,
+) -> Result<(), DbError> {
+    sqlx::query(&format!(
+        "INSERT INTO change_requests ({REQUEST_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
+    ))
+    .bind(&c.request_id)
+    .bind(&c.subscription_id)
+    .bind(&c.account_id)
+    .bind(json(&c.change)?)
+    .bind(c.status.as_str())
+    .bind(&c.filed_by)
+    .bind(micros(c.filed_at))
+    .bind(&c.resolved_by)
+    .bind(c.resolved_at.map(micros))
+    .bind(&c.note)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Writes a request's resolution.
+pub async fn update_request(
+    conn: &mut AnyConnection,
+    c: &ChangeRequestRecord,
+) -> Result<(), DbError> {
+    sqlx::query(
+        "UPDATE change_requests SET status = $2, resolved_by = $3, resolved_at_us = $4, note = $5 \
+         WHERE request_id = $1",
+    )
+    .bind(&c.request_id)
+    .bind(c.status.as_str())
+    .bind(&c.resolved_by)
+    .bind(c.resolved_at.map(micros))
+    .bind(&c.note)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// One request.
+pub async fn request(
+    conn: &mut AnyConnection,
+    request_id: &str,
+) -> Result<Option<ChangeRequestRecord>, DbError> {
+    let row = sqlx::query(&format!(
+        "SELECT {REQUEST_COLUMNS} FROM change_requests WHERE request_id = $1"
+    ))
+    .bind(request_id)
+    .fetch_optional(conn)
+    .await?;
+    row.as_ref().map(request_from_row).transpose()
+}
+
+/// Requests of one account (or all), oldest first.
+pub async fn requests(
+    db: &Db,
+    account_id: &str,
+    open_only: bool,
+) -> Result<Vec<ChangeRequestRecord>, DbError> {
+    let rows = sqlx::query(&format!(
+        "SELECT {REQUEST_COLUMNS} FROM change_requests WHERE ($1 = '' OR account_id = $1) \
+         AND ($2 = 0 OR status = 'open') ORDER BY filed_at_us, request_id"
+    ))
+    .bind(account_id)
+    .bind(i64::from(open_only))
+    .fetch_all(db.pool())
+    .await?;
+    rows.iter().map(request_from_row).collect()
+}

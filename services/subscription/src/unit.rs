@@ -1,0 +1,158 @@
+//! One subscription locked inside a write transaction: changes made in memory, then saved with
+//! their history entries and outbox events in the same transaction. Invoices are numbered and
+//! inserted at once (the counter row stays locked until the transaction ends).
+
+use chrono::{DateTime, Utc};
+use runtime::{db::Db, outbox};
+use serde_json::{Value, json};
+use sqlx::AnyConnection;
+
+use crate::{
+    domain::Bill,
+    error::SubError,
+    model::{HistoryRecord, InvoiceRecord, InvoiceStatus, PaymentKind, SubscriptionRecord},
+    store,
+};
+
+/// A locked subscription and what this transaction does to it.
+#[derive(Debug)]
+pub struct Unit {
+    /// The record as it will be saved.
+    pub sub: SubscriptionRecord,
+    /// The transaction's instant (the service clock).
+    pub now: DateTime<Utc>,
+    is_new: bool,
+    history: Vec<HistoryRecord>,
+    events: Vec<(&'static str, Value)>,
+}
+
+impl Unit {
+    /// A subscription to insert on save.
+    pub fn create(sub: SubscriptionRecord, now: DateTime<Utc>) -> Unit {
+        Unit {
+            sub,
+            now,
+            is_new: true,
+            history: Vec::new(),
+            events: Vec::new(),
+        }
+    }
+
+    /// Treats a record already read under this transaction's lock as existing (updated on
+    /// save, not inserted).
+    pub fn mark_existing(&mut self) {
+        self.is_new = false;
+    }
+
+    /// Locks the account's subscription (row lock on PostgreSQL).
+    pub async fn lock(
+        conn: &mut AnyConnection,
+        db: &Db,
+        account_id: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Unit, SubError> {
+        let sub = store::lock_subscription(conn, db, account_id)
+            .await?
+            .ok_or_else(|| SubError::SubscriptionNotFound(account_id.to_string()))?;
+        Ok(Unit {
+            sub,
+            now,
+            is_new: false,
+            history: Vec::new(),
+            events: Vec::new(),
+        })
+    }
+
+    /// Records a change and who made it in the subscription's history.
+    pub fn record(&mut self, actor: &str, action: &str, detail: impl Into<String>) {
+        self.sub.history_seq += 1;
+        self.history.push(HistoryRecord {
+            seq: self.sub.history_seq,
+            at: self.now,
+            actor: actor.to_string(),
+            action: action.to_string(),
+            detail: detail.into(),
+        });
+    }
+
+    /// Queues an outbox event about this subscription (account and subscription ids added).
+    pub fn event(&mut self, event_type: &'static str, mut payload: Value) {
+        if let Value::Object(map) = &mut payload {
+            map.insert("account_id".into(), json!(self.sub.account_id));
+            map.insert("subscription_id".into(), json!(self.sub.subscription_id));
+        }
+        self.events.push((event_type, payload));
+    }
+
+    /// Issues an invoice now: the next consecutive number, inserted in this transaction, with
+    /// an `invoice.issued` event. A card invoice is open with its first attempt due at once
+    /// unless `paid` (charged before issuing); a bank-transfer invoice stays open (S18).
+    pub async fn issue(
+        &mut self,
+        conn: &mut AnyConnection,
+        db: &Db,
+        kind: &str,
+        cycle: Option<i64>,
+        bill: Bill,
+        paid: bool,
+    ) -> Result<InvoiceRecord, SubError> {
+        let number = store::next_invoice_number(conn, db).await?;
+        let nothing_due = !bill.total.is_positive();
+        let status = if paid || nothing_due {
+            InvoiceStatus::Paid
+        } else {
+            InvoiceStatus::Open
+        };
+        let card = self.sub.payment_kind == PaymentKind::Card;
+        let invoice = InvoiceRecord {
+            invoice_id: format!("inv_{}", uuid::Uuid::now_v7().simple()),
+            number,
+            account_id: self.sub.account_id.clone(),
+            subscription_id: self.sub.subscription_id.clone(),
+            kind: kind.to_string(),
+            cycle,
+            currency: bill.total.currency(),
+            lines: bill.lines,
+            subtotal: bill.subtotal,
+            vat_rate: bill.vat_rate,
+            vat: bill.vat,
+            total: bill.total,
+            status,
+            payment_kind: self.sub.payment_kind,
+            payment_method: self.sub.payment_method.clone(),
+            payment_attempts: u32::from(paid),
+            next_attempt_at: (status == InvoiceStatus::Open && card).then_some(self.now),
+            issued_at: self.now,
+            paid_at: (status == InvoiceStatus::Paid).then_some(self.now),
+        };
+        store::insert_invoice(conn, &invoice).await?;
+        self.event(
+            "subscription.invoice_issued",
+            json!({
+                "invoice_id": invoice.invoice_id, "number": invoice.number, "kind": kind,
+                "total": invoice.total.amount().to_string(), "currency": invoice.currency.code(),
+                "status": invoice.status.as_str(),
+            }),
+        );
+        Ok(invoice)
+    }
+
+    /// Saves the record, its history and its events in the caller's transaction.
+    pub async fn save(self, conn: &mut AnyConnection) -> Result<SubscriptionRecord, SubError> {
+        if self.is_new {
+            if !store::insert_subscription(conn, &self.sub).await? {
+                return Err(SubError::AlreadySubscribed(self.sub.account_id.clone()));
+            }
+        } else {
+            store::update_subscription(conn, &self.sub).await?;
+        }
+        for h in &self.history {
+            store::insert_history(conn, &self.sub.subscription_id, h).await?;
+        }
+        let at = self.now.timestamp_micros();
+        for (event_type, payload) in &self.events {
+            outbox::append(conn, event_type, &self.sub.subscription_id, payload, at).await?;
+        }
+        Ok(self.sub)
+    }
+}
