@@ -19,11 +19,36 @@ pub struct Suite {
 impl Suite {
     /// Starts the three services, each on its own fresh database.
     pub async fn start() -> anyhow::Result<Suite> {
+        Self::start_with(None).await
+    }
+
+    /// Like [`Suite::start`], each service also accepting `token` with every scope (the
+    /// README's development token).
+    pub async fn start_with_dev_token(token: &str) -> anyhow::Result<Suite> {
+        Self::start_with(Some(token)).await
+    }
+
+    async fn start_with(dev_token: Option<&str>) -> anyhow::Result<Suite> {
+        let with_token = |mut config: runtime::config::ServiceConfig| {
+            if let Some(token) = dev_token {
+                config.tokens.push(runtime::config::TokenConfig {
+                    name: "dev".into(),
+                    token: token.into(),
+                    scopes: vec![
+                        runtime::auth::Scope::Read,
+                        runtime::auth::Scope::Mutate,
+                        runtime::auth::Scope::Admin,
+                        runtime::auth::Scope::ActForUser,
+                    ],
+                });
+            }
+            config
+        };
         let db = testing::TestDatabase::fresh();
         let wallet_db = db.sibling("wallet");
         let wallet = runtime::server::start(
             &credits_wallet::SPEC,
-            testing::config(&credits_wallet::DEFAULTS, &wallet_db),
+            with_token(testing::config(&credits_wallet::DEFAULTS, &wallet_db)),
             credits_wallet::routes,
         )
         .await?;
@@ -35,14 +60,22 @@ impl Suite {
         let subscription_db = db.sibling("subscription");
         let subscription = runtime::server::start(
             &subscription::SPEC,
-            testing::config_with(&subscription::DEFAULTS, &subscription_db, &peer),
+            with_token(testing::config_with(
+                &subscription::DEFAULTS,
+                &subscription_db,
+                &peer,
+            )),
             subscription::routes,
         )
         .await?;
         let reseller_db = db.sibling("reseller");
         let reseller = runtime::server::start(
             &reseller_billing::SPEC,
-            testing::config_with(&reseller_billing::DEFAULTS, &reseller_db, &peer),
+            with_token(testing::config_with(
+                &reseller_billing::DEFAULTS,
+                &reseller_db,
+                &peer,
+            )),
             reseller_billing::routes,
         )
         .await?;
@@ -83,3 +116,5 @@ pub async fn channel(running: &Running) -> anyhow::Result<Channel> {
 
 #[cfg(test)]
 mod foundation;
+#[cfg(test)]
+mod readme;
