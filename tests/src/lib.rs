@@ -118,3 +118,5 @@ pub async fn channel(running: &Running) -> anyhow::Result<Channel> {
 mod foundation;
 #[cfg(test)]
 mod readme;
+#[cfg(test)]
+mod scenarios;
