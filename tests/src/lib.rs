@@ -120,3 +120,5 @@ mod foundation;
 mod readme;
 #[cfg(test)]
 mod scenarios;
+#[cfg(test)]
+mod security;

@@ -143,9 +143,9 @@ fn examples(readme: &str) -> Vec<Example> {
 
 /// Passes protobuf bytes through unchanged: the dynamic message encodes and decodes.
 #[derive(Clone, Default)]
-struct RawCodec;
+pub(crate) struct RawCodec;
 
-struct RawCoder;
+pub(crate) struct RawCoder;
 
 impl Encoder for RawCoder {
     type Item = Vec<u8>;
