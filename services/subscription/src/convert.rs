@@ -328,6 +328,7 @@ fn payment_kind(k: PaymentKind) -> pb::PaymentKind {
         PaymentKind::None => pb::PaymentKind::Unspecified,
         PaymentKind::Card => pb::PaymentKind::Card,
         PaymentKind::BankTransfer => pb::PaymentKind::BankTransfer,
+        PaymentKind::DirectDebit => pb::PaymentKind::DirectDebit,
     }
 }
 
@@ -348,11 +349,13 @@ pub fn invoice(i: &InvoiceRecord) -> pb::Invoice {
             InvoiceStatus::Open => pb::InvoiceStatus::Open,
             InvoiceStatus::Paid => pb::InvoiceStatus::Paid,
             InvoiceStatus::Void => pb::InvoiceStatus::Void,
+            InvoiceStatus::Pending => pb::InvoiceStatus::Pending,
         } as i32,
         payment_kind: payment_kind(i.payment_kind) as i32,
         issued_at: ts(i.issued_at),
         paid_at: i.paid_at.map(timestamp),
         payment_attempts: i.payment_attempts,
+        returned_at: i.returned_at.map(timestamp),
     }
 }
 

@@ -715,6 +715,8 @@ pub enum SendingRefusal {
     PaymentPastDue,
     /// The first card payment is not through yet.
     PaymentPending,
+    /// A direct debit came back and its invoice is unpaid (S18: sending waits for the money).
+    PaymentReturned,
 }
 
 impl SendingRefusal {
@@ -732,6 +734,9 @@ impl SendingRefusal {
             SendingRefusal::Cancelled => "the subscription was cancelled and its period is over",
             SendingRefusal::PaymentPastDue => "the renewal payment failed; sending is suspended",
             SendingRefusal::PaymentPending => "the first payment is not through yet",
+            SendingRefusal::PaymentReturned => {
+                "a direct debit was returned; sending resumes once the invoice is paid (e.g. after updating the payment method)"
+            }
         }
     }
 }
@@ -747,6 +752,8 @@ pub struct SendingState {
     pub trial_free_mails: u64,
     /// A bank-transfer invoice is open.
     pub unpaid_bank_transfer: bool,
+    /// An invoice whose direct debit was returned is open.
+    pub returned_debit: bool,
 }
 
 /// May the account send `mails` now (S2: a paid subscription sends without limit; S14, S16,
@@ -766,6 +773,11 @@ pub fn may_send(state: &SendingState, mails: u64) -> Result<(), SendingRefusal> 
         }
         Status::Active | Status::PastDue => {}
     }
+    // S18 for debits: a pending debit sends at once like a card (as the wallet's on-demand
+    // debits do, C9); one that came back is money not received, like an unpaid transfer.
+    if state.returned_debit {
+        return Err(SendingRefusal::PaymentReturned);
+    }
     if state.unpaid_bank_transfer {
         return Err(SendingRefusal::BankTransferUnpaid);
     }
@@ -780,6 +792,60 @@ pub const RETRY_AFTER_DAYS: [i64; 2] = [1, 2];
 pub fn next_retry(attempts: u32, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
     let i = usize::try_from(attempts).ok()?.checked_sub(1)?;
     RETRY_AFTER_DAYS.get(i).map(|d| now + Duration::days(*d))
+}
+
+/// One calendar month of a period, for the monthly credit allowance (C7).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AllowanceMonth {
+    /// 0-based month within the period (always 0 on monthly plans).
+    pub index: u32,
+    /// First instant.
+    pub start: DateTime<Utc>,
+    /// First instant after it: the grant expires here.
+    pub end: DateTime<Utc>,
+    /// Whether it is the period's last month.
+    pub last: bool,
+}
+
+/// Months in one period of `interval`.
+pub fn months_per_period(interval: BillingInterval) -> u32 {
+    match interval {
+        BillingInterval::Month => 1,
+        BillingInterval::Year => 12,
+    }
+}
+
+/// C7: credits that come with a subscription each month do not roll over, also on yearly
+/// plans. The month of period `period_index` that holds `at`, counted from the period anchor
+/// (`period_start(anchor, Month, n)`, with its end-of-month clamping); `None` when `at` is
+/// outside the period.
+pub fn allowance_month(
+    anchor: DateTime<Utc>,
+    interval: BillingInterval,
+    period_index: u32,
+    at: DateTime<Utc>,
+) -> Result<Option<AllowanceMonth>, DomainError> {
+    let per = months_per_period(interval);
+    let nth = |n: u32| {
+        shared::period_start(anchor, BillingInterval::Month, n)
+            .map_err(|e| DomainError::Arithmetic(e.to_string()))
+    };
+    let base = period_index
+        .checked_mul(per)
+        .ok_or_else(|| DomainError::Arithmetic("period index out of range".into()))?;
+    for index in 0..per {
+        let start = nth(base + index)?;
+        let end = nth(base + index + 1)?;
+        if start <= at && at < end {
+            return Ok(Some(AllowanceMonth {
+                index,
+                start,
+                end,
+                last: index + 1 == per,
+            }));
+        }
+    }
+    Ok(None)
 }
 
 /// Days before a trial's end when "trial ending" is announced.
@@ -970,20 +1036,67 @@ mod tests {
             trial_mails_sent: 0,
             trial_free_mails: 0,
             unpaid_bank_transfer: false,
+            returned_debit: false,
         };
         assert_eq!(may_send(&s, 10_000_000), Ok(()), "S2: unlimited");
         s.unpaid_bank_transfer = true;
         assert_eq!(may_send(&s, 1), Err(SendingRefusal::BankTransferUnpaid));
+        // S18 for debits: a returned debit refuses sending, even while past due.
+        s.unpaid_bank_transfer = false;
+        s.returned_debit = true;
+        s.status = Status::PastDue;
+        assert_eq!(may_send(&s, 1), Err(SendingRefusal::PaymentReturned));
         s = SendingState {
             status: Status::Trialing,
             trial_mails_sent: 150,
             trial_free_mails: 200,
             unpaid_bank_transfer: false,
+            returned_debit: false,
         };
         assert_eq!(may_send(&s, 50), Ok(()));
         assert_eq!(may_send(&s, 51), Err(SendingRefusal::TrialMailCap));
         s.status = Status::TrialExpired;
         assert_eq!(may_send(&s, 1), Err(SendingRefusal::TrialOverNotVerified));
+    }
+
+    // rule C7
+    #[test]
+    fn c7_a_yearly_period_has_twelve_allowance_months_counted_from_the_anchor() {
+        let anchor = Utc.with_ymd_and_hms(2026, 1, 31, 0, 0, 0).unwrap();
+        let at = |y, m, d| Utc.with_ymd_and_hms(y, m, d, 12, 0, 0).unwrap();
+        let jan = allowance_month(anchor, BillingInterval::Year, 0, at(2026, 2, 1))
+            .unwrap()
+            .unwrap();
+        assert_eq!((jan.index, jan.start, jan.last), (0, anchor, false));
+        // 31 Jan + 1 month clamps to 28 Feb; the next month starts on 31 Mar again.
+        let feb = allowance_month(anchor, BillingInterval::Year, 0, at(2026, 3, 1))
+            .unwrap()
+            .unwrap();
+        assert_eq!(feb.index, 1);
+        assert_eq!(
+            feb.start,
+            Utc.with_ymd_and_hms(2026, 2, 28, 0, 0, 0).unwrap()
+        );
+        assert_eq!(feb.end, Utc.with_ymd_and_hms(2026, 3, 31, 0, 0, 0).unwrap());
+        let dec = allowance_month(anchor, BillingInterval::Year, 0, at(2027, 1, 15))
+            .unwrap()
+            .unwrap();
+        assert_eq!((dec.index, dec.last), (11, true));
+        // The second year, and a monthly plan's single month.
+        let next = allowance_month(anchor, BillingInterval::Year, 1, at(2027, 2, 1))
+            .unwrap()
+            .unwrap();
+        assert_eq!(next.index, 0);
+        assert!(
+            allowance_month(anchor, BillingInterval::Year, 1, at(2026, 6, 1))
+                .unwrap()
+                .is_none()
+        );
+        let m = allowance_month(anchor, BillingInterval::Month, 3, at(2026, 5, 1))
+            .unwrap()
+            .unwrap();
+        assert_eq!((m.index, m.last), (0, true));
+        assert_eq!(m.start, Utc.with_ymd_and_hms(2026, 4, 30, 0, 0, 0).unwrap());
     }
 
     #[test]

@@ -92,6 +92,46 @@ fn vat_rate(s: &str) -> Result<Decimal, SubError> {
     Ok(rate)
 }
 
+/// How to pay: a card token, a direct-debit mandate token, or bank transfer.
+fn payment_choice(payment: Option<&pb::Payment>) -> Result<PaymentChoice, SubError> {
+    let payment = payment.ok_or_else(|| SubError::invalid("payment", "is required"))?;
+    let token = payment.payment_method.as_str();
+    let known = shared::gateway::is_known_payment_method(token);
+    let debit = shared::gateway::is_direct_debit(token);
+    let kind = match pb::PaymentKind::try_from(payment.kind) {
+        Ok(pb::PaymentKind::Card) if known && !debit => PaymentKind::Card,
+        Ok(pb::PaymentKind::DirectDebit) if debit => PaymentKind::DirectDebit,
+        Ok(pb::PaymentKind::Card) if debit => {
+            return Err(SubError::invalid(
+                "payment.payment_method",
+                format!("{token:?} is a direct-debit mandate: use PAYMENT_KIND_DIRECT_DEBIT"),
+            ));
+        }
+        Ok(pb::PaymentKind::Card | pb::PaymentKind::DirectDebit) => {
+            return Err(SubError::invalid(
+                "payment.payment_method",
+                format!("{token:?} is not a payment method of this kind the gateway knows"),
+            ));
+        }
+        Ok(pb::PaymentKind::BankTransfer) => {
+            return Ok(PaymentChoice {
+                kind: PaymentKind::BankTransfer,
+                method: String::new(),
+            });
+        }
+        _ => {
+            return Err(SubError::invalid(
+                "payment.kind",
+                "must be PAYMENT_KIND_CARD, PAYMENT_KIND_DIRECT_DEBIT or PAYMENT_KIND_BANK_TRANSFER",
+            ));
+        }
+    };
+    Ok(PaymentChoice {
+        kind,
+        method: token.to_string(),
+    })
+}
+
 /// The catalog's gRPC face.
 pub struct CatalogApi {
     cases: UseCases,
@@ -212,39 +252,7 @@ impl Subscriptions for SubscriptionsApi {
         let key = key("Subscribe", &r.idempotency_key, &r)?;
         let account = id("account_id", &r.account_id)?.to_string();
         id("plan_id", &r.plan_id)?;
-        let payment = r
-            .payment
-            .as_ref()
-            .ok_or_else(|| Status::from(SubError::invalid("payment", "is required")))?;
-        let payment = match pb::PaymentKind::try_from(payment.kind) {
-            Ok(pb::PaymentKind::Card) => {
-                if !shared::gateway::is_known_payment_method(&payment.payment_method) {
-                    return Err(SubError::invalid(
-                        "payment.payment_method",
-                        format!(
-                            "{:?} is not a payment method the gateway knows",
-                            payment.payment_method
-                        ),
-                    )
-                    .into());
-                }
-                PaymentChoice {
-                    kind: PaymentKind::Card,
-                    method: payment.payment_method.clone(),
-                }
-            }
-            Ok(pb::PaymentKind::BankTransfer) => PaymentChoice {
-                kind: PaymentKind::BankTransfer,
-                method: String::new(),
-            },
-            _ => {
-                return Err(SubError::invalid(
-                    "payment.kind",
-                    "must be PAYMENT_KIND_CARD or PAYMENT_KIND_BANK_TRANSFER",
-                )
-                .into());
-            }
-        };
+        let payment = payment_choice(r.payment.as_ref())?;
         let cmd = SubscribeCmd {
             account_id: account,
             plan_id: r.plan_id.clone(),
@@ -463,6 +471,22 @@ impl Subscriptions for SubscriptionsApi {
         ok(self
             .cases
             .record_bank_transfer(&key, &who, invoice, amount)
+            .await)
+    }
+
+    #[tracing::instrument(skip_all, fields(account = %req.get_ref().account_id))]
+    async fn update_payment_method(
+        &self,
+        req: Request<pb::UpdatePaymentMethodRequest>,
+    ) -> Result<Response<pb::UpdatePaymentMethodResponse>, Status> {
+        let who = actor(&req, req.get_ref().actor.as_ref())?;
+        let r = req.into_inner();
+        let key = key("UpdatePaymentMethod", &r.idempotency_key, &r)?;
+        let account = id("account_id", &r.account_id)?;
+        let payment = payment_choice(r.payment.as_ref())?;
+        ok(self
+            .cases
+            .update_payment_method(&key, &who, account, payment)
             .await)
     }
 

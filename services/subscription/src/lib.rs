@@ -2,8 +2,9 @@
 //!
 //! Layers: `domain` (rules, no IO) and `model` (records); `store` (SQL, both backends);
 //! `unit` (one locked subscription: changes, history and events saved together); `service`
-//! (use cases, gateway calls between transactions, renewals); `jobs` (renewal, collection,
-//! trial ends, credit grants); `convert` and `grpc` (messages, the actor check of S5, status
+//! (use cases, gateway calls between transactions, renewals); `jobs` (direct-debit settlement,
+//! reconciliation of payments with an unknown outcome, renewal, collection, trial ends, monthly
+//! credit grants); `convert` and `grpc` (messages, the actor check of S5, status
 //! codes). The runtime (`shared/runtime`) brings storage, idempotency, the outbox and the
 //! middleware.
 
@@ -79,6 +80,7 @@ pub fn scopes() -> MethodScopes {
         "Cancel",
         "Resume",
         "RecordMailsSent",
+        "UpdatePaymentMethod",
     ] {
         scopes = scopes.require(SERVICE, method, Scope::Mutate);
     }
@@ -101,7 +103,7 @@ pub fn migrations() -> Migrations {
 }
 
 /// The service's gRPC routes, with its background jobs started. Payments go through the
-/// deterministic gateway simulator; subscription credits are granted through the wallet peer
+/// deterministic gateway simulator (its direct debits settled by the jobs); subscription credits are granted through the wallet peer
 /// (`[peers.wallet]`) when one is configured.
 pub fn routes(platform: &Platform) -> anyhow::Result<tonic::service::Routes> {
     let wallet = match platform.config.peer("wallet") {
@@ -115,9 +117,9 @@ pub fn routes(platform: &Platform) -> anyhow::Result<tonic::service::Routes> {
             None
         }
     };
-    let cases =
-        service::Subscriptions::new(platform.clone(), Arc::new(SimulatedGateway::new()), wallet);
-    jobs::spawn(platform, cases.clone());
+    let simulator = Arc::new(SimulatedGateway::new());
+    let cases = service::Subscriptions::new(platform.clone(), simulator.clone(), wallet);
+    jobs::spawn(platform, cases.clone(), simulator);
     Ok(tonic::service::Routes::new(
         proto::subscription::v1::subscriptions_server::SubscriptionsServer::new(
             grpc::SubscriptionsApi::new(platform.clone(), cases.clone()),

@@ -15,6 +15,18 @@ pub enum PaymentKind {
     Card,
     /// Bank transfer: invoices stay open until the money arrives; sending waits for it.
     BankTransfer,
+    /// A direct-debit mandate: charged like a card, access and sending at once, but the invoice
+    /// is only pending until the debit settles; a returned debit reopens it and refuses sending
+    /// until it is paid (S18 applied to a payment that came back).
+    DirectDebit,
+}
+
+impl PaymentKind {
+    /// Whether the gateway charges this kind (card or direct debit), as opposed to waiting for
+    /// a transfer.
+    pub fn charged_by_gateway(self) -> bool {
+        matches!(self, PaymentKind::Card | PaymentKind::DirectDebit)
+    }
 }
 
 /// Where an invoice stands. Its lines and amounts never change once issued.
@@ -26,6 +38,8 @@ pub enum InvoiceStatus {
     Paid,
     /// Cancelled (its number stays used).
     Void,
+    /// A direct debit was submitted and has not settled: not paid yet.
+    Pending,
 }
 
 /// Where a change request stands (S10).
@@ -54,8 +68,8 @@ macro_rules! text_enum {
     };
 }
 
-text_enum!(PaymentKind { None => "none", Card => "card", BankTransfer => "bank_transfer" });
-text_enum!(InvoiceStatus { Open => "open", Paid => "paid", Void => "void" });
+text_enum!(PaymentKind { None => "none", Card => "card", BankTransfer => "bank_transfer", DirectDebit => "direct_debit" });
+text_enum!(InvoiceStatus { Open => "open", Paid => "paid", Void => "void", Pending => "pending" });
 text_enum!(RequestStatus { Open => "open", Approved => "approved", Rejected => "rejected" });
 
 /// An account's review state (S16).
@@ -124,6 +138,14 @@ pub struct SubscriptionRecord {
     pub origin_key: Option<String>,
     /// Last cycle whose credit allowance was granted (-1 = none).
     pub allowance_cycle: i64,
+    /// The month of that cycle granted last (0-based; yearly plans grant every month, C7).
+    pub allowance_month: i64,
+    /// When the next month of the current period is due for its grant (yearly plans).
+    pub allowance_next: Option<DateTime<Utc>>,
+    /// The last gateway payment of a Subscribe or an immediate change.
+    pub payment_op: Option<PaymentOp>,
+    /// Set while `payment_op`'s outcome is unknown (the jobs reconcile it after a grace time).
+    pub payment_since: Option<DateTime<Utc>>,
     /// Last history sequence number.
     pub history_seq: i64,
     /// Created.
@@ -196,6 +218,55 @@ pub struct InvoiceRecord {
     pub issued_at: DateTime<Utc>,
     /// Paid.
     pub paid_at: Option<DateTime<Utc>>,
+    /// The gateway key of the charge that paid it or is settling (empty before any).
+    pub gateway_key: String,
+    /// When a direct debit for it was returned (it is open again, sending refused).
+    pub returned_at: Option<DateTime<Utc>>,
+}
+
+/// A gateway payment made by a request (Subscribe, an immediate change), kept with the
+/// subscription so that a retry of the request, or the jobs when the client never retries,
+/// finish it with the same gateway key and apply its outcome exactly once.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct PaymentOp {
+    /// The request's mark (`pending_op`) while in flight.
+    pub op: String,
+    /// The gateway's idempotency key.
+    pub gateway_key: String,
+    /// Card or mandate token.
+    pub payment_method: String,
+    /// Amount in minor units of `currency`.
+    pub amount_minor: i64,
+    /// ISO-4217.
+    pub currency: String,
+    /// Statement description.
+    pub description: String,
+    /// Who asked for it (the history names them when the jobs finish it).
+    pub actor: String,
+    /// What it pays for.
+    pub purpose: PaymentPurpose,
+    /// `None` while unknown; then "paid", "pending" (direct debit) or "declined: <reason>".
+    pub outcome: Option<String>,
+}
+
+/// What a [`PaymentOp`] pays for.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum PaymentPurpose {
+    /// The first invoice of a Subscribe (already issued, open).
+    Subscribe {
+        /// The invoice.
+        invoice_id: String,
+    },
+    /// An immediate change (S7/S8), applied only once paid (S6: nothing changes before).
+    Change {
+        /// The change, resolved to plan versions.
+        change: Change,
+        /// The revision the preview was made on.
+        revision: i64,
+        /// The preview's instant (micros): the quote is computed there.
+        at_us: i64,
+    },
 }
 
 /// A change request (S10).

@@ -6,7 +6,15 @@
 //! `pending_op` naming the change) so nothing else changes it meanwhile; (2) the gateway is
 //! called with a key derived from the subscription, so a retry never charges twice; (3) a second
 //! transaction applies the outcome and records the response under the request's key. A timeout
-//! leaves the mark: a retry with the same key resumes it.
+//! leaves the mark and the payment (`payment_op`, with the gateway key): a retry with the same
+//! key resumes it, and when the client never retries the jobs finish it after
+//! [`RECONCILE_AFTER_SECONDS`] with the same gateway key. Either way the outcome is applied
+//! once, under the subscription's lock, and a later retry of the request gets that outcome.
+//!
+//! Direct debits (a mandate on file) are charged like cards and give access and sending at once
+//! (as the wallet's on-demand debits do, C9), but their invoice is `pending` until the bank
+//! settles it; a returned debit reopens the invoice, makes the subscription past due and
+//! refuses sending until it is paid (S18: money not received), e.g. after UpdatePaymentMethod.
 
 use std::sync::Arc;
 
@@ -22,7 +30,10 @@ use runtime::{
 };
 use rust_decimal::Decimal;
 use serde_json::json;
-use shared::{BillingPeriod, ChargeOutcome, ChargeRequest, GatewayError, Money, PaymentGateway};
+use shared::{
+    BillingPeriod, ChargeOutcome, ChargeRequest, ChargeStatus, Currency, GatewayError, Money,
+    PaymentGateway,
+};
 use sqlx::{Any, AnyConnection, Transaction};
 use tonic::Status;
 
@@ -34,15 +45,19 @@ use crate::{
     },
     error::SubError,
     model::{
-        ChangeRequestRecord, InvoiceRecord, InvoiceStatus, PaymentKind, RequestStatus,
-        SubscriptionRecord,
+        ChangeRequestRecord, InvoiceRecord, InvoiceStatus, PaymentKind, PaymentOp, PaymentPurpose,
+        RequestStatus, SubscriptionRecord,
     },
     store,
-    unit::Unit,
+    unit::{Charged, Unit},
 };
 
 /// How long a preview stays valid.
 pub const PREVIEW_TTL_SECONDS: i64 = 3600;
+
+/// How long a request's payment with an unknown outcome is left to the client's retry (with
+/// the same idempotency key) before the jobs finish it themselves.
+pub const RECONCILE_AFTER_SECONDS: i64 = 60;
 
 /// Who makes a request, as recorded in the history (S5): `user:<id>` or `service:<token>`.
 #[derive(Debug, Clone)]
@@ -85,8 +100,39 @@ enum Begun<R> {
 /// What a gateway call came to.
 enum PaymentOutcome {
     Paid,
+    /// A direct debit accepted: it settles (or comes back) days later.
+    Pending,
     Declined(String),
     Unknown,
+}
+
+impl PaymentOutcome {
+    /// What [`PaymentOp::outcome`] records.
+    fn recorded(&self) -> Option<String> {
+        match self {
+            PaymentOutcome::Paid => Some("paid".into()),
+            PaymentOutcome::Pending => Some("pending".into()),
+            PaymentOutcome::Declined(r) => Some(format!("{DECLINED}{r}")),
+            PaymentOutcome::Unknown => None,
+        }
+    }
+}
+
+const DECLINED: &str = "declined: ";
+
+/// The reason a finished payment was declined for, if it was.
+fn declined(op: &PaymentOp) -> Option<&str> {
+    op.outcome.as_deref().and_then(|o| o.strip_prefix(DECLINED))
+}
+
+/// How applying a request's payment outcome went.
+enum Finished {
+    /// Applied now.
+    Applied,
+    /// Declined: applied now (nothing changed but the mark).
+    Declined(String),
+    /// Applied before (by the request or the jobs), or not this payment's turn.
+    Earlier,
 }
 
 /// The service's use cases.
@@ -298,6 +344,10 @@ impl Subscriptions {
             allowance_cycle: 0,
             history_seq: 0,
             created_at: now,
+            allowance_month: 0,
+            allowance_next: None,
+            payment_op: None,
+            payment_since: None,
         };
         let mut unit = Unit::create(sub, now);
         unit.record(
@@ -339,16 +389,18 @@ impl Subscriptions {
                 if s.status == SubStatus::Incomplete
                     && s.origin_key.as_deref() == Some(key.key()) =>
             {
-                let invoice_id = s
-                    .pending_op
-                    .as_deref()
-                    .and_then(|op| op.rsplit(':').next())
-                    .unwrap_or_default()
-                    .to_string();
                 tx.rollback().await?;
-                return self
-                    .pay_subscribe(key, actor, &cmd.account_id, &invoice_id)
-                    .await;
+                return self.pay_subscribe(key, &cmd.account_id).await;
+            }
+            // This key's payment was finished by the jobs after the client stopped waiting.
+            Some(s)
+                if s.origin_key.as_deref() == Some(key.key())
+                    && s.pending_op.is_none()
+                    && s.payment_op.as_ref().is_some_and(|p| {
+                        p.outcome.is_some() && matches!(p.purpose, PaymentPurpose::Subscribe { .. })
+                    }) =>
+            {
+                return self.replay_subscribe(tx, key, &s).await;
             }
             Some(s) if s.status == SubStatus::Trialing => {
                 // S15: the tier (and payment) chosen during the trial applies at its end.
@@ -425,6 +477,10 @@ impl Subscriptions {
                     allowance_cycle: 0,
                     history_seq: 0,
                     created_at: now,
+                    allowance_month: 0,
+                    allowance_next: None,
+                    payment_op: None,
+                    payment_since: None,
                 };
                 let mut unit = Unit::create(sub, now);
                 self.start_paid(
@@ -441,7 +497,7 @@ impl Subscriptions {
                 (unit, invoice)
             }
         };
-        let card = cmd.payment.kind == PaymentKind::Card && invoice.status == InvoiceStatus::Open;
+        let card = cmd.payment.kind.charged_by_gateway() && invoice.status == InvoiceStatus::Open;
         if !card {
             // S18: bank transfer gives access at once; sending waits for the money.
             unit.sub.status = SubStatus::Active;
@@ -469,12 +525,29 @@ impl Subscriptions {
         // "from:<status>:subscribe:<invoice>": what to go back to on a decline, and the invoice a
         // retry with the same key resumes.
         let from = unit.sub.pending_op.take().unwrap_or_default();
-        unit.sub.pending_op = Some(format!("{from}:subscribe:{}", invoice.invoice_id));
+        let op = format!("{from}:subscribe:{}", invoice.invoice_id);
+        unit.sub.pending_op = Some(op.clone());
+        unit.sub.payment_op = Some(PaymentOp {
+            op,
+            gateway_key: format!("{}:1", invoice.invoice_id),
+            payment_method: invoice.payment_method.clone(),
+            amount_minor: invoice
+                .total
+                .to_minor_units()
+                .map_err(|e| SubError::Arithmetic(e.to_string()))?,
+            currency: invoice.currency.code().to_string(),
+            description: format!("invoice {}", invoice.number),
+            actor: actor.0.clone(),
+            purpose: PaymentPurpose::Subscribe {
+                invoice_id: invoice.invoice_id.clone(),
+            },
+            outcome: None,
+        });
+        unit.sub.payment_since = Some(now);
         unit.save(&mut tx).await?;
         tx.commit().await?;
         self.platform.outbox.poke();
-        self.pay_subscribe(key, actor, &cmd.account_id, &invoice.invoice_id)
-            .await
+        self.pay_subscribe(key, &cmd.account_id).await
     }
 
     fn start_paid(
@@ -509,6 +582,9 @@ impl Subscriptions {
         } else {
             s.cycle
         };
+        s.allowance_next = None;
+        s.payment_op = None;
+        s.payment_since = None;
         // Remember what to go back to if the first card payment is declined.
         s.pending_op = Some(format!("from:{}", previous.as_str()));
     }
@@ -524,7 +600,7 @@ impl Subscriptions {
         let bill = domain::bill(lines, plan.currency, unit.sub.vat_rate)?;
         let cycle = unit.sub.cycle;
         let mut invoice = unit
-            .issue(tx, &self.db, kind, Some(cycle), bill, false)
+            .issue(tx, &self.db, kind, Some(cycle), bill, None)
             .await?;
         if invoice.next_attempt_at.is_some() {
             // Subscribe charges this invoice itself (below), not the collector.
@@ -534,109 +610,181 @@ impl Subscriptions {
         Ok(invoice)
     }
 
-    /// Steps 2 and 3 of a card Subscribe.
+    /// Steps 2 and 3 of a card or direct-debit Subscribe: the gateway with the payment's key,
+    /// then its outcome applied (unless the jobs applied it meanwhile) and the answer recorded.
     async fn pay_subscribe(
         &self,
         key: &IdempotencyKey,
-        actor: &Actor,
         account_id: &str,
-        invoice_id: &str,
     ) -> Result<pb::Subscription, SubError> {
-        let invoice = {
+        let op = {
             let mut conn = self.conn().await?;
-            store::invoice(&mut conn, &self.db, invoice_id, false)
+            store::read_subscription(&mut conn, account_id)
                 .await?
-                .ok_or_else(|| SubError::InvoiceNotFound(invoice_id.to_string()))?
+                .and_then(|s| s.payment_op)
+                .ok_or_else(|| SubError::Precondition("no payment is in flight".into()))?
         };
-        let outcome = self
-            .charge(&invoice, &format!("{}:1", invoice.invoice_id))
-            .await;
+        let outcome = self.charge_op(&op).await;
+        if matches!(outcome, PaymentOutcome::Unknown) {
+            return Err(SubError::PaymentOutcomeUnknown);
+        }
         let mut tx = match self.begin::<pb::Subscription>(key).await? {
             Begun::Replay(r) => return r.map_err(SubError::Replayed),
             Begun::Fresh(tx) => tx,
         };
-        let mut unit = Unit::lock(&mut tx, &self.db, account_id, self.now()).await?;
-        let mut invoice = store::invoice(&mut tx, &self.db, invoice_id, true)
-            .await?
-            .ok_or_else(|| SubError::InvoiceNotFound(invoice_id.to_string()))?;
-        if unit.sub.status != SubStatus::Incomplete {
-            return Err(SubError::Precondition(
-                "the subscription changed while its payment was in flight".into(),
-            ));
-        }
-        match outcome {
-            PaymentOutcome::Unknown => {
-                tx.rollback().await?;
-                Err(SubError::PaymentOutcomeUnknown)
-            }
-            PaymentOutcome::Paid => {
-                invoice.status = InvoiceStatus::Paid;
-                invoice.payment_attempts = 1;
-                invoice.paid_at = Some(unit.now);
-                store::update_invoice_payment(&mut tx, &invoice).await?;
-                let from = unit.sub.pending_op.take().unwrap_or_default();
-                unit.sub.status = SubStatus::Active;
-                // S12/S17: a returning account's pending contacts fit the new tier.
-                self.promote(&mut unit);
-                unit.record(
-                    &actor.0,
-                    "subscribed",
-                    format!(
-                        "plan {} v{}, {} contacts, card; invoice {} paid",
-                        unit.sub.plan_id,
-                        unit.sub.plan_version,
-                        unit.sub.selection.contacts,
-                        invoice.number
-                    ),
-                );
-                unit.event(
-                    "subscription.started",
-                    json!({"plan_id": unit.sub.plan_id, "payment": "card", "resumed_from": from}),
-                );
-                let sub = unit.save(&mut tx).await?;
+        let unit = Unit::lock(&mut tx, &self.db, account_id, self.now()).await?;
+        match self.finish_subscribe(&mut tx, unit, &op, &outcome).await? {
+            Finished::Applied => {
+                let sub = store::read_subscription(&mut tx, account_id)
+                    .await?
+                    .ok_or_else(|| SubError::SubscriptionNotFound(account_id.to_string()))?;
                 let response = self.view(&mut tx, &sub).await?;
                 self.finish(tx, key, response).await
             }
-            PaymentOutcome::Declined(reason) => {
-                invoice.status = InvoiceStatus::Void;
-                invoice.payment_attempts = 1;
-                store::update_invoice_payment(&mut tx, &invoice).await?;
-                let from = unit
-                    .sub
-                    .pending_op
-                    .as_deref()
-                    .and_then(|op| op.strip_prefix("from:"))
-                    .and_then(|s| s.split(':').next())
-                    .and_then(SubStatus::parse)
-                    .unwrap_or(SubStatus::Incomplete);
-                runtime::outbox::append(
-                    &mut tx,
-                    "subscription.payment_failed",
-                    &unit.sub.subscription_id,
-                    &json!({"account_id": account_id, "invoice_id": invoice_id, "reason": reason, "final": true}),
-                    unit.now.timestamp_micros(),
-                )
-                .await?;
-                if from == SubStatus::Incomplete {
-                    store::delete_subscription(&mut tx, &unit.sub.subscription_id).await?;
-                } else {
-                    unit.sub.status = from;
-                    unit.sub.pending_op = None;
-                    unit.record(&actor.0, "payment_declined", reason.clone());
-                    unit.save(&mut tx).await?;
-                }
-                let err = SubError::PaymentDeclined(reason);
-                key.record_status(
-                    &mut tx,
-                    &Status::from(err.clone_refusal()),
-                    self.now().timestamp_micros(),
-                )
-                .await?;
-                tx.commit().await?;
-                self.platform.outbox.poke();
-                Err(err)
+            Finished::Declined(reason) => self.refuse(tx, key, reason).await,
+            Finished::Earlier => {
+                let sub = store::read_subscription(&mut tx, account_id)
+                    .await?
+                    .ok_or_else(|| SubError::SubscriptionNotFound(account_id.to_string()))?;
+                self.replay_subscribe(tx, key, &sub).await
             }
         }
+    }
+
+    /// Records a declined payment under the request's key (a retry gets the same refusal).
+    async fn refuse<R>(
+        &self,
+        mut tx: Transaction<'static, Any>,
+        key: &IdempotencyKey,
+        reason: String,
+    ) -> Result<R, SubError> {
+        let err = SubError::PaymentDeclined(reason);
+        key.record_status(
+            &mut tx,
+            &Status::from(err.clone_refusal()),
+            self.now().timestamp_micros(),
+        )
+        .await?;
+        tx.commit().await?;
+        self.platform.outbox.poke();
+        Err(err)
+    }
+
+    /// The answer to a Subscribe whose payment was finished before (by the jobs).
+    async fn replay_subscribe(
+        &self,
+        tx: Transaction<'static, Any>,
+        key: &IdempotencyKey,
+        sub: &SubscriptionRecord,
+    ) -> Result<pb::Subscription, SubError> {
+        let mut tx = tx;
+        match sub.payment_op.as_ref() {
+            Some(op) if op.outcome.is_some() && sub.origin_key.as_deref() == Some(key.key()) => {
+                if let Some(reason) = declined(op) {
+                    return self.refuse(tx, key, reason.to_string()).await;
+                }
+                let response = self.view(&mut tx, sub).await?;
+                self.finish(tx, key, response).await
+            }
+            _ => Err(SubError::Precondition(
+                "the subscription changed while its payment was in flight".into(),
+            )),
+        }
+    }
+
+    /// Applies the outcome of a Subscribe's first payment under the subscription's lock, once:
+    /// paid (or a debit pending) makes it active; declined voids the invoice and removes the
+    /// subscription (or restores the status it came from). Saves what it changed.
+    async fn finish_subscribe(
+        &self,
+        tx: &mut Transaction<'static, Any>,
+        mut unit: Unit,
+        op: &PaymentOp,
+        outcome: &PaymentOutcome,
+    ) -> Result<Finished, SubError> {
+        let current = unit.sub.payment_op.as_ref();
+        let PaymentPurpose::Subscribe { invoice_id } = &op.purpose else {
+            return Ok(Finished::Earlier);
+        };
+        if unit.sub.status != SubStatus::Incomplete
+            || current.is_none_or(|c| c.op != op.op || c.outcome.is_some())
+            || matches!(outcome, PaymentOutcome::Unknown)
+        {
+            return Ok(Finished::Earlier);
+        }
+        let mut invoice = store::invoice(tx, &self.db, invoice_id, true)
+            .await?
+            .ok_or_else(|| SubError::InvoiceNotFound(invoice_id.clone()))?;
+        invoice.payment_attempts = 1;
+        invoice.gateway_key = op.gateway_key.clone();
+        invoice.next_attempt_at = None;
+        let mut done = op.clone();
+        done.outcome = outcome.recorded();
+        unit.sub.payment_since = None;
+        let account_id = unit.sub.account_id.clone();
+        if let PaymentOutcome::Declined(reason) = outcome {
+            invoice.status = InvoiceStatus::Void;
+            store::update_invoice_payment(tx, &invoice).await?;
+            let from = unit
+                .sub
+                .pending_op
+                .as_deref()
+                .and_then(|op| op.strip_prefix("from:"))
+                .and_then(|s| s.split(':').next())
+                .and_then(SubStatus::parse)
+                .unwrap_or(SubStatus::Incomplete);
+            runtime::outbox::append(
+                tx,
+                "subscription.payment_failed",
+                &unit.sub.subscription_id,
+                &json!({"account_id": account_id, "invoice_id": invoice_id, "reason": reason, "final": true}),
+                unit.now.timestamp_micros(),
+            )
+            .await?;
+            if from == SubStatus::Incomplete {
+                store::delete_subscription(tx, &unit.sub.subscription_id).await?;
+            } else {
+                unit.sub.status = from;
+                unit.sub.pending_op = None;
+                unit.sub.payment_op = Some(done);
+                unit.record(&op.actor, "payment_declined", reason.clone());
+                unit.save(tx).await?;
+            }
+            return Ok(Finished::Declined(reason.clone()));
+        }
+        let settled = matches!(outcome, PaymentOutcome::Paid);
+        if settled {
+            invoice.status = InvoiceStatus::Paid;
+            invoice.paid_at = Some(unit.now);
+        } else {
+            // A direct debit: access and sending at once; the invoice waits for the bank.
+            invoice.status = InvoiceStatus::Pending;
+        }
+        store::update_invoice_payment(tx, &invoice).await?;
+        let from = unit.sub.pending_op.take().unwrap_or_default();
+        unit.sub.payment_op = Some(done);
+        unit.sub.status = SubStatus::Active;
+        // S12/S17: a returning account's pending contacts fit the new tier.
+        self.promote(&mut unit);
+        let kind = unit.sub.payment_kind.as_str();
+        unit.record(
+            &op.actor,
+            "subscribed",
+            format!(
+                "plan {} v{}, {} contacts, {kind}; invoice {} {}",
+                unit.sub.plan_id,
+                unit.sub.plan_version,
+                unit.sub.selection.contacts,
+                invoice.number,
+                invoice.status.as_str()
+            ),
+        );
+        unit.event(
+            "subscription.started",
+            json!({"plan_id": unit.sub.plan_id, "payment": kind, "resumed_from": from}),
+        );
+        unit.save(tx).await?;
+        Ok(Finished::Applied)
     }
 
     /// GetSubscription.
@@ -937,6 +1085,17 @@ impl Subscriptions {
         let now = self.now();
         let mut unit = Unit::lock(&mut tx, &self.db, account_id, now).await?;
         let op = format!("change:{revision}:{at_us}:{}", key.key());
+        if let Some(done) = unit
+            .sub
+            .payment_op
+            .clone()
+            .filter(|p| p.op == op && p.outcome.is_some())
+        {
+            // The jobs finished this request's payment after the client stopped waiting.
+            return self
+                .replay_change(tx, key, &unit.sub, &done, at, None)
+                .await;
+        }
         let resuming = unit.sub.pending_op.as_deref() == Some(op.as_str());
         if !resuming {
             Self::changeable(&unit.sub)?;
@@ -1000,87 +1159,179 @@ impl Subscriptions {
                         "an immediate change without a quote".into(),
                     ));
                 };
-                let card = unit.sub.payment_kind == PaymentKind::Card && due.is_positive();
+                let card = unit.sub.payment_kind.charged_by_gateway() && due.is_positive();
                 if !card {
                     let (invoice, promoted) = self
-                        .apply_upgrade(&mut tx, &mut unit, actor, &change, target, quote, at, false)
+                        .apply_upgrade(&mut tx, &mut unit, actor, &change, target, quote, at, None)
                         .await?;
                     let sub = unit.save(&mut tx).await?;
                     let response = self.applied(&mut tx, &sub, invoice, promoted, at).await?;
                     return self.finish(tx, key, response).await;
                 }
-                let sub_id = unit.sub.subscription_id.clone();
-                let method = unit.sub.payment_method.clone();
-                // Step 1: mark the subscription so nothing else changes it while paying.
-                if !resuming {
+                // Step 1: mark the subscription so nothing else changes it while paying, and
+                // keep the payment (keyed by subscription and revision) for a retry or the jobs.
+                let payment = if resuming {
+                    let p = unit.sub.payment_op.clone().ok_or_else(|| {
+                        SubError::Precondition("no payment is in flight for this change".into())
+                    })?;
+                    tx.rollback().await?;
+                    p
+                } else {
+                    let p = PaymentOp {
+                        op: op.clone(),
+                        gateway_key: format!("{}:change:{revision}", unit.sub.subscription_id),
+                        payment_method: unit.sub.payment_method.clone(),
+                        amount_minor,
+                        currency: due.currency().code().to_string(),
+                        description: format!("change of subscription of {account_id}: {change}"),
+                        actor: actor.0.clone(),
+                        purpose: PaymentPurpose::Change {
+                            change: change.clone(),
+                            revision,
+                            at_us,
+                        },
+                        outcome: None,
+                    };
                     unit.sub.pending_op = Some(op.clone());
+                    unit.sub.payment_op = Some(p.clone());
+                    unit.sub.payment_since = Some(now);
                     unit.save(&mut tx).await?;
                     tx.commit().await?;
-                } else {
-                    tx.rollback().await?;
-                }
-                // Step 2: the gateway, keyed by subscription and revision.
-                let request = ChargeRequest {
-                    idempotency_key: format!("{sub_id}:change:{revision}"),
-                    payment_method: method,
-                    amount: due,
-                    description: format!("change of subscription of {account_id}: {change}"),
-                    requested_at: now,
+                    p
                 };
-                let outcome = self.gateway_charge(&request).await;
-                // Step 3: apply the outcome.
+                // Step 2: the gateway.
+                let outcome = self.charge_op(&payment).await;
+                if matches!(outcome, PaymentOutcome::Unknown) {
+                    return Err(SubError::PaymentOutcomeUnknown);
+                }
+                // Step 3: apply the outcome (unless the jobs did meanwhile).
                 let mut tx = match self.begin::<pb::ApplyChangeResponse>(key).await? {
                     Begun::Replay(r) => return r.map_err(SubError::Replayed),
                     Begun::Fresh(tx) => tx,
                 };
                 let mut unit = Unit::lock(&mut tx, &self.db, account_id, self.now()).await?;
-                if unit.sub.pending_op.as_deref() != Some(op.as_str()) {
-                    return Err(SubError::Precondition(
-                        "the subscription changed while the payment was in flight".into(),
-                    ));
-                }
-                match outcome {
-                    PaymentOutcome::Unknown => {
-                        tx.rollback().await?;
-                        Err(SubError::PaymentOutcomeUnknown)
-                    }
-                    PaymentOutcome::Declined(reason) => {
-                        unit.sub.pending_op = None;
-                        unit.record(
-                            &actor.0,
-                            "change_payment_declined",
-                            format!("{change}: {reason}"),
-                        );
-                        unit.event(
-                            "subscription.payment_failed",
-                            json!({"reason": reason, "change": change.to_string(), "final": true}),
-                        );
-                        unit.save(&mut tx).await?;
-                        let err = SubError::PaymentDeclined(reason);
-                        key.record_status(
-                            &mut tx,
-                            &Status::from(err.clone_refusal()),
-                            self.now().timestamp_micros(),
-                        )
-                        .await?;
-                        tx.commit().await?;
-                        self.platform.outbox.poke();
-                        Err(err)
-                    }
-                    PaymentOutcome::Paid => {
-                        unit.sub.pending_op = None;
-                        let (invoice, promoted) = self
-                            .apply_upgrade(
-                                &mut tx, &mut unit, actor, &change, target, quote, at, true,
-                            )
-                            .await?;
+                match self
+                    .finish_change(&mut tx, &mut unit, &payment, &outcome)
+                    .await?
+                {
+                    (Finished::Applied, Some((invoice, promoted))) => {
                         let sub = unit.save(&mut tx).await?;
                         let response = self.applied(&mut tx, &sub, invoice, promoted, at).await?;
                         self.finish(tx, key, response).await
                     }
+                    (Finished::Declined(reason), _) => {
+                        unit.save(&mut tx).await?;
+                        self.refuse(tx, key, reason).await
+                    }
+                    (Finished::Earlier | Finished::Applied, _) => {
+                        let sub = unit.sub.clone();
+                        self.replay_change(tx, key, &sub, &payment, at, Some(&op))
+                            .await
+                    }
                 }
             }
         }
+    }
+
+    /// The answer to an ApplyChange whose payment was finished before (by the jobs).
+    async fn replay_change(
+        &self,
+        mut tx: Transaction<'static, Any>,
+        key: &IdempotencyKey,
+        sub: &SubscriptionRecord,
+        payment: &PaymentOp,
+        at: DateTime<Utc>,
+        op: Option<&str>,
+    ) -> Result<pb::ApplyChangeResponse, SubError> {
+        let done = sub
+            .payment_op
+            .as_ref()
+            .filter(|p| p.op == op.unwrap_or(&payment.op) && p.outcome.is_some());
+        let Some(done) = done else {
+            return Err(SubError::Precondition(
+                "the subscription changed while the payment was in flight".into(),
+            ));
+        };
+        if let Some(reason) = declined(done) {
+            return self.refuse(tx, key, reason.to_string()).await;
+        }
+        let invoice = store::invoice_by_gateway_key(&mut tx, &done.gateway_key)
+            .await?
+            .ok_or_else(|| SubError::InvoiceNotFound(done.gateway_key.clone()))?;
+        let response = self.applied(&mut tx, sub, invoice, 0, at).await?;
+        self.finish(tx, key, response).await
+    }
+
+    /// Applies the outcome of an immediate change's payment under the subscription's lock, once:
+    /// paid (or a debit pending) applies the change at the previewed instant with its invoice
+    /// (S6: what is charged equals what was shown); declined changes nothing but the mark. The
+    /// caller saves the unit.
+    async fn finish_change(
+        &self,
+        tx: &mut Transaction<'static, Any>,
+        unit: &mut Unit,
+        payment: &PaymentOp,
+        outcome: &PaymentOutcome,
+    ) -> Result<(Finished, Option<(InvoiceRecord, u64)>), SubError> {
+        let PaymentPurpose::Change { change, at_us, .. } = &payment.purpose else {
+            return Ok((Finished::Earlier, None));
+        };
+        let in_flight = unit.sub.pending_op.as_deref() == Some(payment.op.as_str())
+            && unit
+                .sub
+                .payment_op
+                .as_ref()
+                .is_some_and(|p| p.op == payment.op && p.outcome.is_none());
+        if !in_flight || matches!(outcome, PaymentOutcome::Unknown) {
+            return Ok((Finished::Earlier, None));
+        }
+        let mut done = payment.clone();
+        done.outcome = outcome.recorded();
+        unit.sub.pending_op = None;
+        unit.sub.payment_since = None;
+        unit.sub.payment_op = Some(done);
+        let actor = Actor(payment.actor.clone());
+        if let PaymentOutcome::Declined(reason) = outcome {
+            unit.record(
+                &actor.0,
+                "change_payment_declined",
+                format!("{change}: {reason}"),
+            );
+            unit.event(
+                "subscription.payment_failed",
+                json!({"reason": reason, "change": change.to_string(), "final": true}),
+            );
+            return Ok((Finished::Declined(reason.clone()), None));
+        }
+        let at = runtime::clock::from_micros(*at_us);
+        let plan = self
+            .plan(tx, &unit.sub.plan_id, Some(unit.sub.plan_version))
+            .await?;
+        let new_plan = match change {
+            Change::Level { plan_id, version } | Change::Product { plan_id, version } => {
+                Some(self.plan(tx, plan_id, Some(*version)).await?)
+            }
+            _ => None,
+        };
+        let (target, quote) = Self::evaluate(&unit.sub, &plan, new_plan.as_ref(), change, at)?;
+        let Some(quote) =
+            quote.filter(|q| q.bill.total.to_minor_units().ok() == Some(payment.amount_minor))
+        else {
+            // Nothing else changes a subscription while its payment is in flight, so this is
+            // a bug; the money was taken and the log says where.
+            tracing::error!(key = %payment.gateway_key, "a paid change no longer quotes what was charged");
+            return Err(SubError::Arithmetic(
+                "a paid change no longer quotes what was charged".into(),
+            ));
+        };
+        let charged = Charged {
+            gateway_key: payment.gateway_key.clone(),
+            settled: matches!(outcome, PaymentOutcome::Paid),
+        };
+        let applied = self
+            .apply_upgrade(tx, unit, &actor, change, target, quote, at, Some(charged))
+            .await?;
+        Ok((Finished::Applied, Some(applied)))
     }
 
     async fn applied(
@@ -1113,7 +1364,7 @@ impl Subscriptions {
         target: Target,
         quote: domain::UpgradeQuote,
         at: DateTime<Utc>,
-        paid: bool,
+        charged: Option<Charged>,
     ) -> Result<(InvoiceRecord, u64), SubError> {
         let s = &mut unit.sub;
         s.plan_id = target.plan.plan_id.clone();
@@ -1131,10 +1382,11 @@ impl Subscriptions {
             if target.plan.monthly_credits == 0 {
                 s.allowance_cycle = s.cycle;
             }
+            s.allowance_next = None;
         }
         let cycle = quote.restarts_period.then_some(s.cycle);
         let invoice = unit
-            .issue(tx, &self.db, "change", cycle, quote.bill, paid)
+            .issue(tx, &self.db, "change", cycle, quote.bill, charged)
             .await?;
         unit.record(
             &actor.0,
@@ -1476,6 +1728,7 @@ impl Subscriptions {
             trial_mails_sent: sub.trial_mails_sent,
             trial_free_mails: free,
             unpaid_bank_transfer: store::has_unpaid_bank_transfer(conn, &sub.account_id).await?,
+            returned_debit: store::has_returned_debit(conn, &sub.account_id).await?,
         };
         Ok(match domain::may_send(&state, mails) {
             Ok(()) => pb::SendingDecision {
@@ -1532,11 +1785,30 @@ impl Subscriptions {
         self.gateway_charge(&request).await
     }
 
+    /// A request's payment, again with its own gateway key: the provider answers a retry with
+    /// the first outcome and never charges twice.
+    async fn charge_op(&self, op: &PaymentOp) -> PaymentOutcome {
+        let currency = match op.currency.parse::<Currency>() {
+            Ok(c) => c,
+            Err(_) => {
+                tracing::error!(key = %op.gateway_key, currency = %op.currency, "stored payment has a bad currency");
+                return PaymentOutcome::Unknown;
+            }
+        };
+        let request = ChargeRequest {
+            idempotency_key: op.gateway_key.clone(),
+            payment_method: op.payment_method.clone(),
+            amount: Money::from_minor_units(op.amount_minor, currency),
+            description: op.description.clone(),
+            requested_at: self.now(),
+        };
+        self.gateway_charge(&request).await
+    }
+
     async fn gateway_charge(&self, request: &ChargeRequest) -> PaymentOutcome {
         match self.gateway.charge(request).await {
-            Ok(ChargeOutcome::Succeeded { .. } | ChargeOutcome::Pending { .. }) => {
-                PaymentOutcome::Paid
-            }
+            Ok(ChargeOutcome::Succeeded { .. }) => PaymentOutcome::Paid,
+            Ok(ChargeOutcome::Pending { .. }) => PaymentOutcome::Pending,
             Ok(ChargeOutcome::Declined { reason }) => PaymentOutcome::Declined(reason.to_string()),
             Err(GatewayError::Timeout) => {
                 tracing::warn!(key = %request.idempotency_key, "gateway timed out; outcome unknown");
@@ -1544,6 +1816,209 @@ impl Subscriptions {
             }
             Err(e) => PaymentOutcome::Declined(e.to_string()),
         }
+    }
+
+    /// Finishes a request's payment whose outcome stayed unknown (the client never retried):
+    /// the gateway again with the same key, then the outcome applied once under the lock, as
+    /// the request would have. A later retry of the request gets this outcome.
+    pub async fn reconcile_payment(&self, account_id: &str) -> Result<(), SubError> {
+        let op = {
+            let mut conn = self.conn().await?;
+            match store::read_subscription(&mut conn, account_id).await? {
+                Some(s) if s.payment_since.is_some() => s.payment_op,
+                _ => None,
+            }
+        };
+        let Some(op) = op.filter(|p| p.outcome.is_none()) else {
+            return Ok(());
+        };
+        let outcome = self.charge_op(&op).await;
+        if matches!(outcome, PaymentOutcome::Unknown) {
+            return Ok(());
+        }
+        let mut tx = self.db.begin_write().await?;
+        let mut unit = Unit::lock(&mut tx, &self.db, account_id, self.now()).await?;
+        let finished = match op.purpose {
+            PaymentPurpose::Subscribe { .. } => {
+                self.finish_subscribe(&mut tx, unit, &op, &outcome).await?
+            }
+            PaymentPurpose::Change { .. } => {
+                let (finished, _) = self
+                    .finish_change(&mut tx, &mut unit, &op, &outcome)
+                    .await?;
+                if !matches!(finished, Finished::Earlier) {
+                    unit.save(&mut tx).await?;
+                }
+                finished
+            }
+        };
+        if matches!(finished, Finished::Earlier) {
+            tx.rollback().await?;
+        } else {
+            tracing::info!(account = %account_id, key = %op.gateway_key, "a payment with an unknown outcome was reconciled");
+            tx.commit().await?;
+            self.platform.outbox.poke();
+        }
+        Ok(())
+    }
+
+    /// A pending direct debit settled or came back at the bank: the invoice is paid, or open
+    /// again with the subscription past due and sending refused until it is paid (S18).
+    pub async fn settle_debit(&self, invoice_id: &str) -> Result<(), SubError> {
+        let invoice = {
+            let mut conn = self.conn().await?;
+            match store::invoice(&mut conn, &self.db, invoice_id, false).await? {
+                Some(i) if i.status == InvoiceStatus::Pending => i,
+                _ => return Ok(()),
+            }
+        };
+        let outcome = match self.gateway.charge_status(&invoice.gateway_key).await {
+            Ok(Some(record)) => match record.status {
+                ChargeStatus::Succeeded => PaymentOutcome::Paid,
+                ChargeStatus::Pending => return Ok(()),
+                ChargeStatus::Returned => {
+                    PaymentOutcome::Declined("the direct debit was returned by the bank".into())
+                }
+                ChargeStatus::Declined(reason) => PaymentOutcome::Declined(reason.to_string()),
+            },
+            // No record (e.g. another replica's provider session): never guess a return.
+            Ok(None) | Err(_) => return Ok(()),
+        };
+        let mut tx = self.db.begin_write().await?;
+        let mut unit = Unit::lock(&mut tx, &self.db, &invoice.account_id, self.now()).await?;
+        let mut invoice = match store::invoice(&mut tx, &self.db, invoice_id, true).await? {
+            Some(i) if i.status == InvoiceStatus::Pending => i,
+            _ => {
+                tx.rollback().await?;
+                return Ok(());
+            }
+        };
+        let actor = system();
+        let now = unit.now;
+        if let PaymentOutcome::Declined(reason) = outcome {
+            invoice.status = InvoiceStatus::Open;
+            invoice.returned_at = Some(now);
+            invoice.next_attempt_at = None;
+            if matches!(unit.sub.status, SubStatus::Active | SubStatus::PastDue) {
+                unit.sub.status = SubStatus::PastDue;
+            }
+            unit.record(
+                &actor.0,
+                "direct_debit_returned",
+                format!("invoice {}: {reason}", invoice.number),
+            );
+            unit.event(
+                "subscription.payment_returned",
+                json!({"invoice_id": invoice.invoice_id, "number": invoice.number, "reason": reason}),
+            );
+        } else {
+            invoice.status = InvoiceStatus::Paid;
+            invoice.paid_at = Some(now);
+            unit.record(
+                &actor.0,
+                "direct_debit_settled",
+                format!("invoice {} paid", invoice.number),
+            );
+            unit.event(
+                "subscription.invoice_paid",
+                json!({"invoice_id": invoice.invoice_id, "number": invoice.number}),
+            );
+        }
+        store::update_invoice_payment(&mut tx, &invoice).await?;
+        unit.save(&mut tx).await?;
+        tx.commit().await?;
+        self.platform.outbox.poke();
+        Ok(())
+    }
+
+    /// UpdatePaymentMethod (S5): the new method pays from now on, open invoices included; with a
+    /// card or mandate they are collected at once, so a past-due or suspended subscription is
+    /// active (and sends) again as soon as it pays.
+    pub async fn update_payment_method(
+        &self,
+        key: &IdempotencyKey,
+        actor: &Actor,
+        account_id: &str,
+        payment: PaymentChoice,
+    ) -> Result<pb::UpdatePaymentMethodResponse, SubError> {
+        let mut tx = match self.begin::<pb::UpdatePaymentMethodResponse>(key).await? {
+            Begun::Replay(r) => return r.map_err(SubError::Replayed),
+            Begun::Fresh(tx) => tx,
+        };
+        let now = self.now();
+        let mut unit = Unit::lock(&mut tx, &self.db, account_id, now).await?;
+        if !(unit.sub.status.is_live() || unit.sub.status == SubStatus::Trialing) {
+            return Err(SubError::Precondition(format!(
+                "the subscription is {}: there is nothing to pay",
+                unit.sub.status.as_str()
+            )));
+        }
+        if unit.sub.pending_op.is_some() {
+            return Err(SubError::Precondition(
+                "a payment of this subscription is in flight; try again shortly".into(),
+            ));
+        }
+        unit.sub.payment_kind = payment.kind;
+        unit.sub.payment_method = payment.method.clone();
+        let open = store::open_invoices(&mut tx, &unit.sub.subscription_id).await?;
+        if let Some(busy) = open
+            .iter()
+            .find(|i| i.gateway_key == format!("{}:{}", i.invoice_id, i.payment_attempts + 1))
+        {
+            return Err(SubError::Precondition(format!(
+                "the payment of invoice {} is being confirmed with the gateway; try again shortly",
+                busy.number
+            )));
+        }
+        for invoice in &open {
+            let mut invoice = invoice.clone();
+            invoice.payment_kind = payment.kind;
+            invoice.payment_method = payment.method.clone();
+            invoice.next_attempt_at = payment.kind.charged_by_gateway().then_some(now);
+            store::update_invoice_payment(&mut tx, &invoice).await?;
+        }
+        unit.record(
+            &actor.0,
+            "payment_method_changed",
+            format!(
+                "paying by {}; {} open invoice(s) moved to it",
+                payment.kind.as_str(),
+                open.len()
+            ),
+        );
+        unit.event(
+            "subscription.payment_method_changed",
+            json!({"payment": payment.kind.as_str(), "open_invoices": open.len()}),
+        );
+        unit.save(&mut tx).await?;
+        tx.commit().await?;
+        self.platform.outbox.poke();
+        // Collected now, outside any transaction (the jobs would on their next run).
+        if payment.kind.charged_by_gateway() {
+            for invoice in &open {
+                if let Err(e) = self.collect(&invoice.invoice_id).await {
+                    tracing::warn!(invoice = %invoice.invoice_id, error = %e, "collecting with the new payment method failed; the jobs retry");
+                }
+            }
+        }
+        let mut tx = match self.begin::<pb::UpdatePaymentMethodResponse>(key).await? {
+            Begun::Replay(r) => return r.map_err(SubError::Replayed),
+            Begun::Fresh(tx) => tx,
+        };
+        let sub = store::read_subscription(&mut tx, account_id)
+            .await?
+            .ok_or_else(|| SubError::SubscriptionNotFound(account_id.to_string()))?;
+        let mut invoices = Vec::with_capacity(open.len());
+        for invoice in &open {
+            if let Some(i) = store::invoice(&mut tx, &self.db, &invoice.invoice_id, false).await? {
+                invoices.push(convert::invoice(&i));
+            }
+        }
+        let response = pb::UpdatePaymentMethodResponse {
+            subscription: Some(self.view(&mut tx, &sub).await?),
+            invoices,
+        };
+        self.finish(tx, key, response).await
     }
 
     // ---- renewal (driven by the jobs) -----------------------------------------------------
@@ -1644,11 +2119,12 @@ impl Subscriptions {
         } else {
             s.cycle
         };
+        s.allowance_next = None;
         let lines = domain::recurring_lines(&plan, &unit.sub.selection)?;
         let bill = domain::bill(lines, plan.currency, unit.sub.vat_rate)?;
         let cycle = unit.sub.cycle;
         let invoice = unit
-            .issue(tx, &self.db, "conversion", Some(cycle), bill, false)
+            .issue(tx, &self.db, "conversion", Some(cycle), bill, None)
             .await?;
         let promoted = self.promote(unit);
         unit.record(
@@ -1739,11 +2215,12 @@ impl Subscriptions {
         if plan.monthly_credits == 0 {
             s.allowance_cycle = s.cycle;
         }
+        s.allowance_next = None;
         let lines = domain::recurring_lines(&plan, &unit.sub.selection)?;
         let bill = domain::bill(lines, plan.currency, unit.sub.vat_rate)?;
         let cycle = unit.sub.cycle;
         let invoice = unit
-            .issue(tx, &self.db, "renewal", Some(cycle), bill, false)
+            .issue(tx, &self.db, "renewal", Some(cycle), bill, None)
             .await?;
         unit.record(
             &actor.0,
@@ -1763,8 +2240,11 @@ impl Subscriptions {
         Ok(())
     }
 
-    /// C7: the plan's credits for the current cycle, granted in the wallet, expiring at the
-    /// period end. Keyed by subscription and cycle, so a retry never grants twice.
+    /// C7: the plan's credits for the current month, granted in the wallet, expiring at the
+    /// month's end. A monthly plan's month is its period; a yearly plan has twelve, counted from
+    /// the period anchor, each granted in its month. Keyed by subscription, cycle and month, so
+    /// a retry never grants twice; a month the jobs missed entirely is not granted late (its
+    /// credits would already have expired).
     async fn grant_allowance(&self, account_id: &str) -> Result<(), SubError> {
         let sub = {
             let mut conn = self.conn().await?;
@@ -1773,9 +2253,7 @@ impl Subscriptions {
                 None => return Ok(()),
             }
         };
-        if sub.allowance_cycle >= sub.cycle
-            || !matches!(sub.status, SubStatus::Active | SubStatus::PastDue)
-        {
+        if !matches!(sub.status, SubStatus::Active | SubStatus::PastDue) {
             return Ok(());
         }
         let plan = {
@@ -1783,21 +2261,40 @@ impl Subscriptions {
             self.plan(&mut conn, &sub.plan_id, Some(sub.plan_version))
                 .await?
         };
+        let now = self.now();
+        let month = domain::allowance_month(sub.anchor, plan.interval, sub.period_index, now)?;
         let cycle = sub.cycle;
-        let granted = match (&self.wallet, plan.monthly_credits) {
-            (_, 0) => true,
-            (None, _) => {
+        // Outside the period (the renewal comes first): its credits would expire at once.
+        let index = month.map_or(
+            i64::from(domain::months_per_period(plan.interval)) - 1,
+            |m| i64::from(m.index),
+        );
+        if (sub.allowance_cycle, sub.allowance_month) >= (cycle, index) {
+            return Ok(());
+        }
+        let granted = match (&self.wallet, plan.monthly_credits, month) {
+            (_, 0, _) | (Some(_), _, None) => true,
+            (None, _, _) => {
                 tracing::warn!(account = %account_id, cycle, "no wallet peer configured: subscription credits not granted");
                 true
             }
-            (Some(wallet), credits) if sub.period_end > self.now() => {
+            (Some(wallet), credits, Some(m)) => {
+                // Month 0 keeps the key monthly plans always used.
+                let suffix = if m.index == 0 {
+                    String::new()
+                } else {
+                    format!(":m{}", m.index)
+                };
                 let request = proto::wallet::v1::GrantCreditsRequest {
-                    idempotency_key: format!("sub-allowance:{}:{cycle}", sub.subscription_id),
+                    idempotency_key: format!(
+                        "sub-allowance:{}:{cycle}{suffix}",
+                        sub.subscription_id
+                    ),
                     wallet_id: account_id.to_string(),
                     credits: u64::try_from(credits).unwrap_or(0),
                     kind: proto::wallet::v1::LotKind::SubscriptionAllowance as i32,
-                    expires_at: Some(runtime::convert::timestamp(sub.period_end)),
-                    reference: format!("subscription:{}:cycle{cycle}", sub.subscription_id),
+                    expires_at: Some(runtime::convert::timestamp(m.end)),
+                    reference: format!("subscription:{}:cycle{cycle}{suffix}", sub.subscription_id),
                 };
                 match wallet.clone().grant_credits(request).await {
                     Ok(_) => true,
@@ -1811,20 +2308,25 @@ impl Subscriptions {
                     }
                 }
             }
-            // The period is already over: its credits would expire at once.
-            (Some(_), _) => true,
         };
         if !granted {
             return Ok(());
         }
         let mut tx = self.db.begin_write().await?;
         let mut unit = Unit::lock(&mut tx, &self.db, account_id, self.now()).await?;
-        if unit.sub.allowance_cycle < cycle {
+        if unit.sub.cycle == cycle
+            && (unit.sub.allowance_cycle, unit.sub.allowance_month) < (cycle, index)
+        {
             unit.sub.allowance_cycle = cycle;
-            if plan.monthly_credits > 0 && self.wallet.is_some() {
+            unit.sub.allowance_month = index;
+            // A yearly plan's next month is due at this month's end.
+            unit.sub.allowance_next = month
+                .filter(|m| !m.last && plan.monthly_credits > 0)
+                .map(|m| m.end);
+            if let (Some(m), true) = (month, plan.monthly_credits > 0 && self.wallet.is_some()) {
                 unit.event(
                     "subscription.credits_granted",
-                    json!({"credits": plan.monthly_credits, "cycle": cycle}),
+                    json!({"credits": plan.monthly_credits, "cycle": cycle, "month": m.index, "expires_at": m.end.to_rfc3339()}),
                 );
             }
             unit.save(&mut tx).await?;
@@ -1836,8 +2338,10 @@ impl Subscriptions {
         Ok(())
     }
 
-    /// One card attempt on an open invoice (renewals, conversions, retries): paid, or past
-    /// due with a retry, or suspended when retries are used up.
+    /// One gateway attempt on an open invoice (renewals, conversions, retries, a new payment
+    /// method): paid; pending while a direct debit settles; or past due with a retry, or
+    /// suspended when retries are used up. The key names the invoice and the attempt, so an
+    /// attempt whose outcome stayed unknown is asked again with the same key on the next run.
     pub async fn collect(&self, invoice_id: &str) -> Result<(), SubError> {
         let invoice = {
             let mut conn = self.conn().await?;
@@ -1847,17 +2351,26 @@ impl Subscriptions {
             }
         };
         let attempt = invoice.payment_attempts + 1;
-        let outcome = self
-            .charge(&invoice, &format!("{}:{attempt}", invoice.invoice_id))
-            .await;
+        let gateway_key = format!("{}:{attempt}", invoice.invoice_id);
+        let outcome = self.charge(&invoice, &gateway_key).await;
         if matches!(outcome, PaymentOutcome::Unknown) {
+            // The money may be taken: the next run asks again with this key, and the payment
+            // method cannot change until it has (UpdatePaymentMethod checks the mark).
+            let mut conn = self.conn().await?;
+            store::mark_attempt_in_flight(&mut conn, invoice_id, &gateway_key).await?;
             return Ok(());
         }
         let mut tx = self.db.begin_write().await?;
         let now = self.now();
         let mut unit = Unit::lock(&mut tx, &self.db, &invoice.account_id, now).await?;
         let mut invoice = match store::invoice(&mut tx, &self.db, invoice_id, true).await? {
-            Some(i) if i.status == InvoiceStatus::Open && i.payment_attempts + 1 == attempt => i,
+            Some(i)
+                if i.status == InvoiceStatus::Open
+                    && i.payment_attempts + 1 == attempt
+                    && i.payment_method == invoice.payment_method =>
+            {
+                i
+            }
             _ => {
                 tx.rollback().await?;
                 return Ok(());
@@ -1866,24 +2379,40 @@ impl Subscriptions {
         invoice.payment_attempts = attempt;
         let actor = system();
         match outcome {
-            PaymentOutcome::Paid | PaymentOutcome::Unknown => {
-                invoice.status = InvoiceStatus::Paid;
-                invoice.paid_at = Some(now);
+            PaymentOutcome::Paid | PaymentOutcome::Pending | PaymentOutcome::Unknown => {
+                let settled = !matches!(outcome, PaymentOutcome::Pending);
+                invoice.gateway_key = gateway_key;
                 invoice.next_attempt_at = None;
                 if matches!(unit.sub.status, SubStatus::PastDue | SubStatus::Suspended) {
                     unit.sub.status = SubStatus::Active;
                 }
-                unit.record(
-                    &actor.0,
-                    "payment_succeeded",
-                    format!("invoice {}", invoice.number),
-                );
-                unit.event(
-                    "subscription.invoice_paid",
-                    json!({"invoice_id": invoice.invoice_id, "number": invoice.number}),
-                );
+                if settled {
+                    invoice.status = InvoiceStatus::Paid;
+                    invoice.paid_at = Some(now);
+                    unit.record(
+                        &actor.0,
+                        "payment_succeeded",
+                        format!("invoice {}", invoice.number),
+                    );
+                    unit.event(
+                        "subscription.invoice_paid",
+                        json!({"invoice_id": invoice.invoice_id, "number": invoice.number}),
+                    );
+                } else {
+                    invoice.status = InvoiceStatus::Pending;
+                    unit.record(
+                        &actor.0,
+                        "direct_debit_submitted",
+                        format!("invoice {}", invoice.number),
+                    );
+                    unit.event(
+                        "subscription.invoice_payment_pending",
+                        json!({"invoice_id": invoice.invoice_id, "number": invoice.number}),
+                    );
+                }
             }
             PaymentOutcome::Declined(reason) => {
+                invoice.gateway_key = gateway_key;
                 invoice.next_attempt_at = domain::next_retry(attempt, now);
                 let last = invoice.next_attempt_at.is_none();
                 if unit.sub.status.is_live() {
@@ -1921,6 +2450,7 @@ fn refused(r: SendingRefusal, left: u64) -> pb::SendingDecision {
         SendingRefusal::Cancelled => pb::SendingRefusal::Cancelled,
         SendingRefusal::PaymentPastDue => pb::SendingRefusal::PaymentPastDue,
         SendingRefusal::PaymentPending => pb::SendingRefusal::PaymentPending,
+        SendingRefusal::PaymentReturned => pb::SendingRefusal::PaymentReturned,
     };
     pb::SendingDecision {
         allowed: false,

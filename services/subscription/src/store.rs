@@ -202,7 +202,7 @@ const SUB_COLUMNS: &str = "subscription_id, account_id, plan_id, plan_version, s
      period_start_us, period_end_us, trial_ends_at_us, trial_days, trial_contact_cap, \
      trial_free_mails, trial_mails_sent, trial_ending_notified, cancel_at_period_end, scheduled, \
      active_contacts, pending_contacts, revision, pending_op, origin_key, allowance_cycle, \
-     history_seq, created_at_us";
+     history_seq, created_at_us, allowance_month, allowance_next_us, payment_op, payment_since_us";
 
 fn sub_from_row(r: &AnyRow) -> Result<SubscriptionRecord, DbError> {
     let status: String = r.try_get("status")?;
@@ -254,6 +254,17 @@ fn sub_from_row(r: &AnyRow) -> Result<SubscriptionRecord, DbError> {
         allowance_cycle: r.try_get("allowance_cycle")?,
         history_seq: r.try_get("history_seq")?,
         created_at: from_micros(r.try_get("created_at_us")?),
+        allowance_month: r.try_get("allowance_month")?,
+        allowance_next: r
+            .try_get::<Option<i64>, _>("allowance_next_us")?
+            .map(from_micros),
+        payment_op: r
+            .try_get::<Option<String>, _>("payment_op")?
+            .map(|s| from_json("payment_op", &s))
+            .transpose()?,
+        payment_since: r
+            .try_get::<Option<i64>, _>("payment_since_us")?
+            .map(from_micros),
     })
 }
 
@@ -262,7 +273,7 @@ pub async fn insert_subscription(
     conn: &mut AnyConnection,
     s: &SubscriptionRecord,
 ) -> Result<bool, DbError> {
-    let placeholders = (1..=32)
+    let placeholders = (1..=SUB_COLUMNS.split(',').count())
         .map(|i| format!("${i}"))
         .collect::<Vec<_>>()
         .join(", ");
@@ -314,7 +325,11 @@ fn bind_sub<'q>(
         .bind(&s.origin_key)
         .bind(s.allowance_cycle)
         .bind(s.history_seq)
-        .bind(micros(s.created_at)))
+        .bind(micros(s.created_at))
+        .bind(s.allowance_month)
+        .bind(s.allowance_next.map(micros))
+        .bind(s.payment_op.as_ref().map(json).transpose()?)
+        .bind(s.payment_since.map(micros)))
 }
 
 /// Writes back every column of a subscription.
@@ -394,6 +409,7 @@ pub async fn due_accounts(
          (status IN ('active', 'past_due', 'suspended', 'trialing') AND period_end_us <= $1) \
          OR (status = 'trialing' AND trial_ending_notified = 0 AND period_end_us <= $2) \
          OR (status IN ('active', 'past_due') AND allowance_cycle < cycle) \
+         OR (status IN ('active', 'past_due') AND allowance_next_us <= $1) \
          ORDER BY period_end_us LIMIT $3",
     )
     .bind(micros(now))
@@ -474,7 +490,8 @@ pub async fn next_invoice_number(conn: &mut AnyConnection, db: &Db) -> Result<i6
 
 const INVOICE_COLUMNS: &str = "invoice_id, number, account_id, subscription_id, kind, cycle, \
      currency, lines, subtotal_minor, vat_rate, vat_minor, total_minor, status, payment_kind, \
-     payment_method, payment_attempts, next_attempt_at_us, issued_at_us, paid_at_us";
+     payment_method, payment_attempts, next_attempt_at_us, issued_at_us, paid_at_us, gateway_key, \
+     returned_at_us";
 
 #[derive(serde::Serialize, serde::Deserialize)]
 struct StoredLine {
@@ -520,6 +537,10 @@ fn invoice_from_row(r: &AnyRow) -> Result<InvoiceRecord, DbError> {
             .map(from_micros),
         issued_at: from_micros(r.try_get("issued_at_us")?),
         paid_at: r.try_get::<Option<i64>, _>("paid_at_us")?.map(from_micros),
+        gateway_key: r.try_get("gateway_key")?,
+        returned_at: r
+            .try_get::<Option<i64>, _>("returned_at_us")?
+            .map(from_micros),
     })
 }
 
@@ -537,7 +558,8 @@ pub async fn insert_invoice(conn: &mut AnyConnection, i: &InvoiceRecord) -> Resu
         .collect::<Result<Vec<_>, DbError>>()?;
     sqlx::query(&format!(
         "INSERT INTO invoices ({INVOICE_COLUMNS}) VALUES \
-         ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19)"
+         ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, \
+         $20, $21)"
     ))
     .bind(&i.invoice_id)
     .bind(i.number)
@@ -558,28 +580,50 @@ pub async fn insert_invoice(conn: &mut AnyConnection, i: &InvoiceRecord) -> Resu
     .bind(i.next_attempt_at.map(micros))
     .bind(micros(i.issued_at))
     .bind(i.paid_at.map(micros))
+    .bind(&i.gateway_key)
+    .bind(i.returned_at.map(micros))
     .execute(conn)
     .await?;
     Ok(())
 }
 
-/// Writes an invoice's payment state (status, attempts, next attempt, paid at). Lines and
-/// amounts are never updated: an issued invoice does not change.
+/// Writes an invoice's payment state (status, attempts, next attempt, paid at, how it is paid,
+/// the charge's key, a returned debit). Lines and amounts are never updated: an issued invoice
+/// does not change.
 pub async fn update_invoice_payment(
     conn: &mut AnyConnection,
     i: &InvoiceRecord,
 ) -> Result<(), DbError> {
     sqlx::query(
         "UPDATE invoices SET status = $2, payment_attempts = $3, next_attempt_at_us = $4, \
-         paid_at_us = $5 WHERE invoice_id = $1",
+         paid_at_us = $5, payment_kind = $6, payment_method = $7, gateway_key = $8, \
+         returned_at_us = $9 WHERE invoice_id = $1",
     )
     .bind(&i.invoice_id)
     .bind(i.status.as_str())
     .bind(i64::from(i.payment_attempts))
     .bind(i.next_attempt_at.map(micros))
     .bind(i.paid_at.map(micros))
+    .bind(i.payment_kind.as_str())
+    .bind(&i.payment_method)
+    .bind(&i.gateway_key)
+    .bind(i.returned_at.map(micros))
     .execute(conn)
     .await?;
+    Ok(())
+}
+
+/// Marks an open invoice's attempt whose outcome is unknown (asked again with the same key).
+pub async fn mark_attempt_in_flight(
+    conn: &mut AnyConnection,
+    invoice_id: &str,
+    gateway_key: &str,
+) -> Result<(), DbError> {
+    sqlx::query("UPDATE invoices SET gateway_key = $2 WHERE invoice_id = $1 AND status = 'open'")
+        .bind(invoice_id)
+        .bind(gateway_key)
+        .execute(conn)
+        .await?;
     Ok(())
 }
 
@@ -629,14 +673,87 @@ pub async fn has_unpaid_bank_transfer(
     Ok(row.try_get::<i64, _>(0)? > 0)
 }
 
-/// Open card invoices whose next attempt is due.
+/// Whether the account has an open invoice whose direct debit was returned.
+pub async fn has_returned_debit(
+    conn: &mut AnyConnection,
+    account_id: &str,
+) -> Result<bool, DbError> {
+    let row = sqlx::query(
+        "SELECT COUNT(*) FROM invoices WHERE account_id = $1 AND status = 'open' \
+         AND returned_at_us IS NOT NULL",
+    )
+    .bind(account_id)
+    .fetch_one(conn)
+    .await?;
+    Ok(row.try_get::<i64, _>(0)? > 0)
+}
+
+/// A subscription's open invoices (awaiting payment), oldest first.
+pub async fn open_invoices(
+    conn: &mut AnyConnection,
+    subscription_id: &str,
+) -> Result<Vec<InvoiceRecord>, DbError> {
+    let rows = sqlx::query(&format!(
+        "SELECT {INVOICE_COLUMNS} FROM invoices WHERE subscription_id = $1 AND status = 'open' \
+         ORDER BY number"
+    ))
+    .bind(subscription_id)
+    .fetch_all(conn)
+    .await?;
+    rows.iter().map(invoice_from_row).collect()
+}
+
+/// The invoice paid (or settling) by the charge with this gateway key.
+pub async fn invoice_by_gateway_key(
+    conn: &mut AnyConnection,
+    gateway_key: &str,
+) -> Result<Option<InvoiceRecord>, DbError> {
+    let row = sqlx::query(&format!(
+        "SELECT {INVOICE_COLUMNS} FROM invoices WHERE gateway_key = $1"
+    ))
+    .bind(gateway_key)
+    .fetch_optional(conn)
+    .await?;
+    row.as_ref().map(invoice_from_row).transpose()
+}
+
+/// Invoices whose direct debit has not settled yet.
+pub async fn pending_debit_invoices(db: &Db, limit: i64) -> Result<Vec<String>, DbError> {
+    let rows = sqlx::query(
+        "SELECT invoice_id FROM invoices WHERE status = 'pending' ORDER BY number LIMIT $1",
+    )
+    .bind(limit)
+    .fetch_all(db.pool())
+    .await?;
+    rows.iter().map(|r| Ok(r.try_get(0)?)).collect()
+}
+
+/// Accounts with a request's payment whose outcome has been unknown since `before` or longer.
+pub async fn payments_in_flight(
+    db: &Db,
+    before: DateTime<Utc>,
+    limit: i64,
+) -> Result<Vec<String>, DbError> {
+    let rows = sqlx::query(
+        "SELECT account_id FROM subscriptions WHERE payment_since_us IS NOT NULL \
+         AND payment_since_us <= $1 ORDER BY payment_since_us LIMIT $2",
+    )
+    .bind(micros(before))
+    .bind(limit)
+    .fetch_all(db.pool())
+    .await?;
+    rows.iter().map(|r| Ok(r.try_get(0)?)).collect()
+}
+
+/// Open invoices charged by the gateway (card or direct debit) whose next attempt is due.
 pub async fn due_card_invoices(
     db: &Db,
     now: DateTime<Utc>,
     limit: i64,
 ) -> Result<Vec<String>, DbError> {
     let rows = sqlx::query(
-        "SELECT invoice_id FROM invoices WHERE status = 'open' AND payment_kind = 'card' \
+        "SELECT invoice_id FROM invoices WHERE status = 'open' \
+         AND payment_kind IN ('card', 'direct_debit') \
          AND next_attempt_at_us IS NOT NULL AND next_attempt_at_us <= $1 \
          ORDER BY number LIMIT $2",
     )

@@ -10,9 +10,18 @@ use sqlx::AnyConnection;
 use crate::{
     domain::Bill,
     error::SubError,
-    model::{HistoryRecord, InvoiceRecord, InvoiceStatus, PaymentKind, SubscriptionRecord},
+    model::{HistoryRecord, InvoiceRecord, InvoiceStatus, SubscriptionRecord},
     store,
 };
+
+/// The gateway charge an invoice is issued after (an immediate change paid first, S6).
+#[derive(Debug, Clone)]
+pub struct Charged {
+    /// The charge's gateway key.
+    pub gateway_key: String,
+    /// Money captured (`false`: a direct debit that settles later).
+    pub settled: bool,
+}
 
 /// A locked subscription and what this transaction does to it.
 #[derive(Debug)]
@@ -85,8 +94,9 @@ impl Unit {
     }
 
     /// Issues an invoice now: the next consecutive number, inserted in this transaction, with
-    /// an `invoice.issued` event. A card invoice is open with its first attempt due at once
-    /// unless `paid` (charged before issuing); a bank-transfer invoice stays open (S18).
+    /// an `invoice.issued` event. A card or direct-debit invoice is open with its first attempt
+    /// due at once unless `charged` before issuing (paid, or pending while a debit settles); a
+    /// bank-transfer invoice stays open (S18).
     pub async fn issue(
         &mut self,
         conn: &mut AnyConnection,
@@ -94,16 +104,17 @@ impl Unit {
         kind: &str,
         cycle: Option<i64>,
         bill: Bill,
-        paid: bool,
+        charged: Option<Charged>,
     ) -> Result<InvoiceRecord, SubError> {
         let number = store::next_invoice_number(conn, db).await?;
         let nothing_due = !bill.total.is_positive();
-        let status = if paid || nothing_due {
-            InvoiceStatus::Paid
-        } else {
-            InvoiceStatus::Open
+        let status = match &charged {
+            Some(c) if !c.settled => InvoiceStatus::Pending,
+            Some(_) => InvoiceStatus::Paid,
+            None if nothing_due => InvoiceStatus::Paid,
+            None => InvoiceStatus::Open,
         };
-        let card = self.sub.payment_kind == PaymentKind::Card;
+        let collectable = self.sub.payment_kind.charged_by_gateway();
         let invoice = InvoiceRecord {
             invoice_id: format!("inv_{}", uuid::Uuid::now_v7().simple()),
             number,
@@ -120,10 +131,12 @@ impl Unit {
             status,
             payment_kind: self.sub.payment_kind,
             payment_method: self.sub.payment_method.clone(),
-            payment_attempts: u32::from(paid),
-            next_attempt_at: (status == InvoiceStatus::Open && card).then_some(self.now),
+            payment_attempts: u32::from(charged.is_some()),
+            next_attempt_at: (status == InvoiceStatus::Open && collectable).then_some(self.now),
             issued_at: self.now,
             paid_at: (status == InvoiceStatus::Paid).then_some(self.now),
+            gateway_key: charged.map(|c| c.gateway_key).unwrap_or_default(),
+            returned_at: None,
         };
         store::insert_invoice(conn, &invoice).await?;
         self.event(

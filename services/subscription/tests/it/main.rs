@@ -5,6 +5,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod catalog;
+mod payments;
+mod replicas;
 mod rules;
 
 use std::time::Duration;
@@ -67,6 +69,14 @@ impl Harness {
         );
         let client = CreditsWalletClient::new(channel(&wallet).await);
         Self::start_with(&peer, Some((wallet, client)), db).await
+    }
+
+    /// Another replica of the service on `db` (e.g. [`TestDatabase::share`] of a running one).
+    /// Its idempotency keys differ from the first replica's.
+    pub async fn start_on(db: TestDatabase) -> Harness {
+        let h = Self::start_with("", None, db).await;
+        h.key.store(1_000_000, std::sync::atomic::Ordering::Relaxed);
+        h
     }
 
     async fn start_with(
@@ -376,6 +386,37 @@ impl Harness {
         }
         found
     }
+}
+
+/// Opens the account's wallet (1 credit per recipient, 0.01 EUR per credit).
+pub async fn open_wallet(wallet: &CreditsWalletClient<Channel>, account: &str) {
+    wallet
+        .clone()
+        .open_wallet(authed(
+            ADMIN_TOKEN,
+            proto::wallet::v1::OpenWalletRequest {
+                idempotency_key: format!("w-{account}"),
+                wallet_id: account.into(),
+                currency: "EUR".into(),
+                pricing: Some(proto::wallet::v1::CreditPricing {
+                    mode: proto::wallet::v1::TierMode::Volume as i32,
+                    tiers: vec![proto::wallet::v1::PriceTier {
+                        first: 1,
+                        last: 0,
+                        unit_price: "0.01".into(),
+                        flat_price: String::new(),
+                    }],
+                }),
+                rating: Some(proto::wallet::v1::RatingRule {
+                    credits_per_recipient: "1".into(),
+                    per_mailing_surcharge: 0,
+                }),
+                signup_credits: 0,
+                signup_credits_expire_at: None,
+            },
+        ))
+        .await
+        .unwrap();
 }
 
 /// A user with billing permission (the primary admin).
