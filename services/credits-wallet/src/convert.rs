@@ -270,3 +270,24 @@ pub fn reservation(r: &ReservationRecord, acct: &Account) -> pb::Reservation {
         available_after: u(acct.available()),
     }
 }
+
+/// A verification report as its message.
+pub fn verify_report(r: &crate::verify::Report) -> pb::VerifyLedgerResponse {
+    pb::VerifyLedgerResponse {
+        wallets_checked: r.wallets_checked,
+        entries_checked: r.entries_checked,
+        purchases_checked: r.purchases_checked,
+        outbox_events_checked: r.outbox_events_checked,
+        outbox_undelivered: r.outbox_undelivered,
+        violations: r
+            .violations
+            .iter()
+            .map(|v| pb::LedgerViolation {
+                wallet_id: v.wallet_id.clone(),
+                check: v.check.as_str().to_string(),
+                detail: v.detail.clone(),
+            })
+            .collect(),
+        violations_total: r.violations_total,
+    }
+}

@@ -17,6 +17,7 @@ use crate::{
     domain::{self, MAX_CREDITS},
     error::WalletError,
     service::{DEFAULT_HOLD_TTL_SECONDS, MAX_HOLD_TTL_SECONDS, OpenWallet, Spend, Wallets},
+    verify,
 };
 
 /// The gRPC face of the service.
@@ -402,6 +403,39 @@ impl CreditsWallet for CreditsWalletApi {
                 })?
         };
         ok(self.wallets.ledger(wallet_id, after, page_size).await)
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn verify_ledger(
+        &self,
+        req: Request<pb::VerifyLedgerRequest>,
+    ) -> Result<Response<pb::VerifyLedgerResponse>, Status> {
+        let r = req.into_inner();
+        let options = verify::Options {
+            now: self.platform.clock.now(),
+            outbox_grace: match r.outbox_grace_seconds {
+                0 => verify::DEFAULT_OUTBOX_GRACE,
+                s => std::time::Duration::from_secs(u64::from(s)),
+            },
+        };
+        let db = &self.platform.db;
+        let report = verify::verify(db.pool(), db.backend(), &options)
+            .await
+            .map_err(WalletError::from)?;
+        if report.is_clean() {
+            tracing::info!(
+                wallets = report.wallets_checked,
+                entries = report.entries_checked,
+                "ledger verified: no violation"
+            );
+        } else {
+            tracing::error!(
+                wallets = report.wallets_checked,
+                violations = report.violations_total,
+                "ledger verification found violations"
+            );
+        }
+        Ok(Response::new(convert::verify_report(&report)))
     }
 
     type WatchEventsStream = ReceiverStream<Result<Event, Status>>;

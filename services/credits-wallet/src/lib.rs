@@ -3,7 +3,8 @@
 //! Layers: `domain` (rules, no IO) and `model` (records); `store` (SQL, both backends);
 //! `account` (one locked wallet: rules applied, invariant checked, saved with events);
 //! `service` (use cases, gateway calls between transactions); `jobs` (settlement,
-//! reconciliation, sweeps); `convert` and `grpc` (messages and status codes). The runtime
+//! reconciliation, sweeps); `verify` (the books re-derived from the rows: `VerifyLedger` and
+//! the `verify-ledger` command); `convert` and `grpc` (messages and status codes). The runtime
 //! (`shared/runtime`) brings storage, idempotency keys, the outbox and the middleware.
 
 pub mod account;
@@ -15,6 +16,7 @@ pub mod jobs;
 pub mod model;
 pub mod service;
 pub mod store;
+pub mod verify;
 
 use std::sync::Arc;
 
@@ -75,7 +77,9 @@ pub fn scopes() -> MethodScopes {
     ] {
         scopes = scopes.require(SERVICE, method, Scope::Mutate);
     }
-    scopes.require(SERVICE, "AdjustCredits", Scope::Admin)
+    scopes
+        .require(SERVICE, "AdjustCredits", Scope::Admin)
+        .require(SERVICE, "VerifyLedger", Scope::Admin)
 }
 
 /// This service's migrations, embedded, per backend.

@@ -27,6 +27,15 @@ pub enum PurchaseTrigger {
     OnDemand,
 }
 
+impl PurchaseTrigger {
+    /// Whether a purchase with this trigger, started by a request (`has_origin`), pays for a
+    /// send now (C5, C9): its credits are granted as soon as the payment is accepted, even a
+    /// direct debit that settles later (a return claws them back).
+    pub fn funds_a_send(self, has_origin: bool) -> bool {
+        has_origin && self != PurchaseTrigger::Manual
+    }
+}
+
 /// Where a purchase stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PurchaseStatus {

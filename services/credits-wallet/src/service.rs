@@ -1036,6 +1036,20 @@ impl Wallets {
         });
     }
 
+    /// Whether a `processing` purchase that pays for a send (C5, C9) is still its request's to
+    /// finish. The request grants the credits and debits them in one transaction; if the
+    /// reconciler granted them first, another send on the wallet could spend them in between
+    /// and the send that paid for them would be refused for lack of credits (found by the
+    /// crash test: a restart's first reconciliation racing the callers' retries). So the
+    /// reconciler leaves such a purchase alone for twice the request deadline (service clock),
+    /// long enough for the request, or a retry after a crash, to finish it; after that it grants
+    /// the credits so a paid purchase is never lost.
+    fn left_to_its_request(&self, p: &PurchaseRecord) -> bool {
+        let grace =
+            Duration::from_std(self.platform.config.request_timeout * 2).unwrap_or(Duration::MAX);
+        funds_a_send(p) && self.now() - p.created_at < grace
+    }
+
     /// Finishes one open purchase: asks the gateway (same idempotency key) and applies the
     /// outcome, or applies a direct debit's settlement or return.
     pub async fn reconcile_purchase(&self, purchase_id: &str) -> Result<(), WalletError> {
@@ -1052,6 +1066,7 @@ impl Wallets {
             }
         };
         let outcome = match p.status {
+            PurchaseStatus::Processing if self.left_to_its_request(&p) => return Ok(()),
             PurchaseStatus::Processing => self.pay(&p).await,
             PurchaseStatus::PendingSettlement => {
                 match self.gateway.charge_status(&p.purchase_id).await {
@@ -1140,10 +1155,9 @@ fn rate(rule: &RatingRule, recipients: u64) -> Result<i64, WalletError> {
         .map_err(|e| WalletError::invalid("recipients", e.to_string()))
 }
 
-/// Whether a purchase pays for a send now (C5, C9): its credits are granted as soon as the
-/// payment is accepted, even a direct debit that settles later (a return claws them back).
+/// Whether a purchase pays for a send now (see [`PurchaseTrigger::funds_a_send`]).
 fn funds_a_send(p: &PurchaseRecord) -> bool {
-    p.origin_key.is_some() && p.trigger != PurchaseTrigger::Manual
+    p.trigger.funds_a_send(p.origin_key.is_some())
 }
 
 /// Applies a gateway outcome to a purchase under the wallet's lock. Each status moves once:

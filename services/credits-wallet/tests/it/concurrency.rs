@@ -54,14 +54,24 @@ async fn two_replicas_in_one_process_never_overdraw_nor_lose_a_debit() {
     a.assert_ledger_balances("hot").await;
 }
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .unwrap()
 }
 
-struct Process(std::process::Child);
+/// A wallet service process; killed when dropped.
+pub(crate) struct Process(std::process::Child);
+
+impl Process {
+    /// Kills the process with SIGKILL (what `Child::kill` sends on unix): no drain, no
+    /// shutdown hook, transactions in flight cut off. Waits until it is gone.
+    pub(crate) fn kill_now(&mut self) {
+        self.0.kill().unwrap();
+        self.0.wait().unwrap();
+    }
+}
 
 impl Drop for Process {
     fn drop(&mut self) {
@@ -70,7 +80,8 @@ impl Drop for Process {
     }
 }
 
-async fn spawn_replica(db: &TestDatabase) -> (Process, Channel) {
+/// Starts the service binary on `db` at a free port and waits until it is healthy.
+pub(crate) async fn spawn_replica(db: &TestDatabase) -> (Process, Channel) {
     let port = free_port();
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_credits-wallet"))
         .env("WALLET_LISTEN_ADDR", format!("127.0.0.1:{port}"))

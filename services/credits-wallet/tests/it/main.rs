@@ -6,10 +6,12 @@
 
 mod bad_input;
 mod concurrency;
+mod crash;
 mod holds;
 mod idempotency;
 mod properties;
 mod rules;
+mod verify;
 
 use std::time::Duration;
 
