@@ -1,0 +1,171 @@
+//! Printing: the machine, one block per scenario run, and a Markdown summary table (the one
+//! docs/benchmarks.md quotes). Integer arithmetic only, like the rest of the suite.
+
+use crate::{
+    pgbench::{Baseline, Baselines},
+    scenarios::{Outcome, Settings},
+    stack::Backend,
+};
+
+/// Microseconds as milliseconds with one decimal.
+fn ms(micros: u32) -> String {
+    format!("{}.{}", micros / 1000, (micros % 1000) / 100)
+}
+
+/// KiB as MiB with one decimal.
+fn mib(kib: u64) -> String {
+    format!("{}.{}", kib / 1024, (kib % 1024) * 10 / 1024)
+}
+
+/// `ours / theirs` with two decimals.
+fn ratio(ours: u64, theirs: u64) -> String {
+    if theirs == 0 {
+        return "-".into();
+    }
+    let x100 = ours * 100 / theirs;
+    format!("{}.{:02}x", x100 / 100, x100 % 100)
+}
+
+fn seconds(d: std::time::Duration) -> String {
+    format!("{}.{}", d.as_secs(), d.subsec_millis() / 100)
+}
+
+/// nproc, memory and CPU model, as the documentation records them.
+pub fn machine() {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|rest| rest.trim_start_matches([' ', '\t', ':']).to_string())
+        .unwrap_or_else(|| "unknown".into());
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let mem_kib: u64 = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    println!(
+        "# billing-suite benchmark\n\nmachine: {cpus} CPUs ({model}), {} GiB memory; build: {}",
+        mem_kib / 1024 / 1024,
+        if cfg!(debug_assertions) {
+            "DEBUG (figures not representative)"
+        } else {
+            "release"
+        }
+    );
+}
+
+pub fn outcome(o: &Outcome) {
+    let t = &o.tally;
+    let errors = if t.errors.is_empty() {
+        "none".to_string()
+    } else {
+        t.errors
+            .iter()
+            .map(|(code, n)| format!("{code} {n}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let memory = o
+        .memory
+        .iter()
+        .map(|(name, idle, end)| {
+            format!("{name} {} -> peak {}", mib(idle.rss_kib), mib(end.peak_kib))
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    let unit = if o.scenario == "renewals" {
+        "renewals"
+    } else {
+        "calls"
+    };
+    println!(
+        "\n## {} ({})\n{}; setup {} s (not timed)\n{unit} {} in {} s: ok {}, errors: {errors}\nthroughput {} {unit}/s; latency p50 {} ms, p99 {} ms, max {} ms\nmemory MiB (RSS before load -> VmHWM at end): {memory}\ncheck: {}",
+        o.scenario,
+        o.backend.name(),
+        o.what,
+        seconds(o.setup),
+        t.calls(),
+        seconds(t.elapsed),
+        t.ok,
+        t.throughput(),
+        ms(t.permille(500)),
+        ms(t.permille(990)),
+        ms(t.permille(1000)),
+        match &o.check {
+            Ok(s) => s.clone(),
+            Err(e) => format!("FAILED: {e}"),
+        }
+    );
+}
+
+fn baseline_for<'a>(scenario: &str, baselines: Option<&'a Baselines>) -> Option<&'a Baseline> {
+    match (scenario, baselines?) {
+        ("spread" | "reserve-capture", Baselines::Ran { spread, .. }) => Some(spread),
+        ("hot" | "reseller-hot", Baselines::Ran { hot, .. }) => Some(hot),
+        _ => None,
+    }
+}
+
+pub fn summary(outcomes: &[Outcome], baselines: Option<&Baselines>, settings: &Settings) {
+    println!(
+        "\n## Summary ({} s per scenario)\n\n| scenario | backend | callers | calls | errors | calls/s | p50 ms | p99 ms | max ms | vs pgbench | RSS MiB before → peak (wallet / reseller / subscription) | check |\n|---|---|--:|--:|--:|--:|--:|--:|--:|--:|---|---|",
+        settings.seconds
+    );
+    for o in outcomes {
+        let t = &o.tally;
+        let errors: u64 = t.errors.values().sum();
+        let vs = match baseline_for(o.scenario, baselines) {
+            Some(b) if o.backend == Backend::Postgres => ratio(t.throughput(), b.tps),
+            _ => "-".into(),
+        };
+        let memory = o
+            .memory
+            .iter()
+            .map(|(_, idle, end)| format!("{} → {}", mib(idle.rss_kib), mib(end.peak_kib)))
+            .collect::<Vec<_>>()
+            .join(" / ");
+        println!(
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            o.scenario,
+            o.backend.name(),
+            if o.scenario == "renewals" {
+                "-".to_string()
+            } else {
+                t.tasks.to_string()
+            },
+            t.calls(),
+            errors,
+            t.throughput(),
+            ms(t.permille(500)),
+            ms(t.permille(990)),
+            ms(t.permille(1000)),
+            vs,
+            memory,
+            if o.check.is_ok() { "ok" } else { "FAILED" }
+        );
+    }
+    match baselines {
+        Some(Baselines::Ran { hot, spread }) => {
+            println!(
+                "\npgbench on the same PostgreSQL, {} s each, one UPDATE per transaction:\n",
+                settings.seconds
+            );
+            for b in [hot, spread] {
+                println!(
+                    "- {}: {} tps with {} clients, latency average {} ms",
+                    b.name, b.tps, b.clients, b.latency_avg_ms
+                );
+            }
+            println!(
+                "\n\"vs pgbench\" = our successful calls/s on PostgreSQL / pgbench tps (hot and reseller-hot against the hot-row UPDATE, spread and reserve-capture against the spread UPDATE)."
+            );
+        }
+        Some(Baselines::Missing(why)) => println!("\npgbench: not run ({why})"),
+        None => println!("\npgbench: not run (PostgreSQL backend not selected)"),
+    }
+}
