@@ -123,4 +123,6 @@ mod readme;
 #[cfg(test)]
 mod scenarios;
 #[cfg(test)]
+mod secrets;
+#[cfg(test)]
 mod security;
