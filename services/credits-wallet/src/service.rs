@@ -74,6 +74,12 @@ enum Begun<R> {
     Fresh(Transaction<'static, Any>),
 }
 
+/// A claimed key and the wallet locked in its transaction, due housekeeping applied.
+enum Locked<R> {
+    Replay(Result<R, Status>),
+    Fresh(Transaction<'static, Any>, Box<Account>),
+}
+
 /// A new wallet.
 pub struct OpenWallet {
     /// Id chosen by the caller.
@@ -134,6 +140,22 @@ impl Wallets {
             Claimed::Replay(r) => Ok(Begun::Replay(r)),
             Claimed::New => Ok(Begun::Fresh(tx)),
         }
+    }
+
+    /// The start of every single-wallet mutation: claim `key`, lock `wallet_id`, and remove what
+    /// is due (expired lots, lapsed holds) so expired credits never count.
+    async fn begin_on<R: Message + Default>(
+        &self,
+        key: &IdempotencyKey,
+        wallet_id: &str,
+    ) -> Result<Locked<R>, WalletError> {
+        let mut tx = match self.begin::<R>(key).await? {
+            Begun::Replay(r) => return Ok(Locked::Replay(r)),
+            Begun::Fresh(tx) => tx,
+        };
+        let mut acct = Account::lock(&mut tx, &self.db, wallet_id, self.now()).await?;
+        acct.housekeeping(&mut tx).await?;
+        Ok(Locked::Fresh(tx, Box::new(acct)))
     }
 
     async fn begin_bytes(&self, key: &IdempotencyKey) -> Result<Begun<Vec<u8>>, WalletError> {
@@ -354,12 +376,10 @@ impl Wallets {
         expires_at: Option<DateTime<Utc>>,
         reference: &str,
     ) -> Result<pb::WalletChange, WalletError> {
-        let mut tx = match self.begin::<pb::WalletChange>(key).await? {
-            Begun::Replay(r) => return Self::replayed(r),
-            Begun::Fresh(tx) => tx,
+        let (tx, mut acct) = match self.begin_on::<pb::WalletChange>(key, wallet_id).await? {
+            Locked::Replay(r) => return Self::replayed(r),
+            Locked::Fresh(tx, acct) => (tx, *acct),
         };
-        let mut acct = Account::lock(&mut tx, &self.db, wallet_id, self.now()).await?;
-        acct.housekeeping(&mut tx).await?;
         if expires_at.is_some_and(|e| e <= acct.now) {
             return Err(WalletError::invalid("expires_at", "must be in the future"));
         }
@@ -391,12 +411,10 @@ impl Wallets {
         delta: i64,
         reason: &str,
     ) -> Result<pb::WalletChange, WalletError> {
-        let mut tx = match self.begin::<pb::WalletChange>(key).await? {
-            Begun::Replay(r) => return Self::replayed(r),
-            Begun::Fresh(tx) => tx,
+        let (tx, mut acct) = match self.begin_on::<pb::WalletChange>(key, wallet_id).await? {
+            Locked::Replay(r) => return Self::replayed(r),
+            Locked::Fresh(tx, acct) => (tx, *acct),
         };
-        let mut acct = Account::lock(&mut tx, &self.db, wallet_id, self.now()).await?;
-        acct.housekeeping(&mut tx).await?;
         let before = acct.clone();
         let reference = format!("adjustment:{}", key.key());
         let entry = if delta > 0 {
@@ -496,12 +514,10 @@ impl Wallets {
         top_up: AutoTopUp,
         payment_method: &str,
     ) -> Result<pb::Wallet, WalletError> {
-        let mut tx = match self.begin::<pb::Wallet>(key).await? {
-            Begun::Replay(r) => return Self::replayed(r),
-            Begun::Fresh(tx) => tx,
+        let (tx, mut acct) = match self.begin_on::<pb::Wallet>(key, wallet_id).await? {
+            Locked::Replay(r) => return Self::replayed(r),
+            Locked::Fresh(tx, acct) => (tx, *acct),
         };
-        let mut acct = Account::lock(&mut tx, &self.db, wallet_id, self.now()).await?;
-        acct.housekeeping(&mut tx).await?;
         if !payment_method.is_empty() {
             acct.wallet.payment_method = payment_method.to_string();
         }
@@ -523,12 +539,10 @@ impl Wallets {
         wallet_id: &str,
         threshold: Option<i64>,
     ) -> Result<pb::Wallet, WalletError> {
-        let mut tx = match self.begin::<pb::Wallet>(key).await? {
-            Begun::Replay(r) => return Self::replayed(r),
-            Begun::Fresh(tx) => tx,
+        let (tx, mut acct) = match self.begin_on::<pb::Wallet>(key, wallet_id).await? {
+            Locked::Replay(r) => return Self::replayed(r),
+            Locked::Fresh(tx, acct) => (tx, *acct),
         };
-        let mut acct = Account::lock(&mut tx, &self.db, wallet_id, self.now()).await?;
-        acct.housekeeping(&mut tx).await?;
         acct.set_reminder(threshold);
         let response = convert::wallet(&acct);
         self.finish(tx, acct, key, response).await
@@ -542,12 +556,10 @@ impl Wallets {
         mode: FundingMode,
         payment_method: &str,
     ) -> Result<pb::Wallet, WalletError> {
-        let mut tx = match self.begin::<pb::Wallet>(key).await? {
-            Begun::Replay(r) => return Self::replayed(r),
-            Begun::Fresh(tx) => tx,
+        let (tx, mut acct) = match self.begin_on::<pb::Wallet>(key, wallet_id).await? {
+            Locked::Replay(r) => return Self::replayed(r),
+            Locked::Fresh(tx, acct) => (tx, *acct),
         };
-        let mut acct = Account::lock(&mut tx, &self.db, wallet_id, self.now()).await?;
-        acct.housekeeping(&mut tx).await?;
         if !payment_method.is_empty() {
             acct.wallet.payment_method = payment_method.to_string();
         }
@@ -573,12 +585,10 @@ impl Wallets {
         expires_at: Option<DateTime<Utc>>,
         expected: Option<Money>,
     ) -> Result<pb::Purchase, WalletError> {
-        let mut tx = match self.begin::<pb::Purchase>(key).await? {
-            Begun::Replay(r) => return Self::replayed(r),
-            Begun::Fresh(tx) => tx,
+        let (mut tx, acct) = match self.begin_on::<pb::Purchase>(key, wallet_id).await? {
+            Locked::Replay(r) => return Self::replayed(r),
+            Locked::Fresh(tx, acct) => (tx, *acct),
         };
-        let mut acct = Account::lock(&mut tx, &self.db, wallet_id, self.now()).await?;
-        acct.housekeeping(&mut tx).await?;
         let purchase = match store::purchase_by_origin(&mut tx, key.key()).await? {
             Some(p) => p,
             None => {
@@ -622,12 +632,10 @@ impl Wallets {
 
         let outcome = self.pay(&purchase).await;
 
-        let mut tx = match self.begin::<pb::Purchase>(key).await? {
-            Begun::Replay(r) => return Self::replayed(r),
-            Begun::Fresh(tx) => tx,
+        let (mut tx, mut acct) = match self.begin_on::<pb::Purchase>(key, wallet_id).await? {
+            Locked::Replay(r) => return Self::replayed(r),
+            Locked::Fresh(tx, acct) => (tx, *acct),
         };
-        let mut acct = Account::lock(&mut tx, &self.db, wallet_id, self.now()).await?;
-        acct.housekeeping(&mut tx).await?;
         let mut p = store::purchase(&mut tx, &purchase.purchase_id)
             .await?
             .ok_or_else(|| runtime::db::DbError::Corrupt("purchase vanished".into()))?;
@@ -912,12 +920,10 @@ impl Wallets {
         reservation_id: &str,
         recipients_sent: u64,
     ) -> Result<pb::Reservation, WalletError> {
-        let mut tx = match self.begin::<pb::Reservation>(key).await? {
-            Begun::Replay(r) => return Self::replayed(r),
-            Begun::Fresh(tx) => tx,
+        let (mut tx, mut acct) = match self.begin_on::<pb::Reservation>(key, wallet_id).await? {
+            Locked::Replay(r) => return Self::replayed(r),
+            Locked::Fresh(tx, acct) => (tx, *acct),
         };
-        let mut acct = Account::lock(&mut tx, &self.db, wallet_id, self.now()).await?;
-        acct.housekeeping(&mut tx).await?;
         let mut r = self
             .active_reservation(&mut tx, &acct, wallet_id, reservation_id)
             .await?;
@@ -964,12 +970,10 @@ impl Wallets {
         wallet_id: &str,
         reservation_id: &str,
     ) -> Result<pb::Reservation, WalletError> {
-        let mut tx = match self.begin::<pb::Reservation>(key).await? {
-            Begun::Replay(r) => return Self::replayed(r),
-            Begun::Fresh(tx) => tx,
+        let (mut tx, mut acct) = match self.begin_on::<pb::Reservation>(key, wallet_id).await? {
+            Locked::Replay(r) => return Self::replayed(r),
+            Locked::Fresh(tx, acct) => (tx, *acct),
         };
-        let mut acct = Account::lock(&mut tx, &self.db, wallet_id, self.now()).await?;
-        acct.housekeeping(&mut tx).await?;
         let mut r = self
             .active_reservation(&mut tx, &acct, wallet_id, reservation_id)
             .await?;
