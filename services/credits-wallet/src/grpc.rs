@@ -2,11 +2,11 @@
 //! cases, maps errors to status codes. No business rule lives here.
 
 use chrono::{DateTime, Utc};
-use prost::Message;
 use proto::{
     common::v1::{Event, WatchEventsRequest},
     wallet::v1::{self as pb, credits_wallet_server::CreditsWallet},
 };
+use runtime::convert::{reply as ok, reply_decoded as decoded};
 use runtime::{Platform, idempotency::IdempotencyKey};
 use shared::{Currency, Money};
 use tokio_stream::wrappers::ReceiverStream;
@@ -82,21 +82,6 @@ fn instant(
         .map_err(|s| WalletError::invalid(field, s.message().to_string()))
 }
 
-fn key<M: Message>(op: &'static str, k: &str, req: &M) -> Result<IdempotencyKey, Status> {
-    IdempotencyKey::new(op, k, req)
-}
-
-fn ok<T>(r: Result<T, WalletError>) -> Result<Response<T>, Status> {
-    r.map(Response::new).map_err(Status::from)
-}
-
-fn decoded<T: Message + Default>(r: Result<Vec<u8>, WalletError>) -> Result<Response<T>, Status> {
-    let bytes = r.map_err(Status::from)?;
-    T::decode(bytes.as_slice())
-        .map(Response::new)
-        .map_err(|_| Status::internal("internal error"))
-}
-
 #[tonic::async_trait]
 impl CreditsWallet for CreditsWalletApi {
     #[tracing::instrument(skip_all, fields(wallet = %req.get_ref().wallet_id))]
@@ -105,7 +90,7 @@ impl CreditsWallet for CreditsWalletApi {
         req: Request<pb::OpenWalletRequest>,
     ) -> Result<Response<pb::Wallet>, Status> {
         let r = req.into_inner();
-        let key = key("OpenWallet", &r.idempotency_key, &r)?;
+        let key = IdempotencyKey::new("OpenWallet", &r.idempotency_key, &r)?;
         let cmd = (|| {
             let currency = currency(&r.currency)?;
             let signup_credits = if r.signup_credits == 0 {
@@ -163,7 +148,7 @@ impl CreditsWallet for CreditsWalletApi {
         req: Request<pb::PurchaseCreditsRequest>,
     ) -> Result<Response<pb::Purchase>, Status> {
         let r = req.into_inner();
-        let key = key("PurchaseCredits", &r.idempotency_key, &r)?;
+        let key = IdempotencyKey::new("PurchaseCredits", &r.idempotency_key, &r)?;
         let wallet_id = id("wallet_id", &r.wallet_id)?;
         let n = credits("credits", r.credits)?;
         payment_method("payment_method", &r.payment_method)?;
@@ -186,7 +171,7 @@ impl CreditsWallet for CreditsWalletApi {
         req: Request<pb::GrantCreditsRequest>,
     ) -> Result<Response<pb::WalletChange>, Status> {
         let r = req.into_inner();
-        let key = key("GrantCredits", &r.idempotency_key, &r)?;
+        let key = IdempotencyKey::new("GrantCredits", &r.idempotency_key, &r)?;
         let wallet_id = id("wallet_id", &r.wallet_id)?;
         let n = credits("credits", r.credits)?;
         let kind = convert::grant_kind(r.kind)?;
@@ -216,7 +201,7 @@ impl CreditsWallet for CreditsWalletApi {
         req: Request<pb::ChargeMailingRequest>,
     ) -> Result<Response<pb::MailingCharge>, Status> {
         let r = req.into_inner();
-        let key = key("ChargeMailing", &r.idempotency_key, &r)?;
+        let key = IdempotencyKey::new("ChargeMailing", &r.idempotency_key, &r)?;
         let wallet_id = id("wallet_id", &r.wallet_id)?;
         let spend = Spend::Charge {
             mailing_id: id("mailing_id", &r.mailing_id)?.to_string(),
@@ -231,7 +216,7 @@ impl CreditsWallet for CreditsWalletApi {
         req: Request<pb::ReserveCreditsRequest>,
     ) -> Result<Response<pb::Reservation>, Status> {
         let r = req.into_inner();
-        let key = key("ReserveCredits", &r.idempotency_key, &r)?;
+        let key = IdempotencyKey::new("ReserveCredits", &r.idempotency_key, &r)?;
         let wallet_id = id("wallet_id", &r.wallet_id)?;
         let ttl_seconds = match r.ttl_seconds {
             0 => DEFAULT_HOLD_TTL_SECONDS,
@@ -256,7 +241,7 @@ impl CreditsWallet for CreditsWalletApi {
         req: Request<pb::CaptureReservationRequest>,
     ) -> Result<Response<pb::Reservation>, Status> {
         let r = req.into_inner();
-        let key = key("CaptureReservation", &r.idempotency_key, &r)?;
+        let key = IdempotencyKey::new("CaptureReservation", &r.idempotency_key, &r)?;
         let wallet_id = id("wallet_id", &r.wallet_id)?;
         let reservation_id = id("reservation_id", &r.reservation_id)?;
         if r.recipients_sent > shared::rating::MAX_RECIPIENTS {
@@ -278,7 +263,7 @@ impl CreditsWallet for CreditsWalletApi {
         req: Request<pb::ReleaseReservationRequest>,
     ) -> Result<Response<pb::Reservation>, Status> {
         let r = req.into_inner();
-        let key = key("ReleaseReservation", &r.idempotency_key, &r)?;
+        let key = IdempotencyKey::new("ReleaseReservation", &r.idempotency_key, &r)?;
         let wallet_id = id("wallet_id", &r.wallet_id)?;
         let reservation_id = id("reservation_id", &r.reservation_id)?;
         ok(self.wallets.release(&key, wallet_id, reservation_id).await)
@@ -290,7 +275,7 @@ impl CreditsWallet for CreditsWalletApi {
         req: Request<pb::ConfigureAutoTopUpRequest>,
     ) -> Result<Response<pb::Wallet>, Status> {
         let r = req.into_inner();
-        let key = key("ConfigureAutoTopUp", &r.idempotency_key, &r)?;
+        let key = IdempotencyKey::new("ConfigureAutoTopUp", &r.idempotency_key, &r)?;
         let wallet_id = id("wallet_id", &r.wallet_id)?;
         let top_up = convert::auto_top_up_from(r.auto_top_up.as_ref())?;
         payment_method("payment_method", &r.payment_method)?;
@@ -306,7 +291,7 @@ impl CreditsWallet for CreditsWalletApi {
         req: Request<pb::ConfigureLowBalanceReminderRequest>,
     ) -> Result<Response<pb::Wallet>, Status> {
         let r = req.into_inner();
-        let key = key("ConfigureLowBalanceReminder", &r.idempotency_key, &r)?;
+        let key = IdempotencyKey::new("ConfigureLowBalanceReminder", &r.idempotency_key, &r)?;
         let wallet_id = id("wallet_id", &r.wallet_id)?;
         let threshold = match r.threshold {
             0 => None,
@@ -324,7 +309,7 @@ impl CreditsWallet for CreditsWalletApi {
         req: Request<pb::SetFundingModeRequest>,
     ) -> Result<Response<pb::Wallet>, Status> {
         let r = req.into_inner();
-        let key = key("SetFundingMode", &r.idempotency_key, &r)?;
+        let key = IdempotencyKey::new("SetFundingMode", &r.idempotency_key, &r)?;
         let wallet_id = id("wallet_id", &r.wallet_id)?;
         let mode = convert::funding_from(r.funding_mode)?;
         payment_method("payment_method", &r.payment_method)?;
@@ -340,7 +325,7 @@ impl CreditsWallet for CreditsWalletApi {
         req: Request<pb::AdjustCreditsRequest>,
     ) -> Result<Response<pb::WalletChange>, Status> {
         let r = req.into_inner();
-        let key = key("AdjustCredits", &r.idempotency_key, &r)?;
+        let key = IdempotencyKey::new("AdjustCredits", &r.idempotency_key, &r)?;
         let wallet_id = id("wallet_id", &r.wallet_id)?;
         if r.delta == 0 || r.delta.unsigned_abs() > MAX_CREDITS.unsigned_abs() {
             return Err(WalletError::invalid(
@@ -364,7 +349,7 @@ impl CreditsWallet for CreditsWalletApi {
         req: Request<pb::TransferCreditsRequest>,
     ) -> Result<Response<pb::CreditTransfer>, Status> {
         let r = req.into_inner();
-        let key = key("TransferCredits", &r.idempotency_key, &r)?;
+        let key = IdempotencyKey::new("TransferCredits", &r.idempotency_key, &r)?;
         let from = id("from_wallet_id", &r.from_wallet_id)?;
         let to = id("to_wallet_id", &r.to_wallet_id)?;
         if from == to {

@@ -1,11 +1,11 @@
 //! `billing.reseller.v1.ResellerBilling`: validates requests, enforces that a partner-bound
 //! token acts only for its partner, calls the use cases, maps errors to status codes.
 
-use prost::Message;
 use proto::{
     common::v1::{Event, WatchEventsRequest},
     reseller::v1::{self as pb, reseller_billing_server::ResellerBilling},
 };
+use runtime::convert::{reply as ok, reply_decoded as decoded};
 use runtime::{Platform, auth, idempotency::IdempotencyKey};
 use shared::Currency;
 use tokio_stream::wrappers::ReceiverStream;
@@ -88,21 +88,6 @@ fn recipients(field: &'static str, n: u64, allow_zero: bool) -> Result<u64, Rese
     Ok(n)
 }
 
-fn key<M: Message>(op: &'static str, k: &str, req: &M) -> Result<IdempotencyKey, Status> {
-    IdempotencyKey::new(op, k, req)
-}
-
-fn ok<T>(r: Result<T, ResellerError>) -> Result<Response<T>, Status> {
-    r.map(Response::new).map_err(Status::from)
-}
-
-fn decoded<T: Message + Default>(r: Result<Vec<u8>, ResellerError>) -> Result<Response<T>, Status> {
-    let bytes = r.map_err(Status::from)?;
-    T::decode(bytes.as_slice())
-        .map(Response::new)
-        .map_err(|_| Status::internal("internal error"))
-}
-
 #[tonic::async_trait]
 impl ResellerBilling for ResellerBillingApi {
     #[tracing::instrument(skip_all, fields(partner = %req.get_ref().partner_id))]
@@ -112,7 +97,7 @@ impl ResellerBilling for ResellerBillingApi {
     ) -> Result<Response<pb::Partner>, Status> {
         let partner_id = partner(&req, &req.get_ref().partner_id)?.to_string();
         let r = req.into_inner();
-        let key = key("RegisterPartner", &r.idempotency_key, &r)?;
+        let key = IdempotencyKey::new("RegisterPartner", &r.idempotency_key, &r)?;
         let currency: Currency = r.currency.parse().map_err(|_| {
             ResellerError::invalid(
                 "currency",
@@ -188,7 +173,7 @@ impl ResellerBilling for ResellerBillingApi {
     ) -> Result<Response<pb::Customer>, Status> {
         let partner_id = partner(&req, &req.get_ref().partner_id)?.to_string();
         let r = req.into_inner();
-        let key = key("AddCustomer", &r.idempotency_key, &r)?;
+        let key = IdempotencyKey::new("AddCustomer", &r.idempotency_key, &r)?;
         let customer_id = id("customer_id", &r.customer_id)?;
         let mode = billing_mode(r.billing_mode)?;
         ok(self
@@ -232,7 +217,7 @@ impl ResellerBilling for ResellerBillingApi {
     ) -> Result<Response<pb::Customer>, Status> {
         let partner_id = partner(&req, &req.get_ref().partner_id)?.to_string();
         let r = req.into_inner();
-        let key = key("SuspendCustomer", &r.idempotency_key, &r)?;
+        let key = IdempotencyKey::new("SuspendCustomer", &r.idempotency_key, &r)?;
         let customer_id = id("customer_id", &r.customer_id)?;
         ok(self
             .resellers
@@ -252,7 +237,7 @@ impl ResellerBilling for ResellerBillingApi {
     ) -> Result<Response<pb::Customer>, Status> {
         let partner_id = partner(&req, &req.get_ref().partner_id)?.to_string();
         let r = req.into_inner();
-        let key = key("SetBillingMode", &r.idempotency_key, &r)?;
+        let key = IdempotencyKey::new("SetBillingMode", &r.idempotency_key, &r)?;
         let customer_id = id("customer_id", &r.customer_id)?;
         let mode = billing_mode(r.billing_mode)?;
         ok(self
@@ -273,7 +258,7 @@ impl ResellerBilling for ResellerBillingApi {
     ) -> Result<Response<pb::RoutedCharge>, Status> {
         let partner_id = partner(&req, &req.get_ref().partner_id)?.to_string();
         let r = req.into_inner();
-        let key = key("ChargeMailing", &r.idempotency_key, &r)?;
+        let key = IdempotencyKey::new("ChargeMailing", &r.idempotency_key, &r)?;
         let customer_id = id("customer_id", &r.customer_id)?;
         let mailing_id = id("mailing_id", &r.mailing_id)?;
         let n = recipients("recipients", r.recipients, false)?;
@@ -291,7 +276,7 @@ impl ResellerBilling for ResellerBillingApi {
     ) -> Result<Response<pb::RoutedReservation>, Status> {
         let partner_id = partner(&req, &req.get_ref().partner_id)?.to_string();
         let r = req.into_inner();
-        let key = key("ReserveMailing", &r.idempotency_key, &r)?;
+        let key = IdempotencyKey::new("ReserveMailing", &r.idempotency_key, &r)?;
         let customer_id = id("customer_id", &r.customer_id)?;
         let mailing_id = id("mailing_id", &r.mailing_id)?;
         let n = recipients("recipients", r.recipients, false)?;
@@ -318,7 +303,7 @@ impl ResellerBilling for ResellerBillingApi {
     ) -> Result<Response<pb::RoutedReservation>, Status> {
         let partner_id = partner(&req, &req.get_ref().partner_id)?.to_string();
         let r = req.into_inner();
-        let key = key("CaptureMailing", &r.idempotency_key, &r)?;
+        let key = IdempotencyKey::new("CaptureMailing", &r.idempotency_key, &r)?;
         let customer_id = id("customer_id", &r.customer_id)?;
         let reservation_id = id("reservation_id", &r.reservation_id)?;
         let sent = recipients("recipients_sent", r.recipients_sent, true)?;
@@ -335,7 +320,7 @@ impl ResellerBilling for ResellerBillingApi {
     ) -> Result<Response<pb::RoutedReservation>, Status> {
         let partner_id = partner(&req, &req.get_ref().partner_id)?.to_string();
         let r = req.into_inner();
-        let key = key("ReleaseMailing", &r.idempotency_key, &r)?;
+        let key = IdempotencyKey::new("ReleaseMailing", &r.idempotency_key, &r)?;
         let customer_id = id("customer_id", &r.customer_id)?;
         let reservation_id = id("reservation_id", &r.reservation_id)?;
         ok(self
@@ -351,7 +336,7 @@ impl ResellerBilling for ResellerBillingApi {
     ) -> Result<Response<pb::Customer>, Status> {
         let partner_id = partner(&req, &req.get_ref().partner_id)?.to_string();
         let r = req.into_inner();
-        let key = key("SetCustomerLimit", &r.idempotency_key, &r)?;
+        let key = IdempotencyKey::new("SetCustomerLimit", &r.idempotency_key, &r)?;
         let customer_id = id("customer_id", &r.customer_id)?;
         let limit = i64::try_from(r.monthly_credit_limit)
             .ok()
@@ -372,7 +357,7 @@ impl ResellerBilling for ResellerBillingApi {
     ) -> Result<Response<pb::Allocation>, Status> {
         let partner_id = partner(&req, &req.get_ref().partner_id)?.to_string();
         let r = req.into_inner();
-        let key = key("AllocateCredits", &r.idempotency_key, &r)?;
+        let key = IdempotencyKey::new("AllocateCredits", &r.idempotency_key, &r)?;
         let customer_id = id("customer_id", &r.customer_id)?;
         if r.credits == 0 || r.credits > 1_000_000_000_000 {
             return Err(ResellerError::invalid("credits", "must be 1 to 10^12").into());
@@ -390,7 +375,7 @@ impl ResellerBilling for ResellerBillingApi {
     ) -> Result<Response<pb::Partner>, Status> {
         let partner_id = partner(&req, &req.get_ref().partner_id)?.to_string();
         let r = req.into_inner();
-        let key = key("SetResalePrices", &r.idempotency_key, &r)?;
+        let key = IdempotencyKey::new("SetResalePrices", &r.idempotency_key, &r)?;
         let prices = r
             .resale_prices
             .as_ref()
@@ -418,7 +403,7 @@ impl ResellerBilling for ResellerBillingApi {
     ) -> Result<Response<pb::Partner>, Status> {
         let partner_id = partner(&req, &req.get_ref().partner_id)?.to_string();
         let r = req.into_inner();
-        let key = key("ConfigurePartnerReminder", &r.idempotency_key, &r)?;
+        let key = IdempotencyKey::new("ConfigurePartnerReminder", &r.idempotency_key, &r)?;
         ok(self
             .resellers
             .partner_reminder(&key, &partner_id, r.threshold)
@@ -432,7 +417,7 @@ impl ResellerBilling for ResellerBillingApi {
     ) -> Result<Response<pb::Partner>, Status> {
         let partner_id = partner(&req, &req.get_ref().partner_id)?.to_string();
         let r = req.into_inner();
-        let key = key("ConfigurePartnerAutoTopUp", &r.idempotency_key, &r)?;
+        let key = IdempotencyKey::new("ConfigurePartnerAutoTopUp", &r.idempotency_key, &r)?;
         let top_up = r
             .auto_top_up
             .ok_or_else(|| ResellerError::invalid("auto_top_up", "is required"))?;

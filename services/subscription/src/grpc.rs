@@ -2,11 +2,11 @@
 //! commands, check the actor (S5), call the use cases, map errors to status codes. No business
 //! rule lives here.
 
-use prost::Message;
 use proto::{
     common::v1::{Event, WatchEventsRequest},
     subscription::v1::{self as pb, catalog_server::Catalog, subscriptions_server::Subscriptions},
 };
+use runtime::convert::reply as ok;
 use runtime::{Platform, auth::Scope, idempotency::IdempotencyKey};
 use rust_decimal::Decimal;
 use shared::Money;
@@ -34,14 +34,6 @@ fn id<'a>(field: &'static str, value: &'a str) -> Result<&'a str, SubError> {
         ));
     }
     Ok(value)
-}
-
-fn key<M: Message>(op: &'static str, k: &str, req: &M) -> Result<IdempotencyKey, Status> {
-    IdempotencyKey::new(op, k, req)
-}
-
-fn ok<T>(r: Result<T, SubError>) -> Result<Response<T>, Status> {
-    r.map(Response::new).map_err(Status::from)
 }
 
 /// S5: a request for an end user needs the act-for-user scope and a user with billing
@@ -152,7 +144,7 @@ impl Catalog for CatalogApi {
         req: Request<pb::PublishPlanRequest>,
     ) -> Result<Response<pb::Plan>, Status> {
         let r = req.into_inner();
-        let key = key("PublishPlan", &r.idempotency_key, &r)?;
+        let key = IdempotencyKey::new("PublishPlan", &r.idempotency_key, &r)?;
         let spec = r
             .plan
             .as_ref()
@@ -225,7 +217,7 @@ impl Subscriptions for SubscriptionsApi {
         let who = actor(&req, req.get_ref().actor.as_ref())?;
         let admin = runtime::auth::principal(&req)?.has(Scope::Admin);
         let r = req.into_inner();
-        let key = key("StartTrial", &r.idempotency_key, &r)?;
+        let key = IdempotencyKey::new("StartTrial", &r.idempotency_key, &r)?;
         let account = id("account_id", &r.account_id)?;
         id("plan_id", &r.plan_id)?;
         let terms = r.terms_override.as_ref().map(convert::terms_from);
@@ -249,7 +241,7 @@ impl Subscriptions for SubscriptionsApi {
     ) -> Result<Response<pb::Subscription>, Status> {
         let who = actor(&req, req.get_ref().actor.as_ref())?;
         let r = req.into_inner();
-        let key = key("Subscribe", &r.idempotency_key, &r)?;
+        let key = IdempotencyKey::new("Subscribe", &r.idempotency_key, &r)?;
         let account = id("account_id", &r.account_id)?.to_string();
         id("plan_id", &r.plan_id)?;
         let payment = payment_choice(r.payment.as_ref())?;
@@ -285,7 +277,7 @@ impl Subscriptions for SubscriptionsApi {
     ) -> Result<Response<pb::VerifyAccountResponse>, Status> {
         let who = actor(&req, req.get_ref().actor.as_ref())?;
         let r = req.into_inner();
-        let key = key("VerifyAccount", &r.idempotency_key, &r)?;
+        let key = IdempotencyKey::new("VerifyAccount", &r.idempotency_key, &r)?;
         let account = id("account_id", &r.account_id)?;
         ok(self.cases.verify_account(&key, &who, account).await)
     }
@@ -297,7 +289,7 @@ impl Subscriptions for SubscriptionsApi {
     ) -> Result<Response<pb::AdmitContactsResponse>, Status> {
         actor(&req, req.get_ref().actor.as_ref())?;
         let r = req.into_inner();
-        let key = key("AdmitContacts", &r.idempotency_key, &r)?;
+        let key = IdempotencyKey::new("AdmitContacts", &r.idempotency_key, &r)?;
         let account = id("account_id", &r.account_id)?;
         let n = count("contacts", r.contacts)?;
         ok(self.cases.admit_contacts(&key, account, n).await)
@@ -310,7 +302,7 @@ impl Subscriptions for SubscriptionsApi {
     ) -> Result<Response<pb::ContactUsage>, Status> {
         actor(&req, req.get_ref().actor.as_ref())?;
         let r = req.into_inner();
-        let key = key("ReleaseContacts", &r.idempotency_key, &r)?;
+        let key = IdempotencyKey::new("ReleaseContacts", &r.idempotency_key, &r)?;
         let account = id("account_id", &r.account_id)?;
         if r.subscribed == 0 && r.pending == 0 {
             return Err(SubError::invalid("subscribed", "release at least one contact").into());
@@ -351,7 +343,7 @@ impl Subscriptions for SubscriptionsApi {
     ) -> Result<Response<pb::ApplyChangeResponse>, Status> {
         let who = actor(&req, req.get_ref().actor.as_ref())?;
         let r = req.into_inner();
-        let key = key("ApplyChange", &r.idempotency_key, &r)?;
+        let key = IdempotencyKey::new("ApplyChange", &r.idempotency_key, &r)?;
         let account = id("account_id", &r.account_id)?;
         let asked = convert::change_from(r.change.as_ref())?;
         id("preview_token", &r.preview_token)?;
@@ -381,7 +373,7 @@ impl Subscriptions for SubscriptionsApi {
     ) -> Result<Response<pb::ChangeRequest>, Status> {
         let who = actor(&req, req.get_ref().actor.as_ref())?;
         let r = req.into_inner();
-        let key = key("ResolveChangeRequest", &r.idempotency_key, &r)?;
+        let key = IdempotencyKey::new("ResolveChangeRequest", &r.idempotency_key, &r)?;
         let request_id = id("request_id", &r.request_id)?;
         if r.note.len() > 1_000 {
             return Err(SubError::invalid("note", "at most 1,000 characters").into());
@@ -399,7 +391,7 @@ impl Subscriptions for SubscriptionsApi {
     ) -> Result<Response<pb::CancelAddOnResponse>, Status> {
         let who = actor(&req, req.get_ref().actor.as_ref())?;
         let r = req.into_inner();
-        let key = key("CancelAddOn", &r.idempotency_key, &r)?;
+        let key = IdempotencyKey::new("CancelAddOn", &r.idempotency_key, &r)?;
         let account = id("account_id", &r.account_id)?;
         let code = id("add_on", &r.add_on)?;
         ok(self.cases.cancel_add_on(&key, &who, account, code).await)
@@ -412,7 +404,7 @@ impl Subscriptions for SubscriptionsApi {
     ) -> Result<Response<pb::Subscription>, Status> {
         let who = actor(&req, req.get_ref().actor.as_ref())?;
         let r = req.into_inner();
-        let key = key("Cancel", &r.idempotency_key, &r)?;
+        let key = IdempotencyKey::new("Cancel", &r.idempotency_key, &r)?;
         let account = id("account_id", &r.account_id)?;
         ok(self.cases.cancel(&key, &who, account, false).await)
     }
@@ -424,7 +416,7 @@ impl Subscriptions for SubscriptionsApi {
     ) -> Result<Response<pb::Subscription>, Status> {
         let who = actor(&req, req.get_ref().actor.as_ref())?;
         let r = req.into_inner();
-        let key = key("Resume", &r.idempotency_key, &r)?;
+        let key = IdempotencyKey::new("Resume", &r.idempotency_key, &r)?;
         let account = id("account_id", &r.account_id)?;
         ok(self.cases.cancel(&key, &who, account, true).await)
     }
@@ -458,7 +450,7 @@ impl Subscriptions for SubscriptionsApi {
     ) -> Result<Response<pb::Invoice>, Status> {
         let who = actor(&req, req.get_ref().actor.as_ref())?;
         let r = req.into_inner();
-        let key = key("RecordBankTransfer", &r.idempotency_key, &r)?;
+        let key = IdempotencyKey::new("RecordBankTransfer", &r.idempotency_key, &r)?;
         let invoice = id("invoice_id", &r.invoice_id)?;
         let amount = r
             .amount
@@ -481,7 +473,7 @@ impl Subscriptions for SubscriptionsApi {
     ) -> Result<Response<pb::UpdatePaymentMethodResponse>, Status> {
         let who = actor(&req, req.get_ref().actor.as_ref())?;
         let r = req.into_inner();
-        let key = key("UpdatePaymentMethod", &r.idempotency_key, &r)?;
+        let key = IdempotencyKey::new("UpdatePaymentMethod", &r.idempotency_key, &r)?;
         let account = id("account_id", &r.account_id)?;
         let payment = payment_choice(r.payment.as_ref())?;
         ok(self
@@ -508,7 +500,7 @@ impl Subscriptions for SubscriptionsApi {
     ) -> Result<Response<pb::SendingDecision>, Status> {
         actor(&req, req.get_ref().actor.as_ref())?;
         let r = req.into_inner();
-        let key = key("RecordMailsSent", &r.idempotency_key, &r)?;
+        let key = IdempotencyKey::new("RecordMailsSent", &r.idempotency_key, &r)?;
         let account = id("account_id", &r.account_id)?;
         let n = count("mails", r.mails)?;
         ok(self.cases.record_mails_sent(&key, account, n).await)

@@ -111,3 +111,22 @@ pub fn decimal(
         )
     })
 }
+
+/// A use case's result as a gRPC answer, its error mapped by the service's `From<Error> for
+/// Status`.
+pub fn reply<T, E: Into<tonic::Status>>(
+    r: Result<T, E>,
+) -> Result<tonic::Response<T>, tonic::Status> {
+    r.map(tonic::Response::new).map_err(Into::into)
+}
+
+/// Like [`reply`] for a response kept as encoded bytes (one code path answering different
+/// messages, replayed from an idempotency key).
+pub fn reply_decoded<T: prost::Message + Default, E: Into<tonic::Status>>(
+    r: Result<Vec<u8>, E>,
+) -> Result<tonic::Response<T>, tonic::Status> {
+    let bytes = r.map_err(Into::into)?;
+    T::decode(bytes.as_slice())
+        .map(tonic::Response::new)
+        .map_err(|_| tonic::Status::internal("internal error"))
+}
