@@ -67,11 +67,22 @@ impl Account {
         let lots = store::lots_with_credits(conn, &wallet.wallet_id).await?;
         let auto_bought_this_month =
             store::auto_bought_since(conn, &wallet.wallet_id, month_start(now)).await?;
+        Ok(Self::from_parts(wallet, lots, auto_bought_this_month, now))
+    }
+
+    /// An account from rows already read under the wallet's lock (group commit reads many
+    /// wallets' rows at once).
+    pub fn from_parts(
+        wallet: WalletRecord,
+        lots: Vec<(Lot, i64)>,
+        auto_bought_this_month: i64,
+        now: DateTime<Utc>,
+    ) -> Account {
         let original_remaining = lots
             .iter()
             .map(|(l, _)| (l.lot_id.clone(), l.remaining))
             .collect();
-        Ok(Account {
+        Account {
             wallet,
             lots,
             now,
@@ -81,7 +92,7 @@ impl Account {
             entries: Vec::new(),
             reservations: Vec::new(),
             events: Vec::new(),
-        })
+        }
     }
 
     fn plain_lots(&self) -> Vec<Lot> {
@@ -240,6 +251,13 @@ impl Account {
     /// lapses holds past their expiry. Run first in every transaction on a wallet, so expired
     /// credits never count even before the background sweep.
     pub async fn housekeeping(&mut self, conn: &mut AnyConnection) -> Result<(), WalletError> {
+        let lapsed = store::lapsed_reservations(conn, &self.wallet.wallet_id, self.now).await?;
+        self.housekeeping_with(lapsed);
+        Ok(())
+    }
+
+    /// [`Account::housekeeping`] with the wallet's lapsed holds already read.
+    pub fn housekeeping_with(&mut self, lapsed: Vec<ReservationRecord>) {
         for take in domain::due_expiries(&self.plain_lots(), self.now) {
             let kind = self
                 .lots
@@ -259,7 +277,7 @@ impl Account {
                 json!({"wallet_id": self.wallet.wallet_id, "lot_id": take.lot_id, "kind": kind, "credits": take.credits}),
             );
         }
-        for mut r in store::lapsed_reservations(conn, &self.wallet.wallet_id, self.now).await? {
+        for mut r in lapsed {
             r.status = ReservationStatus::Expired;
             self.wallet.held -= r.credits;
             self.event(
@@ -268,7 +286,6 @@ impl Account {
             );
             self.reservations.push((r, false));
         }
-        Ok(())
     }
 
     /// Queues a new hold (inserted on save).
@@ -302,6 +319,82 @@ impl Account {
 
     /// Saves every change in the caller's transaction, after checking the ledger invariant.
     pub async fn save(mut self, conn: &mut AnyConnection) -> Result<(), WalletError> {
+        self.settle()?;
+        let wallet_id = self.wallet.wallet_id.clone();
+        for (lot, granted) in &self.lots {
+            if self.new_lots.contains(&lot.lot_id) {
+                store::insert_lot(conn, &wallet_id, lot, *granted).await?;
+            } else if self.lot_changed(lot) {
+                store::set_lot_remaining(conn, &lot.lot_id, lot.remaining).await?;
+            }
+        }
+        for e in &self.entries {
+            store::insert_entry(conn, &wallet_id, e).await?;
+        }
+        self.save_holds_and_events(conn).await?;
+        store::update_wallet(conn, &self.wallet).await?;
+        Ok(())
+    }
+
+    /// Saves many accounts changed by a batch of sends (group commit) in the caller's
+    /// transaction: the same rows as [`Account::save`] on each, but lots, entries and wallet
+    /// headers written with one statement per chunk for the whole batch. Only what a send
+    /// changes is written back to the headers (see [`store::update_wallet_balances`]).
+    pub async fn save_many(
+        conn: &mut AnyConnection,
+        accounts: Vec<Account>,
+    ) -> Result<(), WalletError> {
+        let mut accounts = accounts;
+        for a in &mut accounts {
+            a.settle()?;
+        }
+        let mut lots = Vec::new();
+        let mut entries = Vec::new();
+        for a in &accounts {
+            for (lot, granted) in &a.lots {
+                if a.new_lots.contains(&lot.lot_id) {
+                    store::insert_lot(conn, &a.wallet.wallet_id, lot, *granted).await?;
+                } else if a.lot_changed(lot) {
+                    lots.push((lot.lot_id.as_str(), lot.remaining));
+                }
+            }
+            entries.extend(a.entries.iter().map(|e| (a.wallet.wallet_id.as_str(), e)));
+        }
+        store::set_lots_remaining(conn, &lots).await?;
+        store::insert_entries(conn, &entries).await?;
+        for a in &accounts {
+            a.save_holds_and_events(conn).await?;
+        }
+        // Every header, changed or not: one statement either way, and a reminder re-armed
+        // without an event is a change too.
+        let headers: Vec<&WalletRecord> = accounts.iter().map(|a| &a.wallet).collect();
+        store::update_wallet_balances(conn, &headers).await?;
+        Ok(())
+    }
+
+    fn lot_changed(&self, lot: &Lot) -> bool {
+        self.original_remaining
+            .iter()
+            .any(|(id, r)| *id == lot.lot_id && *r != lot.remaining)
+    }
+
+    async fn save_holds_and_events(&self, conn: &mut AnyConnection) -> Result<(), WalletError> {
+        for (r, new) in &self.reservations {
+            if *new {
+                store::insert_reservation(conn, r, self.now).await?;
+            } else {
+                store::update_reservation(conn, r).await?;
+            }
+        }
+        let at = self.now.timestamp_micros();
+        for (event_type, payload) in &self.events {
+            outbox::append(conn, event_type, &self.wallet.wallet_id, payload, at).await?;
+        }
+        Ok(())
+    }
+
+    /// Observes the reminder (C3) and checks the ledger invariant: the last step before saving.
+    fn settle(&mut self) -> Result<(), WalletError> {
         self.observe_reminder();
         let lot_sum: i64 = self.lots.iter().map(|(l, _)| l.remaining).sum();
         if self.wallet.balance != lot_sum - self.wallet.debt
@@ -318,34 +411,12 @@ impl Account {
             ))
             .into());
         }
-        let wallet_id = self.wallet.wallet_id.clone();
-        for (lot, granted) in &self.lots {
-            if self.new_lots.contains(&lot.lot_id) {
-                store::insert_lot(conn, &wallet_id, lot, *granted).await?;
-            } else if self
-                .original_remaining
-                .iter()
-                .any(|(id, r)| *id == lot.lot_id && *r != lot.remaining)
-            {
-                store::set_lot_remaining(conn, &lot.lot_id, lot.remaining).await?;
-            }
-        }
-        for e in &self.entries {
-            store::insert_entry(conn, &wallet_id, e).await?;
-        }
-        for (r, new) in &self.reservations {
-            if *new {
-                store::insert_reservation(conn, r, self.now).await?;
-            } else {
-                store::update_reservation(conn, r).await?;
-            }
-        }
-        store::update_wallet(conn, &self.wallet).await?;
-        let at = self.now.timestamp_micros();
-        for (event_type, payload) in &self.events {
-            outbox::append(conn, event_type, &wallet_id, payload, at).await?;
-        }
         Ok(())
+    }
+
+    /// Whether saving appends outbox events.
+    pub fn has_events(&self) -> bool {
+        !self.events.is_empty()
     }
 
     /// Whether anything will be written.

@@ -8,6 +8,7 @@
 //! (`shared/runtime`) brings storage, idempotency keys, the outbox and the middleware.
 
 pub mod account;
+pub mod batch;
 pub mod convert;
 pub mod domain;
 pub mod error;
@@ -95,7 +96,15 @@ pub fn migrations() -> Migrations {
 /// `shared::PaymentGateway`).
 pub fn routes(platform: &Platform) -> anyhow::Result<tonic::service::Routes> {
     let simulator = Arc::new(SimulatedGateway::new());
-    let wallets = service::Wallets::new(platform.clone(), simulator.clone());
+    let workers = match platform.db.backend() {
+        // One writer at a time is all SQLite has: a second batch would only wait for it.
+        runtime::db::Backend::Sqlite => 1,
+        // Batches of different wallets run side by side; those of one hot wallet queue on its
+        // row lock, each taking all the sends that arrived meanwhile.
+        runtime::db::Backend::Postgres => 4,
+    };
+    let wallets = service::Wallets::new(platform.clone(), simulator.clone())
+        .with_group_commit(batch::MAX_BATCH, workers);
     jobs::spawn(platform, wallets.clone(), simulator);
     Ok(tonic::service::Routes::new(
         proto::wallet::v1::credits_wallet_server::CreditsWalletServer::new(

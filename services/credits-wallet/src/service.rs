@@ -33,6 +33,7 @@ use tonic::Status;
 
 use crate::{
     account::Account,
+    batch::{Batched, GroupCommit},
     convert,
     domain::{self, AutoTopUp, LotKind, Reminder, TopUpPlan},
     error::WalletError,
@@ -51,9 +52,10 @@ pub const MAX_HOLD_TTL_SECONDS: u32 = 30 * 24 * 3600;
 /// The wallet service's use cases.
 #[derive(Clone)]
 pub struct Wallets {
-    db: Db,
-    platform: Platform,
+    pub(crate) db: Db,
+    pub(crate) platform: Platform,
     gateway: Arc<dyn PaymentGateway>,
+    group_commit: Option<GroupCommit>,
 }
 
 /// What a gateway call came to.
@@ -124,10 +126,19 @@ impl Wallets {
             db: platform.db.clone(),
             platform,
             gateway,
+            group_commit: None,
         }
     }
 
-    fn now(&self) -> DateTime<Utc> {
+    /// The same use cases with group commit for sends paid from the balance: up to
+    /// `max_batch` sends per transaction, `workers` transactions at a time (see
+    /// [`crate::batch`]). Starts the batch collector on the current runtime.
+    pub fn with_group_commit(mut self, max_batch: usize, workers: usize) -> Self {
+        self.group_commit = Some(GroupCommit::start(self.clone(), max_batch, workers));
+        self
+    }
+
+    pub(crate) fn now(&self) -> DateTime<Utc> {
         self.platform.clock.now()
     }
 
@@ -653,7 +664,26 @@ impl Wallets {
 
     /// ChargeMailing (C2, C5, C9) and ReserveCredits: the credits a send needs, paid from the
     /// wallet, bought for the shortfall, or bought on demand.
+    ///
+    /// With group commit on, the send first joins a batch ([`crate::batch`]): sends paid from
+    /// the balance commit together. A send the batch does not take (one that must buy credits,
+    /// a duplicate key, a failed batch) runs here alone, as it would without batching.
     pub async fn spend(
+        &self,
+        key: &IdempotencyKey,
+        wallet_id: &str,
+        spend: Spend,
+    ) -> Result<Vec<u8>, WalletError> {
+        if let Some(group) = &self.group_commit {
+            match group.submit(key, wallet_id, &spend).await {
+                Batched::Done(answer) => return answer,
+                Batched::Alone => {}
+            }
+        }
+        self.spend_alone(key, wallet_id, spend).await
+    }
+
+    pub(crate) async fn spend_alone(
         &self,
         key: &IdempotencyKey,
         wallet_id: &str,
@@ -668,39 +698,13 @@ impl Wallets {
         acct.housekeeping(&mut tx).await?;
         let needed = rate(&acct.wallet.rating, spend.recipients())?;
         let before = acct.clone();
-        if let Spend::Hold { .. } = spend
-            && acct.wallet.funding == FundingMode::OnDemand
-        {
-            return self
-                .refuse(
-                    tx,
-                    before,
-                    key,
-                    WalletError::Precondition(
-                        "on-demand wallets are charged when the mailing is sent: use ChargeMailing"
-                            .into(),
-                    ),
-                )
-                .await;
-        }
-        if acct.wallet.debt > 0 {
-            let debt = acct.wallet.debt;
-            return self.refuse(tx, before, key, WalletError::Debt(debt)).await;
+        if let Some(err) = refuse_send(&acct, &spend) {
+            return self.refuse(tx, before, key, err).await;
         }
         let purchase = match store::purchase_by_origin(&mut tx, key.key()).await? {
             Some(p) => Some(p),
             None => {
-                let available = acct.available();
-                let plan = match acct.wallet.funding {
-                    FundingMode::Prepaid => domain::plan_top_up_for_send(
-                        &acct.wallet.top_up,
-                        available,
-                        needed,
-                        acct.auto_bought_this_month,
-                    ),
-                    FundingMode::OnDemand if needed <= available => TopUpPlan::NotNeeded,
-                    FundingMode::OnDemand => TopUpPlan::Buy(needed - available),
-                };
+                let plan = top_up_plan(&acct, needed);
                 match plan {
                     TopUpPlan::NotNeeded => None,
                     TopUpPlan::Refused { shortfall, reason } => {
@@ -803,83 +807,24 @@ impl Wallets {
             _ => {}
         }
         let before = acct.clone();
-        let bought = purchase.as_ref().map_or(0, |p| p.credits);
-        let response = match spend {
-            Spend::Charge {
-                mailing_id,
-                recipients,
-            } => {
-                let entry = match acct.debit(
-                    needed,
-                    EntryKind::Mailing,
-                    format!("mailing:{mailing_id}"),
-                    format!("{recipients} recipients"),
-                ) {
-                    Ok(e) => e,
-                    Err(shortfall) => {
-                        let err = WalletError::Insufficient {
-                            shortfall,
-                            top_up: None,
-                        };
-                        return self.refuse(tx, before, key, err).await;
-                    }
-                };
-                let follow_up = self.fixed_top_up_after(&mut tx, &mut acct).await?;
-                let charge = pb::MailingCharge {
-                    charge_id: format!("{}:{}", acct.wallet.wallet_id, entry.seq),
-                    wallet_id: acct.wallet.wallet_id.clone(),
-                    mailing_id: mailing_id.clone(),
-                    recipients: *recipients,
-                    credits: u64::try_from(needed).unwrap_or(0),
-                    credits_bought: u64::try_from(bought).unwrap_or(0),
-                    purchase: purchase.as_ref().map(convert::purchase),
-                    balance_after: acct.wallet.balance,
-                    available_after: u64::try_from(acct.available()).unwrap_or(0),
-                };
-                let response = self
-                    .finish_bytes(tx, acct, key, charge.encode_to_vec())
-                    .await?;
-                if let Some(p) = follow_up {
-                    self.drive_in_background(p);
-                }
-                return Ok(response);
-            }
-            Spend::Hold {
-                mailing_id,
-                ttl_seconds,
-                ..
-            } => {
-                let available = acct.available();
-                if available < needed {
-                    let err = WalletError::Insufficient {
-                        shortfall: domain::Shortfall {
-                            available,
-                            needed,
-                            shortfall: needed - available,
-                        },
-                        top_up: None,
-                    };
-                    return self.refuse(tx, before, key, err).await;
-                }
-                let r = ReservationRecord {
-                    reservation_id: format!("res_{}", uuid::Uuid::now_v7().simple()),
-                    wallet_id: acct.wallet.wallet_id.clone(),
-                    mailing_id: mailing_id.clone(),
-                    credits: needed,
-                    status: ReservationStatus::Active,
-                    expires_at: acct.now + Duration::seconds(i64::from(*ttl_seconds)),
-                    captured_credits: 0,
-                };
-                acct.add_reservation(r.clone());
-                convert::reservation(&r, &acct).encode_to_vec()
-            }
+        let response = match apply_send(&mut acct, spend, needed, purchase.as_ref()) {
+            Ok(response) => response,
+            Err(err) => return self.refuse(tx, before, key, err).await,
         };
-        self.finish_bytes(tx, acct, key, response).await
+        let follow_up = match spend {
+            Spend::Charge { .. } => self.fixed_top_up_after(&mut tx, &mut acct).await?,
+            Spend::Hold { .. } => None,
+        };
+        let response = self.finish_bytes(tx, acct, key, response).await?;
+        if let Some(p) = follow_up {
+            self.drive_in_background(p);
+        }
+        Ok(response)
     }
 
     /// C4: after a debit leaves the available balance at or below the threshold, record one
     /// automatic purchase (driven after commit; the reconciler finishes it after a crash).
-    async fn fixed_top_up_after(
+    pub(crate) async fn fixed_top_up_after(
         &self,
         tx: &mut Transaction<'static, Any>,
         acct: &mut Account,
@@ -1031,7 +976,7 @@ impl Wallets {
     }
 
     /// Drives an automatic purchase to its outcome after the request that recorded it.
-    fn drive_in_background(&self, p: PurchaseRecord) {
+    pub(crate) fn drive_in_background(&self, p: PurchaseRecord) {
         let this = self.clone();
         tokio::spawn(async move {
             if let Err(e) = this.reconcile_purchase(&p.purchase_id).await {
@@ -1110,7 +1055,7 @@ impl Wallets {
 }
 
 impl Spend {
-    fn recipients(&self) -> u64 {
+    pub(crate) fn recipients(&self) -> u64 {
         match self {
             Spend::Charge { recipients, .. } | Spend::Hold { recipients, .. } => *recipients,
         }
@@ -1153,13 +1098,111 @@ fn price(pricing: &TierTable, credits: i64) -> Result<Money, WalletError> {
 }
 
 /// The credits a mailing needs (C2).
-fn rate(rule: &RatingRule, recipients: u64) -> Result<i64, WalletError> {
+pub(crate) fn rate(rule: &RatingRule, recipients: u64) -> Result<i64, WalletError> {
     rule.credits_for(recipients)
         .map(|c| c.get())
         .map_err(|e| WalletError::invalid("recipients", e.to_string()))
 }
 
 /// Whether a purchase pays for a send now (see [`PurchaseTrigger::funds_a_send`]).
+/// A refusal of `spend` that does not depend on the credits it needs, if any.
+pub(crate) fn refuse_send(acct: &Account, spend: &Spend) -> Option<WalletError> {
+    if let Spend::Hold { .. } = spend
+        && acct.wallet.funding == FundingMode::OnDemand
+    {
+        return Some(WalletError::Precondition(
+            "on-demand wallets are charged when the mailing is sent: use ChargeMailing".into(),
+        ));
+    }
+    (acct.wallet.debt > 0).then(|| WalletError::Debt(acct.wallet.debt))
+}
+
+/// What a send of `needed` credits must buy first: the shortfall by auto top-up (C5, C6) on a
+/// prepaid wallet, or the whole shortfall on demand (C9).
+pub(crate) fn top_up_plan(acct: &Account, needed: i64) -> TopUpPlan {
+    let available = acct.available();
+    match acct.wallet.funding {
+        FundingMode::Prepaid => domain::plan_top_up_for_send(
+            &acct.wallet.top_up,
+            available,
+            needed,
+            acct.auto_bought_this_month,
+        ),
+        FundingMode::OnDemand if needed <= available => TopUpPlan::NotNeeded,
+        FundingMode::OnDemand => TopUpPlan::Buy(needed - available),
+    }
+}
+
+/// Debits a charge (C2) or places a hold of `needed` credits on the locked account, and
+/// returns the encoded response; a refusal changes nothing. `purchase` is what bought credits
+/// for this send, if anything did.
+pub(crate) fn apply_send(
+    acct: &mut Account,
+    spend: &Spend,
+    needed: i64,
+    purchase: Option<&PurchaseRecord>,
+) -> Result<Vec<u8>, WalletError> {
+    match spend {
+        Spend::Charge {
+            mailing_id,
+            recipients,
+        } => {
+            let entry = acct
+                .debit(
+                    needed,
+                    EntryKind::Mailing,
+                    format!("mailing:{mailing_id}"),
+                    format!("{recipients} recipients"),
+                )
+                .map_err(|shortfall| WalletError::Insufficient {
+                    shortfall,
+                    top_up: None,
+                })?;
+            let bought = purchase.map_or(0, |p| p.credits);
+            Ok(pb::MailingCharge {
+                charge_id: format!("{}:{}", acct.wallet.wallet_id, entry.seq),
+                wallet_id: acct.wallet.wallet_id.clone(),
+                mailing_id: mailing_id.clone(),
+                recipients: *recipients,
+                credits: u64::try_from(needed).unwrap_or(0),
+                credits_bought: u64::try_from(bought).unwrap_or(0),
+                purchase: purchase.map(convert::purchase),
+                balance_after: acct.wallet.balance,
+                available_after: u64::try_from(acct.available()).unwrap_or(0),
+            }
+            .encode_to_vec())
+        }
+        Spend::Hold {
+            mailing_id,
+            ttl_seconds,
+            ..
+        } => {
+            let available = acct.available();
+            if available < needed {
+                return Err(WalletError::Insufficient {
+                    shortfall: domain::Shortfall {
+                        available,
+                        needed,
+                        shortfall: needed - available,
+                    },
+                    top_up: None,
+                });
+            }
+            let r = ReservationRecord {
+                reservation_id: format!("res_{}", uuid::Uuid::now_v7().simple()),
+                wallet_id: acct.wallet.wallet_id.clone(),
+                mailing_id: mailing_id.clone(),
+                credits: needed,
+                status: ReservationStatus::Active,
+                expires_at: acct.now + Duration::seconds(i64::from(*ttl_seconds)),
+                captured_credits: 0,
+            };
+            acct.add_reservation(r.clone());
+            Ok(convert::reservation(&r, acct).encode_to_vec())
+        }
+    }
+}
+
 fn funds_a_send(p: &PurchaseRecord) -> bool {
     p.trigger.funds_a_send(p.origin_key.is_some())
 }
@@ -1248,7 +1291,7 @@ async fn apply_outcome(
 
 impl WalletError {
     /// A copy of a recorded refusal (the variants [`WalletError::is_recorded_refusal`] names).
-    fn clone_refusal(&self) -> WalletError {
+    pub(crate) fn clone_refusal(&self) -> WalletError {
         match self {
             WalletError::Insufficient { shortfall, top_up } => WalletError::Insufficient {
                 shortfall: *shortfall,

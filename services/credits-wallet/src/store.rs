@@ -4,9 +4,11 @@
 //! transaction already excludes other writers).
 
 use chrono::{DateTime, Utc};
+use std::collections::{HashMap, HashSet};
+
 use runtime::{
     clock::from_micros,
-    db::{Db, DbError},
+    db::{Db, DbError, placeholders, value_rows},
 };
 use shared::{Currency, Money, RatingRule};
 use sqlx::{AnyConnection, Row, any::AnyRow};
@@ -197,22 +199,23 @@ pub async fn lots_with_credits(
     .bind(wallet_id)
     .fetch_all(conn)
     .await?;
-    rows.iter()
-        .map(|r| {
-            let kind: String = r.try_get(1)?;
-            let expires: Option<i64> = r.try_get(3)?;
-            Ok((
-                Lot {
-                    lot_id: r.try_get(0)?,
-                    kind: LotKind::parse(&kind).ok_or_else(|| corrupt("lot kind"))?,
-                    remaining: r.try_get(2)?,
-                    expires_at: expires.map(from_micros),
-                    created_at: from_micros(r.try_get(4)?),
-                },
-                r.try_get(5)?,
-            ))
-        })
-        .collect()
+    rows.iter().map(|r| lot_from_row(r, 0)).collect()
+}
+
+/// `lot_id, kind, remaining, expires_at_us, created_at_us, granted` from column `first` on.
+fn lot_from_row(r: &AnyRow, first: usize) -> Result<(Lot, i64), DbError> {
+    let kind: String = r.try_get(first + 1)?;
+    let expires: Option<i64> = r.try_get(first + 3)?;
+    Ok((
+        Lot {
+            lot_id: r.try_get(first)?,
+            kind: LotKind::parse(&kind).ok_or_else(|| corrupt("lot kind"))?,
+            remaining: r.try_get(first + 2)?,
+            expires_at: expires.map(from_micros),
+            created_at: from_micros(r.try_get(first + 4)?),
+        },
+        r.try_get(first + 5)?,
+    ))
 }
 
 /// A new lot.
@@ -577,4 +580,215 @@ pub async fn wallets_with_due_work(
     .fetch_all(db.pool())
     .await?;
     rows.iter().map(|r| Ok(r.try_get(0)?)).collect()
+}
+
+// Group commit (`crate::batch`): the same reads and writes as above, for many wallets in one
+// statement each. Every list is cut into chunks far below either backend's parameter limit.
+
+/// Rows per statement of the many-wallet queries below.
+const CHUNK: usize = 500;
+
+/// Reads and (on PostgreSQL) row-locks many wallets, in `wallet_id` order: every transaction
+/// that locks more than one wallet takes them in that order, so two of them never deadlock.
+pub async fn lock_wallets(
+    conn: &mut AnyConnection,
+    db: &Db,
+    wallet_ids: &[&str],
+) -> Result<Vec<WalletRecord>, DbError> {
+    let mut sorted = wallet_ids.to_vec();
+    sorted.sort_unstable();
+    sorted.dedup();
+    let mut out = Vec::with_capacity(sorted.len());
+    for chunk in sorted.chunks(CHUNK) {
+        let sql = format!(
+            "SELECT {WALLET_COLUMNS} FROM wallets WHERE wallet_id IN ({}) ORDER BY wallet_id{}",
+            placeholders(chunk.len(), 1),
+            db.for_update()
+        );
+        let mut q = sqlx::query(&sql);
+        for id in chunk {
+            q = q.bind(*id);
+        }
+        for row in q.fetch_all(&mut *conn).await? {
+            out.push(wallet_from_row(&row)?);
+        }
+    }
+    Ok(out)
+}
+
+/// [`lots_with_credits`] of many wallets.
+pub async fn lots_of_wallets(
+    conn: &mut AnyConnection,
+    wallet_ids: &[&str],
+) -> Result<HashMap<String, Vec<(Lot, i64)>>, DbError> {
+    let mut out: HashMap<String, Vec<(Lot, i64)>> = HashMap::new();
+    for chunk in wallet_ids.chunks(CHUNK) {
+        let sql = format!(
+            "SELECT wallet_id, lot_id, kind, remaining, expires_at_us, created_at_us, granted \
+             FROM credit_lots WHERE wallet_id IN ({}) AND remaining > 0",
+            placeholders(chunk.len(), 1)
+        );
+        let mut q = sqlx::query(&sql);
+        for id in chunk {
+            q = q.bind(*id);
+        }
+        for row in q.fetch_all(&mut *conn).await? {
+            let wallet_id: String = row.try_get(0)?;
+            out.entry(wallet_id)
+                .or_default()
+                .push(lot_from_row(&row, 1)?);
+        }
+    }
+    Ok(out)
+}
+
+/// [`auto_bought_since`] of many wallets (absent: none bought).
+pub async fn auto_bought_since_many(
+    conn: &mut AnyConnection,
+    wallet_ids: &[&str],
+    since: DateTime<Utc>,
+) -> Result<HashMap<String, i64>, DbError> {
+    let mut out = HashMap::new();
+    for chunk in wallet_ids.chunks(CHUNK) {
+        let sql = format!(
+            "SELECT wallet_id, CAST(COALESCE(SUM(credits), 0) AS BIGINT) FROM purchases \
+             WHERE wallet_id IN ({}) AND trigger IN ('auto_fixed', 'auto_shortfall') \
+             AND status <> 'failed' AND created_at_us >= ${} GROUP BY wallet_id",
+            placeholders(chunk.len(), 1),
+            chunk.len() + 1
+        );
+        let mut q = sqlx::query(&sql);
+        for id in chunk {
+            q = q.bind(*id);
+        }
+        for row in q.bind(micros(since)).fetch_all(&mut *conn).await? {
+            out.insert(row.try_get::<String, _>(0)?, row.try_get::<i64, _>(1)?);
+        }
+    }
+    Ok(out)
+}
+
+/// [`lapsed_reservations`] of many wallets.
+pub async fn lapsed_reservations_many(
+    conn: &mut AnyConnection,
+    wallet_ids: &[&str],
+    now: DateTime<Utc>,
+) -> Result<HashMap<String, Vec<ReservationRecord>>, DbError> {
+    let mut out: HashMap<String, Vec<ReservationRecord>> = HashMap::new();
+    for chunk in wallet_ids.chunks(CHUNK) {
+        let sql = format!(
+            "SELECT {RESERVATION_COLUMNS} FROM reservations WHERE wallet_id IN ({}) \
+             AND status = 'active' AND expires_at_us <= ${}",
+            placeholders(chunk.len(), 1),
+            chunk.len() + 1
+        );
+        let mut q = sqlx::query(&sql);
+        for id in chunk {
+            q = q.bind(*id);
+        }
+        for row in q.bind(micros(now)).fetch_all(&mut *conn).await? {
+            let r = reservation_from_row(&row)?;
+            out.entry(r.wallet_id.clone()).or_default().push(r);
+        }
+    }
+    Ok(out)
+}
+
+/// The idempotency keys among `origin_keys` that started a purchase.
+pub async fn purchase_origins(
+    conn: &mut AnyConnection,
+    origin_keys: &[&str],
+) -> Result<HashSet<String>, DbError> {
+    let mut out = HashSet::new();
+    for chunk in origin_keys.chunks(CHUNK) {
+        let sql = format!(
+            "SELECT origin_key FROM purchases WHERE origin_key IN ({})",
+            placeholders(chunk.len(), 1)
+        );
+        let mut q = sqlx::query(&sql);
+        for k in chunk {
+            q = q.bind(*k);
+        }
+        for row in q.fetch_all(&mut *conn).await? {
+            out.insert(row.try_get::<String, _>(0)?);
+        }
+    }
+    Ok(out)
+}
+
+/// [`set_lot_remaining`] for many lots in one `UPDATE ... FROM (VALUES ...)` per chunk.
+pub async fn set_lots_remaining(
+    conn: &mut AnyConnection,
+    lots: &[(&str, i64)],
+) -> Result<(), DbError> {
+    for chunk in lots.chunks(CHUNK) {
+        let sql = format!(
+            "UPDATE credit_lots SET remaining = v.column2 FROM (VALUES {}) AS v \
+             WHERE credit_lots.lot_id = v.column1",
+            value_rows(chunk.len(), 2)
+        );
+        let mut q = sqlx::query(&sql);
+        for (id, remaining) in chunk {
+            q = q.bind(*id).bind(*remaining);
+        }
+        q.execute(&mut *conn).await?;
+    }
+    Ok(())
+}
+
+/// [`insert_entry`] for many entries in one multi-row `INSERT` per chunk.
+pub async fn insert_entries(
+    conn: &mut AnyConnection,
+    entries: &[(&str, &EntryRecord)],
+) -> Result<(), DbError> {
+    for chunk in entries.chunks(CHUNK / 8) {
+        let sql = format!(
+            "INSERT INTO ledger_entries (wallet_id, seq, kind, delta, balance_after, reference, \
+             description, created_at_us) VALUES {}",
+            value_rows(chunk.len(), 8)
+        );
+        let mut q = sqlx::query(&sql);
+        for (wallet_id, e) in chunk {
+            q = q
+                .bind(*wallet_id)
+                .bind(e.seq)
+                .bind(e.kind.as_str())
+                .bind(e.delta)
+                .bind(e.balance_after)
+                .bind(&e.reference)
+                .bind(&e.description)
+                .bind(micros(e.created_at));
+        }
+        q.execute(&mut *conn).await?;
+    }
+    Ok(())
+}
+
+/// Writes back the columns a send changes (balance, held, debt, ledger sequence, reminder
+/// state) of many wallets in one `UPDATE ... FROM (VALUES ...)` per chunk. The configuration
+/// columns are left alone: a batch of sends never changes them.
+pub async fn update_wallet_balances(
+    conn: &mut AnyConnection,
+    wallets: &[&WalletRecord],
+) -> Result<(), DbError> {
+    for chunk in wallets.chunks(CHUNK / 6) {
+        let sql = format!(
+            "UPDATE wallets SET balance = v.column2, held = v.column3, debt = v.column4, \
+             ledger_seq = v.column5, reminder_armed = v.column6 FROM (VALUES {}) AS v \
+             WHERE wallets.wallet_id = v.column1",
+            value_rows(chunk.len(), 6)
+        );
+        let mut q = sqlx::query(&sql);
+        for w in chunk {
+            q = q
+                .bind(&w.wallet_id)
+                .bind(w.balance)
+                .bind(w.held)
+                .bind(w.debt)
+                .bind(w.ledger_seq)
+                .bind(i64::from(w.reminder.armed));
+        }
+        q.execute(&mut *conn).await?;
+    }
+    Ok(())
 }

@@ -240,3 +240,20 @@ pub fn is_unique_violation(err: &sqlx::Error) -> bool {
     err.as_database_error()
         .is_some_and(|d| d.kind() == sqlx::error::ErrorKind::UniqueViolation)
 }
+
+/// `$from, $from+1, ...`: `n` numbered parameters, for statements over many rows at once (an
+/// `IN (...)` list, or a multi-row `VALUES`), which both backends accept.
+pub fn placeholders(n: usize, from: usize) -> String {
+    (from..from + n)
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// `($1, .., $width), ($width+1, ..), ...`: `rows` rows of `width` parameters each.
+pub fn value_rows(rows: usize, width: usize) -> String {
+    (0..rows)
+        .map(|i| format!("({})", placeholders(width, i * width + 1)))
+        .collect::<Vec<_>>()
+        .join(", ")
+}

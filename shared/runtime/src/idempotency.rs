@@ -17,7 +17,7 @@ use sha2::{Digest, Sha256};
 use sqlx::{AnyConnection, Row};
 use tonic::{Code, Status};
 
-use crate::db::{Db, DbError};
+use crate::db::{Db, DbError, placeholders, value_rows};
 
 /// Longest key accepted.
 pub const MAX_KEY_LEN: usize = 255;
@@ -132,25 +132,90 @@ impl IdempotencyKey {
         .bind(&self.key)
         .fetch_optional(conn)
         .await?;
-        let Some(row) = row else {
-            return Ok(Claimed::New);
-        };
-        let operation: String = row.try_get(0)?;
-        let fingerprint: String = row.try_get(1)?;
-        if operation != self.operation || fingerprint != self.fingerprint {
+        match row {
+            None => Ok(Claimed::New),
+            Some(row) => self.judge(StoredKey::from_row(&row, 0)?),
+        }
+    }
+
+    /// [`IdempotencyKey::claim_bytes`] for many keys in one query (group commit): one answer
+    /// per key, in the order given.
+    pub async fn claim_many(
+        conn: &mut AnyConnection,
+        keys: &[&IdempotencyKey],
+    ) -> Result<Vec<Result<Claimed<Vec<u8>>, IdempotencyError>>, IdempotencyError> {
+        let mut stored = std::collections::HashMap::new();
+        for chunk in keys.chunks(MANY_CHUNK) {
+            let sql = format!(
+                "SELECT idempotency_key, operation, fingerprint, status_code, response \
+                 FROM idempotency_keys WHERE idempotency_key IN ({})",
+                placeholders(chunk.len(), 1)
+            );
+            let mut q = sqlx::query(&sql);
+            for k in chunk {
+                q = q.bind(&k.key);
+            }
+            for row in q.fetch_all(&mut *conn).await? {
+                let key: String = row.try_get(0)?;
+                stored.insert(key, StoredKey::from_row(&row, 1)?);
+            }
+        }
+        Ok(keys
+            .iter()
+            .map(|k| match stored.remove(&k.key) {
+                None => Ok(Claimed::New),
+                Some(s) => k.judge(s),
+            })
+            .collect())
+    }
+
+    /// Stores the first answers of many keys in one statement per chunk (group commit). Like
+    /// [`IdempotencyKey::record`], a twin committed first makes this fail with a unique violation.
+    pub async fn record_many(
+        conn: &mut AnyConnection,
+        answers: &[(&IdempotencyKey, Result<Vec<u8>, Status>)],
+        now_us: i64,
+    ) -> Result<(), IdempotencyError> {
+        for chunk in answers.chunks(MANY_CHUNK) {
+            let sql = format!(
+                "INSERT INTO idempotency_keys \
+                 (idempotency_key, operation, fingerprint, status_code, response, created_at_us) \
+                 VALUES {}",
+                value_rows(chunk.len(), 6)
+            );
+            let mut q = sqlx::query(&sql);
+            for (key, answer) in chunk {
+                let (code, response) = match answer {
+                    Ok(bytes) => (Code::Ok as i32, bytes.clone()),
+                    Err(status) => (status.code() as i32, status.message().as_bytes().to_vec()),
+                };
+                q = q
+                    .bind(&key.key)
+                    .bind(key.operation)
+                    .bind(&key.fingerprint)
+                    .bind(code)
+                    .bind(response)
+                    .bind(now_us);
+            }
+            q.execute(&mut *conn).await?;
+        }
+        Ok(())
+    }
+
+    /// What a stored key means for this request: its first answer, or a mismatch.
+    fn judge(&self, stored: StoredKey) -> Result<Claimed<Vec<u8>>, IdempotencyError> {
+        if stored.operation != self.operation || stored.fingerprint != self.fingerprint {
             return Err(IdempotencyError::Mismatch {
                 key: self.key.clone(),
-                operation,
+                operation: stored.operation,
             });
         }
-        let code: i32 = row.try_get(2)?;
-        let response: Vec<u8> = row.try_get(3)?;
-        if code == Code::Ok as i32 {
-            Ok(Claimed::Replay(Ok(response)))
+        if stored.code == Code::Ok as i32 {
+            Ok(Claimed::Replay(Ok(stored.response)))
         } else {
-            let message = String::from_utf8_lossy(&response).into_owned();
+            let message = String::from_utf8_lossy(&stored.response).into_owned();
             Ok(Claimed::Replay(Err(Status::new(
-                Code::from_i32(code),
+                Code::from_i32(stored.code),
                 message,
             ))))
         }
@@ -216,6 +281,30 @@ impl IdempotencyKey {
         .execute(conn)
         .await?;
         Ok(())
+    }
+}
+
+/// Rows per statement of [`IdempotencyKey::claim_many`] and [`IdempotencyKey::record_many`]:
+/// far below SQLite's and PostgreSQL's limits on bound parameters.
+const MANY_CHUNK: usize = 500;
+
+/// A key's row, as stored.
+struct StoredKey {
+    operation: String,
+    fingerprint: String,
+    code: i32,
+    response: Vec<u8>,
+}
+
+impl StoredKey {
+    /// Reads `operation, fingerprint, status_code, response` starting at column `first`.
+    fn from_row(row: &sqlx::any::AnyRow, first: usize) -> Result<Self, sqlx::Error> {
+        Ok(Self {
+            operation: row.try_get(first)?,
+            fingerprint: row.try_get(first + 1)?,
+            code: row.try_get(first + 2)?,
+            response: row.try_get(first + 3)?,
+        })
     }
 }
 

@@ -64,6 +64,12 @@ pub struct Metrics {
     pub outbox_oldest_pending_seconds: Gauge,
     /// The newest delivery cursor.
     pub outbox_head_cursor: Gauge,
+    /// Transactions committed by group commit (many mutations in one transaction).
+    pub group_commit_batches: Counter,
+    /// Mutations answered in those transactions.
+    pub group_commit_mutations: Counter,
+    /// Mutations group commit handed back to run alone (and batches that failed).
+    pub group_commit_alone: Counter,
 }
 
 fn latency_histogram() -> Histogram {
@@ -86,6 +92,9 @@ impl Metrics {
         let outbox_pending = Gauge::default();
         let outbox_oldest_pending_seconds = Gauge::default();
         let outbox_head_cursor = Gauge::default();
+        let group_commit_batches = Counter::default();
+        let group_commit_mutations = Counter::default();
+        let group_commit_alone = Counter::default();
         registry.register(
             "rpc_requests",
             "Finished gRPC calls by method and status code",
@@ -126,6 +135,21 @@ impl Metrics {
             "The newest delivery cursor of the event stream",
             outbox_head_cursor.clone(),
         );
+        registry.register(
+            "group_commit_batches",
+            "Transactions committed by group commit, each holding many mutations",
+            group_commit_batches.clone(),
+        );
+        registry.register(
+            "group_commit_mutations",
+            "Mutations answered inside group-commit transactions",
+            group_commit_mutations.clone(),
+        );
+        registry.register(
+            "group_commit_alone",
+            "Mutations group commit handed back to run in their own transaction",
+            group_commit_alone.clone(),
+        );
         Arc::new(Self {
             registry,
             rpc_requests,
@@ -136,6 +160,9 @@ impl Metrics {
             outbox_pending,
             outbox_oldest_pending_seconds,
             outbox_head_cursor,
+            group_commit_batches,
+            group_commit_mutations,
+            group_commit_alone,
         })
     }
 

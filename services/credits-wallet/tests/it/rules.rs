@@ -343,7 +343,7 @@ async fn c8_a_new_wallet_may_start_with_free_signup_credits() {
     assert_eq!(plain.balance, 0);
 }
 
-async fn on_demand(h: &Harness, wallet: &str, method: &str) {
+pub(crate) async fn on_demand(h: &Harness, wallet: &str, method: &str) {
     h.client
         .clone()
         .set_funding_mode(authed(

@@ -1,0 +1,344 @@
+//! Group commit for sends (issue 7): many `ChargeMailing` and `ReserveCredits` calls applied in
+//! one write transaction, each caller answered only after that transaction commits.
+//!
+//! A hot wallet (a reseller's, debited by all of its customers at once) is bound by one commit
+//! per debit when every debit is its own transaction: each waits for the previous one's row lock
+//! and flush. Here a collector task takes every send waiting in its queue (up to `max_batch`) and
+//! one worker runs them together:
+//! 1. claims all their idempotency keys with one query (replays and mismatches are answered as
+//!    they would be alone);
+//! 2. locks all their wallets with one `SELECT ... FOR UPDATE` in `wallet_id` order (on SQLite
+//!    the write transaction already excludes other writers), and reads their lots, the month's
+//!    automatic purchases and lapsed holds, one query each;
+//! 3. applies each send in arrival order to its wallet in memory with the same rules as a send
+//!    alone (`service::refuse_send`, `top_up_plan`, `apply_send`), so two sends of one wallet in a
+//!    batch see each other's debits;
+//! 4. writes the lots, entries, wallet headers and idempotency answers with one statement per
+//!    chunk, checks every wallet's invariant, and commits once.
+//!
+//! Correctness still comes from the database, not from this process: replicas each run their
+//! own batches, which exclude each other through the same row locks (taken in one global order,
+//! so they cannot deadlock) and the same unique key index. A send the batch does not take runs
+//! alone after the batch committed ([`Batched::Alone`]): one that must buy credits first (C5, C9:
+//! the payment runs between two transactions), one whose purchase is already recorded (a retry
+//! after a timeout or crash), a second send with a key already in the batch, and every send of a
+//! batch whose transaction failed (a unique violation from a twin on another replica, a
+//! deadlock, a lost connection): nothing of a failed batch is committed, so running each alone is
+//! exactly what would have happened without batching.
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+};
+
+use runtime::idempotency::{Claimed, IdempotencyKey};
+use sqlx::{Any, Transaction};
+use tokio::sync::{Semaphore, mpsc, oneshot};
+use tonic::Status;
+
+use crate::{
+    account::{Account, month_start},
+    domain::TopUpPlan,
+    error::WalletError,
+    model::PurchaseRecord,
+    service::{Spend, Wallets, apply_send, rate, refuse_send, top_up_plan},
+    store,
+};
+
+/// Most sends in one batch: enough for every caller of a hot wallet at once, and a transaction
+/// still short enough that no caller waits long for its commit.
+pub const MAX_BATCH: usize = 256;
+
+/// What became of a send handed to group commit.
+pub enum Batched {
+    /// Answered: committed in a batch, refused there, or the first answer replayed.
+    Done(Result<Vec<u8>, WalletError>),
+    /// Not taken by a batch: the caller runs it alone.
+    Alone,
+}
+
+struct SendJob {
+    key: IdempotencyKey,
+    wallet_id: String,
+    spend: Spend,
+    reply: oneshot::Sender<Batched>,
+}
+
+/// The queue into the batch collector. Cheap to clone.
+#[derive(Clone)]
+pub struct GroupCommit {
+    queue: mpsc::Sender<SendJob>,
+}
+
+impl GroupCommit {
+    /// Starts the collector for `wallets` (which must not batch itself) on the current runtime.
+    /// It ends when the last [`GroupCommit`] is dropped.
+    pub fn start(wallets: Wallets, max_batch: usize, workers: usize) -> Self {
+        let max_batch = max_batch.max(1);
+        let (queue, rx) = mpsc::channel(max_batch * 4);
+        tokio::spawn(collect(wallets, rx, max_batch, workers.max(1)));
+        Self { queue }
+    }
+
+    /// Hands a send to the next batch and waits for its answer.
+    pub async fn submit(&self, key: &IdempotencyKey, wallet_id: &str, spend: &Spend) -> Batched {
+        let (reply, answer) = oneshot::channel();
+        let job = SendJob {
+            key: key.clone(),
+            wallet_id: wallet_id.to_string(),
+            spend: spend.clone(),
+            reply,
+        };
+        if self.queue.send(job).await.is_err() {
+            return Batched::Alone;
+        }
+        // A dropped reply means the worker went away (shutdown) before answering; whatever it
+        // did not commit is redone alone, and what it committed is replayed from the key.
+        answer.await.unwrap_or(Batched::Alone)
+    }
+}
+
+/// Takes a free worker, then every send waiting (up to `max_batch`), and runs them as one
+/// batch. While all workers are busy, sends queue up: the batch grows with the load, and a
+/// lone send at low load is a batch of one, without waiting for company.
+async fn collect(
+    wallets: Wallets,
+    mut rx: mpsc::Receiver<SendJob>,
+    max_batch: usize,
+    workers: usize,
+) {
+    let workers = Arc::new(Semaphore::new(workers));
+    while let Some(first) = rx.recv().await {
+        let Ok(permit) = workers.clone().acquire_owned().await else {
+            break;
+        };
+        let mut jobs = vec![first];
+        while jobs.len() < max_batch {
+            match rx.try_recv() {
+                Ok(job) => jobs.push(job),
+                Err(_) => break,
+            }
+        }
+        let wallets = wallets.clone();
+        tokio::spawn(async move {
+            wallets.run_batch(jobs).await;
+            drop(permit);
+        });
+    }
+}
+
+/// One send's fate inside the batch transaction.
+enum InBatch {
+    /// Applied: its encoded response.
+    Applied(Vec<u8>),
+    /// Refused; recorded under its key when the refusal is one that is replayed.
+    Refused(WalletError),
+    /// Run alone after the batch.
+    Alone,
+}
+
+/// What a committed batch answers, and what it leaves to do after the commit.
+struct Committed {
+    answers: Vec<Batched>,
+    follow_ups: Vec<PurchaseRecord>,
+}
+
+impl Wallets {
+    async fn run_batch(&self, jobs: Vec<SendJob>) {
+        // A key twice in one batch: the later one waits for the batch and then replays (or
+        // runs alone), as a concurrent retry would.
+        let mut seen = HashSet::new();
+        let (jobs, twins): (Vec<SendJob>, Vec<SendJob>) = jobs
+            .into_iter()
+            .partition(|j| seen.insert(j.key.key().to_string()));
+        let metrics = &self.platform.metrics;
+        match self.commit_batch(&jobs).await {
+            Ok(done) => {
+                metrics.group_commit_batches.inc();
+                for (job, answer) in jobs.into_iter().zip(done.answers) {
+                    match answer {
+                        Batched::Done(_) => metrics.group_commit_mutations.inc(),
+                        Batched::Alone => metrics.group_commit_alone.inc(),
+                    };
+                    let _ = job.reply.send(answer);
+                }
+                for p in done.follow_ups {
+                    self.drive_in_background(p);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, sends = jobs.len(), "group commit failed; each send runs alone");
+                for job in jobs {
+                    metrics.group_commit_alone.inc();
+                    let _ = job.reply.send(Batched::Alone);
+                }
+            }
+        }
+        for job in twins {
+            metrics.group_commit_alone.inc();
+            let _ = job.reply.send(Batched::Alone);
+        }
+    }
+
+    /// Runs `sends` as one batch (what the collector does with the sends it finds waiting),
+    /// then each send the batch did not take alone; one answer per send, in order.
+    pub async fn spend_together(
+        &self,
+        sends: Vec<(IdempotencyKey, String, Spend)>,
+    ) -> Vec<Result<Vec<u8>, WalletError>> {
+        let mut jobs = Vec::with_capacity(sends.len());
+        let mut waiting = Vec::with_capacity(sends.len());
+        for (key, wallet_id, spend) in sends {
+            let (reply, answer) = oneshot::channel();
+            waiting.push((answer, key.clone(), wallet_id.clone(), spend.clone()));
+            jobs.push(SendJob {
+                key,
+                wallet_id,
+                spend,
+                reply,
+            });
+        }
+        self.run_batch(jobs).await;
+        let mut out = Vec::with_capacity(waiting.len());
+        for (answer, key, wallet_id, spend) in waiting {
+            out.push(match answer.await.unwrap_or(Batched::Alone) {
+                Batched::Done(r) => r,
+                Batched::Alone => self.spend_alone(&key, &wallet_id, spend).await,
+            });
+        }
+        out
+    }
+
+    async fn commit_batch(&self, jobs: &[SendJob]) -> Result<Committed, WalletError> {
+        let now = self.now();
+        let mut tx = self.db.begin_write().await?;
+        let mut answers: Vec<Option<Batched>> = jobs.iter().map(|_| None).collect();
+
+        let keys: Vec<&IdempotencyKey> = jobs.iter().map(|j| &j.key).collect();
+        let mut fresh = Vec::with_capacity(jobs.len());
+        for (i, claim) in IdempotencyKey::claim_many(&mut tx, &keys)
+            .await?
+            .into_iter()
+            .enumerate()
+        {
+            match claim {
+                Ok(Claimed::New) => fresh.push(i),
+                Ok(Claimed::Replay(r)) => {
+                    answers[i] = Some(Batched::Done(r.map_err(WalletError::Replayed)));
+                }
+                Err(e) => answers[i] = Some(Batched::Done(Err(e.into()))),
+            }
+        }
+        let fresh_keys: Vec<&str> = fresh.iter().map(|&i| jobs[i].key.key()).collect();
+        let started_purchase = store::purchase_origins(&mut tx, &fresh_keys).await?;
+        fresh.retain(|&i| {
+            let resumes = started_purchase.contains(jobs[i].key.key());
+            if resumes {
+                answers[i] = Some(Batched::Alone);
+            }
+            !resumes
+        });
+
+        let mut wallet_ids: Vec<&str> = fresh.iter().map(|&i| jobs[i].wallet_id.as_str()).collect();
+        wallet_ids.sort_unstable();
+        wallet_ids.dedup();
+        let headers = store::lock_wallets(&mut tx, &self.db, &wallet_ids).await?;
+        let mut lots = store::lots_of_wallets(&mut tx, &wallet_ids).await?;
+        let bought = store::auto_bought_since_many(&mut tx, &wallet_ids, month_start(now)).await?;
+        let mut lapsed = store::lapsed_reservations_many(&mut tx, &wallet_ids, now).await?;
+        let mut accounts: HashMap<String, Account> = headers
+            .into_iter()
+            .map(|w| {
+                let id = w.wallet_id.clone();
+                let mut acct = Account::from_parts(
+                    w,
+                    lots.remove(&id).unwrap_or_default(),
+                    bought.get(&id).copied().unwrap_or(0),
+                    now,
+                );
+                acct.housekeeping_with(lapsed.remove(&id).unwrap_or_default());
+                (id, acct)
+            })
+            .collect();
+
+        let mut recorded: Vec<(&IdempotencyKey, Result<Vec<u8>, Status>)> = Vec::new();
+        let mut follow_ups = Vec::new();
+        for &i in &fresh {
+            let job = &jobs[i];
+            let Some(acct) = accounts.get_mut(&job.wallet_id) else {
+                let missing = WalletError::WalletNotFound(job.wallet_id.clone());
+                answers[i] = Some(Batched::Done(Err(missing)));
+                continue;
+            };
+            answers[i] = Some(
+                match self.apply_in_batch(&mut tx, acct, &job.spend).await? {
+                    (InBatch::Applied(response), follow_up) => {
+                        recorded.push((&job.key, Ok(response.clone())));
+                        follow_ups.extend(follow_up);
+                        Batched::Done(Ok(response))
+                    }
+                    (InBatch::Refused(err), _) => {
+                        if err.is_recorded_refusal() {
+                            recorded.push((&job.key, Err(Status::from(err.clone_refusal()))));
+                        }
+                        Batched::Done(Err(err))
+                    }
+                    (InBatch::Alone, _) => Batched::Alone,
+                },
+            );
+        }
+
+        let events = accounts.values().any(Account::has_events);
+        Account::save_many(&mut tx, accounts.into_values().collect()).await?;
+        IdempotencyKey::record_many(&mut tx, &recorded, now.timestamp_micros()).await?;
+        tx.commit().await?;
+        if events || !follow_ups.is_empty() {
+            self.platform.outbox.poke();
+        }
+        Ok(Committed {
+            answers: answers
+                .into_iter()
+                .map(|a| a.unwrap_or(Batched::Alone))
+                .collect(),
+            follow_ups,
+        })
+    }
+
+    /// One send on its locked account, by the rules of a send alone; `Err` only for storage
+    /// failures (which fail the whole batch).
+    async fn apply_in_batch(
+        &self,
+        tx: &mut Transaction<'static, Any>,
+        acct: &mut Account,
+        spend: &Spend,
+    ) -> Result<(InBatch, Option<PurchaseRecord>), WalletError> {
+        let needed = match rate(&acct.wallet.rating, spend.recipients()) {
+            Ok(n) => n,
+            Err(e) => return Ok((InBatch::Refused(e), None)),
+        };
+        if let Some(err) = refuse_send(acct, spend) {
+            return Ok((InBatch::Refused(err), None));
+        }
+        match top_up_plan(acct, needed) {
+            TopUpPlan::NotNeeded => {}
+            TopUpPlan::Refused { shortfall, reason } => {
+                let err = WalletError::Insufficient {
+                    shortfall,
+                    top_up: Some(reason),
+                };
+                return Ok((InBatch::Refused(err), None));
+            }
+            // A payment never runs inside a transaction: this send buys its credits alone.
+            TopUpPlan::Buy(_) => return Ok((InBatch::Alone, None)),
+        }
+        let response = match apply_send(acct, spend, needed, None) {
+            Ok(r) => r,
+            Err(err) => return Ok((InBatch::Refused(err), None)),
+        };
+        let follow_up = match spend {
+            Spend::Charge { .. } => self.fixed_top_up_after(tx, acct).await?,
+            Spend::Hold { .. } => None,
+        };
+        Ok((InBatch::Applied(response), follow_up))
+    }
+}

@@ -1,0 +1,176 @@
+//! Group commit (issue 7): sends applied together in one transaction answer exactly as they
+//! would alone, and concurrent sends on one wallet share transactions.
+
+use std::sync::Arc;
+
+use credits_wallet::service::Spend;
+use prost::Message;
+use proto::wallet::v1 as pb;
+use runtime::{
+    idempotency::IdempotencyKey,
+    testing::{ADMIN_TOKEN, authed},
+};
+use shared::SimulatedGateway;
+use tonic::{Code, Status};
+
+use crate::{Harness, rules::on_demand};
+
+fn charge(key: &str, wallet: &str, mailing: &str, recipients: u64) -> pb::ChargeMailingRequest {
+    pb::ChargeMailingRequest {
+        idempotency_key: key.into(),
+        wallet_id: wallet.into(),
+        mailing_id: mailing.into(),
+        recipients,
+    }
+}
+
+fn send(r: &pb::ChargeMailingRequest) -> (IdempotencyKey, String, Spend) {
+    (
+        IdempotencyKey::new("ChargeMailing", &r.idempotency_key, r).unwrap(),
+        r.wallet_id.clone(),
+        Spend::Charge {
+            mailing_id: r.mailing_id.clone(),
+            recipients: r.recipients,
+        },
+    )
+}
+
+fn code(r: &Result<Vec<u8>, Status>) -> Code {
+    r.as_ref().map_or_else(Status::code, |_| Code::Ok)
+}
+
+#[tokio::test]
+async fn a_batch_answers_every_kind_of_send_as_it_would_alone() {
+    let h = Harness::start().await;
+    h.open("a", "1", 0).await;
+    h.grant("a", 100).await;
+    h.open("od", "1", 0).await;
+    on_demand(&h, "od", "pm_card_ok").await;
+    // A charge answered before the batch: its key replays inside the batch.
+    let earlier = charge("batch-earlier", "a", "m0", 5);
+    let first = h
+        .client
+        .clone()
+        .charge_mailing(authed(ADMIN_TOKEN, earlier.clone()))
+        .await
+        .unwrap()
+        .into_inner();
+
+    let requests = [
+        charge("batch-1", "a", "m1", 30), // paid from the balance: 95 - 30 = 65 left
+        charge("batch-2", "a", "m2", 70), // sees batch-1's debit: 65 < 70, refused
+        charge("batch-3", "a", "m3", 35), // 65 - 35 = 30 left
+        earlier.clone(),                  // replay of the first answer
+        charge("batch-earlier", "a", "other", 5), // same key, other request: ALREADY_EXISTS
+        charge("batch-4", "nope", "m4", 1), // no such wallet
+        charge("batch-5", "od", "m5", 20), // on demand: buys alone, outside the batch
+        charge("batch-1", "a", "m1", 30), // a twin inside the batch: replays k-1
+    ];
+    let gateway = Arc::new(SimulatedGateway::new());
+    let wallets =
+        credits_wallet::service::Wallets::new(h.running.platform.clone(), gateway.clone());
+    let answers: Vec<Result<Vec<u8>, Status>> = wallets
+        .spend_together(requests.iter().map(send).collect())
+        .await
+        .into_iter()
+        .map(|r| r.map_err(Status::from))
+        .collect();
+    let codes: Vec<Code> = answers.iter().map(code).collect();
+    assert_eq!(
+        codes,
+        vec![
+            Code::Ok,
+            Code::FailedPrecondition,
+            Code::Ok,
+            Code::Ok,
+            Code::AlreadyExists,
+            Code::NotFound,
+            Code::Ok,
+            Code::Ok,
+        ]
+    );
+    let decode =
+        |i: usize| pb::MailingCharge::decode(answers[i].as_ref().unwrap().as_slice()).unwrap();
+    assert_eq!((decode(0).balance_after, decode(2).balance_after), (65, 30));
+    assert_eq!(
+        decode(3),
+        first,
+        "a replay inside a batch is the first answer"
+    );
+    assert_eq!(
+        decode(7),
+        decode(0),
+        "a twin inside a batch replays the first"
+    );
+    assert_eq!((decode(6).credits_bought, decode(6).balance_after), (20, 0));
+
+    // Every answer is stored under its key: a retry through gRPC gets the same.
+    for (i, r) in requests.iter().enumerate().take(3) {
+        let again = h
+            .client
+            .clone()
+            .charge_mailing(authed(ADMIN_TOKEN, r.clone()))
+            .await;
+        match &answers[i] {
+            Ok(bytes) => assert_eq!(
+                again.unwrap().into_inner(),
+                pb::MailingCharge::decode(bytes.as_slice()).unwrap()
+            ),
+            Err(e) => {
+                let s = again.unwrap_err();
+                assert_eq!(s.code(), Code::FailedPrecondition);
+                assert_eq!(
+                    s.message(),
+                    e.message(),
+                    "the refusal is replayed as recorded"
+                );
+            }
+        }
+    }
+    assert_eq!(h.wallet("a").await.balance, 30);
+    let mailings: Vec<String> = h
+        .ledger("a")
+        .await
+        .into_iter()
+        .filter(|e| e.kind == pb::LedgerEntryKind::Mailing as i32)
+        .map(|e| e.reference)
+        .collect();
+    assert_eq!(mailings, ["mailing:m0", "mailing:m1", "mailing:m3"]);
+    h.assert_ledger_balances("a").await;
+    h.assert_ledger_balances("od").await;
+}
+
+#[tokio::test]
+async fn concurrent_sends_on_one_wallet_share_transactions_and_lose_nothing() {
+    let h = Harness::start().await;
+    h.open("hot", "1", 0).await;
+    h.grant("hot", 1_000).await;
+    let calls = 96;
+    let tasks: Vec<_> = (0..calls)
+        .map(|i| {
+            let mut client = h.client.clone();
+            let r = charge(&format!("hot-{i}"), "hot", &format!("m{i}"), 10);
+            tokio::spawn(async move { client.charge_mailing(authed(ADMIN_TOKEN, r)).await })
+        })
+        .collect();
+    let mut ok = 0;
+    let mut refused = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(_) => ok += 1,
+            Err(s) if s.code() == Code::FailedPrecondition => refused += 1,
+            Err(s) => panic!("unexpected {s:?}"),
+        }
+    }
+    assert_eq!((ok, refused), (100.min(calls), calls - 100.min(calls)));
+    let metrics = &h.running.platform.metrics;
+    let batches = metrics.group_commit_batches.get();
+    let sends = metrics.group_commit_mutations.get();
+    assert_eq!(sends, calls as u64, "every send was answered by a batch");
+    assert!(
+        batches < sends,
+        "{sends} concurrent sends took {batches} transactions: none shared"
+    );
+    assert_eq!(h.wallet("hot").await.balance, 1_000 - 10 * ok as i64);
+    h.assert_ledger_balances("hot").await;
+}
