@@ -70,6 +70,17 @@ pub struct Tally {
 }
 
 impl Tally {
+    /// Per RPC name: successful and uncertain calls of this run and `other` together.
+    pub fn counts_with(&self, other: Option<&Tally>) -> BTreeMap<&'static str, (u64, u64)> {
+        let mut out = self.by_rpc.clone();
+        for (k, (ok, unsure)) in other.map(|o| o.by_rpc.clone()).unwrap_or_default() {
+            let e = out.entry(k).or_default();
+            e.0 += ok;
+            e.1 += unsure;
+        }
+        out
+    }
+
     fn absorb(&mut self, other: Tally) {
         self.micros.extend(other.micros);
         self.ok += other.ok;
@@ -81,6 +92,13 @@ impl Tally {
         }
         for (k, v) in other.errors {
             *self.errors.entry(k).or_default() += v;
+        }
+    }
+
+    fn take(&mut self, step: Result<Vec<Call>, tokio::task::JoinError>) {
+        match step {
+            Ok(calls) => calls.iter().for_each(|c| self.record(c)),
+            Err(e) => *self.errors.entry(format!("task failed: {e}")).or_default() += 1,
         }
     }
 
@@ -174,6 +192,64 @@ pub async fn drive(tasks: usize, duration: Duration, max_steps: u64, op: Operati
             }
         }
     }
+    total.elapsed = start.elapsed();
+    total.finish();
+    total
+}
+
+/// Open-loop load at a chosen rate: starts `rate` steps per second for `duration`, whether or
+/// not the earlier ones have answered, so the latencies are those a client sees at that offered
+/// rate (a closed loop of N callers would slow down with the server and hide its queueing).
+/// Steps are numbered from task `first_task` on, 64 tasks round robin, so their keys differ from
+/// every other run's. At most `max_in_flight` steps run at once; a step due beyond that is not
+/// started and counted as the error "not started: too many in flight".
+pub async fn pace(
+    rate: u64,
+    duration: Duration,
+    first_task: usize,
+    max_in_flight: usize,
+    op: Operation,
+) -> Tally {
+    const LANES: u64 = 64;
+    let start = Instant::now();
+    let slots = Arc::new(tokio::sync::Semaphore::new(max_in_flight));
+    let mut set = tokio::task::JoinSet::new();
+    let mut total = Tally::default();
+    let mut started: u64 = 0;
+    let mut tick = tokio::time::interval(Duration::from_millis(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    while start.elapsed() < duration {
+        tick.tick().await;
+        // Integer arithmetic: steps due by now at `rate` per second.
+        let due = u64::try_from(start.elapsed().as_micros().min(duration.as_micros()))
+            .unwrap_or(u64::MAX)
+            .saturating_mul(rate)
+            / 1_000_000;
+        while started < due {
+            let (task, seq) = (first_task + (started % LANES) as usize, started / LANES);
+            started += 1;
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                *total
+                    .errors
+                    .entry("not started: too many in flight".into())
+                    .or_default() += 1;
+                continue;
+            };
+            let step = op(task, seq);
+            set.spawn(async move {
+                let calls = step.await;
+                drop(slot);
+                calls
+            });
+        }
+        while let Some(joined) = set.try_join_next() {
+            total.take(joined);
+        }
+    }
+    while let Some(joined) = set.join_next().await {
+        total.take(joined);
+    }
+    total.tasks = max_in_flight;
     total.elapsed = start.elapsed();
     total.finish();
     total

@@ -25,7 +25,7 @@ use stack::Backend;
 
 const USAGE: &str = "\
 usage: bench [--backend sqlite|postgres|both] [--seconds N] [--scenario NAME|all]
-             [--wallets N] [--customers N] [--renewals N] [--tasks N]
+             [--wallets N] [--customers N] [--renewals N] [--tasks N] [--no-half-rate]
 
   --backend    where the services keep their data (default sqlite); postgres uses
                BILLING_TEST_POSTGRES_URL (default postgres://postgres@127.0.0.1:5432/billing_test)
@@ -35,7 +35,9 @@ usage: bench [--backend sqlite|postgres|both] [--seconds N] [--scenario NAME|all
   --customers  partner-pays customers of reseller-hot (default 1000)
   --renewals   subscriptions renewed by the renewals scenario (default 2000)
   --tasks      concurrent callers of every scenario (default 128 spread and reserve-capture,
-               256 hot and reseller-hot)";
+               256 hot and reseller-hot)
+  --no-half-rate  skip the second, open-loop run of each load scenario at half its
+               measured throughput (the latency-at-half-rate figure)";
 
 struct Args {
     backends: Vec<Backend>,
@@ -53,6 +55,7 @@ fn parse_args() -> anyhow::Result<Args> {
         customers: 1_000,
         renewals: 2_000,
         tasks: None,
+        half_rate: true,
     };
     let number = |flag: &str, v: Option<String>, max: usize| -> anyhow::Result<usize> {
         let n: usize = v
@@ -89,6 +92,7 @@ fn parse_args() -> anyhow::Result<Args> {
             "--customers" => settings.customers = number("--customers", args.next(), 100_000)?,
             "--renewals" => settings.renewals = number("--renewals", args.next(), 100_000)?,
             "--tasks" => settings.tasks = Some(number("--tasks", args.next(), 4096)?),
+            "--no-half-rate" => settings.half_rate = false,
             "-h" | "--help" => {
                 println!("{USAGE}");
                 std::process::exit(0);

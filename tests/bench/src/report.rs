@@ -83,8 +83,20 @@ pub fn outcome(o: &Outcome) {
     } else {
         "calls"
     };
+    let half = match &o.half {
+        Some((rate, h)) => format!(
+            "\nat half rate, open loop ({rate} steps/s offered for {} s): ok {}, errors {}; latency p50 {} ms, p99 {} ms, max {} ms",
+            seconds(h.elapsed),
+            h.ok,
+            h.errors.values().sum::<u64>(),
+            ms(h.permille(500)),
+            ms(h.permille(990)),
+            ms(h.permille(1000)),
+        ),
+        None => String::new(),
+    };
     println!(
-        "\n## {} ({})\n{}; setup {} s (not timed)\n{unit} {} in {} s: ok {}, errors: {errors}\nthroughput {} {unit}/s; latency p50 {} ms, p99 {} ms, max {} ms\nmemory MiB (RSS before load -> VmHWM at end): {memory}\ncheck: {}",
+        "\n## {} ({})\n{}; setup {} s (not timed)\n{unit} {} in {} s: ok {}, errors: {errors}\nthroughput {} {unit}/s; latency p50 {} ms, p99 {} ms, max {} ms{half}\nmemory MiB (RSS before load -> VmHWM at end): {memory}\ncheck: {}",
         o.scenario,
         o.backend.name(),
         o.what,
@@ -113,7 +125,7 @@ fn baseline_for<'a>(scenario: &str, baselines: Option<&'a Baselines>) -> Option<
 
 pub fn summary(outcomes: &[Outcome], baselines: Option<&Baselines>, settings: &Settings) {
     println!(
-        "\n## Summary ({} s per scenario)\n\n| scenario | backend | callers | calls | errors | calls/s | p50 ms | p99 ms | max ms | vs pgbench | RSS MiB before → peak (wallet / reseller / subscription) | check |\n|---|---|--:|--:|--:|--:|--:|--:|--:|--:|---|---|",
+        "\n## Summary ({} s per scenario)\n\n| scenario | backend | callers | calls | errors | calls/s | p50 ms | p99 ms | max ms | p99 ms at ½ rate | vs pgbench | RSS MiB before → peak (wallet / reseller / subscription) | check |\n|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|---|",
         settings.seconds
     );
     for o in outcomes {
@@ -130,7 +142,7 @@ pub fn summary(outcomes: &[Outcome], baselines: Option<&Baselines>, settings: &S
             .collect::<Vec<_>>()
             .join(" / ");
         println!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             o.scenario,
             o.backend.name(),
             if o.scenario == "renewals" {
@@ -144,6 +156,9 @@ pub fn summary(outcomes: &[Outcome], baselines: Option<&Baselines>, settings: &S
             ms(t.permille(500)),
             ms(t.permille(990)),
             ms(t.permille(1000)),
+            o.half
+                .as_ref()
+                .map_or_else(|| "-".to_string(), |(_, h)| ms(h.permille(990))),
             vs,
             memory,
             if o.check.is_ok() { "ok" } else { "FAILED" }

@@ -1,7 +1,7 @@
 //! The scenarios of issue 7: setup (not timed), the timed load, and the correctness check.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -45,6 +45,8 @@ pub struct Settings {
     pub renewals: usize,
     /// Overrides every scenario's number of concurrent callers.
     pub tasks: Option<usize>,
+    /// After each load at full speed, the same load offered at half its throughput.
+    pub half_rate: bool,
 }
 
 /// The result of one scenario on one backend.
@@ -54,6 +56,9 @@ pub struct Outcome {
     /// What the timed part did.
     pub what: String,
     pub tally: Tally,
+    /// The same load offered open loop at half the throughput of `tally`: steps per second
+    /// offered, and what the clients saw.
+    pub half: Option<(u64, Tally)>,
     pub setup: Duration,
     /// Per service: name, memory before the load, memory at the end.
     pub memory: Vec<(&'static str, Memory, Memory)>,
@@ -94,26 +99,23 @@ async fn run_on(
     let tasks = |default: usize| settings.tasks.unwrap_or(default);
 
     // Each arm: setup, then (idle memory, timed load, check).
-    let (scenario, what, idle, tally, setup, check) = match name {
+    let (scenario, what, idle, tally, half, setup, check) = match name {
         "spread" => {
             let ids = wallet_ids("spread", settings.wallets);
             open_wallets(&wallet_chans[0], &auth, &ids).await?;
             let setup = setup_started.elapsed();
             let idle = memory(stack);
             let n = tasks(128);
-            let tally = load::drive(
-                n,
-                secs,
-                MAX_STEPS,
-                charge_op("spread", wallet_chans.clone(), auth.clone(), ids.clone()),
-            )
-            .await;
-            let check = check_wallets(&wallet_chans[0], &auth, &ids, &tally).await;
+            let op = charge_op("spread", wallet_chans.clone(), auth.clone(), ids.clone());
+            let tally = load::drive(n, secs, MAX_STEPS, op.clone()).await;
+            let half = half_rate(settings, &tally, 1, op).await;
+            let counts = tally.counts_with(half.as_ref().map(|h| &h.1));
+            let check = check_wallets(&wallet_chans[0], &auth, &ids, &counts).await;
             let what = format!(
                 "ChargeMailing over {} wallets, {n} callers",
                 settings.wallets
             );
-            ("spread", what, idle, tally, setup, check)
+            ("spread", what, idle, tally, half, setup, check)
         }
         "hot" => {
             let ids = Arc::new(vec!["hot".to_string()]);
@@ -121,16 +123,13 @@ async fn run_on(
             let setup = setup_started.elapsed();
             let idle = memory(stack);
             let n = tasks(256);
-            let tally = load::drive(
-                n,
-                secs,
-                MAX_STEPS,
-                charge_op("hot", wallet_chans.clone(), auth.clone(), ids.clone()),
-            )
-            .await;
-            let check = check_wallets(&wallet_chans[0], &auth, &ids, &tally).await;
+            let op = charge_op("hot", wallet_chans.clone(), auth.clone(), ids.clone());
+            let tally = load::drive(n, secs, MAX_STEPS, op.clone()).await;
+            let half = half_rate(settings, &tally, 1, op).await;
+            let counts = tally.counts_with(half.as_ref().map(|h| &h.1));
+            let check = check_wallets(&wallet_chans[0], &auth, &ids, &counts).await;
             let what = format!("ChargeMailing on one wallet, {n} callers");
-            ("hot", what, idle, tally, setup, check)
+            ("hot", what, idle, tally, half, setup, check)
         }
         "reseller-hot" => {
             let reseller_chans = channels(&stack.reseller.url(), CHANNELS).await?;
@@ -146,20 +145,17 @@ async fn run_on(
             let setup = setup_started.elapsed();
             let idle = memory(stack);
             let n = tasks(256);
-            let tally = load::drive(
-                n,
-                secs,
-                MAX_STEPS,
-                reseller_op(reseller_chans, auth.clone(), partner, settings.customers),
-            )
-            .await;
+            let op = reseller_op(reseller_chans, auth.clone(), partner, settings.customers);
+            let tally = load::drive(n, secs, MAX_STEPS, op.clone()).await;
+            let half = half_rate(settings, &tally, 1, op).await;
+            let counts = tally.counts_with(half.as_ref().map(|h| &h.1));
             let ids = Arc::new(vec![format!("partner:{partner}")]);
-            let check = check_wallets(&wallet_chans[0], &auth, &ids, &tally).await;
+            let check = check_wallets(&wallet_chans[0], &auth, &ids, &counts).await;
             let what = format!(
                 "reseller ChargeMailing, {} partner-pays customers of one partner, {n} callers",
                 settings.customers
             );
-            ("reseller-hot", what, idle, tally, setup, check)
+            ("reseller-hot", what, idle, tally, half, setup, check)
         }
         "reserve-capture" => {
             let ids = wallet_ids("rc", settings.wallets);
@@ -167,19 +163,16 @@ async fn run_on(
             let setup = setup_started.elapsed();
             let idle = memory(stack);
             let n = tasks(128);
-            let tally = load::drive(
-                n,
-                secs,
-                MAX_STEPS,
-                reserve_capture_op(wallet_chans.clone(), auth.clone(), ids.clone()),
-            )
-            .await;
-            let check = check_wallets(&wallet_chans[0], &auth, &ids, &tally).await;
+            let op = reserve_capture_op(wallet_chans.clone(), auth.clone(), ids.clone());
+            let tally = load::drive(n, secs, MAX_STEPS, op.clone()).await;
+            let half = half_rate(settings, &tally, 2, op).await;
+            let counts = tally.counts_with(half.as_ref().map(|h| &h.1));
+            let check = check_wallets(&wallet_chans[0], &auth, &ids, &counts).await;
             let what = format!(
                 "ReserveCredits + CaptureReservation over {} wallets, {n} callers (each call counted)",
                 settings.wallets
             );
-            ("reserve-capture", what, idle, tally, setup, check)
+            ("reserve-capture", what, idle, tally, half, setup, check)
         }
         "renewals" => {
             let sub_chans = channels(&stack.subscription.url(), 1).await?;
@@ -194,7 +187,7 @@ async fn run_on(
                 "renewal run of {} card subscriptions after one AdvanceTime (latency: clock move to renewal invoice event)",
                 settings.renewals
             );
-            ("renewals", what, idle, tally, setup, check)
+            ("renewals", what, idle, tally, None, setup, check)
         }
         other => bail!("unknown scenario {other:?}; one of {}", ALL.join(", ")),
     };
@@ -209,10 +202,27 @@ async fn run_on(
         backend,
         what,
         tally,
+        half,
         setup,
         memory,
         check,
     })
+}
+
+/// Offers the load of `full` again, open loop, at half its throughput (in steps of
+/// `calls_per_step` calls) for the same seconds: the latency at half the maximum rate.
+async fn half_rate(
+    settings: &Settings,
+    full: &Tally,
+    calls_per_step: u64,
+    op: Operation,
+) -> Option<(u64, Tally)> {
+    if !settings.half_rate {
+        return None;
+    }
+    let rate = (full.throughput() / calls_per_step / 2).max(1);
+    let secs = Duration::from_secs(settings.seconds);
+    Some((rate, load::pace(rate, secs, 1_000_000, 8192, op).await))
 }
 
 fn memory(stack: &Stack) -> Vec<(&'static str, Memory)> {
@@ -413,7 +423,7 @@ async fn check_wallets(
     ch: &Channel,
     auth: &Auth,
     ids: &[String],
-    tally: &Tally,
+    counts: &BTreeMap<&'static str, (u64, u64)>,
 ) -> Result<String, String> {
     let problems = std::sync::Mutex::new(Vec::<String>::new());
     let mailings = std::sync::atomic::AtomicU64::new(0);
@@ -489,12 +499,12 @@ async fn check_wallets(
     let mailings = mailings.into_inner();
     let captures = captures.into_inner();
     let held = held.into_inner();
-    let (rpc, debits) = if tally.by_rpc.contains_key("CaptureReservation") {
+    let (rpc, debits) = if counts.contains_key("CaptureReservation") {
         ("CaptureReservation", captures)
     } else {
         ("ChargeMailing", mailings)
     };
-    let (ok, uncertain) = tally.by_rpc.get(rpc).copied().unwrap_or_default();
+    let (ok, uncertain) = counts.get(rpc).copied().unwrap_or_default();
     if debits < ok || debits > ok + uncertain {
         problems.push(format!(
             "{debits} debits in the ledgers but {ok} successful {rpc} calls ({uncertain} uncertain)"
@@ -502,11 +512,7 @@ async fn check_wallets(
     }
     // A reserve whose capture failed or a hold of an uncertain capture may stay held; a
     // successful capture leaves nothing held.
-    let (reserved, _) = tally
-        .by_rpc
-        .get("ReserveCredits")
-        .copied()
-        .unwrap_or_default();
+    let (reserved, _) = counts.get("ReserveCredits").copied().unwrap_or_default();
     let open_holds = reserved.saturating_sub(captures);
     if held != open_holds * RECIPIENTS {
         problems.push(format!(
