@@ -8,7 +8,7 @@ use std::collections::{HashMap, HashSet};
 
 use runtime::{
     clock::from_micros,
-    db::{Db, DbError, placeholders, value_rows},
+    db::{Backend, Db, DbError, placeholders, value_rows},
 };
 use shared::{Currency, Money, RatingRule};
 use sqlx::{AnyConnection, Row, any::AnyRow};
@@ -588,8 +588,10 @@ pub async fn wallets_with_due_work(
 /// Rows per statement of the many-wallet queries below.
 const CHUNK: usize = 500;
 
-/// Reads and (on PostgreSQL) row-locks many wallets, in `wallet_id` order: every transaction
-/// that locks more than one wallet takes them in that order, so two of them never deadlock.
+/// Reads and (on PostgreSQL) row-locks many wallets, in `wallet_id` byte order: every
+/// transaction that locks more than one wallet takes them in that order (a transfer compares the
+/// ids as Rust strings, hence `COLLATE "C"` rather than the database's collation), so two of
+/// them never deadlock.
 pub async fn lock_wallets(
     conn: &mut AnyConnection,
     db: &Db,
@@ -601,8 +603,12 @@ pub async fn lock_wallets(
     let mut out = Vec::with_capacity(sorted.len());
     for chunk in sorted.chunks(CHUNK) {
         let sql = format!(
-            "SELECT {WALLET_COLUMNS} FROM wallets WHERE wallet_id IN ({}) ORDER BY wallet_id{}",
+            "SELECT {WALLET_COLUMNS} FROM wallets WHERE wallet_id IN ({}) ORDER BY wallet_id{}{}",
             placeholders(chunk.len(), 1),
+            match db.backend() {
+                Backend::Postgres => " COLLATE \"C\"",
+                Backend::Sqlite => "",
+            },
             db.for_update()
         );
         let mut q = sqlx::query(&sql);

@@ -58,6 +58,9 @@ pub enum DbError {
 #[derive(Clone, Debug)]
 pub struct Db {
     pool: AnyPool,
+    /// SQLite only: the one connection write transactions take turns on (see
+    /// [`Db::begin_write`]).
+    writer: Option<AnyPool>,
     backend: Backend,
 }
 
@@ -117,23 +120,33 @@ impl Db {
             format!("{url}?mode=rwc")
         };
         let options = AnyConnectOptions::from_str(&url)?;
-        let pool = AnyPoolOptions::new()
-            .max_connections(max_connections)
-            .acquire_timeout(Duration::from_secs(30))
-            .after_connect(|conn, _| {
-                Box::pin(async move {
-                    conn.execute(
-                        "PRAGMA journal_mode = WAL; PRAGMA busy_timeout = 10000; \
-                         PRAGMA foreign_keys = ON; PRAGMA synchronous = NORMAL;",
-                    )
-                    .await?;
-                    Ok(())
+        let pool_of = |size: u32| {
+            AnyPoolOptions::new()
+                .max_connections(size)
+                .acquire_timeout(Duration::from_secs(30))
+                .after_connect(|conn, _| {
+                    Box::pin(async move {
+                        conn.execute(
+                            "PRAGMA journal_mode = WAL; PRAGMA busy_timeout = 10000; \
+                             PRAGMA foreign_keys = ON; PRAGMA synchronous = NORMAL;",
+                        )
+                        .await?;
+                        Ok(())
+                    })
                 })
-            })
-            .connect_with(options)
+        };
+        let pool = pool_of(max_connections)
+            .connect_with(options.clone())
             .await?;
+        // An in-memory database exists once per connection: it cannot have a second pool.
+        let writer = if path == ":memory:" {
+            None
+        } else {
+            Some(pool_of(1).connect_with(options).await?)
+        };
         Ok(Db {
             pool,
+            writer,
             backend: Backend::Sqlite,
         })
     }
@@ -180,6 +193,7 @@ impl Db {
             .await?;
         Ok(Db {
             pool,
+            writer: None,
             backend: Backend::Postgres,
         })
     }
@@ -197,10 +211,18 @@ impl Db {
     /// Starts a write transaction: `BEGIN IMMEDIATE` on SQLite (takes the write lock at once, so
     /// no transaction can fail upgrading a read lock), `BEGIN` on PostgreSQL (rows are locked with
     /// `FOR UPDATE`, see [`Db::for_update`]).
+    ///
+    /// On SQLite the write transactions of this process take turns on one connection of their
+    /// own: SQLite admits one writer at a time anyway, and a writer that finds the lock taken
+    /// sleeps in its busy handler (up to 100 ms a time) instead of being woken when the lock is
+    /// free, so ten pooled connections contending for it spend most of their time asleep. The
+    /// pool's queue hands the connection over at once. Exclusion still comes from SQLite's own
+    /// lock: another process on the same file waits for it with `busy_timeout` as before.
     pub async fn begin_write(&self) -> Result<Transaction<'static, sqlx::Any>, DbError> {
-        Ok(match self.backend {
-            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
-            Backend::Postgres => self.pool.begin().await?,
+        Ok(match (self.backend, &self.writer) {
+            (Backend::Sqlite, Some(writer)) => writer.begin_with("BEGIN IMMEDIATE").await?,
+            (Backend::Sqlite, None) => self.pool.begin_with("BEGIN IMMEDIATE").await?,
+            (Backend::Postgres, _) => self.pool.begin().await?,
         })
     }
 
@@ -220,6 +242,9 @@ impl Db {
 
     /// Closes the pool, waiting for connections to be returned.
     pub async fn close(&self) {
+        if let Some(writer) = &self.writer {
+            writer.close().await;
+        }
         self.pool.close().await;
     }
 }
