@@ -26,14 +26,14 @@
 //! deadlock, a lost connection): nothing of a failed batch is committed, so running each alone is
 //! exactly what would have happened without batching.
 
-use std::{
-    collections::{HashMap, HashSet},
-    sync::Arc,
-};
+use std::collections::{HashMap, HashSet};
 
-use runtime::idempotency::{Claimed, IdempotencyKey};
+use runtime::{
+    group_commit,
+    idempotency::{Claimed, IdempotencyKey},
+};
 use sqlx::{Any, Transaction};
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot};
 use tonic::Status;
 
 use crate::{
@@ -71,59 +71,28 @@ pub struct GroupCommit {
 }
 
 impl GroupCommit {
-    /// Starts the collector for `wallets` (which must not batch itself) on the current runtime.
-    /// It ends when the last [`GroupCommit`] is dropped.
+    /// Starts the collector for `wallets` (which must not batch itself) on the current runtime
+    /// (`runtime::group_commit`). It ends when the last [`GroupCommit`] is dropped.
     pub fn start(wallets: Wallets, max_batch: usize, workers: usize) -> Self {
-        let max_batch = max_batch.max(1);
-        let (queue, rx) = mpsc::channel(max_batch * 4);
-        tokio::spawn(collect(wallets, rx, max_batch, workers.max(1)));
+        let queue = group_commit::spawn(max_batch, workers, move |jobs| {
+            let wallets = wallets.clone();
+            async move { wallets.run_batch(jobs).await }
+        });
         Self { queue }
     }
 
     /// Hands a send to the next batch and waits for its answer.
     pub async fn submit(&self, key: &IdempotencyKey, wallet_id: &str, spend: &Spend) -> Batched {
-        let (reply, answer) = oneshot::channel();
-        let job = SendJob {
+        // No answer means the worker went away (shutdown) before answering: what it did not
+        // commit is redone alone, and what it committed is replayed from the key.
+        group_commit::submit(&self.queue, |reply| SendJob {
             key: key.clone(),
             wallet_id: wallet_id.to_string(),
             spend: spend.clone(),
             reply,
-        };
-        if self.queue.send(job).await.is_err() {
-            return Batched::Alone;
-        }
-        // A dropped reply means the worker went away (shutdown) before answering; whatever it
-        // did not commit is redone alone, and what it committed is replayed from the key.
-        answer.await.unwrap_or(Batched::Alone)
-    }
-}
-
-/// Takes a free worker, then every send waiting (up to `max_batch`), and runs them as one
-/// batch. While all workers are busy, sends queue up: the batch grows with the load, and a
-/// lone send at low load is a batch of one, without waiting for company.
-async fn collect(
-    wallets: Wallets,
-    mut rx: mpsc::Receiver<SendJob>,
-    max_batch: usize,
-    workers: usize,
-) {
-    let workers = Arc::new(Semaphore::new(workers));
-    while let Some(first) = rx.recv().await {
-        let Ok(permit) = workers.clone().acquire_owned().await else {
-            break;
-        };
-        let mut jobs = vec![first];
-        while jobs.len() < max_batch {
-            match rx.try_recv() {
-                Ok(job) => jobs.push(job),
-                Err(_) => break,
-            }
-        }
-        let wallets = wallets.clone();
-        tokio::spawn(async move {
-            wallets.run_batch(jobs).await;
-            drop(permit);
-        });
+        })
+        .await
+        .unwrap_or(Batched::Alone)
     }
 }
 

@@ -27,6 +27,7 @@ use sqlx::{Any, Transaction};
 use tonic::Status;
 
 use crate::{
+    batch::{Batched, GroupCommit},
     domain::{self, BillingMode, Funding, Payer},
     error::ResellerError,
     store::{self, CustomerRecord, PartnerRecord, RoutedRecord},
@@ -36,9 +37,10 @@ use crate::{
 /// The reseller's use cases.
 #[derive(Clone)]
 pub struct Resellers {
-    db: Db,
-    platform: Platform,
+    pub(crate) db: Db,
+    pub(crate) platform: Platform,
     wallet: Wallet,
+    group_commit: Option<GroupCommit>,
 }
 
 /// A new partner.
@@ -93,10 +95,18 @@ impl Resellers {
             db: platform.db.clone(),
             platform,
             wallet,
+            group_commit: None,
         }
     }
 
-    fn now(&self) -> DateTime<Utc> {
+    /// The same use cases with group commit for steps 1 and 3 of routed sends: up to
+    /// `max_batch` sends per transaction, `workers` transactions at a time ([`crate::batch`]).
+    pub fn with_group_commit(mut self, max_batch: usize, workers: usize) -> Self {
+        self.group_commit = Some(GroupCommit::start(self.clone(), max_batch, workers));
+        self
+    }
+
+    pub(crate) fn now(&self) -> DateTime<Utc> {
         self.platform.clock.now()
     }
 
@@ -125,7 +135,7 @@ impl Resellers {
         Ok(response)
     }
 
-    async fn event(
+    pub(crate) async fn event(
         &self,
         tx: &mut Transaction<'static, Any>,
         event_type: &str,
@@ -481,6 +491,9 @@ impl Resellers {
     }
 
     /// ChargeMailing and ReserveMailing (W2, W3, W5): route, then debit or hold at the payer.
+    ///
+    /// With group commit on ([`crate::batch`]), steps 1 and 3 of sends arriving together share
+    /// their transactions; a send a batch does not take runs the step alone, as here.
     pub async fn route_send(
         &self,
         key: &IdempotencyKey,
@@ -490,81 +503,101 @@ impl Resellers {
         recipients: u64,
         send: Send,
     ) -> Result<Vec<u8>, ResellerError> {
+        let request = SendRequest {
+            key: key.clone(),
+            partner_id: partner_id.to_string(),
+            customer_id: customer_id.to_string(),
+            mailing_id: mailing_id.to_string(),
+            recipients,
+            send,
+        };
         // Step 1: decide and record who pays (or find the decision of an earlier attempt).
+        let routed = match &self.group_commit {
+            Some(g) => match g.route(&request).await {
+                Batched::Done(r) => r?,
+                Batched::Alone => self.route_alone(&request).await?,
+            },
+            None => self.route_alone(&request).await?,
+        };
+        let routed = match routed {
+            Routing::Answered(bytes) => return Ok(bytes),
+            Routing::Routed(r) => *r,
+        };
+
+        // Step 2: the wallet, with a key derived from the caller's.
+        let outcome = match self.call_wallet(&request, &routed).await {
+            // Nothing known to have happened: keep the routing pending for the retry.
+            Err(e) if e.is_wallet_unreachable() => return Err(e),
+            known => known,
+        };
+
+        // Step 3: record the outcome under the caller's key.
+        let settled = settle(routed, recipients, outcome);
+        match &self.group_commit {
+            Some(g) => match g.record(&request.key, &settled).await {
+                Batched::Done(r) => r,
+                Batched::Alone => self.record_alone(&request.key, settled).await,
+            },
+            None => self.record_alone(&request.key, settled).await,
+        }
+    }
+
+    /// Step 1 of a send in its own transaction.
+    pub(crate) async fn route_alone(&self, r: &SendRequest) -> Result<Routing, ResellerError> {
         let mut tx = self.db.begin_write().await?;
-        match key.claim_bytes(&mut tx).await? {
-            Claimed::Replay(Ok(bytes)) => return Ok(bytes),
+        match r.key.claim_bytes(&mut tx).await? {
+            Claimed::Replay(Ok(bytes)) => return Ok(Routing::Answered(bytes)),
             Claimed::Replay(Err(status)) => return Err(ResellerError::Replayed(status)),
             Claimed::New => {}
         }
-        let routed = match store::routed(&mut tx, key.key()).await? {
-            Some(r) => r,
-            None => {
-                let customer = self.own_customer(&mut tx, partner_id, customer_id).await?;
-                if customer.suspended {
-                    return Err(ResellerError::Suspended(customer_id.to_string()));
-                }
-                let partner = self.partner_record(&mut tx, partner_id).await?;
-                let rating: wpb::RatingRule = decode(&partner.rating)?;
-                let credits = rate(&rating, recipients)?;
-                let (payer, payer_wallet_id) =
-                    domain::route(customer.billing_mode, partner_id, customer_id);
-                if payer == Payer::Partner {
-                    let (start, _) = domain::month_of(self.now());
-                    let used =
-                        store::partner_credits_used_since(&mut tx, customer_id, start).await?;
-                    if let Err(reached) = domain::check_limit(customer.monthly_limit, used, credits)
-                    {
-                        self.event(
-                            &mut tx,
-                            "reseller.customer_limit_reached",
-                            partner_id,
-                            json!({"partner_id": partner_id, "customer_id": customer_id, "limit": reached.limit, "used": reached.used, "needed": reached.needed}),
-                        )
-                        .await?;
-                        let err = ResellerError::Limit(reached);
-                        let status = Status::from(ResellerError::Limit(reached));
-                        key.record_status(&mut tx, &status, self.now().timestamp_micros())
-                            .await?;
-                        tx.commit().await?;
-                        self.platform.outbox.poke();
-                        return Err(err);
-                    }
-                }
-                let r = RoutedRecord {
-                    idempotency_key: key.key().to_string(),
-                    kind: match send {
-                        Send::Charge => "charge",
-                        Send::Hold { .. } => "hold",
-                    }
-                    .into(),
-                    partner_id: partner_id.to_string(),
-                    customer_id: customer_id.to_string(),
-                    payer,
-                    payer_wallet_id,
-                    mailing_id: mailing_id.to_string(),
-                    recipients: i64::try_from(recipients).unwrap_or(i64::MAX),
-                    credits,
-                    status: "pending".into(),
-                    reservation_id: None,
-                    reservation_status: None,
-                };
-                store::insert_routed(&mut tx, &r, self.now()).await?;
-                r
-            }
+        if let Some(routed) = store::routed(&mut tx, r.key.key()).await? {
+            return Ok(Routing::Routed(Box::new(routed)));
+        }
+        let customer = self
+            .own_customer(&mut tx, &r.partner_id, &r.customer_id)
+            .await?;
+        let partner = self.partner_record(&mut tx, &r.partner_id).await?;
+        let (start, _) = domain::month_of(self.now());
+        let used = if customer.monthly_limit > 0 {
+            store::partner_credits_used_since(&mut tx, &r.customer_id, start).await?
+        } else {
+            0
         };
-        tx.commit().await?;
+        match decide(r, &customer, &partner, used)? {
+            Decision::Route(routed) => {
+                store::insert_routed(&mut tx, &routed, self.now()).await?;
+                tx.commit().await?;
+                Ok(Routing::Routed(routed))
+            }
+            Decision::Limit(reached) => {
+                let (event_type, payload) = limit_event(r, reached);
+                self.event(&mut tx, event_type, &r.partner_id, payload)
+                    .await?;
+                let status = Status::from(ResellerError::Limit(reached));
+                r.key
+                    .record_status(&mut tx, &status, self.now().timestamp_micros())
+                    .await?;
+                tx.commit().await?;
+                self.platform.outbox.poke();
+                Err(ResellerError::Limit(reached))
+            }
+        }
+    }
 
-        // Step 2: the wallet, with a key derived from the caller's.
-        let wallet_key = wallet_key(key.key(), "send");
-        let outcome = match send {
+    async fn call_wallet(
+        &self,
+        r: &SendRequest,
+        routed: &RoutedRecord,
+    ) -> Result<Outcome, ResellerError> {
+        let wallet_key = wallet_key(r.key.key(), "send");
+        match r.send {
             Send::Charge => self
                 .wallet
                 .charge(wpb::ChargeMailingRequest {
                     idempotency_key: wallet_key,
                     wallet_id: routed.payer_wallet_id.clone(),
                     mailing_id: routed.mailing_id.clone(),
-                    recipients,
+                    recipients: r.recipients,
                 })
                 .await
                 .map(Outcome::Charged),
@@ -574,78 +607,34 @@ impl Resellers {
                     idempotency_key: wallet_key,
                     wallet_id: routed.payer_wallet_id.clone(),
                     mailing_id: routed.mailing_id.clone(),
-                    recipients,
+                    recipients: r.recipients,
                     ttl_seconds,
                 })
                 .await
                 .map(Outcome::Held),
-        };
+        }
+    }
 
-        // Step 3: record the outcome under the caller's key.
+    /// Step 3 of a send in its own transaction.
+    pub(crate) async fn record_alone(
+        &self,
+        key: &IdempotencyKey,
+        settled: Settled,
+    ) -> Result<Vec<u8>, ResellerError> {
         let mut tx = self.db.begin_write().await?;
         match key.claim_bytes(&mut tx).await? {
             Claimed::Replay(Ok(bytes)) => return Ok(bytes),
             Claimed::Replay(Err(status)) => return Err(ResellerError::Replayed(status)),
             Claimed::New => {}
         }
-        let mut routed = routed;
-        match outcome {
-            Err(e) if e.is_wallet_unreachable() => {
-                // Nothing known to have happened: keep the routing pending for the retry.
-                tx.rollback().await?;
-                Err(e)
-            }
-            Err(e) => {
-                routed.status = "failed".into();
-                store::update_routed(&mut tx, &routed).await?;
-                let err_status = Status::from(e);
-                key.record_status(&mut tx, &err_status, self.now().timestamp_micros())
-                    .await?;
-                tx.commit().await?;
-                Err(ResellerError::Replayed(err_status))
-            }
-            Ok(outcome) => {
-                routed.status = "done".into();
-                let payer = match routed.payer {
-                    Payer::Partner => pb::Payer::Partner,
-                    Payer::Customer => pb::Payer::Customer,
-                } as i32;
-                let bytes = match outcome {
-                    Outcome::Charged(charge) => {
-                        routed.credits = i64::try_from(charge.credits).unwrap_or(routed.credits);
-                        pb::RoutedCharge {
-                            payer,
-                            payer_wallet_id: routed.payer_wallet_id.clone(),
-                            customer_id: routed.customer_id.clone(),
-                            mailing_id: routed.mailing_id.clone(),
-                            recipients,
-                            credits: charge.credits,
-                            payer_balance_after: charge.balance_after,
-                            charge: Some(charge),
-                        }
-                        .encode_to_vec()
-                    }
-                    Outcome::Held(reservation) => {
-                        routed.credits =
-                            i64::try_from(reservation.credits).unwrap_or(routed.credits);
-                        routed.reservation_id = Some(reservation.reservation_id.clone());
-                        routed.reservation_status = Some("active".into());
-                        pb::RoutedReservation {
-                            payer,
-                            payer_wallet_id: routed.payer_wallet_id.clone(),
-                            customer_id: routed.customer_id.clone(),
-                            reservation: Some(reservation),
-                        }
-                        .encode_to_vec()
-                    }
-                };
-                store::update_routed(&mut tx, &routed).await?;
-                key.record_bytes(&mut tx, bytes.clone(), self.now().timestamp_micros())
-                    .await?;
-                tx.commit().await?;
-                Ok(bytes)
-            }
+        store::update_routed(&mut tx, &settled.routed).await?;
+        let now = self.now().timestamp_micros();
+        match &settled.answer {
+            Ok(bytes) => key.record_bytes(&mut tx, bytes.clone(), now).await?,
+            Err(status) => key.record_status(&mut tx, status, now).await?,
         }
+        tx.commit().await?;
+        settled.answer.map_err(ResellerError::Replayed)
     }
 
     /// CaptureMailing / ReleaseMailing: the hold's own wallet, whatever the billing mode is now.
@@ -976,9 +965,150 @@ pub enum CustomerChange {
     Limit(i64),
 }
 
-enum Outcome {
+pub(crate) enum Outcome {
     Charged(wpb::MailingCharge),
     Held(wpb::Reservation),
+}
+
+/// One routed send as the caller asked for it.
+#[derive(Clone)]
+pub(crate) struct SendRequest {
+    pub key: IdempotencyKey,
+    pub partner_id: String,
+    pub customer_id: String,
+    pub mailing_id: String,
+    pub recipients: u64,
+    pub send: Send,
+}
+
+/// What step 1 came to for a send that goes on.
+pub(crate) enum Routing {
+    /// The first answer of an earlier attempt.
+    Answered(Vec<u8>),
+    /// Who pays, recorded (now or by an earlier attempt): call the wallet.
+    Routed(Box<RoutedRecord>),
+}
+
+/// Step 1's decision for a new send, from the rows it depends on.
+pub(crate) enum Decision {
+    /// Record this routing.
+    Route(Box<RoutedRecord>),
+    /// The partner's monthly cap on the customer refuses it (recorded under the key).
+    Limit(domain::LimitReached),
+}
+
+/// Who pays for `r` (W1) and whether the partner's cap on the customer allows it, given the
+/// partner credits the customer `used` this month. Refusals that change nothing are `Err`.
+pub(crate) fn decide(
+    r: &SendRequest,
+    customer: &CustomerRecord,
+    partner: &PartnerRecord,
+    used: i64,
+) -> Result<Decision, ResellerError> {
+    if customer.suspended {
+        return Err(ResellerError::Suspended(r.customer_id.clone()));
+    }
+    let rating: wpb::RatingRule = decode(&partner.rating)?;
+    let credits = rate(&rating, r.recipients)?;
+    let (payer, payer_wallet_id) =
+        domain::route(customer.billing_mode, &r.partner_id, &r.customer_id);
+    if payer == Payer::Partner
+        && let Err(reached) = domain::check_limit(customer.monthly_limit, used, credits)
+    {
+        return Ok(Decision::Limit(reached));
+    }
+    Ok(Decision::Route(Box::new(RoutedRecord {
+        idempotency_key: r.key.key().to_string(),
+        kind: match r.send {
+            Send::Charge => "charge",
+            Send::Hold { .. } => "hold",
+        }
+        .into(),
+        partner_id: r.partner_id.clone(),
+        customer_id: r.customer_id.clone(),
+        payer,
+        payer_wallet_id,
+        mailing_id: r.mailing_id.clone(),
+        recipients: i64::try_from(r.recipients).unwrap_or(i64::MAX),
+        credits,
+        status: "pending".into(),
+        reservation_id: None,
+        reservation_status: None,
+    })))
+}
+
+/// The event of a send refused by the cap.
+pub(crate) fn limit_event(
+    r: &SendRequest,
+    reached: domain::LimitReached,
+) -> (&'static str, serde_json::Value) {
+    (
+        "reseller.customer_limit_reached",
+        json!({"partner_id": r.partner_id, "customer_id": r.customer_id, "limit": reached.limit, "used": reached.used, "needed": reached.needed}),
+    )
+}
+
+/// A routing with the wallet's outcome applied, and the answer to record under the key.
+#[derive(Clone)]
+pub(crate) struct Settled {
+    pub routed: RoutedRecord,
+    pub answer: Result<Vec<u8>, Status>,
+}
+
+/// Step 3's result for a wallet outcome that is known (not an unreachable wallet): the routing
+/// `done` with the wallet's answer, or `failed` with its refusal.
+pub(crate) fn settle(
+    mut routed: RoutedRecord,
+    recipients: u64,
+    outcome: Result<Outcome, ResellerError>,
+) -> Settled {
+    let outcome = match outcome {
+        Ok(o) => o,
+        Err(e) => {
+            routed.status = "failed".into();
+            return Settled {
+                routed,
+                answer: Err(Status::from(e)),
+            };
+        }
+    };
+    routed.status = "done".into();
+    let payer = match routed.payer {
+        Payer::Partner => pb::Payer::Partner,
+        Payer::Customer => pb::Payer::Customer,
+    } as i32;
+    let bytes = match outcome {
+        Outcome::Charged(charge) => {
+            routed.credits = i64::try_from(charge.credits).unwrap_or(routed.credits);
+            pb::RoutedCharge {
+                payer,
+                payer_wallet_id: routed.payer_wallet_id.clone(),
+                customer_id: routed.customer_id.clone(),
+                mailing_id: routed.mailing_id.clone(),
+                recipients,
+                credits: charge.credits,
+                payer_balance_after: charge.balance_after,
+                charge: Some(charge),
+            }
+            .encode_to_vec()
+        }
+        Outcome::Held(reservation) => {
+            routed.credits = i64::try_from(reservation.credits).unwrap_or(routed.credits);
+            routed.reservation_id = Some(reservation.reservation_id.clone());
+            routed.reservation_status = Some("active".into());
+            pb::RoutedReservation {
+                payer,
+                payer_wallet_id: routed.payer_wallet_id.clone(),
+                customer_id: routed.customer_id.clone(),
+                reservation: Some(reservation),
+            }
+            .encode_to_vec()
+        }
+    };
+    Settled {
+        routed,
+        answer: Ok(bytes),
+    }
 }
 
 fn money(m: &shared::Money) -> proto::common::v1::Money {

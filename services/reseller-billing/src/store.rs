@@ -1,9 +1,11 @@
 //! The reseller's schema and queries, written once for SQLite and PostgreSQL (sqlx `Any`).
 
+use std::collections::HashMap;
+
 use chrono::{DateTime, Utc};
 use runtime::{
     clock::from_micros,
-    db::{Db, DbError},
+    db::{Backend, Db, DbError, placeholders, value_rows},
 };
 use sqlx::{AnyConnection, Row, any::AnyRow};
 
@@ -402,5 +404,168 @@ pub async fn set_relay_cursor(conn: &mut AnyConnection, cursor: i64) -> Result<(
         .bind(cursor)
         .execute(conn)
         .await?;
+    Ok(())
+}
+
+// Group commit (`crate::batch`): the reads and writes of routed sends above, for many sends in
+// one statement per chunk (far below either backend's limit on bound parameters).
+
+const CHUNK: usize = 400;
+
+/// Runs `SELECT <columns> FROM <table> WHERE <column> IN (ids...)<suffix>` over chunks of `ids`.
+async fn select_in(
+    conn: &mut AnyConnection,
+    head: &str,
+    ids: &[&str],
+    suffix: &str,
+) -> Result<Vec<AnyRow>, DbError> {
+    let mut rows = Vec::new();
+    for chunk in ids.chunks(CHUNK) {
+        let sql = format!("{head} IN ({}){suffix}", placeholders(chunk.len(), 1));
+        let mut q = sqlx::query(&sql);
+        for id in chunk {
+            q = q.bind(*id);
+        }
+        rows.extend(q.fetch_all(&mut *conn).await?);
+    }
+    Ok(rows)
+}
+
+/// [`routed`] for many keys.
+pub async fn routed_many(
+    conn: &mut AnyConnection,
+    keys: &[&str],
+) -> Result<HashMap<String, RoutedRecord>, DbError> {
+    let head = format!("SELECT {ROUTED_COLUMNS} FROM routed WHERE idempotency_key");
+    select_in(conn, &head, keys, "")
+        .await?
+        .iter()
+        .map(|r| routed_from_row(r).map(|x| (x.idempotency_key.clone(), x)))
+        .collect()
+}
+
+/// [`lock_customer`] for many customers, locked in byte order of their ids (the one order of
+/// every transaction that locks several, so two never deadlock).
+pub async fn lock_customers(
+    conn: &mut AnyConnection,
+    db: &Db,
+    customer_ids: &[&str],
+) -> Result<HashMap<String, CustomerRecord>, DbError> {
+    let mut sorted = customer_ids.to_vec();
+    sorted.sort_unstable();
+    sorted.dedup();
+    let head = format!("SELECT {CUSTOMER_COLUMNS} FROM customers WHERE customer_id");
+    let order = match db.backend() {
+        Backend::Postgres => " ORDER BY customer_id COLLATE \"C\"",
+        Backend::Sqlite => " ORDER BY customer_id",
+    };
+    select_in(conn, &head, &sorted, &format!("{order}{}", db.for_update()))
+        .await?
+        .iter()
+        .map(|r| customer_from_row(r).map(|c| (c.customer_id.clone(), c)))
+        .collect()
+}
+
+/// [`partner`] for many partners.
+pub async fn partners_many(
+    conn: &mut AnyConnection,
+    partner_ids: &[&str],
+) -> Result<HashMap<String, PartnerRecord>, DbError> {
+    let head = format!("SELECT {PARTNER_COLUMNS} FROM partners WHERE partner_id");
+    select_in(conn, &head, partner_ids, "")
+        .await?
+        .iter()
+        .map(|r| partner_from_row(r).map(|p| (p.partner_id.clone(), p)))
+        .collect()
+}
+
+/// [`partner_credits_used_since`] for many customers (absent: none used).
+pub async fn partner_credits_used_since_many(
+    conn: &mut AnyConnection,
+    customer_ids: &[&str],
+    since: DateTime<Utc>,
+) -> Result<HashMap<String, i64>, DbError> {
+    let mut out = HashMap::new();
+    for chunk in customer_ids.chunks(CHUNK) {
+        let sql = format!(
+            "SELECT customer_id, CAST(COALESCE(SUM(credits), 0) AS BIGINT) FROM routed \
+             WHERE customer_id IN ({}) AND payer = 'partner' AND status <> 'failed' \
+             AND created_at_us >= ${} \
+             AND (reservation_status IS NULL OR reservation_status IN ('active', 'captured')) \
+             GROUP BY customer_id",
+            placeholders(chunk.len(), 1),
+            chunk.len() + 1
+        );
+        let mut q = sqlx::query(&sql);
+        for id in chunk {
+            q = q.bind(*id);
+        }
+        for row in q
+            .bind(since.timestamp_micros())
+            .fetch_all(&mut *conn)
+            .await?
+        {
+            out.insert(row.try_get::<String, _>(0)?, row.try_get::<i64, _>(1)?);
+        }
+    }
+    Ok(out)
+}
+
+/// [`insert_routed`] for many routings.
+pub async fn insert_routed_many(
+    conn: &mut AnyConnection,
+    routed: &[RoutedRecord],
+    now: DateTime<Utc>,
+) -> Result<(), DbError> {
+    for chunk in routed.chunks(CHUNK / 13) {
+        let sql = format!(
+            "INSERT INTO routed ({ROUTED_COLUMNS}, created_at_us) VALUES {}",
+            value_rows(chunk.len(), 13)
+        );
+        let mut q = sqlx::query(&sql);
+        for r in chunk {
+            q = q
+                .bind(&r.idempotency_key)
+                .bind(&r.kind)
+                .bind(&r.partner_id)
+                .bind(&r.customer_id)
+                .bind(r.payer.as_str())
+                .bind(&r.payer_wallet_id)
+                .bind(&r.mailing_id)
+                .bind(r.recipients)
+                .bind(r.credits)
+                .bind(&r.status)
+                .bind(&r.reservation_id)
+                .bind(&r.reservation_status)
+                .bind(now.timestamp_micros());
+        }
+        q.execute(&mut *conn).await?;
+    }
+    Ok(())
+}
+
+/// [`update_routed`] for many routings, one `UPDATE ... FROM (VALUES ...)` per chunk.
+pub async fn update_routed_many(
+    conn: &mut AnyConnection,
+    routed: &[&RoutedRecord],
+) -> Result<(), DbError> {
+    for chunk in routed.chunks(CHUNK / 5) {
+        let sql = format!(
+            "UPDATE routed SET status = v.column2, credits = v.column3, reservation_id = v.column4, \
+             reservation_status = v.column5 FROM (VALUES {}) AS v \
+             WHERE routed.idempotency_key = v.column1",
+            value_rows(chunk.len(), 5)
+        );
+        let mut q = sqlx::query(&sql);
+        for r in chunk {
+            q = q
+                .bind(&r.idempotency_key)
+                .bind(&r.status)
+                .bind(r.credits)
+                .bind(&r.reservation_id)
+                .bind(&r.reservation_status);
+        }
+        q.execute(&mut *conn).await?;
+    }
     Ok(())
 }

@@ -23,6 +23,7 @@ pub mod clock_service;
 pub mod config;
 pub mod convert;
 pub mod db;
+pub mod group_commit;
 pub mod idempotency;
 pub mod metrics;
 pub mod middleware;

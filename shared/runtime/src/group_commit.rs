@@ -1,0 +1,59 @@
+//! The collector behind group commit: mutations queue up, and each free worker takes every one
+//! waiting (up to a maximum) and runs them as one batch, typically one database transaction
+//! whose commit answers them all. Under load the batches grow with the queue; at low load a
+//! lone mutation is a batch of one and waits for nobody.
+//!
+//! This only schedules work inside one process: what a batch may do, and that it stays correct
+//! beside other replicas' batches, is the caller's (row locks and unique keys in the database).
+
+use std::{future::Future, sync::Arc};
+
+use tokio::sync::{Semaphore, mpsc, oneshot};
+
+/// Starts a collector on the current runtime and returns its queue. `run` gets each batch, in
+/// arrival order, on a task of its own; at most `workers` batches run at once. The collector
+/// ends when every sender of the queue is dropped.
+pub fn spawn<J, F, Fut>(max_batch: usize, workers: usize, run: F) -> mpsc::Sender<J>
+where
+    J: Send + 'static,
+    F: Fn(Vec<J>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let max_batch = max_batch.max(1);
+    let (queue, mut rx) = mpsc::channel::<J>(max_batch * 4);
+    let workers = Arc::new(Semaphore::new(workers.max(1)));
+    tokio::spawn(async move {
+        while let Some(first) = rx.recv().await {
+            // Wait for a free worker before draining the queue, so the batch holds everything
+            // that arrived while all workers were busy.
+            let Ok(permit) = workers.clone().acquire_owned().await else {
+                break;
+            };
+            let mut batch = vec![first];
+            while batch.len() < max_batch {
+                match rx.try_recv() {
+                    Ok(job) => batch.push(job),
+                    Err(_) => break,
+                }
+            }
+            let work = run(batch);
+            tokio::spawn(async move {
+                work.await;
+                drop(permit);
+            });
+        }
+    });
+    queue
+}
+
+/// Queues `job` (built around a reply channel by `make`) and waits for its answer; `None` when
+/// the collector is gone or dropped the job unanswered (shutdown): the caller then does the
+/// work alone.
+pub async fn submit<J, A>(
+    queue: &mpsc::Sender<J>,
+    make: impl FnOnce(oneshot::Sender<A>) -> J,
+) -> Option<A> {
+    let (reply, answer) = oneshot::channel();
+    queue.send(make(reply)).await.ok()?;
+    answer.await.ok()
+}
