@@ -28,6 +28,7 @@
 
 use std::collections::{HashMap, HashSet};
 
+use prost::Message;
 use runtime::{
     group_commit,
     idempotency::{Claimed, IdempotencyKey},
@@ -38,10 +39,14 @@ use tonic::Status;
 
 use crate::{
     account::{Account, month_start},
+    convert,
     domain::TopUpPlan,
     error::WalletError,
     model::PurchaseRecord,
-    service::{Spend, Wallets, apply_send, rate, refuse_send, top_up_plan},
+    model::ReservationRecord,
+    service::{
+        Spend, Wallets, active_hold, apply_send, capture_hold, rate, refuse_send, top_up_plan,
+    },
     store,
 };
 
@@ -57,10 +62,24 @@ pub enum Batched {
     Alone,
 }
 
+/// A mutation group commit takes.
+#[derive(Debug, Clone)]
+pub enum Op {
+    /// ChargeMailing or ReserveCredits.
+    Spend(Spend),
+    /// CaptureReservation.
+    Capture {
+        /// The hold.
+        reservation_id: String,
+        /// What was sent.
+        recipients_sent: u64,
+    },
+}
+
 struct SendJob {
     key: IdempotencyKey,
     wallet_id: String,
-    spend: Spend,
+    op: Op,
     reply: oneshot::Sender<Batched>,
 }
 
@@ -81,14 +100,14 @@ impl GroupCommit {
         Self { queue }
     }
 
-    /// Hands a send to the next batch and waits for its answer.
-    pub async fn submit(&self, key: &IdempotencyKey, wallet_id: &str, spend: &Spend) -> Batched {
+    /// Hands a mutation to the next batch and waits for its answer.
+    pub async fn submit(&self, key: &IdempotencyKey, wallet_id: &str, op: Op) -> Batched {
         // No answer means the worker went away (shutdown) before answering: what it did not
         // commit is redone alone, and what it committed is replayed from the key.
         group_commit::submit(&self.queue, |reply| SendJob {
             key: key.clone(),
             wallet_id: wallet_id.to_string(),
-            spend: spend.clone(),
+            op,
             reply,
         })
         .await
@@ -104,6 +123,27 @@ enum InBatch {
     Refused(WalletError),
     /// Run alone after the batch.
     Alone,
+}
+
+/// A capture on its locked account, by the rules of a capture alone; with the hold as it is
+/// after the capture, when it went through.
+fn capture_in_batch(
+    acct: &mut Account,
+    held: Option<ReservationRecord>,
+    reservation_id: &str,
+    recipients_sent: u64,
+) -> (InBatch, Option<ReservationRecord>) {
+    let r = match active_hold(held, reservation_id, acct.now) {
+        Ok(r) => r,
+        Err(e) => return (InBatch::Refused(e), None),
+    };
+    match capture_hold(acct, r, recipients_sent) {
+        Ok(r) => (
+            InBatch::Applied(convert::reservation(&r, acct).encode_to_vec()),
+            Some(r),
+        ),
+        Err(e) => (InBatch::Refused(e), None),
+    }
 }
 
 /// What a committed batch answers, and what it leaves to do after the commit.
@@ -163,7 +203,7 @@ impl Wallets {
             jobs.push(SendJob {
                 key,
                 wallet_id,
-                spend,
+                op: Op::Spend(spend),
                 reply,
             });
         }
@@ -215,6 +255,14 @@ impl Wallets {
         let mut lots = store::lots_of_wallets(&mut tx, &wallet_ids).await?;
         let bought = store::auto_bought_since_many(&mut tx, &wallet_ids, month_start(now)).await?;
         let mut lapsed = store::lapsed_reservations_many(&mut tx, &wallet_ids, now).await?;
+        let hold_ids: Vec<&str> = fresh
+            .iter()
+            .filter_map(|&i| match &jobs[i].op {
+                Op::Capture { reservation_id, .. } => Some(reservation_id.as_str()),
+                Op::Spend(_) => None,
+            })
+            .collect();
+        let mut holds = store::reservations_many(&mut tx, &hold_ids).await?;
         let mut accounts: HashMap<String, Account> = headers
             .into_iter()
             .map(|w| {
@@ -239,22 +287,43 @@ impl Wallets {
                 answers[i] = Some(Batched::Done(Err(missing)));
                 continue;
             };
-            answers[i] = Some(
-                match self.apply_in_batch(&mut tx, acct, &job.spend).await? {
-                    (InBatch::Applied(response), follow_up) => {
-                        recorded.push((&job.key, Ok(response.clone())));
-                        follow_ups.extend(follow_up);
-                        Batched::Done(Ok(response))
+            let applied = match &job.op {
+                Op::Spend(spend) => self.apply_in_batch(&mut tx, acct, spend).await?,
+                Op::Capture {
+                    reservation_id,
+                    recipients_sent,
+                } => {
+                    let held = holds
+                        .get(reservation_id)
+                        .filter(|r| r.wallet_id == job.wallet_id)
+                        .cloned();
+                    let (outcome, captured) =
+                        capture_in_batch(acct, held, reservation_id, *recipients_sent);
+                    if let Some(r) = captured {
+                        // A second capture of the same hold in this batch finds it captured.
+                        holds.insert(r.reservation_id.clone(), r);
                     }
-                    (InBatch::Refused(err), _) => {
-                        if err.is_recorded_refusal() {
-                            recorded.push((&job.key, Err(Status::from(err.clone_refusal()))));
-                        }
-                        Batched::Done(Err(err))
+                    let follow_up = match outcome {
+                        InBatch::Applied(_) => self.fixed_top_up_after(&mut tx, acct).await?,
+                        _ => None,
+                    };
+                    (outcome, follow_up)
+                }
+            };
+            answers[i] = Some(match applied {
+                (InBatch::Applied(response), follow_up) => {
+                    recorded.push((&job.key, Ok(response.clone())));
+                    follow_ups.extend(follow_up);
+                    Batched::Done(Ok(response))
+                }
+                (InBatch::Refused(err), _) => {
+                    if err.is_recorded_refusal() {
+                        recorded.push((&job.key, Err(Status::from(err.clone_refusal()))));
                     }
-                    (InBatch::Alone, _) => Batched::Alone,
-                },
-            );
+                    Batched::Done(Err(err))
+                }
+                (InBatch::Alone, _) => Batched::Alone,
+            });
         }
 
         let events = accounts.values().any(Account::has_events);

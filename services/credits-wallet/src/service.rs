@@ -33,7 +33,7 @@ use tonic::Status;
 
 use crate::{
     account::Account,
-    batch::{Batched, GroupCommit},
+    batch::{Batched, GroupCommit, Op},
     convert,
     domain::{self, AutoTopUp, LotKind, Reminder, TopUpPlan},
     error::WalletError,
@@ -675,7 +675,7 @@ impl Wallets {
         spend: Spend,
     ) -> Result<Vec<u8>, WalletError> {
         if let Some(group) = &self.group_commit {
-            match group.submit(key, wallet_id, &spend).await {
+            match group.submit(key, wallet_id, Op::Spend(spend.clone())).await {
                 Batched::Done(answer) => return answer,
                 Batched::Alone => {}
             }
@@ -858,7 +858,33 @@ impl Wallets {
     }
 
     /// CaptureReservation: debit what was sent, release the rest.
+    ///
+    /// With group commit on, the capture joins a batch like a send ([`crate::batch`]).
     pub async fn capture(
+        &self,
+        key: &IdempotencyKey,
+        wallet_id: &str,
+        reservation_id: &str,
+        recipients_sent: u64,
+    ) -> Result<pb::Reservation, WalletError> {
+        if let Some(group) = &self.group_commit {
+            let op = Op::Capture {
+                reservation_id: reservation_id.to_string(),
+                recipients_sent,
+            };
+            if let Batched::Done(answer) = group.submit(key, wallet_id, op).await {
+                return answer.and_then(|bytes| {
+                    pb::Reservation::decode(bytes.as_slice()).map_err(|_| {
+                        runtime::db::DbError::Corrupt("stored capture answer".into()).into()
+                    })
+                });
+            }
+        }
+        self.capture_alone(key, wallet_id, reservation_id, recipients_sent)
+            .await
+    }
+
+    pub(crate) async fn capture_alone(
         &self,
         key: &IdempotencyKey,
         wallet_id: &str,
@@ -869,36 +895,16 @@ impl Wallets {
             Locked::Replay(r) => return Self::replayed(r),
             Locked::Fresh(tx, acct) => (tx, *acct),
         };
-        let mut r = self
-            .active_reservation(&mut tx, &acct, wallet_id, reservation_id)
-            .await?;
-        let credits = if recipients_sent == 0 {
-            0
-        } else {
-            rate(&acct.wallet.rating, recipients_sent)?
-        };
+        let held = store::reservation(&mut tx, wallet_id, reservation_id).await?;
+        let r = active_hold(held, reservation_id, acct.now)?;
         let before = acct.clone();
-        acct.wallet.held -= r.credits;
-        if credits > 0
-            && let Err(shortfall) = acct.debit(
-                credits,
-                EntryKind::ReservationCapture,
-                format!("reservation:{}", r.reservation_id),
-                format!(
-                    "mailing {}: {recipients_sent} recipients sent",
-                    r.mailing_id
-                ),
-            )
-        {
-            let err = WalletError::Insufficient {
-                shortfall,
-                top_up: None,
-            };
-            return self.refuse(tx, before, key, err).await;
-        }
-        r.status = ReservationStatus::Captured;
-        r.captured_credits = credits;
-        acct.update_reservation(r.clone());
+        let r = match capture_hold(&mut acct, r, recipients_sent) {
+            Ok(r) => r,
+            Err(err) if err.is_recorded_refusal() => {
+                return self.refuse(tx, before, key, err).await;
+            }
+            Err(err) => return Err(err),
+        };
         let follow_up = self.fixed_top_up_after(&mut tx, &mut acct).await?;
         let response = convert::reservation(&r, &acct);
         let response = self.finish(tx, acct, key, response).await?;
@@ -919,39 +925,13 @@ impl Wallets {
             Locked::Replay(r) => return Self::replayed(r),
             Locked::Fresh(tx, acct) => (tx, *acct),
         };
-        let mut r = self
-            .active_reservation(&mut tx, &acct, wallet_id, reservation_id)
-            .await?;
+        let held = store::reservation(&mut tx, wallet_id, reservation_id).await?;
+        let mut r = active_hold(held, reservation_id, acct.now)?;
         acct.wallet.held -= r.credits;
         r.status = ReservationStatus::Released;
         acct.update_reservation(r.clone());
         let response = convert::reservation(&r, &acct);
         self.finish(tx, acct, key, response).await
-    }
-
-    async fn active_reservation(
-        &self,
-        tx: &mut Transaction<'static, Any>,
-        acct: &Account,
-        wallet_id: &str,
-        reservation_id: &str,
-    ) -> Result<ReservationRecord, WalletError> {
-        let r = store::reservation(tx, wallet_id, reservation_id)
-            .await?
-            .ok_or_else(|| WalletError::ReservationNotFound(reservation_id.to_string()))?;
-        // A hold lapsed by this transaction's housekeeping is still 'active' in the table.
-        if r.status != ReservationStatus::Active || r.expires_at <= acct.now {
-            let status = if r.status == ReservationStatus::Active {
-                ReservationStatus::Expired
-            } else {
-                r.status
-            };
-            return Err(WalletError::Precondition(format!(
-                "reservation {reservation_id} is {}, not active",
-                status.as_str()
-            )));
-        }
-        Ok(r)
     }
 
     /// Calls the gateway for `p` (its id is the gateway's idempotency key).
@@ -1105,6 +1085,66 @@ pub(crate) fn rate(rule: &RatingRule, recipients: u64) -> Result<i64, WalletErro
 }
 
 /// Whether a purchase pays for a send now (see [`PurchaseTrigger::funds_a_send`]).
+/// The hold `reservation_id` as read from its wallet, if it can still be captured or released.
+/// A hold lapsed by this transaction's housekeeping is still 'active' in the table: its expiry
+/// decides.
+pub(crate) fn active_hold(
+    held: Option<ReservationRecord>,
+    reservation_id: &str,
+    now: DateTime<Utc>,
+) -> Result<ReservationRecord, WalletError> {
+    let r = held.ok_or_else(|| WalletError::ReservationNotFound(reservation_id.to_string()))?;
+    if r.status != ReservationStatus::Active || r.expires_at <= now {
+        let status = if r.status == ReservationStatus::Active {
+            ReservationStatus::Expired
+        } else {
+            r.status
+        };
+        return Err(WalletError::Precondition(format!(
+            "reservation {reservation_id} is {}, not active",
+            status.as_str()
+        )));
+    }
+    Ok(r)
+}
+
+/// Captures hold `r` on its locked account: releases what it held and debits what was sent
+/// (which may be more or less). A refusal changes nothing.
+pub(crate) fn capture_hold(
+    acct: &mut Account,
+    mut r: ReservationRecord,
+    recipients_sent: u64,
+) -> Result<ReservationRecord, WalletError> {
+    let credits = if recipients_sent == 0 {
+        0
+    } else {
+        rate(&acct.wallet.rating, recipients_sent)?
+    };
+    let before_held = acct.wallet.held;
+    acct.wallet.held -= r.credits;
+    if credits > 0
+        && let Err(shortfall) = acct.debit(
+            credits,
+            EntryKind::ReservationCapture,
+            format!("reservation:{}", r.reservation_id),
+            format!(
+                "mailing {}: {recipients_sent} recipients sent",
+                r.mailing_id
+            ),
+        )
+    {
+        acct.wallet.held = before_held;
+        return Err(WalletError::Insufficient {
+            shortfall,
+            top_up: None,
+        });
+    }
+    r.status = ReservationStatus::Captured;
+    r.captured_credits = credits;
+    acct.update_reservation(r.clone());
+    Ok(r)
+}
+
 /// A refusal of `spend` that does not depend on the credits it needs, if any.
 pub(crate) fn refuse_send(acct: &Account, spend: &Spend) -> Option<WalletError> {
     if let Spend::Hold { .. } = spend

@@ -798,3 +798,26 @@ pub async fn update_wallet_balances(
     }
     Ok(())
 }
+
+/// Holds by id (whatever their wallet or status).
+pub async fn reservations_many(
+    conn: &mut AnyConnection,
+    reservation_ids: &[&str],
+) -> Result<HashMap<String, ReservationRecord>, DbError> {
+    let mut out = HashMap::new();
+    for chunk in reservation_ids.chunks(CHUNK) {
+        let sql = format!(
+            "SELECT {RESERVATION_COLUMNS} FROM reservations WHERE reservation_id IN ({})",
+            placeholders(chunk.len(), 1)
+        );
+        let mut q = sqlx::query(&sql);
+        for id in chunk {
+            q = q.bind(*id);
+        }
+        for row in q.fetch_all(&mut *conn).await? {
+            let r = reservation_from_row(&row)?;
+            out.insert(r.reservation_id.clone(), r);
+        }
+    }
+    Ok(out)
+}

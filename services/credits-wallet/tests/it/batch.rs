@@ -174,3 +174,92 @@ async fn concurrent_sends_on_one_wallet_share_transactions_and_lose_nothing() {
     assert_eq!(h.wallet("hot").await.balance, 1_000 - 10 * ok as i64);
     h.assert_ledger_balances("hot").await;
 }
+
+#[tokio::test]
+async fn concurrent_captures_of_one_hold_capture_it_once_and_holds_balance() {
+    let h = Harness::start().await;
+    h.open("w", "1", 0).await;
+    h.grant("w", 1_000).await;
+    let reserve = |key: String, mailing: &str| pb::ReserveCreditsRequest {
+        idempotency_key: key,
+        wallet_id: "w".into(),
+        mailing_id: mailing.into(),
+        recipients: 30,
+        ttl_seconds: 0,
+    };
+    let hold = h
+        .client
+        .clone()
+        .reserve_credits(authed(ADMIN_TOKEN, reserve("hold-once".into(), "m0")))
+        .await
+        .unwrap()
+        .into_inner();
+
+    // 16 captures of the same hold under different keys, at once: one captures it.
+    let captures: Vec<_> = (0..16)
+        .map(|i| {
+            let mut client = h.client.clone();
+            let r = pb::CaptureReservationRequest {
+                idempotency_key: format!("capture-{i}"),
+                wallet_id: "w".into(),
+                reservation_id: hold.reservation_id.clone(),
+                recipients_sent: 20,
+            };
+            tokio::spawn(async move { client.capture_reservation(authed(ADMIN_TOKEN, r)).await })
+        })
+        .collect();
+    let mut captured = 0;
+    for t in captures {
+        match t.await.unwrap() {
+            Ok(r) => {
+                captured += 1;
+                assert_eq!(r.into_inner().captured_credits, 20);
+            }
+            Err(s) => {
+                assert_eq!(s.code(), Code::FailedPrecondition, "{s:?}");
+                assert!(
+                    s.message().contains("captured, not active"),
+                    "{}",
+                    s.message()
+                );
+            }
+        }
+    }
+    assert_eq!(captured, 1, "a hold is captured once");
+    assert_eq!(
+        h.running.platform.metrics.group_commit_alone.get(),
+        0,
+        "no batch failed (a second capture in one batch is refused, not left to the invariant)"
+    );
+
+    // 32 senders reserve then capture at once: every hold is released into its debit.
+    let pairs: Vec<_> = (0..32)
+        .map(|i| {
+            let mut client = h.client.clone();
+            let r = reserve(format!("pair-r-{i}"), &format!("m{i}"));
+            tokio::spawn(async move {
+                let held = client
+                    .reserve_credits(authed(ADMIN_TOKEN, r))
+                    .await?
+                    .into_inner();
+                client
+                    .capture_reservation(authed(
+                        ADMIN_TOKEN,
+                        pb::CaptureReservationRequest {
+                            idempotency_key: format!("pair-c-{i}"),
+                            wallet_id: "w".into(),
+                            reservation_id: held.reservation_id,
+                            recipients_sent: 25,
+                        },
+                    ))
+                    .await
+            })
+        })
+        .collect();
+    for t in pairs {
+        assert_eq!(t.await.unwrap().unwrap().into_inner().captured_credits, 25);
+    }
+    let w = h.wallet("w").await;
+    assert_eq!((w.balance, w.held), (1_000 - 20 - 32 * 25, 0));
+    h.assert_ledger_balances("w").await;
+}
