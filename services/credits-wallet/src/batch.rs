@@ -34,7 +34,7 @@ use runtime::{
     idempotency::{Claimed, IdempotencyKey},
 };
 use sqlx::{Any, Transaction};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tonic::Status;
 
 use crate::{
@@ -86,25 +86,26 @@ struct SendJob {
 /// The queue into the batch collector. Cheap to clone.
 #[derive(Clone)]
 pub struct GroupCommit {
-    queue: mpsc::Sender<SendJob>,
+    shards: group_commit::Shards<SendJob>,
 }
 
 impl GroupCommit {
-    /// Starts the collector for `wallets` (which must not batch itself) on the current runtime
-    /// (`runtime::group_commit`). It ends when the last [`GroupCommit`] is dropped.
-    pub fn start(wallets: Wallets, max_batch: usize, workers: usize) -> Self {
-        let queue = group_commit::spawn(max_batch, workers, move |jobs| {
+    /// Starts the collectors for `wallets` (which must not batch itself) on the current
+    /// runtime: `shards` of them, a wallet's mutations always in the same one
+    /// (`runtime::group_commit::Shards`). They end when the last [`GroupCommit`] is dropped.
+    pub fn start(wallets: Wallets, max_batch: usize, shards: usize) -> Self {
+        let shards = group_commit::Shards::spawn(shards, max_batch, move |jobs| {
             let wallets = wallets.clone();
             async move { wallets.run_batch(jobs).await }
         });
-        Self { queue }
+        Self { shards }
     }
 
     /// Hands a mutation to the next batch and waits for its answer.
     pub async fn submit(&self, key: &IdempotencyKey, wallet_id: &str, op: Op) -> Batched {
         // No answer means the worker went away (shutdown) before answering: what it did not
         // commit is redone alone, and what it committed is replayed from the key.
-        group_commit::submit(&self.queue, |reply| SendJob {
+        group_commit::submit(self.shards.queue(wallet_id), |reply| SendJob {
             key: key.clone(),
             wallet_id: wallet_id.to_string(),
             op,

@@ -96,15 +96,15 @@ pub fn migrations() -> Migrations {
 /// `shared::PaymentGateway`).
 pub fn routes(platform: &Platform) -> anyhow::Result<tonic::service::Routes> {
     let simulator = Arc::new(SimulatedGateway::new());
-    let workers = match platform.db.backend() {
+    let shards = match platform.db.backend() {
         // One writer at a time is all SQLite has: a second batch would only wait for it.
         runtime::db::Backend::Sqlite => 1,
-        // Batches of different wallets run side by side; those of one hot wallet queue on its
-        // row lock, each taking all the sends that arrived meanwhile.
+        // Batches of different wallets run side by side; a hot wallet's sends all meet in its
+        // shard's queue and commit together.
         runtime::db::Backend::Postgres => 4,
     };
     let wallets = service::Wallets::new(platform.clone(), simulator.clone())
-        .with_group_commit(batch::MAX_BATCH, workers);
+        .with_group_commit(batch::MAX_BATCH, shards);
     jobs::spawn(platform, wallets.clone(), simulator);
     Ok(tonic::service::Routes::new(
         proto::wallet::v1::credits_wallet_server::CreditsWalletServer::new(

@@ -130,11 +130,12 @@ impl Wallets {
         }
     }
 
-    /// The same use cases with group commit for sends paid from the balance: up to
-    /// `max_batch` sends per transaction, `workers` transactions at a time (see
-    /// [`crate::batch`]). Starts the batch collector on the current runtime.
-    pub fn with_group_commit(mut self, max_batch: usize, workers: usize) -> Self {
-        self.group_commit = Some(GroupCommit::start(self.clone(), max_batch, workers));
+    /// The same use cases with group commit for sends paid from the balance and captures: up
+    /// to `max_batch` per transaction, at most `shards` transactions at a time, a wallet's
+    /// always in the same shard (see [`crate::batch`]). Starts the collectors on the current
+    /// runtime.
+    pub fn with_group_commit(mut self, max_batch: usize, shards: usize) -> Self {
+        self.group_commit = Some(GroupCommit::start(self.clone(), max_batch, shards));
         self
     }
 

@@ -22,7 +22,7 @@ use runtime::{
     group_commit,
     idempotency::{Claimed, IdempotencyKey},
 };
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tonic::Status;
 
 use crate::{
@@ -60,19 +60,20 @@ struct RecordJob {
 /// The queues of steps 1 and 3. Cheap to clone.
 #[derive(Clone)]
 pub struct GroupCommit {
-    routes: mpsc::Sender<RouteJob>,
-    records: mpsc::Sender<RecordJob>,
+    routes: group_commit::Shards<RouteJob>,
+    records: group_commit::Shards<RecordJob>,
 }
 
 impl GroupCommit {
-    /// Starts both collectors for `resellers` (which must not batch itself).
-    pub fn start(resellers: Resellers, max_batch: usize, workers: usize) -> Self {
+    /// Starts the collectors of both steps for `resellers` (which must not batch itself):
+    /// `shards` each, a customer's sends always in the same one (step 1 locks customers).
+    pub fn start(resellers: Resellers, max_batch: usize, shards: usize) -> Self {
         let r = resellers.clone();
-        let routes = group_commit::spawn(max_batch, workers, move |jobs| {
+        let routes = group_commit::Shards::spawn(shards, max_batch, move |jobs| {
             let r = r.clone();
             async move { r.route_batch(jobs).await }
         });
-        let records = group_commit::spawn(max_batch, workers, move |jobs| {
+        let records = group_commit::Shards::spawn(shards, max_batch, move |jobs| {
             let r = resellers.clone();
             async move { r.record_batch(jobs).await }
         });
@@ -81,7 +82,7 @@ impl GroupCommit {
 
     /// Step 1 of `request` in the next batch.
     pub(crate) async fn route(&self, request: &SendRequest) -> RouteAnswer {
-        group_commit::submit(&self.routes, |reply| RouteJob {
+        group_commit::submit(self.routes.queue(&request.customer_id), |reply| RouteJob {
             request: request.clone(),
             reply,
         })
@@ -91,7 +92,7 @@ impl GroupCommit {
 
     /// Step 3 of the send with `key` in the next batch.
     pub(crate) async fn record(&self, key: &IdempotencyKey, settled: &Settled) -> RecordAnswer {
-        group_commit::submit(&self.records, |reply| RecordJob {
+        group_commit::submit(self.records.queue(key.key()), |reply| RecordJob {
             key: key.clone(),
             settled: settled.clone(),
             reply,

@@ -84,13 +84,13 @@ pub fn migrations() -> Migrations {
 /// The service's gRPC routes, with the wallet-event relay started. Needs the `wallet` peer.
 pub fn routes(platform: &Platform) -> anyhow::Result<tonic::service::Routes> {
     let wallet = wallet::Wallet::connect(&platform.config)?;
-    let workers = match platform.db.backend() {
+    let shards = match platform.db.backend() {
         // One writer at a time is all SQLite has.
         runtime::db::Backend::Sqlite => 1,
         runtime::db::Backend::Postgres => 4,
     };
     let resellers = service::Resellers::new(platform.clone(), wallet.clone())
-        .with_group_commit(batch::MAX_BATCH, workers);
+        .with_group_commit(batch::MAX_BATCH, shards);
     jobs::spawn(platform, resellers.clone(), wallet);
     Ok(tonic::service::Routes::new(
         proto::reseller::v1::reseller_billing_server::ResellerBillingServer::new(

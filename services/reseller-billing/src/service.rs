@@ -100,9 +100,10 @@ impl Resellers {
     }
 
     /// The same use cases with group commit for steps 1 and 3 of routed sends: up to
-    /// `max_batch` sends per transaction, `workers` transactions at a time ([`crate::batch`]).
-    pub fn with_group_commit(mut self, max_batch: usize, workers: usize) -> Self {
-        self.group_commit = Some(GroupCommit::start(self.clone(), max_batch, workers));
+    /// `max_batch` sends per transaction, `shards` transactions at a time per step
+    /// ([`crate::batch`]).
+    pub fn with_group_commit(mut self, max_batch: usize, shards: usize) -> Self {
+        self.group_commit = Some(GroupCommit::start(self.clone(), max_batch, shards));
         self
     }
 

@@ -46,6 +46,47 @@ where
     queue
 }
 
+/// Several collectors of one worker each, a job going to the one its key picks: the mutations of
+/// one hot row (a reseller's wallet) all meet in one queue and make big batches, instead of
+/// small ones on several workers that queue on the row's lock one behind another, while
+/// mutations of different rows still run side by side.
+pub struct Shards<J> {
+    queues: Vec<mpsc::Sender<J>>,
+}
+
+impl<J> Clone for Shards<J> {
+    fn clone(&self) -> Self {
+        Self {
+            queues: self.queues.clone(),
+        }
+    }
+}
+
+impl<J: Send + 'static> Shards<J> {
+    /// Starts `shards` collectors (at least one), each with one worker running `run`.
+    pub fn spawn<F, Fut>(shards: usize, max_batch: usize, run: F) -> Self
+    where
+        F: Fn(Vec<J>) -> Fut + Clone + Send + Sync + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        Self {
+            queues: (0..shards.max(1))
+                .map(|_| spawn(max_batch, 1, run.clone()))
+                .collect(),
+        }
+    }
+
+    /// The queue of `key` (FNV-1a of its bytes: stable, and spread well enough).
+    pub fn queue(&self, key: &str) -> &mpsc::Sender<J> {
+        let hash = key.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        });
+        let n = self.queues.len() as u64;
+        // `n` is at least 1 and the remainder is below it, so it fits and indexes.
+        &self.queues[usize::try_from(hash % n).unwrap_or(0)]
+    }
+}
+
 /// Queues `job` (built around a reply channel by `make`) and waits for its answer; `None` when
 /// the collector is gone or dropped the job unanswered (shutdown): the caller then does the
 /// work alone.
