@@ -119,6 +119,10 @@ mod deploy;
 #[cfg(test)]
 mod foundation;
 #[cfg(test)]
+mod fuzz;
+#[cfg(test)]
+mod limits;
+#[cfg(test)]
 mod readme;
 #[cfg(test)]
 mod scenarios;

@@ -12,6 +12,20 @@ use serde::Deserialize;
 
 use crate::auth::Scope;
 
+/// Default of `max_request_bytes`. The largest legitimate requests are far below it: a plan
+/// with a 1,000-band tier table is about 40 KiB, a wallet's price list of 100 tiers 4 KiB.
+pub const DEFAULT_MAX_REQUEST_BYTES: usize = 1024 * 1024;
+/// Default of `max_response_bytes`. The largest responses: a page of 500 ledger entries is
+/// about 100 KiB, a VerifyLedger report with its 1,000 listed violations about 200 KiB, and an
+/// account's invoice list grows by one invoice a period; 8 MiB leaves room for years of those.
+pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 8 * 1024 * 1024;
+/// Default of `max_concurrent_streams`: well above what one client connection needs (tonic
+/// multiplexes its calls on one connection), low enough that one connection cannot hold
+/// thousands of `WatchEvents` streams open.
+pub const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 128;
+/// The smallest message limit accepted, so a typo cannot refuse every legitimate call.
+pub const MIN_MESSAGE_BYTES: usize = 64 * 1024;
+
 /// What distinguishes one service's configuration from another's: its name, the prefix of its
 /// environment variables and its default ports.
 #[derive(Debug, Clone, Copy)]
@@ -102,6 +116,14 @@ pub struct ServiceConfig {
     pub request_timeout: Duration,
     /// Calls in flight at once; more are shed with `RESOURCE_EXHAUSTED`.
     pub concurrency_limit: usize,
+    /// Largest request message a server decodes; a bigger one is refused with `OUT_OF_RANGE`
+    /// (tonic's code for it) before it is buffered.
+    pub max_request_bytes: usize,
+    /// Largest response message a server encodes; a bigger one fails with `OUT_OF_RANGE`.
+    pub max_response_bytes: usize,
+    /// HTTP/2 streams (calls, including open `WatchEvents` streams) one connection may have open
+    /// at once; the server advertises it and the client queues the rest.
+    pub max_concurrent_streams: u32,
     /// Run on a frozen test clock that `TestClock/AdvanceTime` moves.
     pub test_clock: bool,
     /// How long idempotency keys are kept (at least 24 hours).
@@ -153,6 +175,9 @@ struct FileConfig {
     log_filter: Option<String>,
     request_timeout_ms: Option<u64>,
     concurrency_limit: Option<usize>,
+    max_request_bytes: Option<usize>,
+    max_response_bytes: Option<usize>,
+    max_concurrent_streams: Option<u32>,
     test_clock: Option<bool>,
     idempotency_retention_hours: Option<u64>,
     #[serde(default)]
@@ -287,6 +312,43 @@ impl ServiceConfig {
         if concurrency_limit == 0 {
             return Err(invalid("concurrency_limit", "must be at least 1"));
         }
+        let max_request_bytes = parse_num(
+            &env_key("max_request_bytes"),
+            get("max_request_bytes"),
+            file.max_request_bytes,
+            DEFAULT_MAX_REQUEST_BYTES,
+        )?;
+        if max_request_bytes < MIN_MESSAGE_BYTES {
+            return Err(ConfigError::Invalid {
+                key: "max_request_bytes".into(),
+                message: format!(
+                    "must be at least {MIN_MESSAGE_BYTES}: a plan with a large tier table must fit"
+                ),
+            });
+        }
+        let max_response_bytes = parse_num(
+            &env_key("max_response_bytes"),
+            get("max_response_bytes"),
+            file.max_response_bytes,
+            DEFAULT_MAX_RESPONSE_BYTES,
+        )?;
+        if max_response_bytes < MIN_MESSAGE_BYTES {
+            return Err(ConfigError::Invalid {
+                key: "max_response_bytes".into(),
+                message: format!(
+                    "must be at least {MIN_MESSAGE_BYTES}: a full page of ledger entries must fit"
+                ),
+            });
+        }
+        let max_concurrent_streams = parse_num(
+            &env_key("max_concurrent_streams"),
+            get("max_concurrent_streams"),
+            file.max_concurrent_streams,
+            DEFAULT_MAX_CONCURRENT_STREAMS,
+        )?;
+        if max_concurrent_streams == 0 {
+            return Err(invalid("max_concurrent_streams", "must be at least 1"));
+        }
         let test_clock = match get("test_clock") {
             Some(v) => match v.as_str() {
                 "true" | "1" => true,
@@ -356,6 +418,9 @@ impl ServiceConfig {
             log_filter,
             request_timeout: Duration::from_millis(timeout_ms),
             concurrency_limit,
+            max_request_bytes,
+            max_response_bytes,
+            max_concurrent_streams,
             test_clock,
             idempotency_retention: Duration::from_secs(retention_hours * 3600),
             tokens,
@@ -516,6 +581,9 @@ mod tests {
         assert_eq!(cfg.database_url, "sqlite://data/credits-wallet.db");
         assert_eq!(cfg.database_schema, "wallet");
         assert_eq!(cfg.tokens[0].scopes, vec![Scope::Admin]);
+        assert_eq!(cfg.max_request_bytes, DEFAULT_MAX_REQUEST_BYTES);
+        assert_eq!(cfg.max_response_bytes, DEFAULT_MAX_RESPONSE_BYTES);
+        assert_eq!(cfg.max_concurrent_streams, DEFAULT_MAX_CONCURRENT_STREAMS);
     }
 
     #[test]
@@ -544,6 +612,17 @@ mod tests {
                 "idempotency_retention_hours",
             ),
             ("WALLET_CONCURRENCY_LIMIT", "-1", "WALLET_CONCURRENCY_LIMIT"),
+            ("WALLET_MAX_REQUEST_BYTES", "1000", "max_request_bytes"),
+            (
+                "WALLET_MAX_RESPONSE_BYTES",
+                "x",
+                "WALLET_MAX_RESPONSE_BYTES",
+            ),
+            (
+                "WALLET_MAX_CONCURRENT_STREAMS",
+                "0",
+                "max_concurrent_streams",
+            ),
             ("WALLET_TOKENS", "a:short:read", "tokens"),
             ("WALLET_TOKENS", "a:long-enough:fly", "tokens"),
         ];

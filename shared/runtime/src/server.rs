@@ -138,13 +138,34 @@ where
         reflection_v1alpha = reflection_v1alpha.with_service_name(*name);
     }
 
+    // The service's own servers set the same limits in `build` (from `platform.config`);
+    // tests/src/limits.rs sends an oversized request to every RPC to check that none is missed.
+    let (max_in, max_out) = (config.max_request_bytes, config.max_response_bytes);
     let routes = build(&platform)?
-        .add_service(health_service)
-        .add_service(reflection_v1.build_v1()?)
-        .add_service(reflection_v1alpha.build_v1alpha()?)
-        .add_service(proto::common::v1::test_clock_server::TestClockServer::new(
-            TestClockService::new(clock.clone()),
-        ));
+        .add_service(
+            health_service
+                .max_decoding_message_size(max_in)
+                .max_encoding_message_size(max_out),
+        )
+        .add_service(
+            reflection_v1
+                .build_v1()?
+                .max_decoding_message_size(max_in)
+                .max_encoding_message_size(max_out),
+        )
+        .add_service(
+            reflection_v1alpha
+                .build_v1alpha()?
+                .max_decoding_message_size(max_in)
+                .max_encoding_message_size(max_out),
+        )
+        .add_service(
+            proto::common::v1::test_clock_server::TestClockServer::new(TestClockService::new(
+                clock.clone(),
+            ))
+            .max_decoding_message_size(max_in)
+            .max_encoding_message_size(max_out),
+        );
 
     let scopes = (spec.scopes)()
         .require(TEST_CLOCK_SERVICE, "GetTime", Scope::Read)
@@ -185,6 +206,7 @@ where
     });
 
     let name = spec.defaults.name;
+    let max_streams = config.max_concurrent_streams;
     let signal = shutdown.clone();
     let task = tokio::spawn(async move {
         let drain = async move {
@@ -199,6 +221,7 @@ where
             );
         };
         let served = Server::builder()
+            .max_concurrent_streams(Some(max_streams))
             .layer(layers)
             .add_routes(routes)
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), drain)
