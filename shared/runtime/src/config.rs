@@ -126,6 +126,9 @@ pub struct ServiceConfig {
     pub max_concurrent_streams: u32,
     /// Run on a frozen test clock that `TestClock/AdvanceTime` moves.
     pub test_clock: bool,
+    /// Where the test clock starts (default 2026-01-01T00:00:00Z), so a process restarted in
+    /// a test can continue from where the one before it stood rather than go back in time.
+    pub test_clock_start: Option<chrono::DateTime<chrono::Utc>>,
     /// How long idempotency keys are kept (at least 24 hours).
     pub idempotency_retention: Duration,
     /// Bearer tokens accepted by this service.
@@ -179,6 +182,7 @@ struct FileConfig {
     max_response_bytes: Option<usize>,
     max_concurrent_streams: Option<u32>,
     test_clock: Option<bool>,
+    test_clock_start: Option<String>,
     idempotency_retention_hours: Option<u64>,
     #[serde(default)]
     tokens: Vec<TokenConfig>,
@@ -357,6 +361,25 @@ impl ServiceConfig {
             },
             None => file.test_clock.unwrap_or(false),
         };
+        let test_clock_start = match get("test_clock_start").or(file.test_clock_start) {
+            None => None,
+            Some(_) if !test_clock => {
+                return Err(invalid(
+                    "test_clock_start",
+                    "applies to the test clock only: set test_clock = true too",
+                ));
+            }
+            Some(v) => Some(
+                chrono::DateTime::parse_from_rfc3339(&v)
+                    .map_err(|_| ConfigError::Invalid {
+                        key: "test_clock_start".into(),
+                        message: format!(
+                            "{v:?} is not an RFC 3339 instant like 2026-02-01T00:00:00Z"
+                        ),
+                    })?
+                    .with_timezone(&chrono::Utc),
+            ),
+        };
         let retention_hours: u64 = parse_num(
             &env_key("idempotency_retention_hours"),
             get("idempotency_retention_hours"),
@@ -422,6 +445,7 @@ impl ServiceConfig {
             max_response_bytes,
             max_concurrent_streams,
             test_clock,
+            test_clock_start,
             idempotency_retention: Duration::from_secs(retention_hours * 3600),
             tokens,
             peers,
@@ -622,6 +646,11 @@ mod tests {
                 "WALLET_MAX_CONCURRENT_STREAMS",
                 "0",
                 "max_concurrent_streams",
+            ),
+            (
+                "WALLET_TEST_CLOCK_START",
+                "2026-02-01T00:00:00Z",
+                "test_clock_start",
             ),
             ("WALLET_TOKENS", "a:short:read", "tokens"),
             ("WALLET_TOKENS", "a:long-enough:fly", "tokens"),

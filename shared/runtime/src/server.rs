@@ -99,7 +99,7 @@ where
     let metrics = Metrics::new(spec.defaults.name);
     let db = Db::connect(&config, &(spec.migrations)()).await?;
     let clock = if config.test_clock {
-        ServiceClock::test(test_clock_start())
+        ServiceClock::test(config.test_clock_start.unwrap_or_else(test_clock_start))
     } else {
         ServiceClock::system()
     };
