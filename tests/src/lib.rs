@@ -115,6 +115,8 @@ pub async fn channel(running: &Running) -> anyhow::Result<Channel> {
 }
 
 #[cfg(test)]
+mod dbloss;
+#[cfg(test)]
 mod deploy;
 #[cfg(test)]
 mod foundation;
