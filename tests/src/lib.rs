@@ -132,3 +132,5 @@ mod scenarios;
 mod secrets;
 #[cfg(test)]
 mod security;
+#[cfg(test)]
+mod tls;

@@ -6,7 +6,13 @@
 //! `WALLET_DATABASE_URL`. `{PREFIX}_CONFIG` names the TOML file. Tokens in the environment use
 //! `{PREFIX}_TOKENS="name:secret:scope+scope,other:secret2:read"`.
 
-use std::{collections::BTreeMap, fmt, net::SocketAddr, path::Path, time::Duration};
+use std::{
+    collections::BTreeMap,
+    fmt,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use serde::Deserialize;
 
@@ -82,6 +88,10 @@ pub struct PeerConfig {
     pub url: String,
     /// Bearer token presented to the peer; never logged.
     pub token: String,
+    /// PEM file of the certificate authority that signed the peer's certificate; required for
+    /// an `https://` URL (no system roots are trusted).
+    #[serde(default)]
+    pub ca_path: Option<PathBuf>,
 }
 
 impl fmt::Debug for PeerConfig {
@@ -89,8 +99,18 @@ impl fmt::Debug for PeerConfig {
         f.debug_struct("PeerConfig")
             .field("url", &self.url)
             .field("token", &"<redacted>")
+            .field("ca_path", &self.ca_path)
             .finish()
     }
+}
+
+/// The server's TLS identity: PEM files of its certificate chain and private key.
+#[derive(Debug, Clone)]
+pub struct TlsConfig {
+    /// Certificate chain, leaf first.
+    pub cert_path: PathBuf,
+    /// Private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_path: PathBuf,
 }
 
 /// The validated configuration of one service process.
@@ -135,6 +155,9 @@ pub struct ServiceConfig {
     pub tokens: Vec<TokenConfig>,
     /// Services this one calls, by name (e.g. `wallet`).
     pub peers: BTreeMap<String, PeerConfig>,
+    /// Serve gRPC over TLS with this identity; `None` serves plaintext HTTP/2 (behind a
+    /// TLS-terminating proxy or a service mesh, or in development).
+    pub tls: Option<TlsConfig>,
 }
 
 /// A configuration problem, named precisely enough to fix it.
@@ -188,6 +211,8 @@ struct FileConfig {
     tokens: Vec<TokenConfig>,
     #[serde(default)]
     peers: BTreeMap<String, PeerConfig>,
+    tls_cert_path: Option<PathBuf>,
+    tls_key_path: Option<PathBuf>,
 }
 
 /// Where settings come from: a lookup of environment variables (injectable for tests).
@@ -401,6 +426,7 @@ impl ServiceConfig {
         for name in defaults.peers {
             let url = get(&format!("peer_{name}_url"));
             let token = get(&format!("peer_{name}_token"));
+            let ca_path = get(&format!("peer_{name}_ca_path")).map(PathBuf::from);
             match (peers.get_mut(*name), url, token) {
                 (Some(peer), url, token) => {
                     if let Some(url) = url {
@@ -409,9 +435,19 @@ impl ServiceConfig {
                     if let Some(token) = token {
                         peer.token = token;
                     }
+                    if ca_path.is_some() {
+                        peer.ca_path = ca_path;
+                    }
                 }
                 (None, Some(url), Some(token)) => {
-                    peers.insert((*name).to_string(), PeerConfig { url, token });
+                    peers.insert(
+                        (*name).to_string(),
+                        PeerConfig {
+                            url,
+                            token,
+                            ca_path,
+                        },
+                    );
                 }
                 (None, None, None) => {}
                 (None, _, _) => {
@@ -429,7 +465,29 @@ impl ServiceConfig {
                     message: format!("{:?} is not an http:// or https:// URL", peer.url),
                 });
             }
+            if peer.url.starts_with("https://") && peer.ca_path.is_none() {
+                return Err(ConfigError::Invalid {
+                    key: format!("peers.{name}.ca_path"),
+                    message:
+                        "an https:// peer needs the PEM file of the CA that signed its certificate"
+                            .into(),
+                });
+            }
         }
+        let tls = match (
+            get("tls_cert_path")
+                .map(PathBuf::from)
+                .or(file.tls_cert_path),
+            get("tls_key_path").map(PathBuf::from).or(file.tls_key_path),
+        ) {
+            (Some(cert_path), Some(key_path)) => Some(TlsConfig {
+                cert_path,
+                key_path,
+            }),
+            (None, None) => None,
+            (Some(_), None) => return Err(invalid("tls_key_path", "set with tls_cert_path")),
+            (None, Some(_)) => return Err(invalid("tls_cert_path", "set with tls_key_path")),
+        };
         Ok(Self {
             service_name: defaults.name,
             listen_addr,
@@ -449,6 +507,7 @@ impl ServiceConfig {
             idempotency_retention: Duration::from_secs(retention_hours * 3600),
             tokens,
             peers,
+            tls,
         })
     }
 
@@ -652,6 +711,8 @@ mod tests {
                 "2026-02-01T00:00:00Z",
                 "test_clock_start",
             ),
+            ("WALLET_TLS_CERT_PATH", "/etc/cert.pem", "tls_key_path"),
+            ("WALLET_TLS_KEY_PATH", "/etc/key.pem", "tls_cert_path"),
             ("WALLET_TOKENS", "a:short:read", "tokens"),
             ("WALLET_TOKENS", "a:long-enough:fly", "tokens"),
         ];
@@ -697,6 +758,31 @@ mod tests {
             half.to_string().contains("WALLET_PEER_WALLET_URL"),
             "{half}"
         );
+    }
+
+    #[test]
+    fn tls_paths_come_in_pairs_and_https_peers_name_their_ca() {
+        let base = [
+            ("WALLET_TOKENS", "t:long-secret:read"),
+            ("WALLET_PEER_WALLET_URL", "https://wallet:1"),
+            ("WALLET_PEER_WALLET_TOKEN", "peer-secret"),
+        ];
+        let err = ServiceConfig::from_toml(&DEFAULTS, "", &env(&base)).unwrap_err();
+        assert!(err.to_string().contains("peers.wallet.ca_path"), "{err}");
+        let mut with_ca = env(&base);
+        with_ca.insert("WALLET_PEER_WALLET_CA_PATH".into(), "/etc/ca.pem".into());
+        with_ca.insert("WALLET_TLS_CERT_PATH".into(), "/etc/cert.pem".into());
+        with_ca.insert("WALLET_TLS_KEY_PATH".into(), "/etc/key.pem".into());
+        let cfg = ServiceConfig::from_toml(&DEFAULTS, "", &with_ca).unwrap();
+        assert_eq!(
+            cfg.peer("wallet").unwrap().ca_path.as_deref(),
+            Some(Path::new("/etc/ca.pem"))
+        );
+        let tls = cfg.tls.unwrap();
+        assert_eq!(tls.cert_path, Path::new("/etc/cert.pem"));
+        assert_eq!(tls.key_path, Path::new("/etc/key.pem"));
+        let plain = ServiceConfig::from_toml(&DEFAULTS, "", &env(&base[..1])).unwrap();
+        assert!(plain.tls.is_none());
     }
 
     #[test]

@@ -3,11 +3,15 @@
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
+use anyhow::Context;
 use chrono::{TimeZone, Utc};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
-use tonic::{service::Routes, transport::Server};
+use tonic::{
+    service::Routes,
+    transport::{Identity, Server, ServerTlsConfig},
+};
 use tonic_health::ServingStatus;
 use tower::ServiceBuilder;
 
@@ -15,7 +19,7 @@ use crate::{
     auth::{AuthLayer, MethodScopes, Scope, TokenRegistry},
     clock::ServiceClock,
     clock_service::TestClockService,
-    config::{ServiceConfig, ServiceDefaults},
+    config::{ServiceConfig, ServiceDefaults, TlsConfig},
     db::{Db, Migrations},
     idempotency,
     metrics::{self, Metrics},
@@ -94,6 +98,11 @@ pub async fn start<F>(
 where
     F: FnOnce(&Platform) -> anyhow::Result<Routes>,
 {
+    // First, so a missing certificate stops the start (naming its path) before anything runs.
+    let tls = match &config.tls {
+        Some(t) => Some(server_tls(t)?),
+        None => None,
+    };
     let config = Arc::new(config);
     let shutdown = CancellationToken::new();
     let metrics = Metrics::new(spec.defaults.name);
@@ -220,7 +229,14 @@ where
                 "shutting down: NOT_SERVING, draining in-flight calls"
             );
         };
-        let served = Server::builder()
+        let mut builder = Server::builder();
+        if let Some(tls) = tls {
+            builder = match builder.tls_config(tls) {
+                Ok(b) => b,
+                Err(e) => return Err(anyhow::Error::from(e).context("TLS configuration")),
+            };
+        }
+        let served = builder
             .max_concurrent_streams(Some(max_streams))
             .layer(layers)
             .add_routes(routes)
@@ -243,6 +259,15 @@ where
         task,
         platform,
     })
+}
+
+/// The server's TLS identity from its PEM files.
+fn server_tls(tls: &TlsConfig) -> anyhow::Result<ServerTlsConfig> {
+    let cert = std::fs::read(&tls.cert_path)
+        .with_context(|| format!("tls_cert_path {}", tls.cert_path.display()))?;
+    let key = std::fs::read(&tls.key_path)
+        .with_context(|| format!("tls_key_path {}", tls.key_path.display()))?;
+    Ok(ServerTlsConfig::new().identity(Identity::from_pem(cert, key)))
 }
 
 fn spawn_key_sweeper(platform: &Platform) -> tokio::task::JoinHandle<()> {
