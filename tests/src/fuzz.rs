@@ -539,7 +539,7 @@ async fn seed(suite: &Suite) {
 }
 
 /// A valid plan without monthly credits (whose grants would reach the wallet in the background).
-fn plan() -> spb::PlanSpec {
+pub(crate) fn plan() -> spb::PlanSpec {
     spb::PlanSpec {
         plan_id: "plan-1".into(),
         name: "Email".into(),

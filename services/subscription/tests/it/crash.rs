@@ -156,7 +156,7 @@ async fn kill_when(
             return renewals(view).await;
         }
         assert!(
-            started.elapsed() < Duration::from_secs(30),
+            started.elapsed() < Duration::from_secs(60),
             "the batch never got there: {:?}",
             renewals(view).await
         );
@@ -283,7 +283,8 @@ async fn a_subscription_service_killed_mid_renewal_renews_each_subscription_exac
     );
     let (_third, channel) = spawn_subscription(&db.share(), wallet.addr, Some(renew_at)).await;
     let mut subs = SubscriptionsClient::new(channel.clone());
-    let deadline = Instant::now() + Duration::from_secs(30);
+    // Generous bounds: liveness on a loaded machine, not a timing assertion.
+    let deadline = Instant::now() + Duration::from_secs(60);
     while renewals(&view).await != (SUBSCRIPTIONS as i64, SUBSCRIPTIONS as i64) {
         assert!(
             Instant::now() < deadline,
