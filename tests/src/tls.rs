@@ -206,6 +206,22 @@ async fn a_tls_service_admits_only_clients_that_trust_its_ca_and_serves_https_pe
 }
 
 #[tokio::test]
+async fn an_unusable_certificate_stops_the_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = TestDatabase::fresh();
+    let mut config = testing::config(&credits_wallet::DEFAULTS, &db);
+    config.tls = Some(TlsConfig {
+        cert_path: write(dir.path(), "wallet.pem", "not a certificate"),
+        key_path: write(dir.path(), "wallet.key", "not a key"),
+    });
+    let err = runtime::server::start(&credits_wallet::SPEC, config, credits_wallet::routes)
+        .await
+        .err()
+        .expect("a bad certificate, no start");
+    assert!(format!("{err:#}").contains("wallet.pem"), "{err:#}");
+}
+
+#[tokio::test]
 async fn a_missing_certificate_stops_the_start_with_its_path() {
     let db = TestDatabase::fresh();
     let mut config = testing::config(&credits_wallet::DEFAULTS, &db);

@@ -98,11 +98,14 @@ pub async fn start<F>(
 where
     F: FnOnce(&Platform) -> anyhow::Result<Routes>,
 {
-    // First, so a missing certificate stops the start (naming its path) before anything runs.
-    let tls = match &config.tls {
-        Some(t) => Some(server_tls(t)?),
-        None => None,
-    };
+    // First, so a missing or unusable certificate stops the start (naming its path) before
+    // anything runs.
+    let mut server = Server::builder().max_concurrent_streams(Some(config.max_concurrent_streams));
+    if let Some(t) = &config.tls {
+        server = server
+            .tls_config(server_tls(t)?)
+            .with_context(|| format!("TLS identity in {}", t.cert_path.display()))?;
+    }
     let config = Arc::new(config);
     let shutdown = CancellationToken::new();
     let metrics = Metrics::new(spec.defaults.name);
@@ -215,7 +218,6 @@ where
     });
 
     let name = spec.defaults.name;
-    let max_streams = config.max_concurrent_streams;
     let signal = shutdown.clone();
     let task = tokio::spawn(async move {
         let drain = async move {
@@ -229,15 +231,7 @@ where
                 "shutting down: NOT_SERVING, draining in-flight calls"
             );
         };
-        let mut builder = Server::builder();
-        if let Some(tls) = tls {
-            builder = match builder.tls_config(tls) {
-                Ok(b) => b,
-                Err(e) => return Err(anyhow::Error::from(e).context("TLS configuration")),
-            };
-        }
-        let served = builder
-            .max_concurrent_streams(Some(max_streams))
+        let served = server
             .layer(layers)
             .add_routes(routes)
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), drain)
