@@ -31,9 +31,9 @@ const SERVICES: [ServiceDefaults; 3] = [
     reseller_billing::DEFAULTS,
 ];
 
-/// The settings `config.rs` reads as `{PREFIX}_{KEY}` (besides `PEER_<NAME>_URL` and `_TOKEN`).
+/// The settings `config.rs` reads as `{PREFIX}_{KEY}` (besides `PEER_<NAME>_URL`, `_TOKEN`, `_CA_PATH`).
 /// Only a sanity check of the recording below: the loader itself decides what is known.
-const SETTINGS: [&str; 13] = [
+const SETTINGS: [&str; 19] = [
     "CONFIG",
     "LISTEN_ADDR",
     "METRICS_ADDR",
@@ -44,9 +44,15 @@ const SETTINGS: [&str; 13] = [
     "LOG_FILTER",
     "REQUEST_TIMEOUT_MS",
     "CONCURRENCY_LIMIT",
+    "MAX_REQUEST_BYTES",
+    "MAX_RESPONSE_BYTES",
+    "MAX_CONCURRENT_STREAMS",
     "TEST_CLOCK",
+    "TEST_CLOCK_START",
     "IDEMPOTENCY_RETENTION_HOURS",
     "TOKENS",
+    "TLS_CERT_PATH",
+    "TLS_KEY_PATH",
 ];
 
 /// Kubernetes deployment shape required by issue 6.
@@ -1311,6 +1317,7 @@ fn the_loader_reads_the_documented_settings() {
             let peer = peer.to_uppercase();
             expected.insert(format!("{}_PEER_{peer}_URL", d.env_prefix));
             expected.insert(format!("{}_PEER_{peer}_TOKEN", d.env_prefix));
+            expected.insert(format!("{}_PEER_{peer}_CA_PATH", d.env_prefix));
         }
         let missing: Vec<&String> = expected.difference(&asked).collect();
         assert!(

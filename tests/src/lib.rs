@@ -115,9 +115,15 @@ pub async fn channel(running: &Running) -> anyhow::Result<Channel> {
 }
 
 #[cfg(test)]
+mod dbloss;
+#[cfg(test)]
 mod deploy;
 #[cfg(test)]
 mod foundation;
+#[cfg(test)]
+mod fuzz;
+#[cfg(test)]
+mod limits;
 #[cfg(test)]
 mod readme;
 #[cfg(test)]
@@ -126,3 +132,5 @@ mod scenarios;
 mod secrets;
 #[cfg(test)]
 mod security;
+#[cfg(test)]
+mod tls;

@@ -117,6 +117,10 @@ impl From<WalletError> for Status {
             WalletError::PaymentOutcomeUnknown => Status::unavailable(e.to_string()),
             WalletError::Replayed(status) => status,
             WalletError::Idempotency(inner) => inner.into(),
+            WalletError::Storage(inner) if inner.is_transient() => {
+                tracing::warn!(error = %inner, "wallet storage unavailable");
+                Status::unavailable(runtime::db::STORAGE_UNAVAILABLE)
+            }
             WalletError::Storage(inner) => {
                 tracing::error!(error = %inner, "wallet storage failed");
                 Status::internal("internal error")

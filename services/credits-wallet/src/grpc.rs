@@ -58,7 +58,10 @@ fn currency(value: &str) -> Result<Currency, WalletError> {
     value.parse().map_err(|_| {
         WalletError::invalid(
             "currency",
-            format!("{value:?} is not a supported ISO-4217 code (EUR, USD, GBP, CHF, SEK, DKK, NOK, PLN, JPY)"),
+            format!(
+                "{} is not a supported ISO-4217 code (EUR, USD, GBP, CHF, SEK, DKK, NOK, PLN, JPY)",
+                runtime::convert::shown(value)
+            ),
         )
     })
 }
@@ -67,7 +70,10 @@ fn payment_method(field: &'static str, value: &str) -> Result<(), WalletError> {
     if !value.is_empty() && !shared::gateway::is_known_payment_method(value) {
         return Err(WalletError::invalid(
             field,
-            format!("{value:?} is not a payment method the gateway knows"),
+            format!(
+                "{} is not a payment method the gateway knows",
+                runtime::convert::shown(value)
+            ),
         ));
     }
     Ok(())

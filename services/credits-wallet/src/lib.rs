@@ -109,6 +109,8 @@ pub fn routes(platform: &Platform) -> anyhow::Result<tonic::service::Routes> {
     Ok(tonic::service::Routes::new(
         proto::wallet::v1::credits_wallet_server::CreditsWalletServer::new(
             grpc::CreditsWalletApi::new(platform.clone(), wallets),
-        ),
+        )
+        .max_decoding_message_size(platform.config.max_request_bytes)
+        .max_encoding_message_size(platform.config.max_response_bytes),
     ))
 }

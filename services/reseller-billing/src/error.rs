@@ -128,6 +128,10 @@ impl From<ResellerError> for Status {
             }
             ResellerError::Replayed(status) => status,
             ResellerError::Idempotency(inner) => inner.into(),
+            ResellerError::Storage(inner) if inner.is_transient() => {
+                tracing::warn!(error = %inner, "reseller storage unavailable");
+                Status::unavailable(runtime::db::STORAGE_UNAVAILABLE)
+            }
             ResellerError::Storage(inner) => {
                 tracing::error!(error = %inner, "reseller storage failed");
                 Status::internal("internal error")

@@ -101,7 +101,10 @@ impl ResellerBilling for ResellerBillingApi {
         let currency: Currency = r.currency.parse().map_err(|_| {
             ResellerError::invalid(
                 "currency",
-                format!("{:?} is not a supported ISO-4217 code", r.currency),
+                format!(
+                    "{} is not a supported ISO-4217 code",
+                    runtime::convert::shown(&r.currency)
+                ),
             )
         })?;
         let funding = match pb::PartnerFunding::try_from(r.funding) {

@@ -95,6 +95,8 @@ pub fn routes(platform: &Platform) -> anyhow::Result<tonic::service::Routes> {
     Ok(tonic::service::Routes::new(
         proto::reseller::v1::reseller_billing_server::ResellerBillingServer::new(
             grpc::ResellerBillingApi::new(platform.clone(), resellers),
-        ),
+        )
+        .max_decoding_message_size(platform.config.max_request_bytes)
+        .max_encoding_message_size(platform.config.max_response_bytes),
     ))
 }

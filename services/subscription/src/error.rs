@@ -130,6 +130,10 @@ impl From<SubError> for Status {
             SubError::PaymentOutcomeUnknown => Status::unavailable(e.to_string()),
             SubError::Replayed(status) => status,
             SubError::Idempotency(inner) => inner.into(),
+            SubError::Storage(inner) if inner.is_transient() => {
+                tracing::warn!(error = %inner, "subscription storage unavailable");
+                Status::unavailable(runtime::db::STORAGE_UNAVAILABLE)
+            }
             SubError::Storage(inner) => {
                 tracing::error!(error = %inner, "subscription storage failed");
                 Status::internal("internal error")

@@ -42,6 +42,10 @@ fn actor<T>(req: &Request<T>, actor: Option<&pb::Actor>) -> Result<Actor, Status
     let principal = runtime::auth::principal(req)?;
     match actor {
         Some(a) if !a.user_id.is_empty() => {
+            // Checked first: the refusals below quote the user id.
+            if a.user_id.len() > MAX_ID_LEN {
+                return Err(SubError::invalid("actor.user_id", "too long").into());
+            }
             if !principal.has(Scope::ActForUser) {
                 return Err(SubError::PermissionDenied(format!(
                     "token {:?} lacks the act-for-user scope needed to act for user {:?}",
@@ -55,9 +59,6 @@ fn actor<T>(req: &Request<T>, actor: Option<&pb::Actor>) -> Result<Actor, Status
                     a.user_id
                 ))
                 .into());
-            }
-            if a.user_id.len() > MAX_ID_LEN {
-                return Err(SubError::invalid("actor.user_id", "too long").into());
             }
             Ok(Actor(format!("user:{}", a.user_id)))
         }
@@ -96,13 +97,19 @@ fn payment_choice(payment: Option<&pb::Payment>) -> Result<PaymentChoice, SubErr
         Ok(pb::PaymentKind::Card) if debit => {
             return Err(SubError::invalid(
                 "payment.payment_method",
-                format!("{token:?} is a direct-debit mandate: use PAYMENT_KIND_DIRECT_DEBIT"),
+                format!(
+                    "{} is a direct-debit mandate: use PAYMENT_KIND_DIRECT_DEBIT",
+                    runtime::convert::shown(token)
+                ),
             ));
         }
         Ok(pb::PaymentKind::Card | pb::PaymentKind::DirectDebit) => {
             return Err(SubError::invalid(
                 "payment.payment_method",
-                format!("{token:?} is not a payment method of this kind the gateway knows"),
+                format!(
+                    "{} is not a payment method of this kind the gateway knows",
+                    runtime::convert::shown(token)
+                ),
             ));
         }
         Ok(pb::PaymentKind::BankTransfer) => {

@@ -123,9 +123,13 @@ pub fn routes(platform: &Platform) -> anyhow::Result<tonic::service::Routes> {
     Ok(tonic::service::Routes::new(
         proto::subscription::v1::subscriptions_server::SubscriptionsServer::new(
             grpc::SubscriptionsApi::new(platform.clone(), cases.clone()),
-        ),
+        )
+        .max_decoding_message_size(platform.config.max_request_bytes)
+        .max_encoding_message_size(platform.config.max_response_bytes),
     )
-    .add_service(proto::subscription::v1::catalog_server::CatalogServer::new(
-        grpc::CatalogApi::new(cases),
-    )))
+    .add_service(
+        proto::subscription::v1::catalog_server::CatalogServer::new(grpc::CatalogApi::new(cases))
+            .max_decoding_message_size(platform.config.max_request_bytes)
+            .max_encoding_message_size(platform.config.max_response_bytes),
+    ))
 }

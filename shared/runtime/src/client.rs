@@ -1,5 +1,6 @@
 //! Calling another service: a channel to a peer whose calls carry the peer's bearer token and
-//! pass on the request id of the call being served (see [`crate::middleware`]).
+//! pass on the request id of the call being served (see [`crate::middleware`]), over TLS when
+//! the peer's URL is `https://` (trusting only the peer's configured CA).
 
 use std::time::Duration;
 
@@ -7,8 +8,10 @@ use tonic::{
     Request, Status,
     metadata::MetadataValue,
     service::{Interceptor, interceptor::InterceptedService},
-    transport::{Channel, Endpoint},
+    transport::{Certificate, Channel, ClientTlsConfig, Endpoint},
 };
+
+use anyhow::Context;
 
 use crate::{config::PeerConfig, middleware};
 
@@ -37,10 +40,17 @@ pub type PeerChannel = InterceptedService<Channel, PeerAuth>;
 /// Builds a lazily-connecting channel: the first call connects, and a peer that is down makes
 /// calls fail fast with `UNAVAILABLE` rather than failing start-up.
 pub fn peer_channel(peer: &PeerConfig, timeout: Duration) -> anyhow::Result<PeerChannel> {
-    let endpoint = Endpoint::from_shared(peer.url.clone())?
+    let mut endpoint = Endpoint::from_shared(peer.url.clone())?
         .connect_timeout(Duration::from_secs(2))
         .timeout(timeout)
         .tcp_nodelay(true);
+    if let Some(ca_path) = &peer.ca_path {
+        // The peer's certificate must be signed by this CA and name the URL's host.
+        let ca = std::fs::read(ca_path)
+            .with_context(|| format!("peer CA file {}", ca_path.display()))?;
+        endpoint = endpoint
+            .tls_config(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca)))?;
+    }
     let bearer = MetadataValue::try_from(format!("Bearer {}", peer.token))
         .map_err(|_| anyhow::anyhow!("peer token contains characters not allowed in metadata"))?;
     Ok(InterceptedService::new(

@@ -6,11 +6,31 @@
 //! `WALLET_DATABASE_URL`. `{PREFIX}_CONFIG` names the TOML file. Tokens in the environment use
 //! `{PREFIX}_TOKENS="name:secret:scope+scope,other:secret2:read"`.
 
-use std::{collections::BTreeMap, fmt, net::SocketAddr, path::Path, time::Duration};
+use std::{
+    collections::BTreeMap,
+    fmt,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use serde::Deserialize;
 
 use crate::auth::Scope;
+
+/// Default of `max_request_bytes`. The largest legitimate requests are far below it: a plan
+/// with a 1,000-band tier table is about 40 KiB, a wallet's price list of 100 tiers 4 KiB.
+pub const DEFAULT_MAX_REQUEST_BYTES: usize = 1024 * 1024;
+/// Default of `max_response_bytes`. The largest responses: a page of 500 ledger entries is
+/// about 100 KiB, a VerifyLedger report with its 1,000 listed violations about 200 KiB, and an
+/// account's invoice list grows by one invoice a period; 8 MiB leaves room for years of those.
+pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 8 * 1024 * 1024;
+/// Default of `max_concurrent_streams`: well above what one client connection needs (tonic
+/// multiplexes its calls on one connection), low enough that one connection cannot hold
+/// thousands of `WatchEvents` streams open.
+pub const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 128;
+/// The smallest message limit accepted, so a typo cannot refuse every legitimate call.
+pub const MIN_MESSAGE_BYTES: usize = 64 * 1024;
 
 /// What distinguishes one service's configuration from another's: its name, the prefix of its
 /// environment variables and its default ports.
@@ -68,6 +88,10 @@ pub struct PeerConfig {
     pub url: String,
     /// Bearer token presented to the peer; never logged.
     pub token: String,
+    /// PEM file of the certificate authority that signed the peer's certificate; required for
+    /// an `https://` URL (no system roots are trusted).
+    #[serde(default)]
+    pub ca_path: Option<PathBuf>,
 }
 
 impl fmt::Debug for PeerConfig {
@@ -75,8 +99,18 @@ impl fmt::Debug for PeerConfig {
         f.debug_struct("PeerConfig")
             .field("url", &self.url)
             .field("token", &"<redacted>")
+            .field("ca_path", &self.ca_path)
             .finish()
     }
+}
+
+/// The server's TLS identity: PEM files of its certificate chain and private key.
+#[derive(Debug, Clone)]
+pub struct TlsConfig {
+    /// Certificate chain, leaf first.
+    pub cert_path: PathBuf,
+    /// Private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_path: PathBuf,
 }
 
 /// The validated configuration of one service process.
@@ -102,14 +136,28 @@ pub struct ServiceConfig {
     pub request_timeout: Duration,
     /// Calls in flight at once; more are shed with `RESOURCE_EXHAUSTED`.
     pub concurrency_limit: usize,
+    /// Largest request message a server decodes; a bigger one is refused with `OUT_OF_RANGE`
+    /// (tonic's code for it) before it is buffered.
+    pub max_request_bytes: usize,
+    /// Largest response message a server encodes; a bigger one fails with `OUT_OF_RANGE`.
+    pub max_response_bytes: usize,
+    /// HTTP/2 streams (calls, including open `WatchEvents` streams) one connection may have open
+    /// at once; the server advertises it and the client queues the rest.
+    pub max_concurrent_streams: u32,
     /// Run on a frozen test clock that `TestClock/AdvanceTime` moves.
     pub test_clock: bool,
+    /// Where the test clock starts (default 2026-01-01T00:00:00Z), so a process restarted in
+    /// a test can continue from where the one before it stood rather than go back in time.
+    pub test_clock_start: Option<chrono::DateTime<chrono::Utc>>,
     /// How long idempotency keys are kept (at least 24 hours).
     pub idempotency_retention: Duration,
     /// Bearer tokens accepted by this service.
     pub tokens: Vec<TokenConfig>,
     /// Services this one calls, by name (e.g. `wallet`).
     pub peers: BTreeMap<String, PeerConfig>,
+    /// Serve gRPC over TLS with this identity; `None` serves plaintext HTTP/2 (behind a
+    /// TLS-terminating proxy or a service mesh, or in development).
+    pub tls: Option<TlsConfig>,
 }
 
 /// A configuration problem, named precisely enough to fix it.
@@ -153,12 +201,18 @@ struct FileConfig {
     log_filter: Option<String>,
     request_timeout_ms: Option<u64>,
     concurrency_limit: Option<usize>,
+    max_request_bytes: Option<usize>,
+    max_response_bytes: Option<usize>,
+    max_concurrent_streams: Option<u32>,
     test_clock: Option<bool>,
+    test_clock_start: Option<String>,
     idempotency_retention_hours: Option<u64>,
     #[serde(default)]
     tokens: Vec<TokenConfig>,
     #[serde(default)]
     peers: BTreeMap<String, PeerConfig>,
+    tls_cert_path: Option<PathBuf>,
+    tls_key_path: Option<PathBuf>,
 }
 
 /// Where settings come from: a lookup of environment variables (injectable for tests).
@@ -287,6 +341,43 @@ impl ServiceConfig {
         if concurrency_limit == 0 {
             return Err(invalid("concurrency_limit", "must be at least 1"));
         }
+        let max_request_bytes = parse_num(
+            &env_key("max_request_bytes"),
+            get("max_request_bytes"),
+            file.max_request_bytes,
+            DEFAULT_MAX_REQUEST_BYTES,
+        )?;
+        if max_request_bytes < MIN_MESSAGE_BYTES {
+            return Err(ConfigError::Invalid {
+                key: "max_request_bytes".into(),
+                message: format!(
+                    "must be at least {MIN_MESSAGE_BYTES}: a plan with a large tier table must fit"
+                ),
+            });
+        }
+        let max_response_bytes = parse_num(
+            &env_key("max_response_bytes"),
+            get("max_response_bytes"),
+            file.max_response_bytes,
+            DEFAULT_MAX_RESPONSE_BYTES,
+        )?;
+        if max_response_bytes < MIN_MESSAGE_BYTES {
+            return Err(ConfigError::Invalid {
+                key: "max_response_bytes".into(),
+                message: format!(
+                    "must be at least {MIN_MESSAGE_BYTES}: a full page of ledger entries must fit"
+                ),
+            });
+        }
+        let max_concurrent_streams = parse_num(
+            &env_key("max_concurrent_streams"),
+            get("max_concurrent_streams"),
+            file.max_concurrent_streams,
+            DEFAULT_MAX_CONCURRENT_STREAMS,
+        )?;
+        if max_concurrent_streams == 0 {
+            return Err(invalid("max_concurrent_streams", "must be at least 1"));
+        }
         let test_clock = match get("test_clock") {
             Some(v) => match v.as_str() {
                 "true" | "1" => true,
@@ -294,6 +385,25 @@ impl ServiceConfig {
                 _ => return Err(invalid("test_clock", "must be true or false")),
             },
             None => file.test_clock.unwrap_or(false),
+        };
+        let test_clock_start = match get("test_clock_start").or(file.test_clock_start) {
+            None => None,
+            Some(_) if !test_clock => {
+                return Err(invalid(
+                    "test_clock_start",
+                    "applies to the test clock only: set test_clock = true too",
+                ));
+            }
+            Some(v) => Some(
+                chrono::DateTime::parse_from_rfc3339(&v)
+                    .map_err(|_| ConfigError::Invalid {
+                        key: "test_clock_start".into(),
+                        message: format!(
+                            "{v:?} is not an RFC 3339 instant like 2026-02-01T00:00:00Z"
+                        ),
+                    })?
+                    .with_timezone(&chrono::Utc),
+            ),
         };
         let retention_hours: u64 = parse_num(
             &env_key("idempotency_retention_hours"),
@@ -316,6 +426,7 @@ impl ServiceConfig {
         for name in defaults.peers {
             let url = get(&format!("peer_{name}_url"));
             let token = get(&format!("peer_{name}_token"));
+            let ca_path = get(&format!("peer_{name}_ca_path")).map(PathBuf::from);
             match (peers.get_mut(*name), url, token) {
                 (Some(peer), url, token) => {
                     if let Some(url) = url {
@@ -324,9 +435,19 @@ impl ServiceConfig {
                     if let Some(token) = token {
                         peer.token = token;
                     }
+                    if ca_path.is_some() {
+                        peer.ca_path = ca_path;
+                    }
                 }
                 (None, Some(url), Some(token)) => {
-                    peers.insert((*name).to_string(), PeerConfig { url, token });
+                    peers.insert(
+                        (*name).to_string(),
+                        PeerConfig {
+                            url,
+                            token,
+                            ca_path,
+                        },
+                    );
                 }
                 (None, None, None) => {}
                 (None, _, _) => {
@@ -344,7 +465,29 @@ impl ServiceConfig {
                     message: format!("{:?} is not an http:// or https:// URL", peer.url),
                 });
             }
+            if peer.url.starts_with("https://") && peer.ca_path.is_none() {
+                return Err(ConfigError::Invalid {
+                    key: format!("peers.{name}.ca_path"),
+                    message:
+                        "an https:// peer needs the PEM file of the CA that signed its certificate"
+                            .into(),
+                });
+            }
         }
+        let tls = match (
+            get("tls_cert_path")
+                .map(PathBuf::from)
+                .or(file.tls_cert_path),
+            get("tls_key_path").map(PathBuf::from).or(file.tls_key_path),
+        ) {
+            (Some(cert_path), Some(key_path)) => Some(TlsConfig {
+                cert_path,
+                key_path,
+            }),
+            (None, None) => None,
+            (Some(_), None) => return Err(invalid("tls_key_path", "set with tls_cert_path")),
+            (None, Some(_)) => return Err(invalid("tls_cert_path", "set with tls_key_path")),
+        };
         Ok(Self {
             service_name: defaults.name,
             listen_addr,
@@ -356,10 +499,15 @@ impl ServiceConfig {
             log_filter,
             request_timeout: Duration::from_millis(timeout_ms),
             concurrency_limit,
+            max_request_bytes,
+            max_response_bytes,
+            max_concurrent_streams,
             test_clock,
+            test_clock_start,
             idempotency_retention: Duration::from_secs(retention_hours * 3600),
             tokens,
             peers,
+            tls,
         })
     }
 
@@ -516,6 +664,9 @@ mod tests {
         assert_eq!(cfg.database_url, "sqlite://data/credits-wallet.db");
         assert_eq!(cfg.database_schema, "wallet");
         assert_eq!(cfg.tokens[0].scopes, vec![Scope::Admin]);
+        assert_eq!(cfg.max_request_bytes, DEFAULT_MAX_REQUEST_BYTES);
+        assert_eq!(cfg.max_response_bytes, DEFAULT_MAX_RESPONSE_BYTES);
+        assert_eq!(cfg.max_concurrent_streams, DEFAULT_MAX_CONCURRENT_STREAMS);
     }
 
     #[test]
@@ -544,6 +695,24 @@ mod tests {
                 "idempotency_retention_hours",
             ),
             ("WALLET_CONCURRENCY_LIMIT", "-1", "WALLET_CONCURRENCY_LIMIT"),
+            ("WALLET_MAX_REQUEST_BYTES", "1000", "max_request_bytes"),
+            (
+                "WALLET_MAX_RESPONSE_BYTES",
+                "x",
+                "WALLET_MAX_RESPONSE_BYTES",
+            ),
+            (
+                "WALLET_MAX_CONCURRENT_STREAMS",
+                "0",
+                "max_concurrent_streams",
+            ),
+            (
+                "WALLET_TEST_CLOCK_START",
+                "2026-02-01T00:00:00Z",
+                "test_clock_start",
+            ),
+            ("WALLET_TLS_CERT_PATH", "/etc/cert.pem", "tls_key_path"),
+            ("WALLET_TLS_KEY_PATH", "/etc/key.pem", "tls_cert_path"),
             ("WALLET_TOKENS", "a:short:read", "tokens"),
             ("WALLET_TOKENS", "a:long-enough:fly", "tokens"),
         ];
@@ -589,6 +758,31 @@ mod tests {
             half.to_string().contains("WALLET_PEER_WALLET_URL"),
             "{half}"
         );
+    }
+
+    #[test]
+    fn tls_paths_come_in_pairs_and_https_peers_name_their_ca() {
+        let base = [
+            ("WALLET_TOKENS", "t:long-secret:read"),
+            ("WALLET_PEER_WALLET_URL", "https://wallet:1"),
+            ("WALLET_PEER_WALLET_TOKEN", "peer-secret"),
+        ];
+        let err = ServiceConfig::from_toml(&DEFAULTS, "", &env(&base)).unwrap_err();
+        assert!(err.to_string().contains("peers.wallet.ca_path"), "{err}");
+        let mut with_ca = env(&base);
+        with_ca.insert("WALLET_PEER_WALLET_CA_PATH".into(), "/etc/ca.pem".into());
+        with_ca.insert("WALLET_TLS_CERT_PATH".into(), "/etc/cert.pem".into());
+        with_ca.insert("WALLET_TLS_KEY_PATH".into(), "/etc/key.pem".into());
+        let cfg = ServiceConfig::from_toml(&DEFAULTS, "", &with_ca).unwrap();
+        assert_eq!(
+            cfg.peer("wallet").unwrap().ca_path.as_deref(),
+            Some(Path::new("/etc/ca.pem"))
+        );
+        let tls = cfg.tls.unwrap();
+        assert_eq!(tls.cert_path, Path::new("/etc/cert.pem"));
+        assert_eq!(tls.key_path, Path::new("/etc/key.pem"));
+        let plain = ServiceConfig::from_toml(&DEFAULTS, "", &env(&base[..1])).unwrap();
+        assert!(plain.tls.is_none());
     }
 
     #[test]

@@ -86,6 +86,20 @@ pub fn tier_table_message(t: &shared::TierTable) -> proto::wallet::v1::CreditPri
     }
 }
 
+/// A client's value quoted for an error message, cut to 64 characters. A message says what was
+/// wrong without echoing an unbounded input back: the status message travels in the
+/// `grpc-message` header, and an HTTP/2 peer resets a connection whose headers are too large
+/// (the client then sees `RESOURCE_EXHAUSTED` instead of the real answer).
+pub fn shown(s: &str) -> String {
+    const MAX: usize = 64;
+    if s.chars().count() <= MAX {
+        format!("{s:?}")
+    } else {
+        let cut: String = s.chars().take(MAX).collect();
+        format!("{cut:?}... ({} bytes)", s.len())
+    }
+}
+
 /// A decimal field ("" is zero): a plain number such as `0.0125` (no exponent), at most 12
 /// decimals.
 pub fn decimal(
@@ -107,7 +121,10 @@ pub fn decimal(
     parsed.ok_or_else(|| {
         (
             field,
-            format!("{s:?} is not a plain decimal number with at most 12 decimals"),
+            format!(
+                "{} is not a plain decimal number with at most 12 decimals",
+                shown(s)
+            ),
         )
     })
 }
@@ -129,4 +146,18 @@ pub fn reply_decoded<T: prost::Message + Default, E: Into<tonic::Status>>(
     T::decode(bytes.as_slice())
         .map(tonic::Response::new)
         .map_err(|_| tonic::Status::internal("internal error"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shown_quotes_short_values_and_cuts_long_ones() {
+        assert_eq!(shown("EUR"), "\"EUR\"");
+        let long = "x".repeat(100_000);
+        let s = shown(&long);
+        assert!(s.len() < 100, "{s}");
+        assert!(s.ends_with("... (100000 bytes)"), "{s}");
+    }
 }

@@ -54,6 +54,58 @@ pub enum DbError {
     Corrupt(String),
 }
 
+/// The message a call answers with `UNAVAILABLE` when storage was out of reach for a moment.
+pub const STORAGE_UNAVAILABLE: &str =
+    "storage is unavailable for a moment; retry with the same idempotency key";
+
+impl DbError {
+    /// Whether the failure is the database being out of reach for a moment (a connection cut,
+    /// terminated or refused, the pool exhausted, a lock or serialization conflict) rather than
+    /// a fault in the request or the data. The transaction did not commit, or its outcome is
+    /// unknown; either way a retry with the same idempotency key completes it exactly once, so
+    /// the call answers `UNAVAILABLE` (retryable) instead of `INTERNAL`.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            DbError::Sqlx(e) => is_transient(e),
+            DbError::Migrate(_) | DbError::Corrupt(_) => false,
+        }
+    }
+}
+
+/// See [`DbError::is_transient`].
+pub fn is_transient(err: &sqlx::Error) -> bool {
+    match err {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(d) => d.code().is_some_and(|code| {
+            // PostgreSQL: class 08 (connection exception), 57P01-57P03 (terminated by an
+            // administrator, crash shutdown, cannot connect now), 53300 (too many connections),
+            // 40001/40P01 (serialization failure, deadlock: rolled back). SQLite: SQLITE_BUSY
+            // and SQLITE_LOCKED with their extended codes.
+            code.starts_with("08")
+                || matches!(
+                    code.as_ref(),
+                    "57P01"
+                        | "57P02"
+                        | "57P03"
+                        | "53300"
+                        | "40001"
+                        | "40P01"
+                        | "5"
+                        | "6"
+                        | "261"
+                        | "517"
+                        | "262"
+                )
+        }),
+        _ => false,
+    }
+}
+
 /// A pool plus the backend it talks to. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct Db {
@@ -71,7 +123,8 @@ static PLATFORM_POSTGRES: Migrator = sqlx::migrate!("migrations/postgres");
 impl Db {
     /// Connects with the service's settings and runs the platform's and the service's migrations.
     pub async fn connect(config: &ServiceConfig, migrations: &Migrations) -> Result<Db, DbError> {
-        Self::connect_url(
+        Self::connect_as(
+            config.service_name,
             &config.database_url,
             &config.database_schema,
             config.database_max_connections,
@@ -87,11 +140,25 @@ impl Db {
         max_connections: u32,
         migrations: &Migrations,
     ) -> Result<Db, DbError> {
+        Self::connect_as("billing", url, schema, max_connections, migrations).await
+    }
+
+    /// Like [`Db::connect_url`], naming the connections on PostgreSQL: their
+    /// `application_name` is [`application_name`]`(service, schema)`, so an operator (or a
+    /// test) can tell which service's connections are which in `pg_stat_activity`.
+    pub async fn connect_as(
+        service: &str,
+        url: &str,
+        schema: &str,
+        max_connections: u32,
+        migrations: &Migrations,
+    ) -> Result<Db, DbError> {
         sqlx::any::install_default_drivers();
         let db = if url.starts_with("sqlite:") {
             Self::connect_sqlite(url, max_connections).await?
         } else {
-            Self::connect_postgres(url, schema, max_connections).await?
+            let name = application_name(service, schema);
+            Self::connect_postgres(url, schema, &name, max_connections).await?
         };
         let (platform, own) = match db.backend {
             Backend::Sqlite => (&PLATFORM_SQLITE, &migrations.sqlite),
@@ -154,6 +221,7 @@ impl Db {
     async fn connect_postgres(
         url: &str,
         schema: &str,
+        application_name: &str,
         max_connections: u32,
     ) -> Result<Db, DbError> {
         let options = AnyConnectOptions::from_str(url)?;
@@ -178,7 +246,12 @@ impl Db {
             }
             setup.close().await;
         }
-        let set_path = format!("SET search_path TO \"{schema}\"");
+        // The schema is a validated identifier and the service name a constant, so both are
+        // safe to splice; application_name is cut by PostgreSQL at 63 bytes.
+        let set_path = format!(
+            "SET search_path TO \"{schema}\"; SET application_name TO '{}'",
+            application_name.replace('\'', "")
+        );
         let pool = AnyPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(Duration::from_secs(30))
@@ -249,6 +322,11 @@ impl Db {
     }
 }
 
+/// The `application_name` of a service's PostgreSQL connections: `<service>@<schema>`.
+pub fn application_name(service: &str, schema: &str) -> String {
+    format!("{service}@{schema}")
+}
+
 /// The platform's migrations followed by the service's, as one migrator (one migrations table).
 /// Versions are timestamps; the platform's come first.
 fn combined(platform: &Migrator, own: &Migrator) -> Migrator {
@@ -281,4 +359,22 @@ pub fn value_rows(rows: usize, width: usize) -> String {
         .map(|i| format!("({})", placeholders(width, i * width + 1)))
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lost_connections_are_transient_and_bad_data_is_not() {
+        for e in [
+            sqlx::Error::PoolTimedOut,
+            sqlx::Error::PoolClosed,
+            sqlx::Error::Io(std::io::Error::from(std::io::ErrorKind::ConnectionReset)),
+        ] {
+            assert!(DbError::Sqlx(e).is_transient());
+        }
+        assert!(!DbError::Sqlx(sqlx::Error::RowNotFound).is_transient());
+        assert!(!DbError::Corrupt("balance".into()).is_transient());
+    }
 }

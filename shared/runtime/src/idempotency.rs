@@ -323,6 +323,10 @@ impl From<IdempotencyError> for Status {
     fn from(e: IdempotencyError) -> Self {
         match e {
             IdempotencyError::Mismatch { .. } => Status::already_exists(e.to_string()),
+            IdempotencyError::Db(inner) if inner.is_transient() => {
+                tracing::warn!(error = %inner, "idempotency store unavailable");
+                Status::unavailable(crate::db::STORAGE_UNAVAILABLE)
+            }
             IdempotencyError::Db(inner) => {
                 tracing::error!(error = %inner, "idempotency store failed");
                 Status::internal("internal error")

@@ -3,11 +3,15 @@
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
+use anyhow::Context;
 use chrono::{TimeZone, Utc};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
-use tonic::{service::Routes, transport::Server};
+use tonic::{
+    service::Routes,
+    transport::{Identity, Server, ServerTlsConfig},
+};
 use tonic_health::ServingStatus;
 use tower::ServiceBuilder;
 
@@ -15,7 +19,7 @@ use crate::{
     auth::{AuthLayer, MethodScopes, Scope, TokenRegistry},
     clock::ServiceClock,
     clock_service::TestClockService,
-    config::{ServiceConfig, ServiceDefaults},
+    config::{ServiceConfig, ServiceDefaults, TlsConfig},
     db::{Db, Migrations},
     idempotency,
     metrics::{self, Metrics},
@@ -94,12 +98,20 @@ pub async fn start<F>(
 where
     F: FnOnce(&Platform) -> anyhow::Result<Routes>,
 {
+    // First, so a missing or unusable certificate stops the start (naming its path) before
+    // anything runs.
+    let mut server = Server::builder().max_concurrent_streams(Some(config.max_concurrent_streams));
+    if let Some(t) = &config.tls {
+        server = server
+            .tls_config(server_tls(t)?)
+            .with_context(|| format!("TLS identity in {}", t.cert_path.display()))?;
+    }
     let config = Arc::new(config);
     let shutdown = CancellationToken::new();
     let metrics = Metrics::new(spec.defaults.name);
     let db = Db::connect(&config, &(spec.migrations)()).await?;
     let clock = if config.test_clock {
-        ServiceClock::test(test_clock_start())
+        ServiceClock::test(config.test_clock_start.unwrap_or_else(test_clock_start))
     } else {
         ServiceClock::system()
     };
@@ -138,13 +150,34 @@ where
         reflection_v1alpha = reflection_v1alpha.with_service_name(*name);
     }
 
+    // The service's own servers set the same limits in `build` (from `platform.config`);
+    // tests/src/limits.rs sends an oversized request to every RPC to check that none is missed.
+    let (max_in, max_out) = (config.max_request_bytes, config.max_response_bytes);
     let routes = build(&platform)?
-        .add_service(health_service)
-        .add_service(reflection_v1.build_v1()?)
-        .add_service(reflection_v1alpha.build_v1alpha()?)
-        .add_service(proto::common::v1::test_clock_server::TestClockServer::new(
-            TestClockService::new(clock.clone()),
-        ));
+        .add_service(
+            health_service
+                .max_decoding_message_size(max_in)
+                .max_encoding_message_size(max_out),
+        )
+        .add_service(
+            reflection_v1
+                .build_v1()?
+                .max_decoding_message_size(max_in)
+                .max_encoding_message_size(max_out),
+        )
+        .add_service(
+            reflection_v1alpha
+                .build_v1alpha()?
+                .max_decoding_message_size(max_in)
+                .max_encoding_message_size(max_out),
+        )
+        .add_service(
+            proto::common::v1::test_clock_server::TestClockServer::new(TestClockService::new(
+                clock.clone(),
+            ))
+            .max_decoding_message_size(max_in)
+            .max_encoding_message_size(max_out),
+        );
 
     let scopes = (spec.scopes)()
         .require(TEST_CLOCK_SERVICE, "GetTime", Scope::Read)
@@ -198,7 +231,7 @@ where
                 "shutting down: NOT_SERVING, draining in-flight calls"
             );
         };
-        let served = Server::builder()
+        let served = server
             .layer(layers)
             .add_routes(routes)
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), drain)
@@ -220,6 +253,15 @@ where
         task,
         platform,
     })
+}
+
+/// The server's TLS identity from its PEM files.
+fn server_tls(tls: &TlsConfig) -> anyhow::Result<ServerTlsConfig> {
+    let cert = std::fs::read(&tls.cert_path)
+        .with_context(|| format!("tls_cert_path {}", tls.cert_path.display()))?;
+    let key = std::fs::read(&tls.key_path)
+        .with_context(|| format!("tls_key_path {}", tls.key_path.display()))?;
+    Ok(ServerTlsConfig::new().identity(Identity::from_pem(cert, key)))
 }
 
 fn spawn_key_sweeper(platform: &Platform) -> tokio::task::JoinHandle<()> {

@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod catalog;
+mod crash;
 mod payments;
 mod replicas;
 mod rules;
