@@ -8,7 +8,7 @@ use std::collections::{HashMap, HashSet};
 
 use runtime::{
     clock::from_micros,
-    db::{Backend, Db, DbError, placeholders, value_rows},
+    db::{Backend, Db, DbError, fetch_in, value_rows},
 };
 use shared::{Currency, Money, RatingRule};
 use sqlx::{AnyConnection, Row, any::AnyRow};
@@ -600,26 +600,21 @@ pub async fn lock_wallets(
     let mut sorted = wallet_ids.to_vec();
     sorted.sort_unstable();
     sorted.dedup();
-    let mut out = Vec::with_capacity(sorted.len());
-    for chunk in sorted.chunks(CHUNK) {
-        let sql = format!(
-            "SELECT {WALLET_COLUMNS} FROM wallets WHERE wallet_id IN ({}) ORDER BY wallet_id{}{}",
-            placeholders(chunk.len(), 1),
-            match db.backend() {
-                Backend::Postgres => " COLLATE \"C\"",
-                Backend::Sqlite => "",
-            },
+    let collate = match db.backend() {
+        Backend::Postgres => " COLLATE \"C\"",
+        Backend::Sqlite => "",
+    };
+    fetch_in(conn, &sorted, &[], |list, _| {
+        format!(
+            "SELECT {WALLET_COLUMNS} FROM wallets WHERE wallet_id IN ({list}) \
+             ORDER BY wallet_id{collate}{}",
             db.for_update()
-        );
-        let mut q = sqlx::query(&sql);
-        for id in chunk {
-            q = q.bind(*id);
-        }
-        for row in q.fetch_all(&mut *conn).await? {
-            out.push(wallet_from_row(&row)?);
-        }
-    }
-    Ok(out)
+        )
+    })
+    .await?
+    .iter()
+    .map(wallet_from_row)
+    .collect()
 }
 
 /// [`lots_with_credits`] of many wallets.
@@ -628,22 +623,18 @@ pub async fn lots_of_wallets(
     wallet_ids: &[&str],
 ) -> Result<HashMap<String, Vec<(Lot, i64)>>, DbError> {
     let mut out: HashMap<String, Vec<(Lot, i64)>> = HashMap::new();
-    for chunk in wallet_ids.chunks(CHUNK) {
-        let sql = format!(
+    let rows = fetch_in(conn, wallet_ids, &[], |list, _| {
+        format!(
             "SELECT wallet_id, lot_id, kind, remaining, expires_at_us, created_at_us, granted \
-             FROM credit_lots WHERE wallet_id IN ({}) AND remaining > 0",
-            placeholders(chunk.len(), 1)
-        );
-        let mut q = sqlx::query(&sql);
-        for id in chunk {
-            q = q.bind(*id);
-        }
-        for row in q.fetch_all(&mut *conn).await? {
-            let wallet_id: String = row.try_get(0)?;
-            out.entry(wallet_id)
-                .or_default()
-                .push(lot_from_row(&row, 1)?);
-        }
+             FROM credit_lots WHERE wallet_id IN ({list}) AND remaining > 0"
+        )
+    })
+    .await?;
+    for row in rows {
+        let wallet_id: String = row.try_get(0)?;
+        out.entry(wallet_id)
+            .or_default()
+            .push(lot_from_row(&row, 1)?);
     }
     Ok(out)
 }
@@ -654,24 +645,17 @@ pub async fn auto_bought_since_many(
     wallet_ids: &[&str],
     since: DateTime<Utc>,
 ) -> Result<HashMap<String, i64>, DbError> {
-    let mut out = HashMap::new();
-    for chunk in wallet_ids.chunks(CHUNK) {
-        let sql = format!(
+    let rows = fetch_in(conn, wallet_ids, &[micros(since)], |list, next| {
+        format!(
             "SELECT wallet_id, CAST(COALESCE(SUM(credits), 0) AS BIGINT) FROM purchases \
-             WHERE wallet_id IN ({}) AND trigger IN ('auto_fixed', 'auto_shortfall') \
-             AND status <> 'failed' AND created_at_us >= ${} GROUP BY wallet_id",
-            placeholders(chunk.len(), 1),
-            chunk.len() + 1
-        );
-        let mut q = sqlx::query(&sql);
-        for id in chunk {
-            q = q.bind(*id);
-        }
-        for row in q.bind(micros(since)).fetch_all(&mut *conn).await? {
-            out.insert(row.try_get::<String, _>(0)?, row.try_get::<i64, _>(1)?);
-        }
-    }
-    Ok(out)
+             WHERE wallet_id IN ({list}) AND trigger IN ('auto_fixed', 'auto_shortfall') \
+             AND status <> 'failed' AND created_at_us >= ${next} GROUP BY wallet_id"
+        )
+    })
+    .await?;
+    rows.iter()
+        .map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
+        .collect()
 }
 
 /// [`lapsed_reservations`] of many wallets.
@@ -681,21 +665,16 @@ pub async fn lapsed_reservations_many(
     now: DateTime<Utc>,
 ) -> Result<HashMap<String, Vec<ReservationRecord>>, DbError> {
     let mut out: HashMap<String, Vec<ReservationRecord>> = HashMap::new();
-    for chunk in wallet_ids.chunks(CHUNK) {
-        let sql = format!(
-            "SELECT {RESERVATION_COLUMNS} FROM reservations WHERE wallet_id IN ({}) \
-             AND status = 'active' AND expires_at_us <= ${}",
-            placeholders(chunk.len(), 1),
-            chunk.len() + 1
-        );
-        let mut q = sqlx::query(&sql);
-        for id in chunk {
-            q = q.bind(*id);
-        }
-        for row in q.bind(micros(now)).fetch_all(&mut *conn).await? {
-            let r = reservation_from_row(&row)?;
-            out.entry(r.wallet_id.clone()).or_default().push(r);
-        }
+    let rows = fetch_in(conn, wallet_ids, &[micros(now)], |list, next| {
+        format!(
+            "SELECT {RESERVATION_COLUMNS} FROM reservations WHERE wallet_id IN ({list}) \
+             AND status = 'active' AND expires_at_us <= ${next}"
+        )
+    })
+    .await?;
+    for row in rows {
+        let r = reservation_from_row(&row)?;
+        out.entry(r.wallet_id.clone()).or_default().push(r);
     }
     Ok(out)
 }
@@ -705,21 +684,11 @@ pub async fn purchase_origins(
     conn: &mut AnyConnection,
     origin_keys: &[&str],
 ) -> Result<HashSet<String>, DbError> {
-    let mut out = HashSet::new();
-    for chunk in origin_keys.chunks(CHUNK) {
-        let sql = format!(
-            "SELECT origin_key FROM purchases WHERE origin_key IN ({})",
-            placeholders(chunk.len(), 1)
-        );
-        let mut q = sqlx::query(&sql);
-        for k in chunk {
-            q = q.bind(*k);
-        }
-        for row in q.fetch_all(&mut *conn).await? {
-            out.insert(row.try_get::<String, _>(0)?);
-        }
-    }
-    Ok(out)
+    let rows = fetch_in(conn, origin_keys, &[], |list, _| {
+        format!("SELECT origin_key FROM purchases WHERE origin_key IN ({list})")
+    })
+    .await?;
+    rows.iter().map(|row| Ok(row.try_get(0)?)).collect()
 }
 
 /// [`set_lot_remaining`] for many lots in one `UPDATE ... FROM (VALUES ...)` per chunk.
@@ -804,20 +773,11 @@ pub async fn reservations_many(
     conn: &mut AnyConnection,
     reservation_ids: &[&str],
 ) -> Result<HashMap<String, ReservationRecord>, DbError> {
-    let mut out = HashMap::new();
-    for chunk in reservation_ids.chunks(CHUNK) {
-        let sql = format!(
-            "SELECT {RESERVATION_COLUMNS} FROM reservations WHERE reservation_id IN ({})",
-            placeholders(chunk.len(), 1)
-        );
-        let mut q = sqlx::query(&sql);
-        for id in chunk {
-            q = q.bind(*id);
-        }
-        for row in q.fetch_all(&mut *conn).await? {
-            let r = reservation_from_row(&row)?;
-            out.insert(r.reservation_id.clone(), r);
-        }
-    }
-    Ok(out)
+    let rows = fetch_in(conn, reservation_ids, &[], |list, _| {
+        format!("SELECT {RESERVATION_COLUMNS} FROM reservations WHERE reservation_id IN ({list})")
+    })
+    .await?;
+    rows.iter()
+        .map(|row| reservation_from_row(row).map(|r| (r.reservation_id.clone(), r)))
+        .collect()
 }

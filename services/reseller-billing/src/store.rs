@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use chrono::{DateTime, Utc};
 use runtime::{
     clock::from_micros,
-    db::{Backend, Db, DbError, placeholders, value_rows},
+    db::{Backend, Db, DbError, fetch_in, value_rows},
 };
 use sqlx::{AnyConnection, Row, any::AnyRow};
 
@@ -412,36 +412,18 @@ pub async fn set_relay_cursor(conn: &mut AnyConnection, cursor: i64) -> Result<(
 
 const CHUNK: usize = 400;
 
-/// Runs `SELECT <columns> FROM <table> WHERE <column> IN (ids...)<suffix>` over chunks of `ids`.
-async fn select_in(
-    conn: &mut AnyConnection,
-    head: &str,
-    ids: &[&str],
-    suffix: &str,
-) -> Result<Vec<AnyRow>, DbError> {
-    let mut rows = Vec::new();
-    for chunk in ids.chunks(CHUNK) {
-        let sql = format!("{head} IN ({}){suffix}", placeholders(chunk.len(), 1));
-        let mut q = sqlx::query(&sql);
-        for id in chunk {
-            q = q.bind(*id);
-        }
-        rows.extend(q.fetch_all(&mut *conn).await?);
-    }
-    Ok(rows)
-}
-
 /// [`routed`] for many keys.
 pub async fn routed_many(
     conn: &mut AnyConnection,
     keys: &[&str],
 ) -> Result<HashMap<String, RoutedRecord>, DbError> {
-    let head = format!("SELECT {ROUTED_COLUMNS} FROM routed WHERE idempotency_key");
-    select_in(conn, &head, keys, "")
-        .await?
-        .iter()
-        .map(|r| routed_from_row(r).map(|x| (x.idempotency_key.clone(), x)))
-        .collect()
+    fetch_in(conn, keys, &[], |list, _| {
+        format!("SELECT {ROUTED_COLUMNS} FROM routed WHERE idempotency_key IN ({list})")
+    })
+    .await?
+    .iter()
+    .map(|r| routed_from_row(r).map(|x| (x.idempotency_key.clone(), x)))
+    .collect()
 }
 
 /// [`lock_customer`] for many customers, locked in byte order of their ids (the one order of
@@ -454,16 +436,21 @@ pub async fn lock_customers(
     let mut sorted = customer_ids.to_vec();
     sorted.sort_unstable();
     sorted.dedup();
-    let head = format!("SELECT {CUSTOMER_COLUMNS} FROM customers WHERE customer_id");
-    let order = match db.backend() {
-        Backend::Postgres => " ORDER BY customer_id COLLATE \"C\"",
-        Backend::Sqlite => " ORDER BY customer_id",
+    let collate = match db.backend() {
+        Backend::Postgres => " COLLATE \"C\"",
+        Backend::Sqlite => "",
     };
-    select_in(conn, &head, &sorted, &format!("{order}{}", db.for_update()))
-        .await?
-        .iter()
-        .map(|r| customer_from_row(r).map(|c| (c.customer_id.clone(), c)))
-        .collect()
+    fetch_in(conn, &sorted, &[], |list, _| {
+        format!(
+            "SELECT {CUSTOMER_COLUMNS} FROM customers WHERE customer_id IN ({list}) \
+             ORDER BY customer_id{collate}{}",
+            db.for_update()
+        )
+    })
+    .await?
+    .iter()
+    .map(|r| customer_from_row(r).map(|c| (c.customer_id.clone(), c)))
+    .collect()
 }
 
 /// [`partner`] for many partners.
@@ -471,12 +458,13 @@ pub async fn partners_many(
     conn: &mut AnyConnection,
     partner_ids: &[&str],
 ) -> Result<HashMap<String, PartnerRecord>, DbError> {
-    let head = format!("SELECT {PARTNER_COLUMNS} FROM partners WHERE partner_id");
-    select_in(conn, &head, partner_ids, "")
-        .await?
-        .iter()
-        .map(|r| partner_from_row(r).map(|p| (p.partner_id.clone(), p)))
-        .collect()
+    fetch_in(conn, partner_ids, &[], |list, _| {
+        format!("SELECT {PARTNER_COLUMNS} FROM partners WHERE partner_id IN ({list})")
+    })
+    .await?
+    .iter()
+    .map(|r| partner_from_row(r).map(|p| (p.partner_id.clone(), p)))
+    .collect()
 }
 
 /// [`partner_credits_used_since`] for many customers (absent: none used).
@@ -485,30 +473,24 @@ pub async fn partner_credits_used_since_many(
     customer_ids: &[&str],
     since: DateTime<Utc>,
 ) -> Result<HashMap<String, i64>, DbError> {
-    let mut out = HashMap::new();
-    for chunk in customer_ids.chunks(CHUNK) {
-        let sql = format!(
-            "SELECT customer_id, CAST(COALESCE(SUM(credits), 0) AS BIGINT) FROM routed \
-             WHERE customer_id IN ({}) AND payer = 'partner' AND status <> 'failed' \
-             AND created_at_us >= ${} \
+    let rows = fetch_in(
+        conn,
+        customer_ids,
+        &[since.timestamp_micros()],
+        |list, next| {
+            format!(
+                "SELECT customer_id, CAST(COALESCE(SUM(credits), 0) AS BIGINT) FROM routed \
+             WHERE customer_id IN ({list}) AND payer = 'partner' AND status <> 'failed' \
+             AND created_at_us >= ${next} \
              AND (reservation_status IS NULL OR reservation_status IN ('active', 'captured')) \
-             GROUP BY customer_id",
-            placeholders(chunk.len(), 1),
-            chunk.len() + 1
-        );
-        let mut q = sqlx::query(&sql);
-        for id in chunk {
-            q = q.bind(*id);
-        }
-        for row in q
-            .bind(since.timestamp_micros())
-            .fetch_all(&mut *conn)
-            .await?
-        {
-            out.insert(row.try_get::<String, _>(0)?, row.try_get::<i64, _>(1)?);
-        }
-    }
-    Ok(out)
+             GROUP BY customer_id"
+            )
+        },
+    )
+    .await?;
+    rows.iter()
+        .map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
+        .collect()
 }
 
 /// [`insert_routed`] for many routings.

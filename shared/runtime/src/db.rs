@@ -361,6 +361,33 @@ pub fn value_rows(rows: usize, width: usize) -> String {
         .join(", ")
 }
 
+/// Ids per statement of [`fetch_in`]: far below either backend's limit on bound parameters.
+const IN_CHUNK: usize = 500;
+
+/// Runs a query over many ids in chunks and returns every row: `sql(list, next)` builds the
+/// statement from its `IN` list (`$1, .., $n`) and the number of the first parameter after it;
+/// each chunk's ids are bound, then `tail` (e.g. an instant the query compares with).
+pub async fn fetch_in(
+    conn: &mut sqlx::AnyConnection,
+    ids: &[&str],
+    tail: &[i64],
+    sql: impl Fn(&str, usize) -> String,
+) -> Result<Vec<sqlx::any::AnyRow>, sqlx::Error> {
+    let mut rows = Vec::new();
+    for chunk in ids.chunks(IN_CHUNK) {
+        let text = sql(&placeholders(chunk.len(), 1), chunk.len() + 1);
+        let mut q = sqlx::query(&text);
+        for id in chunk {
+            q = q.bind(*id);
+        }
+        for t in tail {
+            q = q.bind(*t);
+        }
+        rows.extend(q.fetch_all(&mut *conn).await?);
+    }
+    Ok(rows)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
