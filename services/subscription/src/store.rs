@@ -6,7 +6,7 @@
 use chrono::{DateTime, Utc};
 use runtime::{
     clock::from_micros,
-    db::{Db, DbError},
+    db::{Backend, Db, DbError},
 };
 use rust_decimal::Decimal;
 use shared::{Currency, Money};
@@ -396,24 +396,110 @@ pub async fn read_subscription(
     row.as_ref().map(sub_from_row).transpose()
 }
 
-/// Accounts whose subscription has something due by `now`: a period or trial end, a trial
-/// ending soon, or a credit allowance not yet granted (the jobs' work list).
-pub async fn due_accounts(
+/// `$first, $first+1, ...`: `n` placeholders for an `IN (...)` list.
+fn placeholders(first: usize, n: usize) -> String {
+    (first..first + n)
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The lock suffix that lets concurrent claimers take different rows: on PostgreSQL a row
+/// another replica's batch holds is skipped (it renews that one); SQLite's write transaction
+/// already admits one claimer at a time, and whatever it renewed is no longer due for the next.
+fn skip_locked(db: &Db) -> &'static str {
+    match db.backend() {
+        Backend::Sqlite => "",
+        Backend::Postgres => " FOR UPDATE SKIP LOCKED",
+    }
+}
+
+/// Claims (row-locks on PostgreSQL, skipping rows another transaction holds) up to `limit`
+/// subscriptions with a period or trial end by `now` or a trial-ending notice due (ends by
+/// `now + notice_us`), oldest due first, inside the caller's write transaction: the renewal
+/// batch. Suspended subscriptions (nothing to do until paid) and those with a payment in
+/// flight (`pending_op`, finished by their request or the reconciler first) are left out, so
+/// every claimed row has a step to take and a full batch means more work is waiting.
+pub async fn claim_due_subscriptions(
+    conn: &mut AnyConnection,
     db: &Db,
     now: DateTime<Utc>,
     notice_us: i64,
     limit: i64,
-) -> Result<Vec<String>, DbError> {
-    let rows = sqlx::query(
-        "SELECT account_id FROM subscriptions WHERE \
-         (status IN ('active', 'past_due', 'suspended', 'trialing') AND period_end_us <= $1) \
-         OR (status = 'trialing' AND trial_ending_notified = 0 AND period_end_us <= $2) \
-         OR (status IN ('active', 'past_due') AND allowance_cycle < cycle) \
-         OR (status IN ('active', 'past_due') AND allowance_next_us <= $1) \
-         ORDER BY period_end_us LIMIT $3",
-    )
+) -> Result<Vec<SubscriptionRecord>, DbError> {
+    let rows = sqlx::query(&format!(
+        "SELECT {SUB_COLUMNS} FROM subscriptions WHERE pending_op IS NULL AND ( \
+         (status IN ('active', 'past_due', 'trialing') AND period_end_us <= $1) \
+         OR (status = 'trialing' AND trial_ending_notified = 0 AND period_end_us <= $2)) \
+         ORDER BY period_end_us, account_id LIMIT $3{}",
+        skip_locked(db)
+    ))
     .bind(micros(now))
     .bind(micros(now) + notice_us)
+    .bind(limit)
+    .fetch_all(conn)
+    .await?;
+    rows.iter().map(sub_from_row).collect()
+}
+
+/// Reads and (on PostgreSQL) row-locks the subscriptions of `account_ids`, in account order
+/// so two batches locking overlapping sets never deadlock. Missing accounts are left out.
+pub async fn lock_subscriptions(
+    conn: &mut AnyConnection,
+    db: &Db,
+    account_ids: &[String],
+) -> Result<Vec<SubscriptionRecord>, DbError> {
+    if account_ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let q = format!(
+        "SELECT {SUB_COLUMNS} FROM subscriptions WHERE account_id IN ({}) \
+         ORDER BY account_id{}",
+        placeholders(1, account_ids.len()),
+        db.for_update()
+    );
+    let mut query = sqlx::query(&q);
+    for id in account_ids {
+        query = query.bind(id);
+    }
+    let rows = query.fetch_all(conn).await?;
+    rows.iter().map(sub_from_row).collect()
+}
+
+/// The subscriptions of `account_ids`, without locking (e.g. to prepare wallet calls).
+pub async fn read_subscriptions(
+    db: &Db,
+    account_ids: &[String],
+) -> Result<Vec<SubscriptionRecord>, DbError> {
+    if account_ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let q = format!(
+        "SELECT {SUB_COLUMNS} FROM subscriptions WHERE account_id IN ({})",
+        placeholders(1, account_ids.len()),
+    );
+    let mut query = sqlx::query(&q);
+    for id in account_ids {
+        query = query.bind(id);
+    }
+    let rows = query.fetch_all(db.pool()).await?;
+    rows.iter().map(sub_from_row).collect()
+}
+
+/// Accounts whose plan credits are due in the wallet (C7): a cycle not granted yet, or the
+/// next month of a yearly period. Renewal batches grant their own accounts; this lists the
+/// rest (after Subscribe, a failed grant, a yearly plan's month).
+pub async fn due_allowances(
+    db: &Db,
+    now: DateTime<Utc>,
+    limit: i64,
+) -> Result<Vec<String>, DbError> {
+    let rows = sqlx::query(
+        "SELECT account_id FROM subscriptions WHERE status IN ('active', 'past_due') \
+         AND pending_op IS NULL AND (allowance_cycle < cycle OR allowance_next_us <= $1) \
+         ORDER BY account_id LIMIT $2",
+    )
+    .bind(micros(now))
     .bind(limit)
     .fetch_all(db.pool())
     .await?;
@@ -470,22 +556,60 @@ pub async fn history(
 
 // ---- invoices ----------------------------------------------------------------------------
 
-/// Takes the next invoice number: the counter row is locked (PostgreSQL `FOR UPDATE`, SQLite's
-/// write transaction) until the invoice's transaction ends, so numbers are consecutive and a
-/// rolled-back invoice gives its number back.
-pub async fn next_invoice_number(conn: &mut AnyConnection, db: &Db) -> Result<i64, DbError> {
-    let n: i64 = sqlx::query(&format!(
-        "SELECT next_number FROM invoice_counter WHERE id = 1{}",
-        db.for_update()
-    ))
-    .fetch_one(&mut *conn)
-    .await?
-    .try_get(0)?;
-    sqlx::query("UPDATE invoice_counter SET next_number = $1 WHERE id = 1")
-        .bind(n + 1)
-        .execute(conn)
-        .await?;
-    Ok(n)
+/// Invoice numbers for one transaction, taken as a range from the counter row. The first
+/// [`InvoiceNumbers::take`] locks the row (PostgreSQL `FOR UPDATE`, SQLite's write
+/// transaction) and reads it; later ones count on in memory; [`InvoiceNumbers::write_back`]
+/// stores the end of the range in the same transaction, before it commits. So a batch of
+/// invoices costs one lock, numbers stay consecutive, and a rolled-back transaction gives its
+/// whole range back (the counter update rolls back with the invoices). A transaction that
+/// inserted invoices but forgot the write-back would make the next one reuse its numbers,
+/// which the unique index on `invoices.number` refuses: never a repeat, never a gap.
+#[derive(Debug, Default)]
+pub struct InvoiceNumbers {
+    /// `(first taken, next to hand out)` once the counter is locked.
+    range: Option<(i64, i64)>,
+}
+
+impl InvoiceNumbers {
+    /// No number taken yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The next number (locks and reads the counter on first use).
+    pub async fn take(&mut self, conn: &mut AnyConnection, db: &Db) -> Result<i64, DbError> {
+        let (first, next) = match self.range {
+            Some(r) => r,
+            None => {
+                let n: i64 = sqlx::query(&format!(
+                    "SELECT next_number FROM invoice_counter WHERE id = 1{}",
+                    db.for_update()
+                ))
+                .fetch_one(&mut *conn)
+                .await?
+                .try_get(0)?;
+                (n, n)
+            }
+        };
+        self.range = Some((first, next + 1));
+        Ok(next)
+    }
+
+    /// How many numbers were taken.
+    pub fn taken(&self) -> i64 {
+        self.range.map_or(0, |(first, next)| next - first)
+    }
+
+    /// Stores the counter past the last number taken (nothing if none was).
+    pub async fn write_back(self, conn: &mut AnyConnection) -> Result<(), DbError> {
+        if let Some((_, next)) = self.range {
+            sqlx::query("UPDATE invoice_counter SET next_number = $1 WHERE id = 1")
+                .bind(next)
+                .execute(conn)
+                .await?;
+        }
+        Ok(())
+    }
 }
 
 const INVOICE_COLUMNS: &str = "invoice_id, number, account_id, subscription_id, kind, cycle, \
@@ -625,6 +749,29 @@ pub async fn mark_attempt_in_flight(
         .execute(conn)
         .await?;
     Ok(())
+}
+
+/// Invoices by id (locked on PostgreSQL when `lock`, in id order); unknown ids are left out.
+pub async fn invoices_by_id(
+    conn: &mut AnyConnection,
+    db: &Db,
+    invoice_ids: &[String],
+    lock: bool,
+) -> Result<Vec<InvoiceRecord>, DbError> {
+    if invoice_ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let q = format!(
+        "SELECT {INVOICE_COLUMNS} FROM invoices WHERE invoice_id IN ({}) ORDER BY invoice_id{}",
+        placeholders(1, invoice_ids.len()),
+        if lock { db.for_update() } else { "" }
+    );
+    let mut query = sqlx::query(&q);
+    for id in invoice_ids {
+        query = query.bind(id);
+    }
+    let rows = query.fetch_all(conn).await?;
+    rows.iter().map(invoice_from_row).collect()
 }
 
 /// One invoice (locked on PostgreSQL when `lock`).

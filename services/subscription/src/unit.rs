@@ -1,6 +1,7 @@
 //! One subscription locked inside a write transaction: changes made in memory, then saved with
 //! their history entries and outbox events in the same transaction. Invoices are numbered and
-//! inserted at once (the counter row stays locked until the transaction ends).
+//! inserted at once (the counter row stays locked until the transaction ends); a batch of units
+//! in one transaction shares one [`InvoiceNumbers`] range.
 
 use chrono::{DateTime, Utc};
 use runtime::{db::Db, outbox};
@@ -11,7 +12,7 @@ use crate::{
     domain::Bill,
     error::SubError,
     model::{HistoryRecord, InvoiceRecord, InvoiceStatus, SubscriptionRecord},
-    store,
+    store::{self, InvoiceNumbers},
 };
 
 /// The gateway charge an invoice is issued after (an immediate change paid first, S6).
@@ -33,6 +34,7 @@ pub struct Unit {
     is_new: bool,
     history: Vec<HistoryRecord>,
     events: Vec<(&'static str, Value)>,
+    issued: Vec<InvoiceRecord>,
 }
 
 impl Unit {
@@ -44,6 +46,7 @@ impl Unit {
             is_new: true,
             history: Vec::new(),
             events: Vec::new(),
+            issued: Vec::new(),
         }
     }
 
@@ -51,6 +54,19 @@ impl Unit {
     /// save, not inserted).
     pub fn mark_existing(&mut self) {
         self.is_new = false;
+    }
+
+    /// A record the caller read under this transaction's lock (e.g. a claimed batch).
+    pub fn locked(sub: SubscriptionRecord, now: DateTime<Utc>) -> Unit {
+        let mut unit = Unit::create(sub, now);
+        unit.mark_existing();
+        unit
+    }
+
+    /// The invoices issued in this unit so far, handed over once (e.g. to collect after the
+    /// commit).
+    pub fn take_issued(&mut self) -> Vec<InvoiceRecord> {
+        std::mem::take(&mut self.issued)
     }
 
     /// Locks the account's subscription (row lock on PostgreSQL).
@@ -69,6 +85,7 @@ impl Unit {
             is_new: false,
             history: Vec::new(),
             events: Vec::new(),
+            issued: Vec::new(),
         })
     }
 
@@ -106,7 +123,28 @@ impl Unit {
         bill: Bill,
         charged: Option<Charged>,
     ) -> Result<InvoiceRecord, SubError> {
-        let number = store::next_invoice_number(conn, db).await?;
+        let mut numbers = InvoiceNumbers::new();
+        let invoice = self
+            .issue_numbered(conn, db, &mut numbers, kind, cycle, bill, charged)
+            .await?;
+        numbers.write_back(conn).await?;
+        Ok(invoice)
+    }
+
+    /// [`Unit::issue`] with a number from the transaction's range; the caller writes the range
+    /// back before committing.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn issue_numbered(
+        &mut self,
+        conn: &mut AnyConnection,
+        db: &Db,
+        numbers: &mut InvoiceNumbers,
+        kind: &str,
+        cycle: Option<i64>,
+        bill: Bill,
+        charged: Option<Charged>,
+    ) -> Result<InvoiceRecord, SubError> {
+        let number = numbers.take(conn, db).await?;
         let nothing_due = !bill.total.is_positive();
         let status = match &charged {
             Some(c) if !c.settled => InvoiceStatus::Pending,
@@ -147,6 +185,7 @@ impl Unit {
                 "status": invoice.status.as_str(),
             }),
         );
+        self.issued.push(invoice.clone());
         Ok(invoice)
     }
 
