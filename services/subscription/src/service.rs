@@ -2144,8 +2144,7 @@ impl Subscriptions {
         let now = self.now();
         let notice = domain::TRIAL_ENDING_NOTICE_DAYS * 86_400 * 1_000_000;
         let mut tx = self.db.begin_write().await?;
-        let claimed =
-            store::claim_due_subscriptions(&mut tx, &self.db, now, notice, limit).await?;
+        let claimed = store::claim_due_subscriptions(&mut tx, &self.db, now, notice, limit).await?;
         let accounts: Vec<String> = claimed.iter().map(|s| s.account_id.clone()).collect();
         match self.renew_claimed(&mut tx, claimed, now).await {
             Ok(mut batch) => {
@@ -2529,7 +2528,8 @@ impl Subscriptions {
             let Some(a) = granted.remove(&sub.account_id) else {
                 continue;
             };
-            if sub.cycle != a.cycle || (sub.allowance_cycle, sub.allowance_month) >= (a.cycle, a.index)
+            if sub.cycle != a.cycle
+                || (sub.allowance_cycle, sub.allowance_month) >= (a.cycle, a.index)
             {
                 continue;
             }
