@@ -74,8 +74,11 @@ async fn renew_until_done(cases: &Subscriptions, limit: i64) -> usize {
     }
 }
 
-/// `(number, account, kind, status, attempts)` of every invoice, by number.
-async fn all_invoices(db: &Db) -> Vec<(i64, String, String, String, i64)> {
+/// `(number, account, kind, status, attempts)` of an invoice.
+type InvoiceRow = (i64, String, String, String, i64);
+
+/// Every invoice, by number.
+async fn all_invoices(db: &Db) -> Vec<InvoiceRow> {
     sqlx::query(
         "SELECT number, account_id, kind, status, payment_attempts FROM invoices ORDER BY number",
     )
@@ -189,7 +192,7 @@ async fn two_replicas_renewing_in_small_batches_claim_renew_charge_and_credit_ea
         (1..=2 * n as i64).collect::<Vec<_>>(),
         "consecutive, no gap, no repeat"
     );
-    let mut per_account: BTreeMap<&str, Vec<&(i64, String, String, String, i64)>> = BTreeMap::new();
+    let mut per_account: BTreeMap<&str, Vec<&InvoiceRow>> = BTreeMap::new();
     for i in &invoices {
         per_account.entry(i.1.as_str()).or_default().push(i);
     }
