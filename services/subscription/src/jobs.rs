@@ -20,15 +20,15 @@
 //! to [`RENEWAL_BATCH`] due subscriptions (`FOR UPDATE SKIP LOCKED` on PostgreSQL, so replicas
 //! take different ones), renews them and numbers their invoices from one range of the counter.
 //! After the commit, outside any transaction, the batch's card charges and wallet grants run
-//! concurrently (bounded), and each of the two applies its outcomes in one more transaction
-//! under the subscriptions' locks. While one batch is out at the gateway and the wallet, the
+//! concurrently (bounded), and their outcomes are applied in one more transaction under the
+//! subscriptions' locks ([`Subscriptions::settle`]). While one batch is out at the gateway and the wallet, the
 //! next is claimed ([`PIPELINE`] batches in flight).
 
 use std::{sync::Arc, time::Duration};
 
-use futures::{StreamExt, stream::FuturesUnordered};
 use runtime::Platform;
 use shared::SimulatedGateway;
+use tokio::task::JoinSet;
 
 use crate::{
     service::{RECONCILE_AFTER_SECONDS, RenewalBatch, Subscriptions},
@@ -41,7 +41,7 @@ const BATCH: i64 = 200;
 /// Subscriptions renewed per transaction.
 pub const RENEWAL_BATCH: i64 = 500;
 /// Renewal batches whose charges and grants are in flight while the next one is claimed.
-const PIPELINE: usize = 2;
+const PIPELINE: usize = 3;
 /// Most renewal batches in one pass (then the other jobs get their turn).
 const MAX_BATCHES_PER_PASS: usize = 400;
 
@@ -152,7 +152,8 @@ pub async fn run_once(platform: &Platform, cases: &Subscriptions, simulator: &Si
 /// Renewal batches until one comes back short, each batch's charges and grants running while
 /// the next is claimed.
 async fn renewals(cases: &Subscriptions) {
-    let mut in_flight = FuturesUnordered::new();
+    // Tasks, not futures polled by this loop: they run while the next batch is claimed.
+    let mut in_flight = JoinSet::new();
     for _ in 0..MAX_BATCHES_PER_PASS {
         let batch = match cases.renew_batch(RENEWAL_BATCH).await {
             Ok(b) => b,
@@ -162,44 +163,26 @@ async fn renewals(cases: &Subscriptions) {
             }
         };
         let full = batch.claimed as i64 == RENEWAL_BATCH;
-        in_flight.push(follow_up(cases, batch));
+        let cases = cases.clone();
+        in_flight.spawn(async move { follow_up(&cases, batch).await });
         while in_flight.len() >= PIPELINE {
-            in_flight.next().await;
+            in_flight.join_next().await;
         }
         if !full {
             break;
         }
     }
-    while in_flight.next().await.is_some() {}
+    while in_flight.join_next().await.is_some() {}
 }
 
-/// A committed batch's card charges and monthly credits, concurrently.
+/// A committed batch's card charges and monthly credits, concurrently, applied together.
 async fn follow_up(cases: &Subscriptions, batch: RenewalBatch) {
     let RenewalBatch {
         to_collect,
         renewed,
         ..
     } = batch;
-    let (collected, granted) = futures::join!(
-        async {
-            if to_collect.is_empty() {
-                Ok(())
-            } else {
-                cases.collect_issued(to_collect).await
-            }
-        },
-        async {
-            if renewed.is_empty() {
-                Ok(())
-            } else {
-                cases.grant_many(renewed).await.map(|_| ())
-            }
-        },
-    );
-    if let Err(e) = collected {
-        tracing::warn!(error = %e, "collecting renewal invoices failed; the collector retries");
-    }
-    if let Err(e) = granted {
-        tracing::warn!(error = %e, "granting renewal credits failed; the jobs retry");
+    if let Err(e) = cases.settle(to_collect, renewed).await {
+        tracing::warn!(error = %e, "charging or crediting a renewal batch failed; the jobs retry");
     }
 }

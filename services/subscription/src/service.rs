@@ -54,7 +54,7 @@ use crate::{
         RequestStatus, SubscriptionRecord,
     },
     store::{self, InvoiceNumbers},
-    unit::{Charged, Unit},
+    unit::{Charged, Unit, Writes},
 };
 
 /// How long a preview stays valid.
@@ -2183,6 +2183,7 @@ impl Subscriptions {
     ) -> Result<RenewalBatch, SubError> {
         let mut numbers = InvoiceNumbers::new();
         let mut batch = RenewalBatch::default();
+        let mut writes = Writes::new();
         for sub in claimed {
             let mut unit = Unit::locked(sub, now);
             let mut changed = false;
@@ -2200,9 +2201,10 @@ impl Subscriptions {
                     .into_iter()
                     .filter(|i| i.status == InvoiceStatus::Open && i.next_attempt_at.is_some()),
             );
-            batch.renewed.push(unit.save(tx).await?);
+            batch.renewed.push(unit.save_to(&mut writes));
         }
         numbers.write_back(tx).await?;
+        writes.flush(tx).await?;
         Ok(batch)
     }
 
@@ -2492,68 +2494,10 @@ impl Subscriptions {
         }
     }
 
-    /// C7 for many subscriptions (read without the lock, e.g. just renewed): the wallet grants
-    /// run concurrently (bounded, outside any transaction, each keyed by subscription, cycle
-    /// and month), then one write transaction records those that went through, each under its
-    /// subscription's lock and only if it is still in that cycle and month not yet recorded.
-    /// Returns how many were recorded.
+    /// C7 for many subscriptions (read without the lock, e.g. just renewed): see
+    /// [`Subscriptions::settle`]. Returns how many months of credits were recorded.
     pub async fn grant_many(&self, subs: Vec<SubscriptionRecord>) -> Result<usize, SubError> {
-        let now = self.now();
-        let mut due = Vec::new();
-        for sub in &subs {
-            let plan = self.plan_version(&sub.plan_id, sub.plan_version).await?;
-            if let Some(a) = self.allowance_due(sub, &plan, now)? {
-                due.push(a);
-            }
-        }
-        let granted: Vec<Allowance> = stream::iter(due)
-            .map(|a| async move { self.call_wallet(&a).await.then_some(a) })
-            .buffer_unordered(CONCURRENT_CALLS)
-            .filter_map(|a| async move { a })
-            .collect()
-            .await;
-        if granted.is_empty() {
-            return Ok(0);
-        }
-        let mut granted: HashMap<String, Allowance> = granted
-            .into_iter()
-            .map(|a| (a.account_id.clone(), a))
-            .collect();
-        let mut accounts: Vec<String> = granted.keys().cloned().collect();
-        accounts.sort();
-        let mut tx = self.db.begin_write().await?;
-        let now = self.now();
-        let mut saved = 0;
-        for sub in store::lock_subscriptions(&mut tx, &self.db, &accounts).await? {
-            let Some(a) = granted.remove(&sub.account_id) else {
-                continue;
-            };
-            if sub.cycle != a.cycle
-                || (sub.allowance_cycle, sub.allowance_month) >= (a.cycle, a.index)
-            {
-                continue;
-            }
-            let mut unit = Unit::locked(sub, now);
-            unit.sub.allowance_cycle = a.cycle;
-            unit.sub.allowance_month = a.index;
-            // A yearly plan's next month is due at this month's end.
-            unit.sub.allowance_next = a.month.filter(|m| !m.last && a.credits > 0).map(|m| m.end);
-            if let (Some(m), true) = (a.month, a.request.is_some()) {
-                unit.event(
-                    "subscription.credits_granted",
-                    json!({"credits": a.credits, "cycle": a.cycle, "month": m.index, "expires_at": m.end.to_rfc3339()}),
-                );
-            }
-            unit.save(&mut tx).await?;
-            saved += 1;
-        }
-        if saved > 0 {
-            tx.commit().await?;
-            self.platform.outbox.poke();
-        } else {
-            tx.rollback().await?;
-        }
-        Ok(saved)
+        self.settle(Vec::new(), subs).await
     }
 
     /// One gateway attempt on an open invoice (renewals, conversions, retries, a new payment
@@ -2574,12 +2518,34 @@ impl Subscriptions {
     }
 
     /// The next gateway attempt on each of `invoices` (as read, e.g. just issued by a renewal
-    /// batch), run concurrently and bounded, outside any transaction; then the outcomes are
-    /// applied in one write transaction, each under its subscription's and invoice's lock and
-    /// only if the invoice is still open at that attempt with that payment method (so an
-    /// outcome another replica or an earlier run applied is not applied twice).
+    /// batch): see [`Subscriptions::settle`].
     pub async fn collect_issued(&self, invoices: Vec<InvoiceRecord>) -> Result<(), SubError> {
-        let attempts: Vec<(InvoiceRecord, u32, String, PaymentOutcome)> = stream::iter(invoices)
+        self.settle(invoices, Vec::new()).await.map(|_| ())
+    }
+
+    /// The work a renewal batch leaves for after its commit, outside any transaction: the next
+    /// gateway attempt on each of `invoices` and the month of credits due on each of `subs`
+    /// (both read without the lock), run concurrently and bounded (each charge keyed by invoice
+    /// and attempt, each grant by subscription, cycle and month). Then one write transaction
+    /// applies what came back, each under its subscription's (and invoice's) lock and only
+    /// where it was not applied already: an invoice still open at that attempt with that
+    /// payment method, a subscription still in that cycle with that month not recorded. An
+    /// attempt whose outcome is unknown is marked to be asked again with its key. Returns how
+    /// many months of credits were recorded.
+    pub async fn settle(
+        &self,
+        invoices: Vec<InvoiceRecord>,
+        subs: Vec<SubscriptionRecord>,
+    ) -> Result<usize, SubError> {
+        let now = self.now();
+        let mut due = Vec::new();
+        for sub in &subs {
+            let plan = self.plan_version(&sub.plan_id, sub.plan_version).await?;
+            if let Some(a) = self.allowance_due(sub, &plan, now)? {
+                due.push(a);
+            }
+        }
+        let charges = stream::iter(invoices)
             .map(|invoice| async move {
                 let attempt = invoice.payment_attempts + 1;
                 let gateway_key = format!("{}:{attempt}", invoice.invoice_id);
@@ -2587,8 +2553,13 @@ impl Subscriptions {
                 (invoice, attempt, gateway_key, outcome)
             })
             .buffer_unordered(CONCURRENT_CALLS)
-            .collect()
-            .await;
+            .collect::<Vec<_>>();
+        let grants = stream::iter(due)
+            .map(|a| async move { self.call_wallet(&a).await.then_some(a) })
+            .buffer_unordered(CONCURRENT_CALLS)
+            .filter_map(|a| async move { a })
+            .collect::<Vec<Allowance>>();
+        let (attempts, granted) = futures::join!(charges, grants);
         let (unknown, mut known): (Vec<_>, Vec<_>) = attempts
             .into_iter()
             .partition(|(_, _, _, outcome)| matches!(outcome, PaymentOutcome::Unknown));
@@ -2600,12 +2571,16 @@ impl Subscriptions {
                 store::mark_attempt_in_flight(&mut conn, &invoice.invoice_id, gateway_key).await?;
             }
         }
-        if known.is_empty() {
-            return Ok(());
+        if known.is_empty() && granted.is_empty() {
+            return Ok(0);
         }
         // Several invoices of one subscription are applied in the order they were issued.
         known.sort_by_key(|(invoice, ..)| invoice.number);
-        let mut accounts: Vec<String> = known.iter().map(|(i, ..)| i.account_id.clone()).collect();
+        let mut accounts: Vec<String> = known
+            .iter()
+            .map(|(i, ..)| i.account_id.clone())
+            .chain(granted.iter().map(|a| a.account_id.clone()))
+            .collect();
         accounts.sort();
         accounts.dedup();
         let ids: Vec<String> = known.iter().map(|(i, ..)| i.invoice_id.clone()).collect();
@@ -2638,20 +2613,44 @@ impl Subscriptions {
             store::update_invoice_payment(&mut tx, &invoice).await?;
             *touched = true;
         }
+        let mut recorded = 0;
+        for a in granted {
+            let Some((unit, touched)) = units.get_mut(&a.account_id) else {
+                continue;
+            };
+            let s = &mut unit.sub;
+            if s.cycle != a.cycle || (s.allowance_cycle, s.allowance_month) >= (a.cycle, a.index) {
+                continue;
+            }
+            s.allowance_cycle = a.cycle;
+            s.allowance_month = a.index;
+            // A yearly plan's next month is due at this month's end.
+            s.allowance_next = a.month.filter(|m| !m.last && a.credits > 0).map(|m| m.end);
+            if let (Some(m), true) = (a.month, a.request.is_some()) {
+                unit.event(
+                    "subscription.credits_granted",
+                    json!({"credits": a.credits, "cycle": a.cycle, "month": m.index, "expires_at": m.end.to_rfc3339()}),
+                );
+            }
+            *touched = true;
+            recorded += 1;
+        }
+        let mut writes = Writes::new();
         let mut saved = 0;
         for (unit, touched) in units.into_values() {
             if touched {
-                unit.save(&mut tx).await?;
+                unit.save_to(&mut writes);
                 saved += 1;
             }
         }
         if saved > 0 {
+            writes.flush(&mut tx).await?;
             tx.commit().await?;
             self.platform.outbox.poke();
         } else {
             tx.rollback().await?;
         }
-        Ok(())
+        Ok(recorded)
     }
 
     /// Applies one attempt's known outcome to a locked subscription and its open invoice.

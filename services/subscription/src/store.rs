@@ -670,44 +670,128 @@ fn invoice_from_row(r: &AnyRow) -> Result<InvoiceRecord, DbError> {
 
 /// Stores a newly issued invoice.
 pub async fn insert_invoice(conn: &mut AnyConnection, i: &InvoiceRecord) -> Result<(), DbError> {
-    let lines = i
-        .lines
-        .iter()
-        .map(|l| {
-            Ok(StoredLine {
-                description: l.description.clone(),
-                amount_minor: minor(&l.amount)?,
+    insert_invoices(conn, std::slice::from_ref(i)).await
+}
+
+/// Rows per multi-row statement: well under SQLite's 32,766 and PostgreSQL's 65,535 bound
+/// parameters at 36 columns.
+const ROWS_PER_STATEMENT: usize = 100;
+
+/// `($1, ..., $c), ($c+1, ...), ...`: `rows` tuples of `columns` placeholders.
+fn value_rows(rows: usize, columns: usize) -> String {
+    (0..rows)
+        .map(|r| format!("({})", placeholders(r * columns + 1, columns)))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Stores newly issued invoices, many rows per statement.
+pub async fn insert_invoices(
+    conn: &mut AnyConnection,
+    invoices: &[InvoiceRecord],
+) -> Result<(), DbError> {
+    let columns = INVOICE_COLUMNS.split(',').count();
+    for chunk in invoices.chunks(ROWS_PER_STATEMENT) {
+        let lines = chunk
+            .iter()
+            .map(|i| {
+                i.lines
+                    .iter()
+                    .map(|l| {
+                        Ok(StoredLine {
+                            description: l.description.clone(),
+                            amount_minor: minor(&l.amount)?,
+                        })
+                    })
+                    .collect::<Result<Vec<_>, DbError>>()
+                    .and_then(|lines| json(&lines))
             })
-        })
-        .collect::<Result<Vec<_>, DbError>>()?;
-    sqlx::query(&format!(
-        "INSERT INTO invoices ({INVOICE_COLUMNS}) VALUES \
-         ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, \
-         $20, $21)"
-    ))
-    .bind(&i.invoice_id)
-    .bind(i.number)
-    .bind(&i.account_id)
-    .bind(&i.subscription_id)
-    .bind(&i.kind)
-    .bind(i.cycle)
-    .bind(i.currency.code())
-    .bind(json(&lines)?)
-    .bind(minor(&i.subtotal)?)
-    .bind(i.vat_rate.to_string())
-    .bind(minor(&i.vat)?)
-    .bind(minor(&i.total)?)
-    .bind(i.status.as_str())
-    .bind(i.payment_kind.as_str())
-    .bind(&i.payment_method)
-    .bind(i64::from(i.payment_attempts))
-    .bind(i.next_attempt_at.map(micros))
-    .bind(micros(i.issued_at))
-    .bind(i.paid_at.map(micros))
-    .bind(&i.gateway_key)
-    .bind(i.returned_at.map(micros))
-    .execute(conn)
-    .await?;
+            .collect::<Result<Vec<_>, DbError>>()?;
+        let q = format!(
+            "INSERT INTO invoices ({INVOICE_COLUMNS}) VALUES {}",
+            value_rows(chunk.len(), columns)
+        );
+        let mut query = sqlx::query(&q);
+        for (i, lines) in chunk.iter().zip(&lines) {
+            query = query
+                .bind(&i.invoice_id)
+                .bind(i.number)
+                .bind(&i.account_id)
+                .bind(&i.subscription_id)
+                .bind(&i.kind)
+                .bind(i.cycle)
+                .bind(i.currency.code())
+                .bind(lines)
+                .bind(minor(&i.subtotal)?)
+                .bind(i.vat_rate.to_string())
+                .bind(minor(&i.vat)?)
+                .bind(minor(&i.total)?)
+                .bind(i.status.as_str())
+                .bind(i.payment_kind.as_str())
+                .bind(&i.payment_method)
+                .bind(i64::from(i.payment_attempts))
+                .bind(i.next_attempt_at.map(micros))
+                .bind(micros(i.issued_at))
+                .bind(i.paid_at.map(micros))
+                .bind(&i.gateway_key)
+                .bind(i.returned_at.map(micros));
+        }
+        query.execute(&mut *conn).await?;
+    }
+    Ok(())
+}
+
+/// Writes back every column of many subscriptions, many rows per statement (`UPDATE ... FROM`
+/// a `VALUES` list, which both backends accept).
+pub async fn update_subscriptions(
+    conn: &mut AnyConnection,
+    subs: &[SubscriptionRecord],
+) -> Result<(), DbError> {
+    let columns: Vec<&str> = SUB_COLUMNS.split(',').map(str::trim).collect();
+    let sets = columns
+        .iter()
+        .skip(1)
+        .map(|c| format!("{c} = v.{c}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    for chunk in subs.chunks(ROWS_PER_STATEMENT) {
+        let q = format!(
+            "WITH v ({SUB_COLUMNS}) AS (VALUES {}) UPDATE subscriptions SET {sets} FROM v \
+             WHERE subscriptions.subscription_id = v.subscription_id",
+            value_rows(chunk.len(), columns.len())
+        );
+        let mut query = sqlx::query(&q);
+        for s in chunk {
+            query = bind_sub(query, s)?;
+        }
+        query.execute(&mut *conn).await?;
+    }
+    Ok(())
+}
+
+/// Appends many history entries (`(subscription id, entry)`), many rows per statement.
+pub async fn insert_history_many(
+    conn: &mut AnyConnection,
+    entries: &[(String, HistoryRecord)],
+) -> Result<(), DbError> {
+    for chunk in entries.chunks(ROWS_PER_STATEMENT * 4) {
+        let q = format!(
+            "INSERT INTO subscription_history (subscription_id, seq, at_us, actor, action, detail) \
+             VALUES {}",
+            value_rows(chunk.len(), 6)
+        );
+        let mut query = sqlx::query(&q);
+        for (subscription_id, h) in chunk {
+            query = query
+                .bind(subscription_id)
+                .bind(h.seq)
+                .bind(micros(h.at))
+                .bind(&h.actor)
+                .bind(&h.action)
+                .bind(&h.detail);
+        }
+        query.execute(&mut *conn).await?;
+    }
     Ok(())
 }
 

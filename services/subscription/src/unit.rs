@@ -35,6 +35,39 @@ pub struct Unit {
     history: Vec<HistoryRecord>,
     events: Vec<(&'static str, Value)>,
     issued: Vec<InvoiceRecord>,
+    /// Issued invoices not inserted yet (their insert waits for [`Writes::flush`]).
+    unsaved: Vec<InvoiceRecord>,
+    defer: bool,
+}
+
+/// What many units of one transaction write, gathered by [`Unit::save_to`] and written with a
+/// few multi-row statements by [`Writes::flush`] (a batch of renewals would otherwise cost a
+/// round trip per row).
+#[derive(Debug, Default)]
+pub struct Writes {
+    subs: Vec<SubscriptionRecord>,
+    history: Vec<(String, HistoryRecord)>,
+    invoices: Vec<InvoiceRecord>,
+    events: Vec<(&'static str, String, Value, i64)>,
+}
+
+impl Writes {
+    /// Nothing gathered yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Writes everything gathered in the caller's transaction: invoices, subscriptions,
+    /// history, then the outbox events.
+    pub async fn flush(self, conn: &mut AnyConnection) -> Result<(), SubError> {
+        store::insert_invoices(conn, &self.invoices).await?;
+        store::update_subscriptions(conn, &self.subs).await?;
+        store::insert_history_many(conn, &self.history).await?;
+        for (event_type, subject, payload, at) in &self.events {
+            outbox::append(conn, event_type, subject, payload, *at).await?;
+        }
+        Ok(())
+    }
 }
 
 impl Unit {
@@ -47,6 +80,8 @@ impl Unit {
             history: Vec::new(),
             events: Vec::new(),
             issued: Vec::new(),
+            unsaved: Vec::new(),
+            defer: false,
         }
     }
 
@@ -56,10 +91,12 @@ impl Unit {
         self.is_new = false;
     }
 
-    /// A record the caller read under this transaction's lock (e.g. a claimed batch).
+    /// A record the caller read under this transaction's lock (e.g. a claimed batch), saved
+    /// with [`Unit::save_to`]: its invoices are inserted with the batch's other writes.
     pub fn locked(sub: SubscriptionRecord, now: DateTime<Utc>) -> Unit {
         let mut unit = Unit::create(sub, now);
         unit.mark_existing();
+        unit.defer = true;
         unit
     }
 
@@ -86,6 +123,8 @@ impl Unit {
             history: Vec::new(),
             events: Vec::new(),
             issued: Vec::new(),
+            unsaved: Vec::new(),
+            defer: false,
         })
     }
 
@@ -176,7 +215,11 @@ impl Unit {
             gateway_key: charged.map(|c| c.gateway_key).unwrap_or_default(),
             returned_at: None,
         };
-        store::insert_invoice(conn, &invoice).await?;
+        if self.defer {
+            self.unsaved.push(invoice.clone());
+        } else {
+            store::insert_invoice(conn, &invoice).await?;
+        }
         self.event(
             "subscription.invoice_issued",
             json!({
@@ -189,6 +232,24 @@ impl Unit {
         Ok(invoice)
     }
 
+    /// Gathers an existing record, its invoices, history and events into `writes` (written by
+    /// [`Writes::flush`] in the same transaction).
+    pub fn save_to(self, writes: &mut Writes) -> SubscriptionRecord {
+        let at = self.now.timestamp_micros();
+        let id = &self.sub.subscription_id;
+        writes.invoices.extend(self.unsaved);
+        writes
+            .history
+            .extend(self.history.into_iter().map(|h| (id.clone(), h)));
+        writes.events.extend(
+            self.events
+                .into_iter()
+                .map(|(t, payload)| (t, id.clone(), payload, at)),
+        );
+        writes.subs.push(self.sub.clone());
+        self.sub
+    }
+
     /// Saves the record, its history and its events in the caller's transaction.
     pub async fn save(self, conn: &mut AnyConnection) -> Result<SubscriptionRecord, SubError> {
         if self.is_new {
@@ -198,6 +259,7 @@ impl Unit {
         } else {
             store::update_subscription(conn, &self.sub).await?;
         }
+        store::insert_invoices(conn, &self.unsaved).await?;
         for h in &self.history {
             store::insert_history(conn, &self.sub.subscription_id, h).await?;
         }
