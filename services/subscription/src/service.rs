@@ -2598,6 +2598,7 @@ impl Subscriptions {
                 .into_iter()
                 .map(|i| (i.invoice_id.clone(), i))
                 .collect();
+        let mut attempted = Vec::with_capacity(current.len());
         for (seen, attempt, gateway_key, outcome) in known {
             let Some((unit, touched)) = units.get_mut(&seen.account_id) else {
                 continue;
@@ -2610,9 +2611,10 @@ impl Subscriptions {
                 continue;
             };
             Self::apply_attempt(unit, &mut invoice, attempt, gateway_key, outcome);
-            store::update_invoice_payment(&mut tx, &invoice).await?;
+            attempted.push(invoice);
             *touched = true;
         }
+        store::update_invoice_payments(&mut tx, &attempted).await?;
         let mut recorded = 0;
         for a in granted {
             let Some((unit, touched)) = units.get_mut(&a.account_id) else {

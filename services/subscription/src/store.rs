@@ -821,6 +821,44 @@ pub async fn update_invoice_payment(
     Ok(())
 }
 
+/// [`update_invoice_payment`] for many invoices, many rows per statement.
+pub async fn update_invoice_payments(
+    conn: &mut AnyConnection,
+    invoices: &[InvoiceRecord],
+) -> Result<(), DbError> {
+    const COLUMNS: &str = "invoice_id, status, payment_attempts, next_attempt_at_us, \
+         paid_at_us, payment_kind, payment_method, gateway_key, returned_at_us";
+    let sets = COLUMNS
+        .split(',')
+        .map(str::trim)
+        .skip(1)
+        .map(|c| format!("{c} = v.{c}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    for chunk in invoices.chunks(ROWS_PER_STATEMENT) {
+        let q = format!(
+            "WITH v ({COLUMNS}) AS (VALUES {}) UPDATE invoices SET {sets} FROM v \
+             WHERE invoices.invoice_id = v.invoice_id",
+            value_rows(chunk.len(), 9)
+        );
+        let mut query = sqlx::query(&q);
+        for i in chunk {
+            query = query
+                .bind(&i.invoice_id)
+                .bind(i.status.as_str())
+                .bind(i64::from(i.payment_attempts))
+                .bind(i.next_attempt_at.map(micros))
+                .bind(i.paid_at.map(micros))
+                .bind(i.payment_kind.as_str())
+                .bind(&i.payment_method)
+                .bind(&i.gateway_key)
+                .bind(i.returned_at.map(micros));
+        }
+        query.execute(&mut *conn).await?;
+    }
+    Ok(())
+}
+
 /// Marks an open invoice's attempt whose outcome is unknown (asked again with the same key).
 pub async fn mark_attempt_in_flight(
     conn: &mut AnyConnection,
