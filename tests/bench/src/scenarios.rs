@@ -586,6 +586,21 @@ async fn subscribe_all(
     auth: &Auth,
     n: usize,
 ) -> anyhow::Result<(prost_types::Timestamp, u64)> {
+    // The wallet runs on the system clock and refuses credits that expire in its past: the
+    // subscription's test clock (which starts at a fixed instant) moves to now first, so each
+    // month's grant expires after the wallet's now.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .context("system clock before 1970")?;
+    TestClockClient::new(ch.clone())
+        .advance_time(auth.req(AdvanceTimeRequest {
+            to: Some(prost_types::Timestamp {
+                seconds: i64::try_from(now.as_secs()).context("system clock")?,
+                nanos: 0,
+            }),
+        }))
+        .await
+        .context("moving the subscription clock to now")?;
     let ids: Vec<String> = (0..n).map(|i| format!("acct-{i}")).collect();
     let (subscribed, opened) = tokio::join!(
         subscribe_accounts(ch, auth, n),
