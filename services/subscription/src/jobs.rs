@@ -162,7 +162,9 @@ async fn renewals(cases: &Subscriptions) {
                 break;
             }
         };
-        let full = batch.claimed as i64 == RENEWAL_BATCH;
+        // A full batch means more may be waiting; one that changed nothing (which the claim's
+        // conditions rule out) must not be claimed again and again in this pass.
+        let full = batch.claimed as i64 == RENEWAL_BATCH && !batch.renewed.is_empty();
         let cases = cases.clone();
         in_flight.spawn(async move { follow_up(&cases, batch).await });
         while in_flight.len() >= PIPELINE {

@@ -654,15 +654,11 @@ impl Subscriptions {
         let lines = domain::recurring_lines(plan, &unit.sub.selection)?;
         let bill = domain::bill(lines, plan.currency, unit.sub.vat_rate)?;
         let cycle = unit.sub.cycle;
-        let mut invoice = unit
-            .issue(tx, &self.db, kind, Some(cycle), bill, None)
-            .await?;
-        if invoice.next_attempt_at.is_some() {
-            // Subscribe charges this invoice itself (below), not the collector.
-            invoice.next_attempt_at = None;
-            store::update_invoice_payment(tx, &invoice).await?;
-        }
-        Ok(invoice)
+        // Subscribe charges this invoice itself (below), not the collector: issued with no
+        // attempt due (rather than updated after the insert).
+        unit.charged_by_caller();
+        unit.issue(tx, &self.db, kind, Some(cycle), bill, None)
+            .await
     }
 
     /// Steps 2 and 3 of a card or direct-debit Subscribe: the gateway with the payment's key,

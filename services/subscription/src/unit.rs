@@ -38,6 +38,8 @@ pub struct Unit {
     /// Issued invoices not inserted yet (their insert waits for [`Writes::flush`]).
     unsaved: Vec<InvoiceRecord>,
     defer: bool,
+    /// The next invoice is charged by the caller: no first attempt for the collector.
+    caller_charges: bool,
 }
 
 /// What many units of one transaction write, gathered by [`Unit::save_to`] and written with a
@@ -82,6 +84,7 @@ impl Unit {
             issued: Vec::new(),
             unsaved: Vec::new(),
             defer: false,
+            caller_charges: false,
         }
     }
 
@@ -98,6 +101,12 @@ impl Unit {
         unit.mark_existing();
         unit.defer = true;
         unit
+    }
+
+    /// The next invoice issued is charged by the caller (Subscribe's first payment), so no
+    /// attempt is due for the collector.
+    pub fn charged_by_caller(&mut self) {
+        self.caller_charges = true;
     }
 
     /// The invoices issued in this unit so far, handed over once (e.g. to collect after the
@@ -125,6 +134,7 @@ impl Unit {
             issued: Vec::new(),
             unsaved: Vec::new(),
             defer: false,
+            caller_charges: false,
         })
     }
 
@@ -209,12 +219,14 @@ impl Unit {
             payment_kind: self.sub.payment_kind,
             payment_method: self.sub.payment_method.clone(),
             payment_attempts: u32::from(charged.is_some()),
-            next_attempt_at: (status == InvoiceStatus::Open && collectable).then_some(self.now),
+            next_attempt_at: (status == InvoiceStatus::Open && collectable && !self.caller_charges)
+                .then_some(self.now),
             issued_at: self.now,
             paid_at: (status == InvoiceStatus::Paid).then_some(self.now),
             gateway_key: charged.map(|c| c.gateway_key).unwrap_or_default(),
             returned_at: None,
         };
+        self.caller_charges = false;
         if self.defer {
             self.unsaved.push(invoice.clone());
         } else {
