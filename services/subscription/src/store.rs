@@ -419,7 +419,10 @@ fn skip_locked(db: &Db) -> &'static str {
 /// `now + notice_us`), oldest due first, inside the caller's write transaction: the renewal
 /// batch. Suspended subscriptions (nothing to do until paid) and those with a payment in
 /// flight (`pending_op`, finished by their request or the reconciler first) are left out, so
-/// every claimed row has a step to take and a full batch means more work is waiting.
+/// every claimed row has a step to take and a full batch means more work is waiting. Ordered
+/// by the indexed `period_end_us` alone: a second sort key would sort every due row (100,000
+/// at once after one period end) for each batch instead of reading the first ones off the
+/// index.
 pub async fn claim_due_subscriptions(
     conn: &mut AnyConnection,
     db: &Db,
@@ -431,7 +434,7 @@ pub async fn claim_due_subscriptions(
         "SELECT {SUB_COLUMNS} FROM subscriptions WHERE pending_op IS NULL AND ( \
          (status IN ('active', 'past_due', 'trialing') AND period_end_us <= $1) \
          OR (status = 'trialing' AND trial_ending_notified = 0 AND period_end_us <= $2)) \
-         ORDER BY period_end_us, account_id LIMIT $3{}",
+         ORDER BY period_end_us LIMIT $3{}",
         skip_locked(db)
     ))
     .bind(micros(now))

@@ -261,8 +261,8 @@ async fn a_failed_renewal_batch_gives_back_its_invoice_numbers_and_the_others_st
     let Harness { running, db, .. } = h;
     running.stop().await.unwrap();
     let read = reader(&db).await;
-    // A subscription whose plan version is gone: renewing it fails in the middle of the batch
-    // (after acct-0 and acct-1 took numbers 7 and 8), so the whole batch rolls back.
+    // A subscription whose plan version is gone: renewing it fails inside the batch (after
+    // those before it took their numbers), so the whole batch rolls back.
     sqlx::query("UPDATE subscriptions SET plan_version = 99 WHERE account_id = 'acct-2'")
         .execute(read.pool())
         .await
