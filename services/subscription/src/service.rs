@@ -16,7 +16,10 @@
 //! settles it; a returned debit reopens the invoice, makes the subscription past due and
 //! refuses sending until it is paid (S18: money not received), e.g. after UpdatePaymentMethod.
 
-use std::sync::Arc;
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{Arc, PoisonError},
+};
 
 use chrono::{DateTime, Duration, Utc};
 use prost::Message;
@@ -37,6 +40,8 @@ use shared::{
 use sqlx::{Any, AnyConnection, Transaction};
 use tonic::Status;
 
+use futures::{StreamExt, stream};
+
 use crate::{
     convert::{self, ChangeRequest as ChangeAsked},
     domain::{
@@ -48,8 +53,8 @@ use crate::{
         ChangeRequestRecord, InvoiceRecord, InvoiceStatus, PaymentKind, PaymentOp, PaymentPurpose,
         RequestStatus, SubscriptionRecord,
     },
-    store,
-    unit::{Charged, Unit},
+    store::{self, InvoiceNumbers},
+    unit::{Charged, Unit, Writes},
 };
 
 /// How long a preview stays valid.
@@ -135,6 +140,10 @@ enum Finished {
     Earlier,
 }
 
+/// Published plan versions never change (a publish makes a new version), so a version read
+/// once is kept: renewal batches price hundreds of subscriptions on a handful of plans.
+type PlanCache = Arc<std::sync::Mutex<HashMap<(String, u32), Plan>>>;
+
 /// The service's use cases.
 #[derive(Clone)]
 pub struct Subscriptions {
@@ -142,6 +151,35 @@ pub struct Subscriptions {
     platform: Platform,
     gateway: Arc<dyn PaymentGateway>,
     wallet: Option<CreditsWalletClient<PeerChannel>>,
+    plans: PlanCache,
+}
+
+/// Gateway charges and wallet grants a batch runs at once (bounded, so a slow provider or
+/// wallet sees a fixed number of calls in flight per replica).
+const CONCURRENT_CALLS: usize = 32;
+
+/// What one renewal batch did (see [`Subscriptions::renew_batch`]).
+#[derive(Debug, Default)]
+pub struct RenewalBatch {
+    /// Subscriptions claimed (a full batch means more may be due).
+    pub claimed: usize,
+    /// Invoices issued that the gateway collects (card or direct debit, first attempt due).
+    pub to_collect: Vec<InvoiceRecord>,
+    /// The saved subscriptions, whose monthly credits may now be due (C7).
+    pub renewed: Vec<SubscriptionRecord>,
+}
+
+/// A month of plan credits due in the wallet (C7), computed from a subscription read without
+/// the lock and applied under it only if the subscription is still in that cycle.
+struct Allowance {
+    account_id: String,
+    cycle: i64,
+    /// Month index within the cycle recorded once granted.
+    index: i64,
+    month: Option<domain::AllowanceMonth>,
+    credits: i64,
+    /// The wallet call, when there is one to make.
+    request: Option<proto::wallet::v1::GrantCreditsRequest>,
 }
 
 impl Subscriptions {
@@ -156,6 +194,7 @@ impl Subscriptions {
             platform,
             gateway,
             wallet,
+            plans: PlanCache::default(),
         }
     }
 
@@ -198,7 +237,18 @@ impl Subscriptions {
         plan_id: &str,
         version: Option<u32>,
     ) -> Result<Plan, SubError> {
-        store::plan(conn, plan_id, version)
+        if let Some(v) = version {
+            let cached = self
+                .plans
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .get(&(plan_id.to_string(), v))
+                .cloned();
+            if let Some(plan) = cached {
+                return Ok(plan);
+            }
+        }
+        let plan = store::plan(conn, plan_id, version)
             .await?
             .map(|(p, _)| p)
             .ok_or_else(|| {
@@ -206,7 +256,12 @@ impl Subscriptions {
                     Some(v) => format!("{plan_id:?} version {v}"),
                     None => format!("{plan_id:?}"),
                 })
-            })
+            })?;
+        self.plans
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert((plan.plan_id.clone(), plan.version), plan.clone());
+        Ok(plan)
     }
 
     async fn view(
@@ -599,15 +654,11 @@ impl Subscriptions {
         let lines = domain::recurring_lines(plan, &unit.sub.selection)?;
         let bill = domain::bill(lines, plan.currency, unit.sub.vat_rate)?;
         let cycle = unit.sub.cycle;
-        let mut invoice = unit
-            .issue(tx, &self.db, kind, Some(cycle), bill, None)
-            .await?;
-        if invoice.next_attempt_at.is_some() {
-            // Subscribe charges this invoice itself (below), not the collector.
-            invoice.next_attempt_at = None;
-            store::update_invoice_payment(tx, &invoice).await?;
-        }
-        Ok(invoice)
+        // Subscribe charges this invoice itself (below), not the collector: issued with no
+        // attempt due (rather than updated after the insert).
+        unit.charged_by_caller();
+        unit.issue(tx, &self.db, kind, Some(cycle), bill, None)
+            .await
     }
 
     /// Steps 2 and 3 of a card or direct-debit Subscribe: the gateway with the payment's key,
@@ -2041,20 +2092,10 @@ impl Subscriptions {
         let mut tx = self.db.begin_write().await?;
         let now = self.now();
         let mut unit = Unit::lock(&mut tx, &self.db, account_id, now).await?;
-        if unit.sub.pending_op.is_some() {
-            tx.rollback().await?;
-            return Ok(false);
-        }
-        let actor = system();
-        let changed = match unit.sub.status {
-            SubStatus::Trialing => self.trial_step(&mut tx, &mut unit, &actor).await?,
-            SubStatus::Active | SubStatus::PastDue if now >= unit.sub.period_end => {
-                self.renew(&mut tx, &mut unit, &actor).await?;
-                true
-            }
-            _ => false,
-        };
+        let mut numbers = InvoiceNumbers::new();
+        let changed = self.step(&mut tx, &mut unit, &mut numbers).await?;
         if changed {
+            numbers.write_back(&mut tx).await?;
             unit.save(&mut tx).await?;
             tx.commit().await?;
             self.platform.outbox.poke();
@@ -2064,10 +2105,110 @@ impl Subscriptions {
         Ok(changed)
     }
 
+    /// The next thing due on a locked subscription at `unit.now` (trial notice or end, period
+    /// end); `true` when something changed. Invoices take their numbers from `numbers`.
+    async fn step(
+        &self,
+        tx: &mut Transaction<'static, Any>,
+        unit: &mut Unit,
+        numbers: &mut InvoiceNumbers,
+    ) -> Result<bool, SubError> {
+        if unit.sub.pending_op.is_some() {
+            return Ok(false);
+        }
+        let actor = system();
+        Ok(match unit.sub.status {
+            SubStatus::Trialing => self.trial_step(tx, unit, numbers, &actor).await?,
+            SubStatus::Active | SubStatus::PastDue if unit.now >= unit.sub.period_end => {
+                self.renew(tx, unit, numbers, &actor).await?;
+                true
+            }
+            _ => false,
+        })
+    }
+
+    /// One renewal batch, in one write transaction: claims up to `limit` due subscriptions
+    /// (`FOR UPDATE SKIP LOCKED` on PostgreSQL, so two replicas take different ones; SQLite's
+    /// single writer admits one batch at a time), takes every step due on each (catching up
+    /// missed periods, as [`Subscriptions::process_due`] does), numbers all their invoices from
+    /// one range of the counter, and commits once. The gateway and the wallet are called by
+    /// the caller afterwards ([`Subscriptions::collect_issued`], [`Subscriptions::grant_many`]),
+    /// outside any transaction. If the batch fails, nothing of it is kept (the invoice range
+    /// included) and its accounts are processed one by one, so one bad subscription cannot
+    /// hold back the others.
+    pub async fn renew_batch(&self, limit: i64) -> Result<RenewalBatch, SubError> {
+        let now = self.now();
+        let notice = domain::TRIAL_ENDING_NOTICE_DAYS * 86_400 * 1_000_000;
+        let mut tx = self.db.begin_write().await?;
+        let claimed = store::claim_due_subscriptions(&mut tx, &self.db, now, notice, limit).await?;
+        let accounts: Vec<String> = claimed.iter().map(|s| s.account_id.clone()).collect();
+        match self.renew_claimed(&mut tx, claimed, now).await {
+            Ok(mut batch) => {
+                tx.commit().await?;
+                self.platform.outbox.poke();
+                batch.claimed = accounts.len();
+                Ok(batch)
+            }
+            Err(e) => {
+                tx.rollback().await?;
+                tracing::warn!(error = %e, count = accounts.len(), "a renewal batch failed; renewing its subscriptions one by one");
+                let mut batch = RenewalBatch {
+                    claimed: accounts.len(),
+                    ..RenewalBatch::default()
+                };
+                for account in &accounts {
+                    match self.process_due(account).await {
+                        Ok(()) => {}
+                        Err(e) => {
+                            tracing::warn!(account = %account, error = %e, "processing a due subscription failed");
+                            // Left for the next pass; not counted as work done.
+                            batch.claimed = batch.claimed.saturating_sub(1);
+                        }
+                    }
+                }
+                Ok(batch)
+            }
+        }
+    }
+
+    async fn renew_claimed(
+        &self,
+        tx: &mut Transaction<'static, Any>,
+        claimed: Vec<SubscriptionRecord>,
+        now: DateTime<Utc>,
+    ) -> Result<RenewalBatch, SubError> {
+        let mut numbers = InvoiceNumbers::new();
+        let mut batch = RenewalBatch::default();
+        let mut writes = Writes::new();
+        for sub in claimed {
+            let mut unit = Unit::locked(sub, now);
+            let mut changed = false;
+            for _ in 0..24 {
+                if !self.step(tx, &mut unit, &mut numbers).await? {
+                    break;
+                }
+                changed = true;
+            }
+            if !changed {
+                continue;
+            }
+            batch.to_collect.extend(
+                unit.take_issued()
+                    .into_iter()
+                    .filter(|i| i.status == InvoiceStatus::Open && i.next_attempt_at.is_some()),
+            );
+            batch.renewed.push(unit.save_to(&mut writes));
+        }
+        numbers.write_back(tx).await?;
+        writes.flush(tx).await?;
+        Ok(batch)
+    }
+
     async fn trial_step(
         &self,
         tx: &mut Transaction<'static, Any>,
         unit: &mut Unit,
+        numbers: &mut InvoiceNumbers,
         actor: &Actor,
     ) -> Result<bool, SubError> {
         let now = unit.now;
@@ -2124,7 +2265,7 @@ impl Subscriptions {
         let bill = domain::bill(lines, plan.currency, unit.sub.vat_rate)?;
         let cycle = unit.sub.cycle;
         let invoice = unit
-            .issue(tx, &self.db, "conversion", Some(cycle), bill, None)
+            .issue_numbered(tx, &self.db, numbers, "conversion", Some(cycle), bill, None)
             .await?;
         let promoted = self.promote(unit);
         unit.record(
@@ -2149,6 +2290,7 @@ impl Subscriptions {
         &self,
         tx: &mut Transaction<'static, Any>,
         unit: &mut Unit,
+        numbers: &mut InvoiceNumbers,
         actor: &Actor,
     ) -> Result<(), SubError> {
         if unit.sub.cancel_at_period_end {
@@ -2220,7 +2362,7 @@ impl Subscriptions {
         let bill = domain::bill(lines, plan.currency, unit.sub.vat_rate)?;
         let cycle = unit.sub.cycle;
         let invoice = unit
-            .issue(tx, &self.db, "renewal", Some(cycle), bill, None)
+            .issue_numbered(tx, &self.db, numbers, "renewal", Some(cycle), bill, None)
             .await?;
         unit.record(
             &actor.0,
@@ -2240,6 +2382,23 @@ impl Subscriptions {
         Ok(())
     }
 
+    /// A plan version, from the cache or read on a pooled connection.
+    async fn plan_version(&self, plan_id: &str, version: u32) -> Result<Plan, SubError> {
+        let cached = self
+            .plans
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&(plan_id.to_string(), version))
+            .cloned();
+        match cached {
+            Some(plan) => Ok(plan),
+            None => {
+                let mut conn = self.conn().await?;
+                self.plan(&mut conn, plan_id, Some(version)).await
+            }
+        }
+    }
+
     /// C7: the plan's credits for the current month, granted in the wallet, expiring at the
     /// month's end. A monthly plan's month is its period; a yearly plan has twelve, counted from
     /// the period anchor, each granted in its month. Keyed by subscription, cycle and month, so
@@ -2253,15 +2412,19 @@ impl Subscriptions {
                 None => return Ok(()),
             }
         };
+        self.grant_many(vec![sub]).await.map(|_| ())
+    }
+
+    /// The month of credits due on `sub` now, if any (see [`Subscriptions::grant_allowance`]).
+    fn allowance_due(
+        &self,
+        sub: &SubscriptionRecord,
+        plan: &Plan,
+        now: DateTime<Utc>,
+    ) -> Result<Option<Allowance>, SubError> {
         if !matches!(sub.status, SubStatus::Active | SubStatus::PastDue) {
-            return Ok(());
+            return Ok(None);
         }
-        let plan = {
-            let mut conn = self.conn().await?;
-            self.plan(&mut conn, &sub.plan_id, Some(sub.plan_version))
-                .await?
-        };
-        let now = self.now();
         let month = domain::allowance_month(sub.anchor, plan.interval, sub.period_index, now)?;
         let cycle = sub.cycle;
         // Outside the period (the renewal comes first): its credits would expire at once.
@@ -2270,72 +2433,67 @@ impl Subscriptions {
             |m| i64::from(m.index),
         );
         if (sub.allowance_cycle, sub.allowance_month) >= (cycle, index) {
-            return Ok(());
+            return Ok(None);
         }
-        let granted = match (&self.wallet, plan.monthly_credits, month) {
-            (_, 0, _) | (Some(_), _, None) => true,
+        let request = match (&self.wallet, plan.monthly_credits, month) {
+            (_, 0, _) | (Some(_), _, None) => None,
             (None, _, _) => {
-                tracing::warn!(account = %account_id, cycle, "no wallet peer configured: subscription credits not granted");
-                true
+                tracing::warn!(account = %sub.account_id, cycle, "no wallet peer configured: subscription credits not granted");
+                None
             }
-            (Some(wallet), credits, Some(m)) => {
+            (Some(_), credits, Some(m)) => {
                 // Month 0 keeps the key monthly plans always used.
                 let suffix = if m.index == 0 {
                     String::new()
                 } else {
                     format!(":m{}", m.index)
                 };
-                let request = proto::wallet::v1::GrantCreditsRequest {
+                Some(proto::wallet::v1::GrantCreditsRequest {
                     idempotency_key: format!(
                         "sub-allowance:{}:{cycle}{suffix}",
                         sub.subscription_id
                     ),
-                    wallet_id: account_id.to_string(),
+                    wallet_id: sub.account_id.clone(),
                     credits: u64::try_from(credits).unwrap_or(0),
                     kind: proto::wallet::v1::LotKind::SubscriptionAllowance as i32,
                     expires_at: Some(runtime::convert::timestamp(m.end)),
                     reference: format!("subscription:{}:cycle{cycle}{suffix}", sub.subscription_id),
-                };
-                match wallet.clone().grant_credits(request).await {
-                    Ok(_) => true,
-                    Err(status) if status.code() == tonic::Code::NotFound => {
-                        tracing::warn!(account = %account_id, "no wallet for this account: subscription credits not granted");
-                        true
-                    }
-                    Err(status) => {
-                        tracing::warn!(account = %account_id, error = %status, "granting subscription credits failed; will retry");
-                        false
-                    }
-                }
+                })
             }
         };
-        if !granted {
-            return Ok(());
-        }
-        let mut tx = self.db.begin_write().await?;
-        let mut unit = Unit::lock(&mut tx, &self.db, account_id, self.now()).await?;
-        if unit.sub.cycle == cycle
-            && (unit.sub.allowance_cycle, unit.sub.allowance_month) < (cycle, index)
-        {
-            unit.sub.allowance_cycle = cycle;
-            unit.sub.allowance_month = index;
-            // A yearly plan's next month is due at this month's end.
-            unit.sub.allowance_next = month
-                .filter(|m| !m.last && plan.monthly_credits > 0)
-                .map(|m| m.end);
-            if let (Some(m), true) = (month, plan.monthly_credits > 0 && self.wallet.is_some()) {
-                unit.event(
-                    "subscription.credits_granted",
-                    json!({"credits": plan.monthly_credits, "cycle": cycle, "month": m.index, "expires_at": m.end.to_rfc3339()}),
-                );
+        Ok(Some(Allowance {
+            account_id: sub.account_id.clone(),
+            cycle,
+            index,
+            month,
+            credits: plan.monthly_credits,
+            request,
+        }))
+    }
+
+    /// Grants one month in the wallet; `false` when it must be tried again later.
+    async fn call_wallet(&self, allowance: &Allowance) -> bool {
+        let (Some(wallet), Some(request)) = (&self.wallet, &allowance.request) else {
+            return true;
+        };
+        let account_id = &allowance.account_id;
+        match wallet.clone().grant_credits(request.clone()).await {
+            Ok(_) => true,
+            Err(status) if status.code() == tonic::Code::NotFound => {
+                tracing::warn!(account = %account_id, "no wallet for this account: subscription credits not granted");
+                true
             }
-            unit.save(&mut tx).await?;
-            tx.commit().await?;
-            self.platform.outbox.poke();
-        } else {
-            tx.rollback().await?;
+            Err(status) => {
+                tracing::warn!(account = %account_id, error = %status, "granting subscription credits failed; will retry");
+                false
+            }
         }
-        Ok(())
+    }
+
+    /// C7 for many subscriptions (read without the lock, e.g. just renewed): see
+    /// [`Subscriptions::settle`]. Returns how many months of credits were recorded.
+    pub async fn grant_many(&self, subs: Vec<SubscriptionRecord>) -> Result<usize, SubError> {
+        self.settle(Vec::new(), subs).await
     }
 
     /// One gateway attempt on an open invoice (renewals, conversions, retries, a new payment
@@ -2343,39 +2501,165 @@ impl Subscriptions {
     /// suspended when retries are used up. The key names the invoice and the attempt, so an
     /// attempt whose outcome stayed unknown is asked again with the same key on the next run.
     pub async fn collect(&self, invoice_id: &str) -> Result<(), SubError> {
-        let invoice = {
+        self.collect_many(&[invoice_id.to_string()]).await
+    }
+
+    /// [`Subscriptions::collect`] for many invoices (read now, without the lock).
+    pub async fn collect_many(&self, invoice_ids: &[String]) -> Result<(), SubError> {
+        let invoices = {
             let mut conn = self.conn().await?;
-            match store::invoice(&mut conn, &self.db, invoice_id, false).await? {
-                Some(i) => i,
-                None => return Ok(()),
-            }
+            store::invoices_by_id(&mut conn, &self.db, invoice_ids, false).await?
         };
-        let attempt = invoice.payment_attempts + 1;
-        let gateway_key = format!("{}:{attempt}", invoice.invoice_id);
-        let outcome = self.charge(&invoice, &gateway_key).await;
-        if matches!(outcome, PaymentOutcome::Unknown) {
+        self.collect_issued(invoices).await
+    }
+
+    /// The next gateway attempt on each of `invoices` (as read, e.g. just issued by a renewal
+    /// batch): see [`Subscriptions::settle`].
+    pub async fn collect_issued(&self, invoices: Vec<InvoiceRecord>) -> Result<(), SubError> {
+        self.settle(invoices, Vec::new()).await.map(|_| ())
+    }
+
+    /// The work a renewal batch leaves for after its commit, outside any transaction: the next
+    /// gateway attempt on each of `invoices` and the month of credits due on each of `subs`
+    /// (both read without the lock), run concurrently and bounded (each charge keyed by invoice
+    /// and attempt, each grant by subscription, cycle and month). Then one write transaction
+    /// applies what came back, each under its subscription's (and invoice's) lock and only
+    /// where it was not applied already: an invoice still open at that attempt with that
+    /// payment method, a subscription still in that cycle with that month not recorded. An
+    /// attempt whose outcome is unknown is marked to be asked again with its key. Returns how
+    /// many months of credits were recorded.
+    pub async fn settle(
+        &self,
+        invoices: Vec<InvoiceRecord>,
+        subs: Vec<SubscriptionRecord>,
+    ) -> Result<usize, SubError> {
+        let now = self.now();
+        let mut due = Vec::new();
+        for sub in &subs {
+            let plan = self.plan_version(&sub.plan_id, sub.plan_version).await?;
+            if let Some(a) = self.allowance_due(sub, &plan, now)? {
+                due.push(a);
+            }
+        }
+        let charges = stream::iter(invoices)
+            .map(|invoice| async move {
+                let attempt = invoice.payment_attempts + 1;
+                let gateway_key = format!("{}:{attempt}", invoice.invoice_id);
+                let outcome = self.charge(&invoice, &gateway_key).await;
+                (invoice, attempt, gateway_key, outcome)
+            })
+            .buffer_unordered(CONCURRENT_CALLS)
+            .collect::<Vec<_>>();
+        let grants = stream::iter(due)
+            .map(|a| async move { self.call_wallet(&a).await.then_some(a) })
+            .buffer_unordered(CONCURRENT_CALLS)
+            .filter_map(|a| async move { a })
+            .collect::<Vec<Allowance>>();
+        let (attempts, granted) = futures::join!(charges, grants);
+        let (unknown, mut known): (Vec<_>, Vec<_>) = attempts
+            .into_iter()
+            .partition(|(_, _, _, outcome)| matches!(outcome, PaymentOutcome::Unknown));
+        if !unknown.is_empty() {
             // The money may be taken: the next run asks again with this key, and the payment
             // method cannot change until it has (UpdatePaymentMethod checks the mark).
             let mut conn = self.conn().await?;
-            store::mark_attempt_in_flight(&mut conn, invoice_id, &gateway_key).await?;
-            return Ok(());
+            for (invoice, _, gateway_key, _) in &unknown {
+                store::mark_attempt_in_flight(&mut conn, &invoice.invoice_id, gateway_key).await?;
+            }
         }
+        if known.is_empty() && granted.is_empty() {
+            return Ok(0);
+        }
+        // Several invoices of one subscription are applied in the order they were issued.
+        known.sort_by_key(|(invoice, ..)| invoice.number);
+        let mut accounts: Vec<String> = known
+            .iter()
+            .map(|(i, ..)| i.account_id.clone())
+            .chain(granted.iter().map(|a| a.account_id.clone()))
+            .collect();
+        accounts.sort();
+        accounts.dedup();
+        let ids: Vec<String> = known.iter().map(|(i, ..)| i.invoice_id.clone()).collect();
         let mut tx = self.db.begin_write().await?;
         let now = self.now();
-        let mut unit = Unit::lock(&mut tx, &self.db, &invoice.account_id, now).await?;
-        let mut invoice = match store::invoice(&mut tx, &self.db, invoice_id, true).await? {
-            Some(i)
-                if i.status == InvoiceStatus::Open
+        let mut units: BTreeMap<String, (Unit, bool)> =
+            store::lock_subscriptions(&mut tx, &self.db, &accounts)
+                .await?
+                .into_iter()
+                .map(|s| (s.account_id.clone(), (Unit::locked(s, now), false)))
+                .collect();
+        let mut current: HashMap<String, InvoiceRecord> =
+            store::invoices_by_id(&mut tx, &self.db, &ids, true)
+                .await?
+                .into_iter()
+                .map(|i| (i.invoice_id.clone(), i))
+                .collect();
+        let mut attempted = Vec::with_capacity(current.len());
+        for (seen, attempt, gateway_key, outcome) in known {
+            let Some((unit, touched)) = units.get_mut(&seen.account_id) else {
+                continue;
+            };
+            let Some(mut invoice) = current.remove(&seen.invoice_id).filter(|i| {
+                i.status == InvoiceStatus::Open
                     && i.payment_attempts + 1 == attempt
-                    && i.payment_method == invoice.payment_method =>
-            {
-                i
+                    && i.payment_method == seen.payment_method
+            }) else {
+                continue;
+            };
+            Self::apply_attempt(unit, &mut invoice, attempt, gateway_key, outcome);
+            attempted.push(invoice);
+            *touched = true;
+        }
+        store::update_invoice_payments(&mut tx, &attempted).await?;
+        let mut recorded = 0;
+        for a in granted {
+            let Some((unit, touched)) = units.get_mut(&a.account_id) else {
+                continue;
+            };
+            let s = &mut unit.sub;
+            if s.cycle != a.cycle || (s.allowance_cycle, s.allowance_month) >= (a.cycle, a.index) {
+                continue;
             }
-            _ => {
-                tx.rollback().await?;
-                return Ok(());
+            s.allowance_cycle = a.cycle;
+            s.allowance_month = a.index;
+            // A yearly plan's next month is due at this month's end.
+            s.allowance_next = a.month.filter(|m| !m.last && a.credits > 0).map(|m| m.end);
+            if let (Some(m), true) = (a.month, a.request.is_some()) {
+                unit.event(
+                    "subscription.credits_granted",
+                    json!({"credits": a.credits, "cycle": a.cycle, "month": m.index, "expires_at": m.end.to_rfc3339()}),
+                );
             }
-        };
+            *touched = true;
+            recorded += 1;
+        }
+        let mut writes = Writes::new();
+        let mut saved = 0;
+        for (unit, touched) in units.into_values() {
+            if touched {
+                unit.save_to(&mut writes);
+                saved += 1;
+            }
+        }
+        if saved > 0 {
+            writes.flush(&mut tx).await?;
+            tx.commit().await?;
+            self.platform.outbox.poke();
+        } else {
+            tx.rollback().await?;
+        }
+        Ok(recorded)
+    }
+
+    /// Applies one attempt's known outcome to a locked subscription and its open invoice.
+    fn apply_attempt(
+        unit: &mut Unit,
+        invoice: &mut InvoiceRecord,
+        attempt: u32,
+        gateway_key: String,
+        outcome: PaymentOutcome,
+    ) {
+        let now = unit.now;
         invoice.payment_attempts = attempt;
         let actor = system();
         match outcome {
@@ -2433,11 +2717,6 @@ impl Subscriptions {
                 );
             }
         }
-        store::update_invoice_payment(&mut tx, &invoice).await?;
-        unit.save(&mut tx).await?;
-        tx.commit().await?;
-        self.platform.outbox.poke();
-        Ok(())
     }
 }
 

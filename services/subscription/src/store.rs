@@ -6,7 +6,7 @@
 use chrono::{DateTime, Utc};
 use runtime::{
     clock::from_micros,
-    db::{Db, DbError},
+    db::{Backend, Db, DbError},
 };
 use rust_decimal::Decimal;
 use shared::{Currency, Money};
@@ -396,24 +396,113 @@ pub async fn read_subscription(
     row.as_ref().map(sub_from_row).transpose()
 }
 
-/// Accounts whose subscription has something due by `now`: a period or trial end, a trial
-/// ending soon, or a credit allowance not yet granted (the jobs' work list).
-pub async fn due_accounts(
+/// `$first, $first+1, ...`: `n` placeholders for an `IN (...)` list.
+fn placeholders(first: usize, n: usize) -> String {
+    (first..first + n)
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The lock suffix that lets concurrent claimers take different rows: on PostgreSQL a row
+/// another replica's batch holds is skipped (it renews that one); SQLite's write transaction
+/// already admits one claimer at a time, and whatever it renewed is no longer due for the next.
+fn skip_locked(db: &Db) -> &'static str {
+    match db.backend() {
+        Backend::Sqlite => "",
+        Backend::Postgres => " FOR UPDATE SKIP LOCKED",
+    }
+}
+
+/// Claims (row-locks on PostgreSQL, skipping rows another transaction holds) up to `limit`
+/// subscriptions with a period or trial end by `now` or a trial-ending notice due (ends by
+/// `now + notice_us`), oldest due first, inside the caller's write transaction: the renewal
+/// batch. Suspended subscriptions (nothing to do until paid) and those with a payment in
+/// flight (`pending_op`, finished by their request or the reconciler first) are left out, so
+/// every claimed row has a step to take and a full batch means more work is waiting. Ordered
+/// by the indexed `period_end_us` alone: a second sort key would sort every due row (100,000
+/// at once after one period end) for each batch instead of reading the first ones off the
+/// index.
+pub async fn claim_due_subscriptions(
+    conn: &mut AnyConnection,
     db: &Db,
     now: DateTime<Utc>,
     notice_us: i64,
     limit: i64,
-) -> Result<Vec<String>, DbError> {
-    let rows = sqlx::query(
-        "SELECT account_id FROM subscriptions WHERE \
-         (status IN ('active', 'past_due', 'suspended', 'trialing') AND period_end_us <= $1) \
-         OR (status = 'trialing' AND trial_ending_notified = 0 AND period_end_us <= $2) \
-         OR (status IN ('active', 'past_due') AND allowance_cycle < cycle) \
-         OR (status IN ('active', 'past_due') AND allowance_next_us <= $1) \
-         ORDER BY period_end_us LIMIT $3",
-    )
+) -> Result<Vec<SubscriptionRecord>, DbError> {
+    let rows = sqlx::query(&format!(
+        "SELECT {SUB_COLUMNS} FROM subscriptions WHERE pending_op IS NULL AND ( \
+         (status IN ('active', 'past_due', 'trialing') AND period_end_us <= $1) \
+         OR (status = 'trialing' AND trial_ending_notified = 0 AND period_end_us <= $2)) \
+         ORDER BY period_end_us LIMIT $3{}",
+        skip_locked(db)
+    ))
     .bind(micros(now))
     .bind(micros(now) + notice_us)
+    .bind(limit)
+    .fetch_all(conn)
+    .await?;
+    rows.iter().map(sub_from_row).collect()
+}
+
+/// Reads and (on PostgreSQL) row-locks the subscriptions of `account_ids`, in account order
+/// so two batches locking overlapping sets never deadlock. Missing accounts are left out.
+pub async fn lock_subscriptions(
+    conn: &mut AnyConnection,
+    db: &Db,
+    account_ids: &[String],
+) -> Result<Vec<SubscriptionRecord>, DbError> {
+    if account_ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let q = format!(
+        "SELECT {SUB_COLUMNS} FROM subscriptions WHERE account_id IN ({}) \
+         ORDER BY account_id{}",
+        placeholders(1, account_ids.len()),
+        db.for_update()
+    );
+    let mut query = sqlx::query(&q);
+    for id in account_ids {
+        query = query.bind(id);
+    }
+    let rows = query.fetch_all(conn).await?;
+    rows.iter().map(sub_from_row).collect()
+}
+
+/// The subscriptions of `account_ids`, without locking (e.g. to prepare wallet calls).
+pub async fn read_subscriptions(
+    db: &Db,
+    account_ids: &[String],
+) -> Result<Vec<SubscriptionRecord>, DbError> {
+    if account_ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let q = format!(
+        "SELECT {SUB_COLUMNS} FROM subscriptions WHERE account_id IN ({})",
+        placeholders(1, account_ids.len()),
+    );
+    let mut query = sqlx::query(&q);
+    for id in account_ids {
+        query = query.bind(id);
+    }
+    let rows = query.fetch_all(db.pool()).await?;
+    rows.iter().map(sub_from_row).collect()
+}
+
+/// Accounts whose plan credits are due in the wallet (C7): a cycle not granted yet, or the
+/// next month of a yearly period. Renewal batches grant their own accounts; this lists the
+/// rest (after Subscribe, a failed grant, a yearly plan's month).
+pub async fn due_allowances(
+    db: &Db,
+    now: DateTime<Utc>,
+    limit: i64,
+) -> Result<Vec<String>, DbError> {
+    let rows = sqlx::query(
+        "SELECT account_id FROM subscriptions WHERE status IN ('active', 'past_due') \
+         AND pending_op IS NULL AND (allowance_cycle < cycle OR allowance_next_us <= $1) \
+         ORDER BY account_id LIMIT $2",
+    )
+    .bind(micros(now))
     .bind(limit)
     .fetch_all(db.pool())
     .await?;
@@ -470,22 +559,60 @@ pub async fn history(
 
 // ---- invoices ----------------------------------------------------------------------------
 
-/// Takes the next invoice number: the counter row is locked (PostgreSQL `FOR UPDATE`, SQLite's
-/// write transaction) until the invoice's transaction ends, so numbers are consecutive and a
-/// rolled-back invoice gives its number back.
-pub async fn next_invoice_number(conn: &mut AnyConnection, db: &Db) -> Result<i64, DbError> {
-    let n: i64 = sqlx::query(&format!(
-        "SELECT next_number FROM invoice_counter WHERE id = 1{}",
-        db.for_update()
-    ))
-    .fetch_one(&mut *conn)
-    .await?
-    .try_get(0)?;
-    sqlx::query("UPDATE invoice_counter SET next_number = $1 WHERE id = 1")
-        .bind(n + 1)
-        .execute(conn)
-        .await?;
-    Ok(n)
+/// Invoice numbers for one transaction, taken as a range from the counter row. The first
+/// [`InvoiceNumbers::take`] locks the row (PostgreSQL `FOR UPDATE`, SQLite's write
+/// transaction) and reads it; later ones count on in memory; [`InvoiceNumbers::write_back`]
+/// stores the end of the range in the same transaction, before it commits. So a batch of
+/// invoices costs one lock, numbers stay consecutive, and a rolled-back transaction gives its
+/// whole range back (the counter update rolls back with the invoices). A transaction that
+/// inserted invoices but forgot the write-back would make the next one reuse its numbers,
+/// which the unique index on `invoices.number` refuses: never a repeat, never a gap.
+#[derive(Debug, Default)]
+pub struct InvoiceNumbers {
+    /// `(first taken, next to hand out)` once the counter is locked.
+    range: Option<(i64, i64)>,
+}
+
+impl InvoiceNumbers {
+    /// No number taken yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The next number (locks and reads the counter on first use).
+    pub async fn take(&mut self, conn: &mut AnyConnection, db: &Db) -> Result<i64, DbError> {
+        let (first, next) = match self.range {
+            Some(r) => r,
+            None => {
+                let n: i64 = sqlx::query(&format!(
+                    "SELECT next_number FROM invoice_counter WHERE id = 1{}",
+                    db.for_update()
+                ))
+                .fetch_one(&mut *conn)
+                .await?
+                .try_get(0)?;
+                (n, n)
+            }
+        };
+        self.range = Some((first, next + 1));
+        Ok(next)
+    }
+
+    /// How many numbers were taken.
+    pub fn taken(&self) -> i64 {
+        self.range.map_or(0, |(first, next)| next - first)
+    }
+
+    /// Stores the counter past the last number taken (nothing if none was).
+    pub async fn write_back(self, conn: &mut AnyConnection) -> Result<(), DbError> {
+        if let Some((_, next)) = self.range {
+            sqlx::query("UPDATE invoice_counter SET next_number = $1 WHERE id = 1")
+                .bind(next)
+                .execute(conn)
+                .await?;
+        }
+        Ok(())
+    }
 }
 
 const INVOICE_COLUMNS: &str = "invoice_id, number, account_id, subscription_id, kind, cycle, \
@@ -546,44 +673,128 @@ fn invoice_from_row(r: &AnyRow) -> Result<InvoiceRecord, DbError> {
 
 /// Stores a newly issued invoice.
 pub async fn insert_invoice(conn: &mut AnyConnection, i: &InvoiceRecord) -> Result<(), DbError> {
-    let lines = i
-        .lines
-        .iter()
-        .map(|l| {
-            Ok(StoredLine {
-                description: l.description.clone(),
-                amount_minor: minor(&l.amount)?,
+    insert_invoices(conn, std::slice::from_ref(i)).await
+}
+
+/// Rows per multi-row statement: well under SQLite's 32,766 and PostgreSQL's 65,535 bound
+/// parameters at 36 columns.
+const ROWS_PER_STATEMENT: usize = 100;
+
+/// `($1, ..., $c), ($c+1, ...), ...`: `rows` tuples of `columns` placeholders.
+fn value_rows(rows: usize, columns: usize) -> String {
+    (0..rows)
+        .map(|r| format!("({})", placeholders(r * columns + 1, columns)))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Stores newly issued invoices, many rows per statement.
+pub async fn insert_invoices(
+    conn: &mut AnyConnection,
+    invoices: &[InvoiceRecord],
+) -> Result<(), DbError> {
+    let columns = INVOICE_COLUMNS.split(',').count();
+    for chunk in invoices.chunks(ROWS_PER_STATEMENT) {
+        let lines = chunk
+            .iter()
+            .map(|i| {
+                i.lines
+                    .iter()
+                    .map(|l| {
+                        Ok(StoredLine {
+                            description: l.description.clone(),
+                            amount_minor: minor(&l.amount)?,
+                        })
+                    })
+                    .collect::<Result<Vec<_>, DbError>>()
+                    .and_then(|lines| json(&lines))
             })
-        })
-        .collect::<Result<Vec<_>, DbError>>()?;
-    sqlx::query(&format!(
-        "INSERT INTO invoices ({INVOICE_COLUMNS}) VALUES \
-         ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, \
-         $20, $21)"
-    ))
-    .bind(&i.invoice_id)
-    .bind(i.number)
-    .bind(&i.account_id)
-    .bind(&i.subscription_id)
-    .bind(&i.kind)
-    .bind(i.cycle)
-    .bind(i.currency.code())
-    .bind(json(&lines)?)
-    .bind(minor(&i.subtotal)?)
-    .bind(i.vat_rate.to_string())
-    .bind(minor(&i.vat)?)
-    .bind(minor(&i.total)?)
-    .bind(i.status.as_str())
-    .bind(i.payment_kind.as_str())
-    .bind(&i.payment_method)
-    .bind(i64::from(i.payment_attempts))
-    .bind(i.next_attempt_at.map(micros))
-    .bind(micros(i.issued_at))
-    .bind(i.paid_at.map(micros))
-    .bind(&i.gateway_key)
-    .bind(i.returned_at.map(micros))
-    .execute(conn)
-    .await?;
+            .collect::<Result<Vec<_>, DbError>>()?;
+        let q = format!(
+            "INSERT INTO invoices ({INVOICE_COLUMNS}) VALUES {}",
+            value_rows(chunk.len(), columns)
+        );
+        let mut query = sqlx::query(&q);
+        for (i, lines) in chunk.iter().zip(&lines) {
+            query = query
+                .bind(&i.invoice_id)
+                .bind(i.number)
+                .bind(&i.account_id)
+                .bind(&i.subscription_id)
+                .bind(&i.kind)
+                .bind(i.cycle)
+                .bind(i.currency.code())
+                .bind(lines)
+                .bind(minor(&i.subtotal)?)
+                .bind(i.vat_rate.to_string())
+                .bind(minor(&i.vat)?)
+                .bind(minor(&i.total)?)
+                .bind(i.status.as_str())
+                .bind(i.payment_kind.as_str())
+                .bind(&i.payment_method)
+                .bind(i64::from(i.payment_attempts))
+                .bind(i.next_attempt_at.map(micros))
+                .bind(micros(i.issued_at))
+                .bind(i.paid_at.map(micros))
+                .bind(&i.gateway_key)
+                .bind(i.returned_at.map(micros));
+        }
+        query.execute(&mut *conn).await?;
+    }
+    Ok(())
+}
+
+/// Writes back every column of many subscriptions, many rows per statement (`UPDATE ... FROM`
+/// a `VALUES` list, which both backends accept).
+pub async fn update_subscriptions(
+    conn: &mut AnyConnection,
+    subs: &[SubscriptionRecord],
+) -> Result<(), DbError> {
+    let columns: Vec<&str> = SUB_COLUMNS.split(',').map(str::trim).collect();
+    let sets = columns
+        .iter()
+        .skip(1)
+        .map(|c| format!("{c} = v.{c}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    for chunk in subs.chunks(ROWS_PER_STATEMENT) {
+        let q = format!(
+            "WITH v ({SUB_COLUMNS}) AS (VALUES {}) UPDATE subscriptions SET {sets} FROM v \
+             WHERE subscriptions.subscription_id = v.subscription_id",
+            value_rows(chunk.len(), columns.len())
+        );
+        let mut query = sqlx::query(&q);
+        for s in chunk {
+            query = bind_sub(query, s)?;
+        }
+        query.execute(&mut *conn).await?;
+    }
+    Ok(())
+}
+
+/// Appends many history entries (`(subscription id, entry)`), many rows per statement.
+pub async fn insert_history_many(
+    conn: &mut AnyConnection,
+    entries: &[(String, HistoryRecord)],
+) -> Result<(), DbError> {
+    for chunk in entries.chunks(ROWS_PER_STATEMENT * 4) {
+        let q = format!(
+            "INSERT INTO subscription_history (subscription_id, seq, at_us, actor, action, detail) \
+             VALUES {}",
+            value_rows(chunk.len(), 6)
+        );
+        let mut query = sqlx::query(&q);
+        for (subscription_id, h) in chunk {
+            query = query
+                .bind(subscription_id)
+                .bind(h.seq)
+                .bind(micros(h.at))
+                .bind(&h.actor)
+                .bind(&h.action)
+                .bind(&h.detail);
+        }
+        query.execute(&mut *conn).await?;
+    }
     Ok(())
 }
 
@@ -613,6 +824,44 @@ pub async fn update_invoice_payment(
     Ok(())
 }
 
+/// [`update_invoice_payment`] for many invoices, many rows per statement.
+pub async fn update_invoice_payments(
+    conn: &mut AnyConnection,
+    invoices: &[InvoiceRecord],
+) -> Result<(), DbError> {
+    const COLUMNS: &str = "invoice_id, status, payment_attempts, next_attempt_at_us, \
+         paid_at_us, payment_kind, payment_method, gateway_key, returned_at_us";
+    let sets = COLUMNS
+        .split(',')
+        .map(str::trim)
+        .skip(1)
+        .map(|c| format!("{c} = v.{c}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    for chunk in invoices.chunks(ROWS_PER_STATEMENT) {
+        let q = format!(
+            "WITH v ({COLUMNS}) AS (VALUES {}) UPDATE invoices SET {sets} FROM v \
+             WHERE invoices.invoice_id = v.invoice_id",
+            value_rows(chunk.len(), 9)
+        );
+        let mut query = sqlx::query(&q);
+        for i in chunk {
+            query = query
+                .bind(&i.invoice_id)
+                .bind(i.status.as_str())
+                .bind(i64::from(i.payment_attempts))
+                .bind(i.next_attempt_at.map(micros))
+                .bind(i.paid_at.map(micros))
+                .bind(i.payment_kind.as_str())
+                .bind(&i.payment_method)
+                .bind(&i.gateway_key)
+                .bind(i.returned_at.map(micros));
+        }
+        query.execute(&mut *conn).await?;
+    }
+    Ok(())
+}
+
 /// Marks an open invoice's attempt whose outcome is unknown (asked again with the same key).
 pub async fn mark_attempt_in_flight(
     conn: &mut AnyConnection,
@@ -625,6 +874,29 @@ pub async fn mark_attempt_in_flight(
         .execute(conn)
         .await?;
     Ok(())
+}
+
+/// Invoices by id (locked on PostgreSQL when `lock`, in id order); unknown ids are left out.
+pub async fn invoices_by_id(
+    conn: &mut AnyConnection,
+    db: &Db,
+    invoice_ids: &[String],
+    lock: bool,
+) -> Result<Vec<InvoiceRecord>, DbError> {
+    if invoice_ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let q = format!(
+        "SELECT {INVOICE_COLUMNS} FROM invoices WHERE invoice_id IN ({}) ORDER BY invoice_id{}",
+        placeholders(1, invoice_ids.len()),
+        if lock { db.for_update() } else { "" }
+    );
+    let mut query = sqlx::query(&q);
+    for id in invoice_ids {
+        query = query.bind(id);
+    }
+    let rows = query.fetch_all(conn).await?;
+    rows.iter().map(invoice_from_row).collect()
 }
 
 /// One invoice (locked on PostgreSQL when `lock`).

@@ -1,6 +1,7 @@
 //! One subscription locked inside a write transaction: changes made in memory, then saved with
 //! their history entries and outbox events in the same transaction. Invoices are numbered and
-//! inserted at once (the counter row stays locked until the transaction ends).
+//! inserted at once (the counter row stays locked until the transaction ends); a batch of units
+//! in one transaction shares one [`InvoiceNumbers`] range.
 
 use chrono::{DateTime, Utc};
 use runtime::{db::Db, outbox};
@@ -11,7 +12,7 @@ use crate::{
     domain::Bill,
     error::SubError,
     model::{HistoryRecord, InvoiceRecord, InvoiceStatus, SubscriptionRecord},
-    store,
+    store::{self, InvoiceNumbers},
 };
 
 /// The gateway charge an invoice is issued after (an immediate change paid first, S6).
@@ -33,6 +34,42 @@ pub struct Unit {
     is_new: bool,
     history: Vec<HistoryRecord>,
     events: Vec<(&'static str, Value)>,
+    issued: Vec<InvoiceRecord>,
+    /// Issued invoices not inserted yet (their insert waits for [`Writes::flush`]).
+    unsaved: Vec<InvoiceRecord>,
+    defer: bool,
+    /// The next invoice is charged by the caller: no first attempt for the collector.
+    caller_charges: bool,
+}
+
+/// What many units of one transaction write, gathered by [`Unit::save_to`] and written with a
+/// few multi-row statements by [`Writes::flush`] (a batch of renewals would otherwise cost a
+/// round trip per row).
+#[derive(Debug, Default)]
+pub struct Writes {
+    subs: Vec<SubscriptionRecord>,
+    history: Vec<(String, HistoryRecord)>,
+    invoices: Vec<InvoiceRecord>,
+    events: Vec<(&'static str, String, Value, i64)>,
+}
+
+impl Writes {
+    /// Nothing gathered yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Writes everything gathered in the caller's transaction: invoices, subscriptions,
+    /// history, then the outbox events.
+    pub async fn flush(self, conn: &mut AnyConnection) -> Result<(), SubError> {
+        store::insert_invoices(conn, &self.invoices).await?;
+        store::update_subscriptions(conn, &self.subs).await?;
+        store::insert_history_many(conn, &self.history).await?;
+        for (event_type, subject, payload, at) in &self.events {
+            outbox::append(conn, event_type, subject, payload, *at).await?;
+        }
+        Ok(())
+    }
 }
 
 impl Unit {
@@ -44,6 +81,10 @@ impl Unit {
             is_new: true,
             history: Vec::new(),
             events: Vec::new(),
+            issued: Vec::new(),
+            unsaved: Vec::new(),
+            defer: false,
+            caller_charges: false,
         }
     }
 
@@ -51,6 +92,27 @@ impl Unit {
     /// save, not inserted).
     pub fn mark_existing(&mut self) {
         self.is_new = false;
+    }
+
+    /// A record the caller read under this transaction's lock (e.g. a claimed batch), saved
+    /// with [`Unit::save_to`]: its invoices are inserted with the batch's other writes.
+    pub fn locked(sub: SubscriptionRecord, now: DateTime<Utc>) -> Unit {
+        let mut unit = Unit::create(sub, now);
+        unit.mark_existing();
+        unit.defer = true;
+        unit
+    }
+
+    /// The next invoice issued is charged by the caller (Subscribe's first payment), so no
+    /// attempt is due for the collector.
+    pub fn charged_by_caller(&mut self) {
+        self.caller_charges = true;
+    }
+
+    /// The invoices issued in this unit so far, handed over once (e.g. to collect after the
+    /// commit).
+    pub fn take_issued(&mut self) -> Vec<InvoiceRecord> {
+        std::mem::take(&mut self.issued)
     }
 
     /// Locks the account's subscription (row lock on PostgreSQL).
@@ -69,6 +131,10 @@ impl Unit {
             is_new: false,
             history: Vec::new(),
             events: Vec::new(),
+            issued: Vec::new(),
+            unsaved: Vec::new(),
+            defer: false,
+            caller_charges: false,
         })
     }
 
@@ -106,7 +172,28 @@ impl Unit {
         bill: Bill,
         charged: Option<Charged>,
     ) -> Result<InvoiceRecord, SubError> {
-        let number = store::next_invoice_number(conn, db).await?;
+        let mut numbers = InvoiceNumbers::new();
+        let invoice = self
+            .issue_numbered(conn, db, &mut numbers, kind, cycle, bill, charged)
+            .await?;
+        numbers.write_back(conn).await?;
+        Ok(invoice)
+    }
+
+    /// [`Unit::issue`] with a number from the transaction's range; the caller writes the range
+    /// back before committing.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn issue_numbered(
+        &mut self,
+        conn: &mut AnyConnection,
+        db: &Db,
+        numbers: &mut InvoiceNumbers,
+        kind: &str,
+        cycle: Option<i64>,
+        bill: Bill,
+        charged: Option<Charged>,
+    ) -> Result<InvoiceRecord, SubError> {
+        let number = numbers.take(conn, db).await?;
         let nothing_due = !bill.total.is_positive();
         let status = match &charged {
             Some(c) if !c.settled => InvoiceStatus::Pending,
@@ -132,13 +219,19 @@ impl Unit {
             payment_kind: self.sub.payment_kind,
             payment_method: self.sub.payment_method.clone(),
             payment_attempts: u32::from(charged.is_some()),
-            next_attempt_at: (status == InvoiceStatus::Open && collectable).then_some(self.now),
+            next_attempt_at: (status == InvoiceStatus::Open && collectable && !self.caller_charges)
+                .then_some(self.now),
             issued_at: self.now,
             paid_at: (status == InvoiceStatus::Paid).then_some(self.now),
             gateway_key: charged.map(|c| c.gateway_key).unwrap_or_default(),
             returned_at: None,
         };
-        store::insert_invoice(conn, &invoice).await?;
+        self.caller_charges = false;
+        if self.defer {
+            self.unsaved.push(invoice.clone());
+        } else {
+            store::insert_invoice(conn, &invoice).await?;
+        }
         self.event(
             "subscription.invoice_issued",
             json!({
@@ -147,7 +240,26 @@ impl Unit {
                 "status": invoice.status.as_str(),
             }),
         );
+        self.issued.push(invoice.clone());
         Ok(invoice)
+    }
+
+    /// Gathers an existing record, its invoices, history and events into `writes` (written by
+    /// [`Writes::flush`] in the same transaction).
+    pub fn save_to(self, writes: &mut Writes) -> SubscriptionRecord {
+        let at = self.now.timestamp_micros();
+        let id = &self.sub.subscription_id;
+        writes.invoices.extend(self.unsaved);
+        writes
+            .history
+            .extend(self.history.into_iter().map(|h| (id.clone(), h)));
+        writes.events.extend(
+            self.events
+                .into_iter()
+                .map(|(t, payload)| (t, id.clone(), payload, at)),
+        );
+        writes.subs.push(self.sub.clone());
+        self.sub
     }
 
     /// Saves the record, its history and its events in the caller's transaction.
@@ -159,6 +271,7 @@ impl Unit {
         } else {
             store::update_subscription(conn, &self.sub).await?;
         }
+        store::insert_invoices(conn, &self.unsaved).await?;
         for h in &self.history {
             store::insert_history(conn, &self.sub.subscription_id, h).await?;
         }

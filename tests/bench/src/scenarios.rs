@@ -177,14 +177,17 @@ async fn run_on(
         "renewals" => {
             let sub_chans = channels(&stack.subscription.url(), 1).await?;
             let ch = &sub_chans[0];
-            let period_end = subscribe_all(ch, &auth, settings.renewals).await?;
+            let (period_end, cursor) =
+                subscribe_all(ch, &wallet_chans[0], &auth, settings.renewals).await?;
             let setup = setup_started.elapsed();
             let idle = memory(stack);
-            let limit = Duration::from_secs(settings.seconds.clamp(120, 300));
-            let tally = renew_all(ch, &auth, settings.renewals, period_end, limit).await?;
-            let check = check_renewals(ch, &auth, settings.renewals, &tally).await;
+            // Room for a slow run (100 renewals/s) without waiting forever on a stuck one.
+            let limit = Duration::from_secs((settings.renewals as u64 / 100).max(120));
+            let tally = renew_all(ch, &auth, settings.renewals, period_end, cursor, limit).await?;
+            let check =
+                check_renewals(ch, &wallet_chans[0], &auth, settings.renewals, &tally).await;
             let what = format!(
-                "renewal run of {} card subscriptions after one AdvanceTime (latency: clock move to renewal invoice event)",
+                "renewal run of {} card subscriptions ({MONTHLY_CREDITS} credits a month) after one AdvanceTime (latency: clock move to the last of the renewal's invoice, its payment and its credits)",
                 settings.renewals
             );
             ("renewals", what, idle, tally, None, setup, check)
@@ -569,13 +572,117 @@ fn plan() -> sub::PlanSpec {
         included_seats: 1,
         seat_price: "5".into(),
         proration: sub::ProrationPolicy::ProrateToCycleEnd as i32,
+        monthly_credits: MONTHLY_CREDITS,
         ..Default::default()
     }
 }
 
-/// Publishes the plan and subscribes `n` accounts by card; returns the period end they share
-/// (the test clock stands still during the setup).
+/// The plan's credits granted in each subscriber's wallet every month (C7).
+const MONTHLY_CREDITS: u64 = 1_000;
+/// Concurrent Subscribe calls of the renewals setup.
+const SUBSCRIBE_CONCURRENCY: usize = 128;
+
+/// Publishes the plan, opens the `n` accounts' wallets and subscribes them by card (both in
+/// parallel), then waits until the first month's credits are in every wallet; returns the
+/// period end they share (the test clock stands still during the setup) and the event cursor
+/// the setup's events end near.
 async fn subscribe_all(
+    ch: &Channel,
+    wallet_ch: &Channel,
+    auth: &Auth,
+    n: usize,
+) -> anyhow::Result<(prost_types::Timestamp, u64)> {
+    // The wallet runs on the system clock and refuses credits that expire in its past: the
+    // subscription's test clock (which starts at a fixed instant) moves to now first, so each
+    // month's grant expires after the wallet's now.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .context("system clock before 1970")?;
+    TestClockClient::new(ch.clone())
+        .advance_time(auth.req(AdvanceTimeRequest {
+            to: Some(prost_types::Timestamp {
+                seconds: i64::try_from(now.as_secs()).context("system clock")?,
+                nanos: 0,
+            }),
+        }))
+        .await
+        .context("moving the subscription clock to now")?;
+    let ids: Vec<String> = (0..n).map(|i| format!("acct-{i}")).collect();
+    let (subscribed, opened) = tokio::join!(
+        subscribe_accounts(ch, auth, n),
+        open_wallets(wallet_ch, auth, &ids)
+    );
+    opened.context("opening the subscribers' wallets")?;
+    let period_end = subscribed?;
+    // Each subscription's first month is granted by the jobs after Subscribe; the timed run
+    // must not include that work.
+    let mut seen = BTreeSet::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs((n as u64 / 50).max(120));
+    let cursor = watch(ch, auth, 0, "subscription.credits_granted", |event| {
+        if event["cycle"] == 1 {
+            seen.insert(
+                event["subscription_id"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+            );
+        }
+        seen.len() < n && tokio::time::Instant::now() < deadline
+    })
+    .await?;
+    if seen.len() < n {
+        bail!(
+            "the first month's credits reached {} of {n} wallets in time",
+            seen.len()
+        );
+    }
+    Ok((period_end, cursor))
+}
+
+/// Streams the service's events of `types` after `cursor`, calling `f` with each payload (and
+/// with `null` each second the stream is quiet) until it returns `false`, resuming after a
+/// broken stream; returns the last cursor seen.
+async fn watch(
+    ch: &Channel,
+    auth: &Auth,
+    mut cursor: u64,
+    types: &str,
+    mut f: impl FnMut(&serde_json::Value) -> bool,
+) -> anyhow::Result<u64> {
+    loop {
+        let req = auth.stream_req(WatchEventsRequest {
+            after_cursor: cursor,
+            types: types.split(',').map(str::to_string).collect(),
+        });
+        let mut stream = SubscriptionsClient::new(ch.clone())
+            .watch_events(req)
+            .await
+            .context("watching events")?
+            .into_inner();
+        loop {
+            // A quiet stream still gives `f` its say on the deadline.
+            let next = tokio::time::timeout(Duration::from_secs(1), stream.next()).await;
+            match next {
+                Ok(Some(Ok(event))) => {
+                    cursor = event.cursor;
+                    let payload: serde_json::Value =
+                        serde_json::from_str(&event.payload_json).unwrap_or_default();
+                    if !f(&payload) {
+                        return Ok(cursor);
+                    }
+                }
+                Ok(Some(Err(_)) | None) => break,
+                Err(_) => {
+                    if !f(&serde_json::Value::Null) {
+                        return Ok(cursor);
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn subscribe_accounts(
     ch: &Channel,
     auth: &Auth,
     n: usize,
@@ -588,7 +695,7 @@ async fn subscribe_all(
         .await
         .context("publishing the plan")?;
     let period_end = std::sync::Mutex::new(None);
-    load::parallel(0..n, 32, |i| {
+    load::parallel(0..n, SUBSCRIBE_CONCURRENCY, |i| {
         let mut client = SubscriptionsClient::new(ch.clone());
         let period_end = &period_end;
         let req = auth.req(sub::SubscribeRequest {
@@ -626,46 +733,23 @@ async fn subscribe_all(
         .context("no subscription answered a period end")
 }
 
-/// Moves the clock past the period end and times each renewal invoice's event from then.
+/// Moves the clock past the period end and times each renewal from then to the last of its
+/// three events: the renewal invoice issued, that invoice paid, the new month's credits granted.
 async fn renew_all(
     ch: &Channel,
     auth: &Auth,
     n: usize,
     period_end: prost_types::Timestamp,
+    after_cursor: u64,
     limit: Duration,
 ) -> anyhow::Result<Tally> {
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
-    let watcher = {
-        let ch = ch.clone();
-        let auth = auth.clone();
-        tokio::spawn(async move {
-            let mut cursor = 0;
-            loop {
-                let req = auth.stream_req(WatchEventsRequest {
-                    after_cursor: cursor,
-                    types: vec!["subscription.invoice_issued".into()],
-                });
-                let Ok(resp) = SubscriptionsClient::new(ch.clone()).watch_events(req).await else {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                };
-                let mut stream = resp.into_inner();
-                while let Some(Ok(event)) = stream.next().await {
-                    cursor = event.cursor;
-                    let payload: serde_json::Value =
-                        serde_json::from_str(&event.payload_json).unwrap_or_default();
-                    if payload["kind"] == "renewal" {
-                        let id = payload["invoice_id"]
-                            .as_str()
-                            .unwrap_or_default()
-                            .to_string();
-                        if tx.send(id).is_err() {
-                            return;
-                        }
-                    }
-                }
-            }
-        })
+    // Per subscription, which of the three arrived (bits 1, 2, 4).
+    let mut parts: std::collections::HashMap<String, u8> = std::collections::HashMap::new();
+    let mut renewal_invoices: std::collections::HashMap<String, String> =
+        std::collections::HashMap::new();
+    let mut tally = Tally {
+        tasks: 1,
+        ..Tally::default()
     };
     let start = Instant::now();
     TestClockClient::new(ch.clone())
@@ -677,32 +761,62 @@ async fn renew_all(
         }))
         .await
         .context("advancing the subscription clock")?;
-    let mut seen = BTreeSet::new();
-    let mut tally = Tally {
-        tasks: 1,
-        ..Tally::default()
-    };
-    let deadline = tokio::time::Instant::now() + limit;
-    while seen.len() < n {
-        match tokio::time::timeout_at(deadline, rx.recv()).await {
-            Ok(Some(id)) => {
-                if seen.insert(id) {
+    let deadline = Instant::now() + limit;
+    let mut done = 0usize;
+    watch(
+        ch,
+        auth,
+        after_cursor,
+        "subscription.invoice_issued,subscription.invoice_paid,subscription.credits_granted",
+        |e| {
+            let subscription = e["subscription_id"].as_str().unwrap_or_default();
+            let part = if e["kind"] == "renewal" {
+                renewal_invoices.insert(
+                    e["invoice_id"].as_str().unwrap_or_default().to_string(),
+                    subscription.to_string(),
+                );
+                1
+            } else if e["number"].is_u64()
+                && e["kind"].is_null()
+                && renewal_invoices.contains_key(e["invoice_id"].as_str().unwrap_or_default())
+            {
+                2
+            } else if e["cycle"] == 2 {
+                4
+            } else {
+                0
+            };
+            if part != 0 {
+                let had = parts.entry(subscription.to_string()).or_default();
+                if *had != 7 && *had | part == 7 {
+                    done += 1;
                     tally
                         .micros
                         .push(u32::try_from(start.elapsed().as_micros()).unwrap_or(u32::MAX));
-                    tally.ok += 1;
                 }
+                *had |= part;
             }
-            Ok(None) | Err(_) => break,
-        }
-    }
+            done < n && Instant::now() < deadline
+        },
+    )
+    .await?;
+    tally.ok = done as u64;
     tally.elapsed = start.elapsed();
-    watcher.abort();
-    let missing = n.saturating_sub(seen.len()) as u64;
+    let missing = n.saturating_sub(done) as u64;
     if missing > 0 {
-        tally
-            .errors
-            .insert(format!("not renewed within {} s", limit.as_secs()), missing);
+        let (mut invoiced, mut paid, mut credited) = (0, 0, 0);
+        for p in parts.values() {
+            invoiced += u64::from(p & 1 != 0);
+            paid += u64::from(p & 2 != 0);
+            credited += u64::from(p & 4 != 0);
+        }
+        tally.errors.insert(
+            format!(
+                "not renewed within {} s (invoiced {invoiced}, paid {paid}, credited {credited})",
+                limit.as_secs()
+            ),
+            missing,
+        );
     }
     tally.micros.sort_unstable();
     Ok(tally)
@@ -712,6 +826,7 @@ async fn renew_all(
 /// subscription.
 async fn check_renewals(
     ch: &Channel,
+    wallet_ch: &Channel,
     auth: &Auth,
     n: usize,
     tally: &Tally,
@@ -747,6 +862,21 @@ async fn check_renewals(
             {
                 paid.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
+            // Signup credits plus two months of the plan's, each granted once.
+            let balance = CreditsWalletClient::new(wallet_ch.clone())
+                .get_wallet(auth.req(w::GetWalletRequest {
+                    wallet_id: format!("acct-{i}"),
+                }))
+                .await
+                .with_context(|| format!("GetWallet acct-{i}"))?
+                .into_inner()
+                .balance;
+            let expected = START_CREDITS + 2 * MONTHLY_CREDITS;
+            if u64::try_from(balance).ok() != Some(expected)
+                && let Ok(mut p) = problems.lock()
+            {
+                p.push(format!("acct-{i}: balance {balance}, expected {expected}"));
+            }
             Ok(())
         }
     })
@@ -760,7 +890,7 @@ async fn check_renewals(
     }
     if problems.is_empty() {
         Ok(format!(
-            "ok: {n} renewal invoices, one per subscription; sample of {}: one renewal invoice each, {} paid",
+            "ok: {n} renewals invoiced, paid and credited; sample of {}: one renewal invoice each, {} paid, two months of credits in each wallet",
             sample.len(),
             paid.into_inner()
         ))

@@ -4,6 +4,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod batches;
 mod catalog;
 mod crash;
 mod payments;
