@@ -65,9 +65,12 @@ impl Writes {
         store::insert_invoices(conn, &self.invoices).await?;
         store::update_subscriptions(conn, &self.subs).await?;
         store::insert_history_many(conn, &self.history).await?;
-        for (event_type, subject, payload, at) in &self.events {
-            outbox::append(conn, event_type, subject, payload, *at).await?;
-        }
+        let events: Vec<(&str, &str, &Value, i64)> = self
+            .events
+            .iter()
+            .map(|(t, subject, payload, at)| (*t, subject.as_str(), payload, *at))
+            .collect();
+        outbox::append_many(conn, &events).await?;
         Ok(())
     }
 }

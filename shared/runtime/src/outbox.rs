@@ -49,8 +49,37 @@ pub async fn append(
     Ok(())
 }
 
-/// Largest number of events the relay numbers in one transaction, and a watcher reads at once.
+/// Appends many events in the caller's transaction with one multi-row statement per chunk
+/// (group commit and batched renewals write hundreds at once): `(type, subject, payload,
+/// occurred_at_us)` each.
+pub async fn append_many(
+    conn: &mut AnyConnection,
+    events: &[(&str, &str, &Value, i64)],
+) -> Result<(), DbError> {
+    for chunk in events.chunks(100) {
+        let sql = format!(
+            "INSERT INTO outbox (event_id, event_type, subject, payload, occurred_at_us) VALUES {}",
+            crate::db::value_rows(chunk.len(), 5)
+        );
+        let mut q = sqlx::query(&sql);
+        for (event_type, subject, payload, at) in chunk {
+            q = q
+                .bind(uuid::Uuid::now_v7().to_string())
+                .bind(*event_type)
+                .bind(*subject)
+                .bind(payload.to_string())
+                .bind(*at);
+        }
+        q.execute(&mut *conn).await?;
+    }
+    Ok(())
+}
+
+/// Largest number of events a watcher reads at once.
 const BATCH: i64 = 500;
+/// Largest number of events the relay numbers in one transaction: a backlog (a renewal run
+/// writes four events per subscription) drains in few, short transactions.
+const RELAY_BATCH: i64 = 5_000;
 /// How often watchers and the relay look for work written by other replicas.
 const POLL: Duration = Duration::from_millis(200);
 
@@ -93,27 +122,31 @@ impl Outbox {
         .fetch_one(&mut *tx)
         .await?
         .try_get(0)?;
-        let pending = sqlx::query(
-            "SELECT COUNT(*), MIN(occurred_at_us) FROM outbox WHERE delivery_cursor IS NULL",
+        let numbered = sqlx::query(
+            "UPDATE outbox SET delivery_cursor = s.rn + $1 \
+             FROM (SELECT id, ROW_NUMBER() OVER (ORDER BY id) - 1 AS rn FROM outbox \
+                   WHERE delivery_cursor IS NULL ORDER BY id LIMIT $2) AS s \
+             WHERE outbox.id = s.id",
         )
-        .fetch_one(&mut *tx)
-        .await?;
-        let count: i64 = pending.try_get(0)?;
-        let oldest: Option<i64> = pending.try_get(1)?;
-        let numbered = if count == 0 {
-            0
+        .bind(next)
+        .bind(RELAY_BATCH)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        // What is left over, for the metrics: nothing unless the batch was full, so the
+        // backlog is only counted while there is one (counting it costs a scan of it).
+        let (left, oldest) = if numbered < RELAY_BATCH as u64 {
+            (0, None)
         } else {
-            sqlx::query(
-                "UPDATE outbox SET delivery_cursor = s.rn + $1 \
-                 FROM (SELECT id, ROW_NUMBER() OVER (ORDER BY id) - 1 AS rn FROM outbox \
-                       WHERE delivery_cursor IS NULL ORDER BY id LIMIT $2) AS s \
-                 WHERE outbox.id = s.id",
+            let pending = sqlx::query(
+                "SELECT COUNT(*), MIN(occurred_at_us) FROM outbox WHERE delivery_cursor IS NULL",
             )
-            .bind(next)
-            .bind(BATCH)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected()
+            .fetch_one(&mut *tx)
+            .await?;
+            (
+                pending.try_get::<i64, _>(0)?,
+                pending.try_get::<Option<i64>, _>(1)?,
+            )
         };
         if numbered > 0 {
             let numbered_i64 = i64::try_from(numbered)
@@ -124,7 +157,6 @@ impl Outbox {
                 .await?;
         }
         tx.commit().await?;
-        let left = count - i64::try_from(numbered).unwrap_or(count);
         self.metrics.outbox_pending.set(left);
         self.metrics
             .outbox_head_cursor
@@ -146,7 +178,7 @@ impl Outbox {
         tokio::spawn(async move {
             loop {
                 match this.relay_once().await {
-                    Ok(n) if n as i64 == BATCH => continue,
+                    Ok(n) if n as i64 == RELAY_BATCH => continue,
                     Ok(_) => {}
                     Err(e) => tracing::error!(error = %e, "outbox relay failed; will retry"),
                 }
