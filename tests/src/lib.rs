@@ -29,6 +29,15 @@ impl Suite {
     }
 
     async fn start_with(dev_token: Option<&str>) -> anyhow::Result<Suite> {
+        Self::start_on(testing::TestDatabase::fresh(), dev_token).await
+    }
+
+    /// Like [`Suite::start`], on `db` (each service on a sibling of it), each service also
+    /// accepting `dev_token` (if given) with every scope.
+    pub async fn start_on(
+        db: testing::TestDatabase,
+        dev_token: Option<&str>,
+    ) -> anyhow::Result<Suite> {
         let with_token = |mut config: runtime::config::ServiceConfig| {
             if let Some(token) = dev_token {
                 config.tokens.push(runtime::config::TokenConfig {
@@ -44,7 +53,6 @@ impl Suite {
             }
             config
         };
-        let db = testing::TestDatabase::fresh();
         let wallet_db = db.sibling("wallet");
         let wallet = runtime::server::start(
             &credits_wallet::SPEC,
