@@ -133,6 +133,8 @@ mod fuzz;
 #[cfg(test)]
 mod limits;
 #[cfg(test)]
+mod peer_faults;
+#[cfg(test)]
 mod readme;
 #[cfg(test)]
 mod scenarios;
