@@ -131,6 +131,8 @@ mod foundation;
 #[cfg(test)]
 mod fuzz;
 #[cfg(test)]
+mod gateway_faults;
+#[cfg(test)]
 mod limits;
 #[cfg(test)]
 mod peer_faults;

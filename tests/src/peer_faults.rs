@@ -410,6 +410,10 @@ async fn reseller_charges_with_the_wallet_down_or_slow_fail_fast_and_retries_deb
     let slow_took = t.elapsed();
     assert!(retryable(&slow), "wallet slow: {slow:?}");
     assert!(slow_took < FAIL_FAST_BOUND, "wallet slow: {slow_took:?}");
+    assert!(
+        !slow.message().contains("nothing was debited"),
+        "a wallet that did not answer may have debited: {slow:?}"
+    );
     // The wallet did debit (its answer was the part that was late).
     s.wait_balance("partner:p1", 8_000).await;
 

@@ -1,0 +1,518 @@
+//! The gateway's faults across the flows that pay for credits, end to end through the real
+//! services: a declined card, a card whose answer times out (the money is captured, the
+//! outcome unknown to the caller) and a direct debit that the bank returns, for a wallet
+//! purchase, a fixed auto top-up after a send (C4), an on-demand send at the wallet (C9) and an
+//! on-demand send routed through reseller-billing. For each case: no credits are kept without
+//! payment, no payment is kept without its credits (a returned debit's credits are clawed back),
+//! each outcome is an event on the wallet's stream, and VerifyLedger is clean.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::{
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use proto::{
+    common::v1::{AdvanceTimeRequest, WatchEventsRequest, test_clock_client::TestClockClient},
+    reseller::v1::{self as rpb, reseller_billing_client::ResellerBillingClient},
+    wallet::v1::{self as wpb, credits_wallet_client::CreditsWalletClient},
+};
+use runtime::testing::{self, ADMIN_TOKEN, authed};
+use tonic::{Code, transport::Channel};
+
+use crate::{Suite, channel};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Flow {
+    Purchase,
+    AutoTopUp,
+    OnDemand,
+    ResellerOnDemand,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    Declined,
+    Timeout,
+    Returned,
+}
+
+impl Fault {
+    fn method(self) -> &'static str {
+        match self {
+            Fault::Declined => "pm_card_declined",
+            Fault::Timeout => "pm_card_timeout",
+            Fault::Returned => "pm_sepa_returned",
+        }
+    }
+}
+
+const FLOWS: [Flow; 4] = [
+    Flow::Purchase,
+    Flow::AutoTopUp,
+    Flow::OnDemand,
+    Flow::ResellerOnDemand,
+];
+const FAULTS: [Fault; 3] = [Fault::Declined, Fault::Timeout, Fault::Returned];
+
+fn pricing() -> wpb::CreditPricing {
+    wpb::CreditPricing {
+        mode: wpb::TierMode::Graduated as i32,
+        tiers: vec![wpb::PriceTier {
+            first: 1,
+            last: 0,
+            unit_price: "0.01".into(),
+            flat_price: String::new(),
+        }],
+    }
+}
+
+fn rating() -> wpb::RatingRule {
+    wpb::RatingRule {
+        credits_per_recipient: "1".into(),
+        per_mailing_surcharge: 0,
+    }
+}
+
+/// What one case's paying call answered: a code, or OK.
+type Answer = Result<(), tonic::Status>;
+
+struct World {
+    suite: Suite,
+    wallet: CreditsWalletClient<Channel>,
+    reseller: ResellerBillingClient<Channel>,
+    events: Arc<Mutex<Vec<proto::common::v1::Event>>>,
+}
+
+impl World {
+    /// Calls `call` until it answers something other than `UNAVAILABLE` (a gateway answer
+    /// that is not known yet), at most 10 tries, returning the first answer and the last.
+    async fn paid<F, Fut>(mut call: F) -> (Answer, Answer, usize)
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Answer>,
+    {
+        let first = call().await;
+        let mut last = first.clone();
+        let mut retries = 0;
+        while matches!(&last, Err(s) if s.code() == Code::Unavailable) && retries < 10 {
+            retries += 1;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            last = call().await;
+        }
+        (first, last, retries)
+    }
+
+    async fn open(&self, wallet_id: &str) {
+        self.wallet
+            .clone()
+            .open_wallet(authed(
+                ADMIN_TOKEN,
+                wpb::OpenWalletRequest {
+                    idempotency_key: format!("open-{wallet_id}"),
+                    wallet_id: wallet_id.into(),
+                    currency: "EUR".into(),
+                    pricing: Some(pricing()),
+                    rating: Some(rating()),
+                    signup_credits: 0,
+                    signup_credits_expire_at: None,
+                },
+            ))
+            .await
+            .unwrap();
+    }
+
+    async fn charge(&self, key: &str, wallet_id: &str, recipients: u64) -> Answer {
+        self.wallet
+            .clone()
+            .charge_mailing(authed(
+                ADMIN_TOKEN,
+                wpb::ChargeMailingRequest {
+                    idempotency_key: key.into(),
+                    wallet_id: wallet_id.into(),
+                    mailing_id: format!("mail-{key}"),
+                    recipients,
+                },
+            ))
+            .await
+            .map(|_| ())
+    }
+
+    /// Sets up the case's wallet and makes its paying call (retried with the same key while
+    /// the answer is unknown). Returns the wallet id, the first and the final answer, and the
+    /// retries.
+    async fn run(&self, flow: Flow, fault: Fault) -> (String, Answer, Answer, usize) {
+        let tag = format!("{flow:?}-{fault:?}").to_lowercase();
+        let method = fault.method();
+        match flow {
+            Flow::Purchase => {
+                self.open(&tag).await;
+                let (first, last, retries) = Self::paid(|| {
+                    let mut w = self.wallet.clone();
+                    let req = wpb::PurchaseCreditsRequest {
+                        idempotency_key: format!("buy-{tag}"),
+                        wallet_id: tag.clone(),
+                        credits: 1_000,
+                        payment_method: method.into(),
+                        expires_at: None,
+                        expected_amount: None,
+                    };
+                    async move {
+                        w.purchase_credits(authed(ADMIN_TOKEN, req))
+                            .await
+                            .map(|_| ())
+                    }
+                })
+                .await;
+                (tag, first, last, retries)
+            }
+            Flow::AutoTopUp => {
+                self.open(&tag).await;
+                self.wallet
+                    .clone()
+                    .grant_credits(authed(
+                        ADMIN_TOKEN,
+                        wpb::GrantCreditsRequest {
+                            idempotency_key: format!("grant-{tag}"),
+                            wallet_id: tag.clone(),
+                            credits: 500,
+                            kind: wpb::LotKind::Promotional as i32,
+                            expires_at: None,
+                            reference: "start".into(),
+                        },
+                    ))
+                    .await
+                    .unwrap();
+                self.wallet
+                    .clone()
+                    .configure_auto_top_up(authed(
+                        ADMIN_TOKEN,
+                        wpb::ConfigureAutoTopUpRequest {
+                            idempotency_key: format!("auto-{tag}"),
+                            wallet_id: tag.clone(),
+                            auto_top_up: Some(wpb::AutoTopUp {
+                                mode: wpb::AutoTopUpMode::Fixed as i32,
+                                threshold: 100,
+                                amount: 1_000,
+                                max_per_purchase: 0,
+                                monthly_cap: 0,
+                            }),
+                            payment_method: method.into(),
+                        },
+                    ))
+                    .await
+                    .unwrap();
+                // 450 of 500 leaves 50, below the threshold: the top-up follows the send.
+                let key = format!("send-{tag}");
+                let (first, last, retries) = Self::paid(|| self.charge(&key, &tag, 450)).await;
+                (tag, first, last, retries)
+            }
+            Flow::OnDemand => {
+                self.open(&tag).await;
+                self.wallet
+                    .clone()
+                    .set_funding_mode(authed(
+                        ADMIN_TOKEN,
+                        wpb::SetFundingModeRequest {
+                            idempotency_key: format!("fund-{tag}"),
+                            wallet_id: tag.clone(),
+                            funding_mode: wpb::FundingMode::OnDemand as i32,
+                            payment_method: method.into(),
+                        },
+                    ))
+                    .await
+                    .unwrap();
+                let key = format!("send-{tag}");
+                let (first, last, retries) = Self::paid(|| self.charge(&key, &tag, 100)).await;
+                (tag, first, last, retries)
+            }
+            Flow::ResellerOnDemand => {
+                let partner = tag.clone();
+                self.reseller
+                    .clone()
+                    .register_partner(authed(
+                        ADMIN_TOKEN,
+                        rpb::RegisterPartnerRequest {
+                            idempotency_key: format!("reg-{tag}"),
+                            partner_id: partner.clone(),
+                            currency: "EUR".into(),
+                            funding: rpb::PartnerFunding::OnDemand as i32,
+                            payment_method: method.into(),
+                            pricing: Some(pricing()),
+                            rating: Some(rating()),
+                        },
+                    ))
+                    .await
+                    .unwrap();
+                self.reseller
+                    .clone()
+                    .add_customer(authed(
+                        ADMIN_TOKEN,
+                        rpb::AddCustomerRequest {
+                            idempotency_key: format!("add-{tag}"),
+                            partner_id: partner.clone(),
+                            customer_id: format!("c-{tag}"),
+                            billing_mode: rpb::BillingMode::PartnerPays as i32,
+                        },
+                    ))
+                    .await
+                    .unwrap();
+                let (first, last, retries) = Self::paid(|| {
+                    let mut r = self.reseller.clone();
+                    let req = rpb::ChargeMailingRequest {
+                        idempotency_key: format!("send-{tag}"),
+                        partner_id: partner.clone(),
+                        customer_id: format!("c-{tag}"),
+                        mailing_id: "m1".into(),
+                        recipients: 100,
+                    };
+                    async move { r.charge_mailing(authed(ADMIN_TOKEN, req)).await.map(|_| ()) }
+                })
+                .await;
+                (format!("partner:{tag}"), first, last, retries)
+            }
+        }
+    }
+
+    async fn entries(&self, wallet_id: &str) -> Vec<wpb::LedgerEntry> {
+        self.wallet
+            .clone()
+            .list_ledger_entries(authed(
+                ADMIN_TOKEN,
+                wpb::ListLedgerEntriesRequest {
+                    wallet_id: wallet_id.into(),
+                    page_size: 500,
+                    page_token: String::new(),
+                },
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+            .entries
+    }
+
+    fn event_types(&self, wallet_id: &str) -> Vec<String> {
+        self.events
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|e| e.subject == wallet_id)
+            .map(|e| e.r#type.clone())
+            .collect()
+    }
+
+    /// Waits (at most 20 s) until `wallet_id` has an event of one of `types`.
+    async fn wait_event(&self, wallet_id: &str, types: &[&str]) {
+        let until = Instant::now() + Duration::from_secs(20);
+        while !self
+            .event_types(wallet_id)
+            .iter()
+            .any(|t| types.contains(&t.as_str()))
+        {
+            assert!(
+                Instant::now() < until,
+                "{wallet_id}: none of {types:?} among {:?}",
+                self.event_types(wallet_id)
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+fn sum(entries: &[wpb::LedgerEntry], kind: wpb::LedgerEntryKind) -> (usize, i64) {
+    let of_kind: Vec<_> = entries.iter().filter(|e| e.kind == kind as i32).collect();
+    (of_kind.len(), of_kind.iter().map(|e| e.delta).sum())
+}
+
+#[tokio::test]
+async fn every_gateway_fault_in_every_paying_flow_keeps_credits_and_payments_together() {
+    let started = Instant::now();
+    let suite = Suite::start().await.unwrap();
+    let w = channel(&suite.wallet).await.unwrap();
+    let world = World {
+        wallet: CreditsWalletClient::new(w.clone()),
+        reseller: ResellerBillingClient::new(channel(&suite.reseller).await.unwrap()),
+        events: Arc::default(),
+        suite,
+    };
+    // Every wallet event, as a watcher would see it.
+    let mut stream = world
+        .wallet
+        .clone()
+        .watch_events(authed(
+            ADMIN_TOKEN,
+            WatchEventsRequest {
+                after_cursor: 0,
+                types: vec![],
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let sink = world.events.clone();
+    let watcher = tokio::spawn(async move {
+        while let Ok(Some(event)) = stream.message().await {
+            sink.lock().unwrap().push(event);
+        }
+    });
+
+    let mut cases = Vec::new();
+    for flow in FLOWS {
+        for fault in FAULTS {
+            let (wallet_id, first, last, retries) = world.run(flow, fault).await;
+            cases.push((flow, fault, wallet_id, first, last, retries));
+        }
+    }
+    // The direct debits settle (returned) after the simulator's 3 days: move every clock.
+    let now = world.suite.wallet.platform.clock.now();
+    for running in [
+        &world.suite.wallet,
+        &world.suite.subscription,
+        &world.suite.reseller,
+    ] {
+        TestClockClient::new(channel(running).await.unwrap())
+            .advance_time(authed(
+                ADMIN_TOKEN,
+                AdvanceTimeRequest {
+                    to: Some(runtime::convert::timestamp(now + chrono::Duration::days(4))),
+                },
+            ))
+            .await
+            .unwrap();
+    }
+
+    let mut lines = Vec::new();
+    for (flow, fault, wallet_id, first, last, retries) in &cases {
+        let what = format!("{flow:?} x {fault:?} ({wallet_id})");
+        match fault {
+            Fault::Declined => {
+                world
+                    .wait_event(
+                        wallet_id,
+                        &["wallet.purchase_failed", "wallet.top_up_failed"],
+                    )
+                    .await;
+            }
+            Fault::Timeout => {
+                world
+                    .wait_event(
+                        wallet_id,
+                        &["wallet.purchase_succeeded", "wallet.top_up_succeeded"],
+                    )
+                    .await;
+            }
+            Fault::Returned => {
+                world
+                    .wait_event(wallet_id, &["wallet.payment_returned"])
+                    .await
+            }
+        }
+        let entries = world.entries(wallet_id).await;
+        let (purchases, bought) = sum(&entries, wpb::LedgerEntryKind::Purchase);
+        let (clawbacks, clawed) = sum(&entries, wpb::LedgerEntryKind::Clawback);
+        let (sends, debited) = sum(&entries, wpb::LedgerEntryKind::Mailing);
+        let types = world.event_types(wallet_id);
+        let count = |t: &str| types.iter().filter(|x| x.as_str() == t).count();
+        let succeeded = count("wallet.purchase_succeeded") + count("wallet.top_up_succeeded");
+        let failed = count("wallet.purchase_failed") + count("wallet.top_up_failed");
+        match fault {
+            Fault::Declined => {
+                // No payment, so no credits; the event says so.
+                assert_eq!(purchases, 0, "{what}: credits without payment: {entries:?}");
+                assert_eq!((succeeded, failed), (0, 1), "{what}: {types:?}");
+                match flow {
+                    // The top-up follows a send that is paid with credits already there.
+                    Flow::AutoTopUp => assert!(last.is_ok(), "{what}: {last:?}"),
+                    // The send needed the credits: refused, nothing debited.
+                    _ => {
+                        let code = last.as_ref().err().map(tonic::Status::code);
+                        assert!(
+                            matches!(code, Some(Code::FailedPrecondition))
+                                || (*flow == Flow::Purchase && last.is_ok()),
+                            "{what}: {last:?}"
+                        );
+                        assert_eq!(sends, 0, "{what}: debited without credits");
+                    }
+                }
+            }
+            Fault::Timeout => {
+                // The money was captured: its credits are granted, exactly once.
+                assert!(last.is_ok(), "{what}: {last:?}");
+                assert_eq!(purchases, 1, "{what}: {entries:?}");
+                assert!(bought > 0, "{what}");
+                assert_eq!((succeeded, failed), (1, 0), "{what}: {types:?}");
+            }
+            Fault::Returned => {
+                // The bank took the money back: whatever was granted is clawed back.
+                assert_eq!(
+                    bought + clawed,
+                    0,
+                    "{what}: credits kept without payment: {entries:?}"
+                );
+                assert_eq!(count("wallet.payment_returned"), 1, "{what}: {types:?}");
+                // A send already paid with the returned credits leaves a debt (C9), recorded.
+                let debt = usize::from(bought > 0);
+                assert_eq!(count("wallet.debt_recorded"), debt, "{what}: {types:?}");
+                if matches!(flow, Flow::OnDemand | Flow::ResellerOnDemand) {
+                    assert_eq!(
+                        balance_of(&entries),
+                        -bought,
+                        "{what}: the debt is the send"
+                    );
+                }
+                assert!(last.is_ok(), "{what}: {last:?}");
+            }
+        }
+        if matches!(flow, Flow::OnDemand | Flow::ResellerOnDemand) && last.is_ok() {
+            assert_eq!((sends, debited), (1, -100), "{what}: the send debited once");
+        }
+        let balance = entries.last().map_or(0, |e| e.balance_after);
+        let sum_all: i64 = entries.iter().map(|e| e.delta).sum();
+        assert_eq!(balance, sum_all, "{what}");
+        lines.push(format!(
+            "{flow:?} x {fault:?}: first {}, final {} after {retries} retries; purchase entries \
+             {purchases} (+{bought}), claw-backs {clawbacks} ({clawed}), sends {sends}; balance \
+             {balance}; events {types:?}",
+            code_of(first),
+            code_of(last),
+        ));
+    }
+    let report = world
+        .wallet
+        .clone()
+        .verify_ledger(authed(
+            ADMIN_TOKEN,
+            wpb::VerifyLedgerRequest {
+                outbox_grace_seconds: 0,
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(report.violations_total, 0, "{:?}", report.violations);
+    watcher.abort();
+    eprintln!(
+        "gateway faults [{:?}]: {} cases; VerifyLedger {} wallets, {} entries, {} purchases, 0 \
+         violations; {:.1?}\n  {}",
+        testing::backend(),
+        cases.len(),
+        report.wallets_checked,
+        report.entries_checked,
+        report.purchases_checked,
+        started.elapsed(),
+        lines.join("\n  ")
+    );
+    world.suite.stop().await.unwrap();
+}
+
+fn balance_of(entries: &[wpb::LedgerEntry]) -> i64 {
+    entries.last().map_or(0, |e| e.balance_after)
+}
+
+fn code_of(answer: &Answer) -> String {
+    match answer {
+        Ok(()) => "OK".into(),
+        Err(s) => format!("{:?}", s.code()),
+    }
+}
