@@ -4,7 +4,10 @@
 //! purchase, a fixed auto top-up after a send (C4), an on-demand send at the wallet (C9) and an
 //! on-demand send routed through reseller-billing. For each case: no credits are kept without
 //! payment, no payment is kept without its credits (a returned debit's credits are clawed back),
-//! each outcome is an event on the wallet's stream, and VerifyLedger is clean.
+//! each outcome is an event on the wallet's stream, and VerifyLedger is clean. And a
+//! subscription's first renewal with each fault: the renewal invoice is paid exactly once
+//! (timeout) or stays open with the subscription past due (declined, returned), each outcome an
+//! event of the subscription service, and no month's credits granted twice.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -16,6 +19,9 @@ use std::{
 use proto::{
     common::v1::{AdvanceTimeRequest, WatchEventsRequest, test_clock_client::TestClockClient},
     reseller::v1::{self as rpb, reseller_billing_client::ResellerBillingClient},
+    subscription::v1::{
+        self as spb, catalog_client::CatalogClient, subscriptions_client::SubscriptionsClient,
+    },
     wallet::v1::{self as wpb, credits_wallet_client::CreditsWalletClient},
 };
 use runtime::testing::{self, ADMIN_TOKEN, authed};
@@ -82,7 +88,42 @@ struct World {
     suite: Suite,
     wallet: CreditsWalletClient<Channel>,
     reseller: ResellerBillingClient<Channel>,
+    subs: SubscriptionsClient<Channel>,
     events: Arc<Mutex<Vec<proto::common::v1::Event>>>,
+}
+
+fn billing_admin() -> Option<spb::Actor> {
+    Some(spb::Actor {
+        user_id: "primary-admin".into(),
+        billing_permission: true,
+    })
+}
+
+fn payment(fault: Option<Fault>) -> Option<spb::Payment> {
+    let (kind, method) = match fault {
+        None => (spb::PaymentKind::Card, "pm_card_ok"),
+        Some(Fault::Returned) => (spb::PaymentKind::DirectDebit, "pm_sepa_returned"),
+        Some(f) => (spb::PaymentKind::Card, f.method()),
+    };
+    Some(spb::Payment {
+        kind: kind as i32,
+        payment_method: method.into(),
+    })
+}
+
+/// Moves the three services' test clocks to `to`.
+async fn advance_to(suite: &Suite, to: chrono::DateTime<chrono::Utc>) {
+    for running in [&suite.wallet, &suite.subscription, &suite.reseller] {
+        TestClockClient::new(channel(running).await.unwrap())
+            .advance_time(authed(
+                ADMIN_TOKEN,
+                AdvanceTimeRequest {
+                    to: Some(runtime::convert::timestamp(to)),
+                },
+            ))
+            .await
+            .unwrap();
+    }
 }
 
 impl World {
@@ -275,6 +316,40 @@ impl World {
         }
     }
 
+    async fn invoices(&self, account: &str) -> Vec<spb::Invoice> {
+        self.subs
+            .clone()
+            .list_invoices(authed(
+                ADMIN_TOKEN,
+                spb::ListInvoicesRequest {
+                    actor: billing_admin(),
+                    account_id: account.into(),
+                },
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+            .invoices
+    }
+
+    /// Waits (at most 20 s) until `account`'s renewal invoice has one of `statuses`.
+    async fn wait_renewal(&self, account: &str, statuses: &[spb::InvoiceStatus]) -> spb::Invoice {
+        let until = Instant::now() + Duration::from_secs(20);
+        loop {
+            let invoices = self.invoices(account).await;
+            if let Some(renewal) = invoices.iter().find(|i| i.kind == "renewal")
+                && statuses.iter().any(|s| *s as i32 == renewal.status)
+            {
+                return renewal.clone();
+            }
+            assert!(
+                Instant::now() < until,
+                "{account}: no renewal in {statuses:?}: {invoices:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     async fn entries(&self, wallet_id: &str) -> Vec<wpb::LedgerEntry> {
         self.wallet
             .clone()
@@ -333,6 +408,7 @@ async fn every_gateway_fault_in_every_paying_flow_keeps_credits_and_payments_tog
     let world = World {
         wallet: CreditsWalletClient::new(w.clone()),
         reseller: ResellerBillingClient::new(channel(&suite.reseller).await.unwrap()),
+        subs: SubscriptionsClient::new(channel(&suite.subscription).await.unwrap()),
         events: Arc::default(),
         suite,
     };
@@ -364,22 +440,145 @@ async fn every_gateway_fault_in_every_paying_flow_keeps_credits_and_payments_tog
             cases.push((flow, fault, wallet_id, first, last, retries));
         }
     }
-    // The direct debits settle (returned) after the simulator's 3 days: move every clock.
+    // Renewals: each account subscribes by card (paid), then switches to the faulty method
+    // before its first renewal.
+    CatalogClient::new(channel(&world.suite.subscription).await.unwrap())
+        .publish_plan(authed(
+            ADMIN_TOKEN,
+            spb::PublishPlanRequest {
+                idempotency_key: "plan".into(),
+                plan: Some(crate::scenarios::plan("email")),
+            },
+        ))
+        .await
+        .unwrap();
+    for fault in FAULTS {
+        let account = format!("renewal-{fault:?}").to_lowercase();
+        world.open(&account).await;
+        let mut subs = world.subs.clone();
+        subs.subscribe(authed(
+            ADMIN_TOKEN,
+            spb::SubscribeRequest {
+                idempotency_key: format!("sub-{account}"),
+                actor: billing_admin(),
+                account_id: account.clone(),
+                plan_id: "email".into(),
+                contacts: 5_000,
+                seats: 1,
+                add_ons: vec![],
+                payment: payment(None),
+                vat_rate: "0.21".into(),
+            },
+        ))
+        .await
+        .unwrap();
+        subs.update_payment_method(authed(
+            ADMIN_TOKEN,
+            spb::UpdatePaymentMethodRequest {
+                idempotency_key: format!("pm-{account}"),
+                actor: billing_admin(),
+                account_id: account.clone(),
+                payment: payment(Some(fault)),
+            },
+        ))
+        .await
+        .unwrap();
+    }
+    // The direct debits settle (returned) after the simulator's 3 days; the monthly plans renew
+    // on February 1st, and their direct debits come back 3 days later.
     let now = world.suite.wallet.platform.clock.now();
-    for running in [
-        &world.suite.wallet,
-        &world.suite.subscription,
-        &world.suite.reseller,
-    ] {
-        TestClockClient::new(channel(running).await.unwrap())
-            .advance_time(authed(
+    advance_to(&world.suite, now + chrono::Duration::days(4)).await;
+    let february = now + chrono::Duration::days(31) + chrono::Duration::hours(1);
+    advance_to(&world.suite, february).await;
+    use spb::InvoiceStatus as S;
+    world
+        .wait_renewal("renewal-returned", &[S::Pending, S::Open])
+        .await;
+    world
+        .wait_renewal("renewal-timeout", &[S::Open, S::Paid])
+        .await;
+    advance_to(&world.suite, february + chrono::Duration::days(4)).await;
+    let mut renewal_lines = Vec::new();
+    for fault in FAULTS {
+        let account = format!("renewal-{fault:?}").to_lowercase();
+        let expected = match fault {
+            Fault::Timeout => S::Paid,
+            Fault::Declined | Fault::Returned => S::Open,
+        };
+        let renewal = world.wait_renewal(&account, &[expected]).await;
+        let invoices = world.invoices(&account).await;
+        assert_eq!(invoices.len(), 2, "{account}: one renewal: {invoices:?}");
+        let sub = world
+            .subs
+            .clone()
+            .get_subscription(authed(
                 ADMIN_TOKEN,
-                AdvanceTimeRequest {
-                    to: Some(runtime::convert::timestamp(now + chrono::Duration::days(4))),
+                spb::GetSubscriptionRequest {
+                    actor: billing_admin(),
+                    account_id: account.clone(),
                 },
             ))
             .await
-            .unwrap();
+            .unwrap()
+            .into_inner();
+        let expected_status = match fault {
+            Fault::Timeout => spb::SubscriptionStatus::Active,
+            Fault::Declined | Fault::Returned => spb::SubscriptionStatus::PastDue,
+        };
+        assert_eq!(sub.status, expected_status as i32, "{account}: {sub:?}");
+        // An event is served once the relay has numbered it, a moment after its commit: read
+        // until the fault's outcome is there (at most 20 s).
+        let until = Instant::now() + Duration::from_secs(20);
+        let (mine, paid, failed, returned) = loop {
+            let events = subscription_events(&world.subs).await;
+            let mine: Vec<String> = events
+                .iter()
+                .filter(|e| e.payload_json.contains(&format!("\"{account}\"")))
+                .map(|e| e.r#type.clone())
+                .collect();
+            let of = |t: &str| mine.iter().filter(|x| x.as_str() == t).count();
+            let counts = (
+                of("subscription.invoice_paid"),
+                of("subscription.payment_failed"),
+                of("subscription.payment_returned"),
+            );
+            let outcome = match fault {
+                Fault::Timeout => counts.0,
+                Fault::Declined => counts.1,
+                Fault::Returned => counts.2,
+            };
+            if outcome > 0 || Instant::now() > until {
+                break (mine, counts.0, counts.1, counts.2);
+            }
+        };
+        // (The first invoice, paid by card at Subscribe, is part of `subscription.started`.)
+        match fault {
+            // The captured payment is applied once: the renewal paid, once.
+            Fault::Timeout => {
+                assert_eq!((paid, failed, returned), (1, 0, 0), "{account}: {mine:?}")
+            }
+            // The renewal is never marked paid; each refused attempt is an event.
+            Fault::Declined => {
+                assert_eq!((paid, returned), (0, 0), "{account}: {mine:?}");
+                assert!(failed >= 1, "{account}: no payment_failed event: {mine:?}");
+            }
+            Fault::Returned => {
+                assert_eq!((paid, returned), (0, 1), "{account}: {mine:?}");
+            }
+        }
+        let grants = world
+            .entries(&account)
+            .await
+            .iter()
+            .filter(|e| e.kind == wpb::LedgerEntryKind::Grant as i32)
+            .count();
+        assert!(grants <= 2, "{account}: a month's credits granted twice");
+        renewal_lines.push(format!(
+            "Renewal x {fault:?}: renewal invoice {:?}, subscription {:?}; events invoice_paid \
+             {paid}, payment_failed {failed}, payment_returned {returned}; monthly grants {grants}; events {mine:?}",
+            S::try_from(renewal.status).unwrap(),
+            spb::SubscriptionStatus::try_from(sub.status).unwrap(),
+        ));
     }
 
     let mut lines = Vec::new();
@@ -496,14 +695,43 @@ async fn every_gateway_fault_in_every_paying_flow_keeps_credits_and_payments_tog
         "gateway faults [{:?}]: {} cases; VerifyLedger {} wallets, {} entries, {} purchases, 0 \
          violations; {:.1?}\n  {}",
         testing::backend(),
-        cases.len(),
+        cases.len() + renewal_lines.len(),
         report.wallets_checked,
         report.entries_checked,
         report.purchases_checked,
         started.elapsed(),
-        lines.join("\n  ")
+        lines
+            .iter()
+            .chain(&renewal_lines)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n  ")
     );
     world.suite.stop().await.unwrap();
+}
+
+/// Every event of the subscription service so far.
+async fn subscription_events(subs: &SubscriptionsClient<Channel>) -> Vec<proto::common::v1::Event> {
+    let mut stream = subs
+        .clone()
+        .watch_events(authed(
+            ADMIN_TOKEN,
+            WatchEventsRequest {
+                after_cursor: 0,
+                types: vec![],
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut events = Vec::new();
+    // The stream stays open: read until it has been quiet for a moment.
+    while let Ok(Ok(Some(event))) =
+        tokio::time::timeout(Duration::from_millis(500), stream.message()).await
+    {
+        events.push(event);
+    }
+    events
 }
 
 fn balance_of(entries: &[wpb::LedgerEntry]) -> i64 {
