@@ -137,6 +137,8 @@ mod limits;
 #[cfg(test)]
 mod peer_faults;
 #[cfg(test)]
+mod pgrestart;
+#[cfg(test)]
 mod readme;
 #[cfg(test)]
 mod scenarios;
