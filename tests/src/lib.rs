@@ -122,6 +122,11 @@ pub async fn channel(running: &Running) -> anyhow::Result<Channel> {
         .await?)
 }
 
+/// Held by the tests that load the PostgreSQL side heavily (connection cuts, a private
+/// server's restart), so they do not run beside each other.
+#[cfg(test)]
+static PG_SERVER_TESTS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 #[cfg(test)]
 mod dbloss;
 #[cfg(test)]

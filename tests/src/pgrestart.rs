@@ -185,6 +185,7 @@ async fn a_wallet_keeps_serving_across_a_postgresql_restart_and_loses_or_doubles
         );
         return;
     };
+    let _alone = crate::PG_SERVER_TESTS.lock().await;
     let started = Instant::now();
     let server = PrivateServer::start(bin);
     let mut db = testing::TestDatabase::fresh();
