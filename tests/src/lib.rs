@@ -29,6 +29,15 @@ impl Suite {
     }
 
     async fn start_with(dev_token: Option<&str>) -> anyhow::Result<Suite> {
+        Self::start_on(testing::TestDatabase::fresh(), dev_token).await
+    }
+
+    /// Like [`Suite::start`], on `db` (each service on a sibling of it), each service also
+    /// accepting `dev_token` (if given) with every scope.
+    pub async fn start_on(
+        db: testing::TestDatabase,
+        dev_token: Option<&str>,
+    ) -> anyhow::Result<Suite> {
         let with_token = |mut config: runtime::config::ServiceConfig| {
             if let Some(token) = dev_token {
                 config.tokens.push(runtime::config::TokenConfig {
@@ -44,7 +53,6 @@ impl Suite {
             }
             config
         };
-        let db = testing::TestDatabase::fresh();
         let wallet_db = db.sibling("wallet");
         let wallet = runtime::server::start(
             &credits_wallet::SPEC,
@@ -114,6 +122,11 @@ pub async fn channel(running: &Running) -> anyhow::Result<Channel> {
         .await?)
 }
 
+/// Held by the tests that load the PostgreSQL side heavily (connection cuts, a private
+/// server's restart), so they do not run beside each other.
+#[cfg(test)]
+static PG_SERVER_TESTS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 #[cfg(test)]
 mod dbloss;
 #[cfg(test)]
@@ -123,7 +136,13 @@ mod foundation;
 #[cfg(test)]
 mod fuzz;
 #[cfg(test)]
+mod gateway_faults;
+#[cfg(test)]
 mod limits;
+#[cfg(test)]
+mod peer_faults;
+#[cfg(test)]
+mod pgrestart;
 #[cfg(test)]
 mod readme;
 #[cfg(test)]

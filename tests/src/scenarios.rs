@@ -61,7 +61,7 @@ fn graduated(tiers: &[(u64, u64, &str)]) -> wpb::CreditPricing {
 
 /// A monthly marketing plan: graduated contact tiers on a 1,000..50,000 slider, one included
 /// seat at 5.00 per extra seat, an SMS add-on, 1,000 monthly credits.
-fn plan(plan_id: &str) -> spb::PlanSpec {
+pub(crate) fn plan(plan_id: &str) -> spb::PlanSpec {
     spb::PlanSpec {
         plan_id: plan_id.into(),
         name: "Email marketing".into(),

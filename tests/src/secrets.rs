@@ -1,6 +1,11 @@
 //! No secret (bearer token, payment-method token) appears in the logs of a full run across
 //! the three services: the logs are captured at the production filter, with this suite's own
 //! crates at debug, while every service handles real calls, refused calls and payments.
+//!
+//! On PostgreSQL the services connect with a database URL that carries a password (the test
+//! server trusts local connections, so it ignores the password), and the run also includes a
+//! start that fails (a database that does not exist) and calls whose connections are cut: the
+//! password must appear nowhere, neither in the logs nor in the errors. SQLite has no password.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -13,7 +18,7 @@ use proto::{
     reseller::v1::{self as rpb, reseller_billing_client::ResellerBillingClient},
     wallet::v1::{self as wpb, credits_wallet_client::CreditsWalletClient},
 };
-use runtime::testing::authed;
+use runtime::testing::{self, TestBackend, authed};
 use tracing_subscriber::fmt::MakeWriter;
 
 use crate::{Suite, channel};
@@ -40,6 +45,22 @@ impl<'a> MakeWriter<'a> for Captured {
 
 const DEV_TOKEN: &str = "dev-secret-token-9f3a";
 const WRONG_TOKEN: &str = "wrong-secret-token-7c1e";
+const DB_PASSWORD: &str = "db-secret-password-5b2d";
+
+/// `url` with [`DB_PASSWORD`] as the password of its user (`postgres` when it names none).
+fn with_password(url: &str) -> String {
+    let (scheme, rest) = url.split_once("://").expect("a postgres:// URL");
+    let end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(end);
+    let authority = match authority.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split(':').next().unwrap_or(userinfo);
+            format!("{user}:{DB_PASSWORD}@{host}")
+        }
+        None => format!("postgres:{DB_PASSWORD}@{authority}"),
+    };
+    format!("{scheme}://{authority}{tail}")
+}
 
 #[tokio::test]
 async fn no_secret_appears_in_the_logs_of_a_full_run() {
@@ -54,7 +75,35 @@ async fn no_secret_appears_in_the_logs_of_a_full_run() {
     // This test binary installs no other subscriber.
     tracing::subscriber::set_global_default(subscriber).unwrap();
 
-    let suite = Suite::start_with_dev_token(DEV_TOKEN).await.unwrap();
+    let mut db = testing::TestDatabase::fresh();
+    let postgres = testing::backend() == TestBackend::Postgres;
+    if postgres {
+        db.url = with_password(&db.url);
+        // A start that fails: the error (logged by `run_main` as below) must not carry the URL's
+        // password either.
+        let mut missing = testing::TestDatabase::fresh();
+        let base = missing.url.rsplit_once('/').unwrap().0.to_string();
+        missing.url = format!("{base}/no_such_database_{}", std::process::id());
+        let config = testing::config(&credits_wallet::DEFAULTS, &missing);
+        tracing::info!(config = ?config, "starting with");
+        let e = runtime::server::start(&credits_wallet::SPEC, config, credits_wallet::routes)
+            .await
+            .err()
+            .expect("a start on a database that does not exist fails");
+        tracing::error!(error = %format!("{e:#}"), "failed to start");
+        assert!(
+            !format!("{e:#} {e:?}").contains(DB_PASSWORD),
+            "the start error shows the password: {e:#}"
+        );
+    } else {
+        eprintln!(
+            "secrets: SQLite has no database password; the database-password part runs with \
+             BILLING_TEST_BACKEND=postgres"
+        );
+    }
+    let db_schema = db.schema.clone();
+    let db_url = db.url.clone();
+    let suite = Suite::start_on(db, Some(DEV_TOKEN)).await.unwrap();
     let mut wallet = CreditsWalletClient::new(channel(&suite.wallet).await.unwrap());
     let mut reseller = ResellerBillingClient::new(channel(&suite.reseller).await.unwrap());
     let pricing = wpb::CreditPricing {
@@ -136,6 +185,44 @@ async fn no_secret_appears_in_the_logs_of_a_full_run() {
         .await
         .unwrap_err();
     assert_eq!(refused.code(), tonic::Code::Unauthenticated);
+    if postgres {
+        // The wallet's connections cut under it: the calls that follow fail or reconnect, and
+        // whatever the pool and the services log about it must not show the password.
+        sqlx::any::install_default_drivers();
+        let admin = sqlx::any::AnyPoolOptions::new()
+            .max_connections(1)
+            .connect(&db_url)
+            .await
+            .unwrap();
+        let name = runtime::db::application_name(
+            credits_wallet::DEFAULTS.name,
+            &format!("{db_schema}_wallet"),
+        );
+        let cut: Vec<sqlx::any::AnyRow> = sqlx::query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
+        )
+        .bind(&name)
+        .fetch_all(&admin)
+        .await
+        .unwrap();
+        admin.close().await;
+        assert!(!cut.is_empty(), "the wallet had connections to cut");
+        for i in 0..3 {
+            let _ = wallet
+                .grant_credits(authed(
+                    DEV_TOKEN,
+                    wpb::GrantCreditsRequest {
+                        idempotency_key: format!("grant-after-cut-{i}"),
+                        wallet_id: "partner:p1".into(),
+                        credits: 5,
+                        kind: wpb::LotKind::Promotional as i32,
+                        expires_at: None,
+                        reference: "after the cut".into(),
+                    },
+                ))
+                .await;
+        }
+    }
     suite.stop().await.unwrap();
 
     let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
@@ -152,7 +239,19 @@ async fn no_secret_appears_in_the_logs_of_a_full_run() {
         "pm_card_declined",
         "pm_card_timeout",
         "pm_sepa_returned",
+        DB_PASSWORD,
     ] {
         assert!(!text.contains(secret), "{secret} appears in the logs");
+    }
+    if postgres {
+        assert!(
+            text.contains("failed to start") && text.contains("<redacted>"),
+            "the failed start and the configuration were logged"
+        );
+        eprintln!(
+            "secrets [postgres]: {} bytes of logs, database password absent (url, failed start, \
+             cut connections)",
+            text.len()
+        );
     }
 }

@@ -120,7 +120,7 @@ impl From<ResellerError> for Status {
                 ) {
                     tracing::warn!(code = ?status.code(), message = status.message(), "wallet call failed");
                     Status::unavailable(
-                        "the credits-wallet service is unavailable; nothing was debited; retry with the same idempotency key",
+                        "the credits-wallet service did not answer; retry with the same idempotency key (a retry never debits twice)",
                     )
                 } else {
                     Status::new(status.code(), status.message())

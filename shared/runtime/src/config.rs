@@ -113,8 +113,9 @@ pub struct TlsConfig {
     pub key_path: PathBuf,
 }
 
-/// The validated configuration of one service process.
-#[derive(Debug, Clone)]
+/// The validated configuration of one service process. Its `Debug` output leaves out every
+/// secret: token values and the database URL's password.
+#[derive(Clone)]
 pub struct ServiceConfig {
     /// Name of the service (from [`ServiceDefaults`]).
     pub service_name: &'static str,
@@ -158,6 +159,72 @@ pub struct ServiceConfig {
     /// Serve gRPC over TLS with this identity; `None` serves plaintext HTTP/2 (behind a
     /// TLS-terminating proxy or a service mesh, or in development).
     pub tls: Option<TlsConfig>,
+}
+
+impl fmt::Debug for ServiceConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ServiceConfig")
+            .field("service_name", &self.service_name)
+            .field("listen_addr", &self.listen_addr)
+            .field("metrics_addr", &self.metrics_addr)
+            .field("database_url", &redact_url(&self.database_url))
+            .field("database_schema", &self.database_schema)
+            .field("database_max_connections", &self.database_max_connections)
+            .field("log_format", &self.log_format)
+            .field("log_filter", &self.log_filter)
+            .field("request_timeout", &self.request_timeout)
+            .field("concurrency_limit", &self.concurrency_limit)
+            .field("max_request_bytes", &self.max_request_bytes)
+            .field("max_response_bytes", &self.max_response_bytes)
+            .field("max_concurrent_streams", &self.max_concurrent_streams)
+            .field("test_clock", &self.test_clock)
+            .field("test_clock_start", &self.test_clock_start)
+            .field("idempotency_retention", &self.idempotency_retention)
+            .field("tokens", &self.tokens)
+            .field("peers", &self.peers)
+            .field("tls", &self.tls)
+            .finish()
+    }
+}
+
+/// `url` with its password left out, for logs and `Debug` output: the password of the
+/// user-info part (`postgres://user:<redacted>@host/db`) and the value of a `password=` query
+/// parameter (which libpq-style URLs also accept). Everything else is kept, so the log still
+/// says which database a service uses.
+pub fn redact_url(url: &str) -> String {
+    const REDACTED: &str = "<redacted>";
+    let (scheme, rest) = match url.split_once("://") {
+        Some((scheme, rest)) => (Some(scheme), rest),
+        None => (None, url),
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    let authority = match authority.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _password)) => format!("{user}:{REDACTED}@{host}"),
+            None => format!("{userinfo}@{host}"),
+        },
+        None => authority.to_string(),
+    };
+    let tail = match tail.split_once('?') {
+        Some((path, query)) => {
+            let query: Vec<String> = query
+                .split('&')
+                .map(|pair| match pair.split_once('=') {
+                    Some((key, _)) if key.eq_ignore_ascii_case("password") => {
+                        format!("{key}={REDACTED}")
+                    }
+                    _ => pair.to_string(),
+                })
+                .collect();
+            format!("{path}?{}", query.join("&"))
+        }
+        None => tail.to_string(),
+    };
+    match scheme {
+        Some(scheme) => format!("{scheme}://{authority}{tail}"),
+        None => format!("{authority}{tail}"),
+    }
 }
 
 /// A configuration problem, named precisely enough to fix it.
@@ -794,5 +861,48 @@ mod tests {
         )
         .unwrap();
         assert!(!format!("{cfg:?}").contains("very-secret-value"));
+        let cfg = ServiceConfig::from_toml(
+            &DEFAULTS,
+            "",
+            &env(&[
+                ("WALLET_TOKENS", "pipeline:very-secret-value:read"),
+                (
+                    "WALLET_DATABASE_URL",
+                    "postgres://billing:db-pass-4711@db.internal:5432/billing?sslmode=require",
+                ),
+            ]),
+        )
+        .unwrap();
+        let shown = format!("{cfg:?}");
+        assert!(!shown.contains("db-pass-4711"), "{shown}");
+        assert!(
+            shown
+                .contains("postgres://billing:<redacted>@db.internal:5432/billing?sslmode=require"),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn redact_url_leaves_out_only_the_password() {
+        for (url, shown) in [
+            (
+                "postgres://u:secret@h:5432/d",
+                "postgres://u:<redacted>@h:5432/d",
+            ),
+            (
+                "postgres://u:p%40ss@h/d?x=1",
+                "postgres://u:<redacted>@h/d?x=1",
+            ),
+            ("postgres://u@h/d", "postgres://u@h/d"),
+            (
+                "postgres://h/d?user=u&password=secret&sslmode=disable",
+                "postgres://h/d?user=u&password=<redacted>&sslmode=disable",
+            ),
+            ("postgres://u:secret@h", "postgres://u:<redacted>@h"),
+            ("sqlite://data/wallet.db", "sqlite://data/wallet.db"),
+            ("sqlite:data/x.db?mode=rwc", "sqlite:data/x.db?mode=rwc"),
+        ] {
+            assert_eq!(redact_url(url), shown, "{url}");
+        }
     }
 }
