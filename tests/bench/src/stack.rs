@@ -277,9 +277,24 @@ impl Stack {
                 .connect(&postgres_url())
                 .await?;
             for schema in &self.schemas {
-                sqlx::query(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
-                    .execute(&pool)
-                    .await?;
+                // The killed services' sessions may still hold locks for a moment (PostgreSQL
+                // notices the closed sockets on its own time): a drop can meet them and fail
+                // with a deadlock. Try again shortly; the schema is ours alone.
+                let mut tries = 0;
+                loop {
+                    let dropped = sqlx::query(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
+                        .execute(&pool)
+                        .await;
+                    match dropped {
+                        Ok(_) => break,
+                        Err(e) if tries < 10 => {
+                            tries += 1;
+                            eprintln!("bench: dropping {schema} failed ({e}); retrying");
+                            tokio::time::sleep(Duration::from_millis(300)).await;
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
+                }
             }
             pool.close().await;
         }
