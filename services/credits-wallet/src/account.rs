@@ -342,9 +342,8 @@ impl Account {
     /// changes is written back to the headers (see [`store::update_wallet_balances`]).
     pub async fn save_many(
         conn: &mut AnyConnection,
-        accounts: Vec<Account>,
+        mut accounts: Vec<Account>,
     ) -> Result<(), WalletError> {
-        let mut accounts = accounts;
         for a in &mut accounts {
             a.settle()?;
         }

@@ -26,7 +26,7 @@
 //! deadlock, a lost connection): nothing of a failed batch is committed, so running each alone is
 //! exactly what would have happened without batching.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 use prost::Message;
 use runtime::{
@@ -54,13 +54,9 @@ use crate::{
 /// still short enough that no caller waits long for its commit.
 pub const MAX_BATCH: usize = 256;
 
-/// What became of a send handed to group commit.
-pub enum Batched {
-    /// Answered: committed in a batch, refused there, or the first answer replayed.
-    Done(Result<Vec<u8>, WalletError>),
-    /// Not taken by a batch: the caller runs it alone.
-    Alone,
-}
+/// What became of a mutation handed to group commit: its encoded answer (or refusal), or
+/// `Alone`.
+pub type Batched = group_commit::Batched<Result<Vec<u8>, WalletError>>;
 
 /// A mutation group commit takes.
 #[derive(Debug, Clone)]
@@ -155,38 +151,16 @@ struct Committed {
 
 impl Wallets {
     async fn run_batch(&self, jobs: Vec<SendJob>) {
-        // A key twice in one batch: the later one waits for the batch and then replays (or
-        // runs alone), as a concurrent retry would.
-        let mut seen = HashSet::new();
-        let (jobs, twins): (Vec<SendJob>, Vec<SendJob>) = jobs
-            .into_iter()
-            .partition(|j| seen.insert(j.key.key().to_string()));
-        let metrics = &self.platform.metrics;
-        match self.commit_batch(&jobs).await {
-            Ok(done) => {
-                metrics.group_commit_batches.inc();
-                for (job, answer) in jobs.into_iter().zip(done.answers) {
-                    match answer {
-                        Batched::Done(_) => metrics.group_commit_mutations.inc(),
-                        Batched::Alone => metrics.group_commit_alone.inc(),
-                    };
-                    let _ = job.reply.send(answer);
-                }
-                for p in done.follow_ups {
-                    self.drive_in_background(p);
-                }
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, sends = jobs.len(), "group commit failed; each send runs alone");
-                for job in jobs {
-                    metrics.group_commit_alone.inc();
-                    let _ = job.reply.send(Batched::Alone);
-                }
-            }
-        }
-        for job in twins {
-            metrics.group_commit_alone.inc();
-            let _ = job.reply.send(Batched::Alone);
+        let (jobs, twins) = group_commit::twins(jobs, |j| j.key.key());
+        let (done, follow_ups) = match self.commit_batch(&jobs).await {
+            Ok(c) => (Ok(c.answers), c.follow_ups),
+            Err(e) => (Err(e), Vec::new()),
+        };
+        group_commit::deliver(&self.platform.metrics, jobs, twins, done, |job, a| {
+            let _ = job.reply.send(a);
+        });
+        for p in follow_ups {
+            self.drive_in_background(p);
         }
     }
 
@@ -288,29 +262,9 @@ impl Wallets {
                 answers[i] = Some(Batched::Done(Err(missing)));
                 continue;
             };
-            let applied = match &job.op {
-                Op::Spend(spend) => self.apply_in_batch(&mut tx, acct, spend).await?,
-                Op::Capture {
-                    reservation_id,
-                    recipients_sent,
-                } => {
-                    let held = holds
-                        .get(reservation_id)
-                        .filter(|r| r.wallet_id == job.wallet_id)
-                        .cloned();
-                    let (outcome, captured) =
-                        capture_in_batch(acct, held, reservation_id, *recipients_sent);
-                    if let Some(r) = captured {
-                        // A second capture of the same hold in this batch finds it captured.
-                        holds.insert(r.reservation_id.clone(), r);
-                    }
-                    let follow_up = match outcome {
-                        InBatch::Applied(_) => self.fixed_top_up_after(&mut tx, acct).await?,
-                        _ => None,
-                    };
-                    (outcome, follow_up)
-                }
-            };
+            let applied = self
+                .apply_in_batch(&mut tx, acct, &job.wallet_id, &job.op, &mut holds)
+                .await?;
             answers[i] = Some(match applied {
                 (InBatch::Applied(response), follow_up) => {
                     recorded.push((&job.key, Ok(response.clone())));
@@ -343,41 +297,69 @@ impl Wallets {
         })
     }
 
-    /// One send on its locked account, by the rules of a send alone; `Err` only for storage
-    /// failures (which fail the whole batch).
+    /// One mutation on its locked account, by the rules of the same mutation alone, with the
+    /// automatic top-up a debit calls for (C4); `Err` only for storage failures (which fail the
+    /// whole batch). `holds` are the batch's holds being captured, kept current.
     async fn apply_in_batch(
         &self,
         tx: &mut Transaction<'static, Any>,
         acct: &mut Account,
-        spend: &Spend,
+        wallet_id: &str,
+        op: &Op,
+        holds: &mut HashMap<String, ReservationRecord>,
     ) -> Result<(InBatch, Option<PurchaseRecord>), WalletError> {
-        let needed = match rate(&acct.wallet.rating, spend.recipients()) {
-            Ok(n) => n,
-            Err(e) => return Ok((InBatch::Refused(e), None)),
-        };
-        if let Some(err) = refuse_send(acct, spend) {
-            return Ok((InBatch::Refused(err), None));
-        }
-        match top_up_plan(acct, needed) {
-            TopUpPlan::NotNeeded => {}
-            TopUpPlan::Refused { shortfall, reason } => {
-                let err = WalletError::Insufficient {
-                    shortfall,
-                    top_up: Some(reason),
-                };
-                return Ok((InBatch::Refused(err), None));
+        let (outcome, debited) = match op {
+            Op::Spend(spend) => (
+                send_in_batch(acct, spend),
+                matches!(spend, Spend::Charge { .. }),
+            ),
+            Op::Capture {
+                reservation_id,
+                recipients_sent,
+            } => {
+                let held = holds
+                    .get(reservation_id)
+                    .filter(|r| r.wallet_id == wallet_id)
+                    .cloned();
+                let (outcome, captured) =
+                    capture_in_batch(acct, held, reservation_id, *recipients_sent);
+                if let Some(r) = captured {
+                    // A second capture of the same hold in this batch finds it captured.
+                    holds.insert(r.reservation_id.clone(), r);
+                }
+                (outcome, true)
             }
-            // A payment never runs inside a transaction: this send buys its credits alone.
-            TopUpPlan::Buy(_) => return Ok((InBatch::Alone, None)),
+        };
+        let follow_up = match outcome {
+            InBatch::Applied(_) if debited => self.fixed_top_up_after(tx, acct).await?,
+            _ => None,
+        };
+        Ok((outcome, follow_up))
+    }
+}
+
+/// A send on its locked account, by the rules of a send alone.
+fn send_in_batch(acct: &mut Account, spend: &Spend) -> InBatch {
+    let needed = match rate(&acct.wallet.rating, spend.recipients()) {
+        Ok(n) => n,
+        Err(e) => return InBatch::Refused(e),
+    };
+    if let Some(err) = refuse_send(acct, spend) {
+        return InBatch::Refused(err);
+    }
+    match top_up_plan(acct, needed) {
+        TopUpPlan::NotNeeded => {}
+        TopUpPlan::Refused { shortfall, reason } => {
+            return InBatch::Refused(WalletError::Insufficient {
+                shortfall,
+                top_up: Some(reason),
+            });
         }
-        let response = match apply_send(acct, spend, needed, None) {
-            Ok(r) => r,
-            Err(err) => return Ok((InBatch::Refused(err), None)),
-        };
-        let follow_up = match spend {
-            Spend::Charge { .. } => self.fixed_top_up_after(tx, acct).await?,
-            Spend::Hold { .. } => None,
-        };
-        Ok((InBatch::Applied(response), follow_up))
+        // A payment never runs inside a transaction: this send buys its credits alone.
+        TopUpPlan::Buy(_) => return InBatch::Alone,
+    }
+    match apply_send(acct, spend, needed, None) {
+        Ok(response) => InBatch::Applied(response),
+        Err(err) => InBatch::Refused(err),
     }
 }

@@ -1085,7 +1085,6 @@ pub(crate) fn rate(rule: &RatingRule, recipients: u64) -> Result<i64, WalletErro
         .map_err(|e| WalletError::invalid("recipients", e.to_string()))
 }
 
-/// Whether a purchase pays for a send now (see [`PurchaseTrigger::funds_a_send`]).
 /// The hold `reservation_id` as read from its wallet, if it can still be captured or released.
 /// A hold lapsed by this transaction's housekeeping is still 'active' in the table: its expiry
 /// decides.
@@ -1244,6 +1243,7 @@ pub(crate) fn apply_send(
     }
 }
 
+/// Whether a purchase pays for a send now (see [`PurchaseTrigger::funds_a_send`]).
 fn funds_a_send(p: &PurchaseRecord) -> bool {
     p.trigger.funds_a_send(p.origin_key.is_some())
 }

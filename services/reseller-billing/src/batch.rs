@@ -16,8 +16,6 @@
 //! with a key already in the batch, and every send of a batch whose transaction failed, which
 //! committed nothing.
 
-use std::collections::HashSet;
-
 use runtime::{
     group_commit,
     idempotency::{Claimed, IdempotencyKey},
@@ -35,13 +33,7 @@ use crate::{
 /// Most sends in one batch.
 pub const MAX_BATCH: usize = 256;
 
-/// What became of a step handed to group commit.
-pub enum Batched<T> {
-    /// Done in a committed batch (or refused there, or replayed).
-    Done(T),
-    /// Not taken: the caller runs the step alone.
-    Alone,
-}
+pub use runtime::group_commit::Batched;
 
 type RouteAnswer = Batched<Result<Routing, ResellerError>>;
 type RecordAnswer = Batched<Result<Vec<u8>, ResellerError>>;
@@ -102,53 +94,11 @@ impl GroupCommit {
     }
 }
 
-/// Splits off the later jobs whose key is already in the batch: they run alone afterwards and
-/// replay (or resume) what the first one did.
-fn twins<J>(jobs: Vec<J>, key: impl Fn(&J) -> &str) -> (Vec<J>, Vec<J>) {
-    let mut seen = HashSet::new();
-    jobs.into_iter()
-        .partition(|j| seen.insert(key(j).to_string()))
-}
-
 impl Resellers {
-    /// Answers each job of a committed batch, or every job `Alone` if it failed.
-    fn answer<J, T>(
-        &self,
-        jobs: Vec<J>,
-        twins: Vec<J>,
-        done: Result<Vec<Batched<T>>, ResellerError>,
-        reply: impl Fn(J, Batched<T>),
-    ) {
-        let metrics = &self.platform.metrics;
-        match done {
-            Ok(answers) => {
-                metrics.group_commit_batches.inc();
-                for (job, answer) in jobs.into_iter().zip(answers) {
-                    match answer {
-                        Batched::Done(_) => metrics.group_commit_mutations.inc(),
-                        Batched::Alone => metrics.group_commit_alone.inc(),
-                    };
-                    reply(job, answer);
-                }
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, steps = jobs.len(), "group commit failed; each step runs alone");
-                for job in jobs {
-                    metrics.group_commit_alone.inc();
-                    reply(job, Batched::Alone);
-                }
-            }
-        }
-        for job in twins {
-            metrics.group_commit_alone.inc();
-            reply(job, Batched::Alone);
-        }
-    }
-
     async fn route_batch(&self, jobs: Vec<RouteJob>) {
-        let (jobs, twins) = twins(jobs, |j| j.request.key.key());
+        let (jobs, twins) = group_commit::twins(jobs, |j| j.request.key.key());
         let done = self.commit_routes(&jobs).await;
-        self.answer(jobs, twins, done, |job, a| {
+        group_commit::deliver(&self.platform.metrics, jobs, twins, done, |job, a| {
             let _ = job.reply.send(a);
         });
     }
@@ -255,9 +205,9 @@ impl Resellers {
     }
 
     async fn record_batch(&self, jobs: Vec<RecordJob>) {
-        let (jobs, twins) = twins(jobs, |j| j.key.key());
+        let (jobs, twins) = group_commit::twins(jobs, |j| j.key.key());
         let done = self.commit_records(&jobs).await;
-        self.answer(jobs, twins, done, |job, a| {
+        group_commit::deliver(&self.platform.metrics, jobs, twins, done, |job, a| {
             let _ = job.reply.send(a);
         });
     }

@@ -6,9 +6,62 @@
 //! This only schedules work inside one process: what a batch may do, and that it stays correct
 //! beside other replicas' batches, is the caller's (row locks and unique keys in the database).
 
-use std::{future::Future, sync::Arc};
+use std::{collections::HashSet, fmt::Display, future::Future, sync::Arc};
 
 use tokio::sync::{Semaphore, mpsc, oneshot};
+
+use crate::metrics::Metrics;
+
+/// What became of a mutation handed to group commit.
+pub enum Batched<T> {
+    /// Answered in a committed batch (or refused there, or its first answer replayed).
+    Done(T),
+    /// Not taken by a batch: the caller runs it alone.
+    Alone,
+}
+
+/// Splits off the later jobs whose idempotency key is already in the batch: they run alone
+/// after it, and replay (or resume) what the first one did, as a concurrent retry would.
+pub fn twins<J>(jobs: Vec<J>, key: impl Fn(&J) -> &str) -> (Vec<J>, Vec<J>) {
+    let mut seen = HashSet::new();
+    jobs.into_iter()
+        .partition(|j| seen.insert(key(j).to_string()))
+}
+
+/// Answers a batch's jobs through `reply`, counting them in the `group_commit_*` metrics: each
+/// job its answer when the batch committed (`done` holds one per job, in order), every job
+/// `Alone` when it failed (nothing of it committed), and the twins `Alone` either way.
+pub fn deliver<J, T, E: Display>(
+    metrics: &Metrics,
+    jobs: Vec<J>,
+    twins: Vec<J>,
+    done: Result<Vec<Batched<T>>, E>,
+    reply: impl Fn(J, Batched<T>),
+) {
+    match done {
+        Ok(answers) => {
+            metrics.group_commit_batches.inc();
+            for (job, answer) in jobs.into_iter().zip(answers) {
+                match answer {
+                    Batched::Done(_) => metrics.group_commit_mutations.inc(),
+                    Batched::Alone => metrics.group_commit_alone.inc(),
+                };
+                reply(job, answer);
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, mutations = jobs.len(), "group commit failed; each mutation runs alone");
+            for job in jobs {
+                metrics.group_commit_alone.inc();
+                reply(job, Batched::Alone);
+            }
+        }
+    }
+    for job in twins {
+        metrics.group_commit_alone.inc();
+        reply(job, Batched::Alone);
+    }
+}
 
 /// Starts a collector on the current runtime and returns its queue. `run` gets each batch, in
 /// arrival order, on a task of its own; at most `workers` batches run at once. The collector
