@@ -261,21 +261,7 @@ pub async fn insert_entry(
     wallet_id: &str,
     e: &EntryRecord,
 ) -> Result<(), DbError> {
-    sqlx::query(
-        "INSERT INTO ledger_entries (wallet_id, seq, kind, delta, balance_after, reference, description, created_at_us) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-    )
-    .bind(wallet_id)
-    .bind(e.seq)
-    .bind(e.kind.as_str())
-    .bind(e.delta)
-    .bind(e.balance_after)
-    .bind(&e.reference)
-    .bind(&e.description)
-    .bind(micros(e.created_at))
-    .execute(conn)
-    .await?;
-    Ok(())
+    insert_entries(conn, &[(wallet_id, e)]).await
 }
 
 /// A page of the statement: entries after `after_seq`, at most `limit`.

@@ -283,26 +283,7 @@ pub async fn insert_routed(
     r: &RoutedRecord,
     now: DateTime<Utc>,
 ) -> Result<(), DbError> {
-    sqlx::query(&format!(
-        "INSERT INTO routed ({ROUTED_COLUMNS}, created_at_us) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"
-    ))
-    .bind(&r.idempotency_key)
-    .bind(&r.kind)
-    .bind(&r.partner_id)
-    .bind(&r.customer_id)
-    .bind(r.payer.as_str())
-    .bind(&r.payer_wallet_id)
-    .bind(&r.mailing_id)
-    .bind(r.recipients)
-    .bind(r.credits)
-    .bind(&r.status)
-    .bind(&r.reservation_id)
-    .bind(&r.reservation_status)
-    .bind(now.timestamp_micros())
-    .execute(conn)
-    .await?;
-    Ok(())
+    insert_routed_many(conn, std::slice::from_ref(r), now).await
 }
 
 /// The routing recorded under an idempotency key.
