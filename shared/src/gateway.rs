@@ -20,7 +20,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Duration, Utc};
@@ -184,13 +184,58 @@ pub trait PaymentGateway: Send + Sync + 'static {
     ) -> Result<Option<ChargeRecord>, GatewayError>;
 }
 
+/// One charge as the simulator keeps it: the request's key once (shared with the index), the
+/// method as one of the known tokens, the amount, the first and the current status. About 100
+/// bytes with its key, so a renewal run's hundreds of thousands of charges stay small; the
+/// charge id and the outcome replayed to retries follow from the position and the first status.
+#[derive(Debug)]
+struct Kept {
+    key: Arc<str>,
+    method: &'static str,
+    amount: Money,
+    first: ChargeStatus,
+    status: ChargeStatus,
+    created_at: DateTime<Utc>,
+}
+
+impl Kept {
+    fn charge_id(index: usize) -> String {
+        format!("ch_sim_{}", index + 1)
+    }
+
+    fn record(&self, index: usize) -> ChargeRecord {
+        ChargeRecord {
+            charge_id: Kept::charge_id(index),
+            idempotency_key: self.key.to_string(),
+            payment_method: self.method.to_string(),
+            amount: self.amount,
+            status: self.status,
+            created_at: self.created_at,
+        }
+    }
+
+    /// The answer to the first request, which retries replay.
+    fn outcome(&self, index: usize) -> ChargeOutcome {
+        match self.first {
+            ChargeStatus::Declined(reason) => ChargeOutcome::Declined { reason },
+            ChargeStatus::Pending | ChargeStatus::Returned => ChargeOutcome::Pending {
+                charge_id: Kept::charge_id(index),
+            },
+            ChargeStatus::Succeeded => ChargeOutcome::Succeeded {
+                charge_id: Kept::charge_id(index),
+            },
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 struct State {
-    /// Records in creation order, so listings and settlement are deterministic.
-    records: Vec<ChargeRecord>,
-    /// The outcome replayed to retries, per record.
-    outcomes: Vec<ChargeOutcome>,
-    by_key: HashMap<String, usize>,
+    /// Charges in creation order, so listings and settlement are deterministic.
+    kept: Vec<Kept>,
+    by_key: HashMap<Arc<str>, usize>,
+    /// Positions of the direct debits not settled yet, in creation order: settlement looks at
+    /// these alone, not at every charge ever made.
+    pending: Vec<usize>,
 }
 
 /// Deterministic in-memory provider (see the module docs for the tokens).
@@ -231,7 +276,13 @@ impl SimulatedGateway {
 
     /// Every charge so far, in creation order (for tests).
     pub fn charges(&self) -> Vec<ChargeRecord> {
-        self.state().records.clone()
+        let state = self.state();
+        state
+            .kept
+            .iter()
+            .enumerate()
+            .map(|(i, k)| k.record(i))
+            .collect()
     }
 
     /// Settles every pending direct debit requested at least the settlement
@@ -239,21 +290,24 @@ impl SimulatedGateway {
     pub fn settle_due(&self, now: DateTime<Utc>) -> Vec<ChargeRecord> {
         let delay = self.settlement_delay;
         let mut state = self.state();
+        let State { kept, pending, .. } = &mut *state;
         let mut changed = Vec::new();
-        for record in &mut state.records {
-            let due = record
+        pending.retain(|&index| {
+            let k = &mut kept[index];
+            let due = k
                 .created_at
                 .checked_add_signed(delay)
                 .is_some_and(|due| due <= now);
-            if record.status == ChargeStatus::Pending && due {
-                record.status = if record.payment_method == PM_SEPA_RETURNED {
+            if due {
+                k.status = if k.method == PM_SEPA_RETURNED {
                     ChargeStatus::Returned
                 } else {
                     ChargeStatus::Succeeded
                 };
-                changed.push(record.clone());
+                changed.push(k.record(index));
             }
-        }
+            !due
+        });
         changed
     }
 
@@ -286,51 +340,40 @@ impl PaymentGateway for SimulatedGateway {
     async fn charge(&self, request: &ChargeRequest) -> Result<ChargeOutcome, GatewayError> {
         Self::validate(request)?;
         let mut state = self.state();
-        if let Some(&index) = state.by_key.get(&request.idempotency_key) {
-            let first = &state.records[index];
-            if first.amount != request.amount || first.payment_method != request.payment_method {
+        if let Some(&index) = state.by_key.get(request.idempotency_key.as_str()) {
+            let first = &state.kept[index];
+            if first.amount != request.amount || first.method != request.payment_method {
                 return Err(GatewayError::MismatchedRetry);
             }
-            return Ok(state.outcomes[index].clone());
+            return Ok(first.outcome(index));
         }
-        let index = state.records.len();
-        let charge_id = format!("ch_sim_{}", index + 1);
-        let method = request.payment_method.as_str();
-        let (status, outcome) = match method {
-            PM_CARD_DECLINED | PM_CARD_INSUFFICIENT_FUNDS => {
-                let reason = if method == PM_CARD_DECLINED {
-                    DeclineReason::Declined
-                } else {
-                    DeclineReason::InsufficientFunds
-                };
-                (
-                    ChargeStatus::Declined(reason),
-                    ChargeOutcome::Declined { reason },
-                )
-            }
-            PM_SEPA_OK | PM_SEPA_RETURNED => (
-                ChargeStatus::Pending,
-                ChargeOutcome::Pending {
-                    charge_id: charge_id.clone(),
-                },
-            ),
-            _ => (
-                ChargeStatus::Succeeded,
-                ChargeOutcome::Succeeded {
-                    charge_id: charge_id.clone(),
-                },
-            ),
+        let index = state.kept.len();
+        let method = KNOWN_METHODS
+            .iter()
+            .copied()
+            .find(|m| *m == request.payment_method)
+            .ok_or_else(|| GatewayError::UnknownPaymentMethod(request.payment_method.clone()))?;
+        let status = match method {
+            PM_CARD_DECLINED => ChargeStatus::Declined(DeclineReason::Declined),
+            PM_CARD_INSUFFICIENT_FUNDS => ChargeStatus::Declined(DeclineReason::InsufficientFunds),
+            PM_SEPA_OK | PM_SEPA_RETURNED => ChargeStatus::Pending,
+            _ => ChargeStatus::Succeeded,
         };
-        state.records.push(ChargeRecord {
-            charge_id,
-            idempotency_key: request.idempotency_key.clone(),
-            payment_method: request.payment_method.clone(),
+        let key: Arc<str> = Arc::from(request.idempotency_key.as_str());
+        let charge = Kept {
+            key: key.clone(),
+            method,
             amount: request.amount,
+            first: status,
             status,
             created_at: request.requested_at,
-        });
-        state.outcomes.push(outcome.clone());
-        state.by_key.insert(request.idempotency_key.clone(), index);
+        };
+        let outcome = charge.outcome(index);
+        state.kept.push(charge);
+        state.by_key.insert(key, index);
+        if status == ChargeStatus::Pending {
+            state.pending.push(index);
+        }
         if method == PM_CARD_TIMEOUT {
             // The money is captured, but the caller does not learn it yet.
             return Err(GatewayError::Timeout);
@@ -346,8 +389,7 @@ impl PaymentGateway for SimulatedGateway {
         Ok(state
             .by_key
             .get(idempotency_key)
-            .and_then(|&i| state.records.get(i))
-            .cloned())
+            .and_then(|&i| state.kept.get(i).map(|k| k.record(i))))
     }
 }
 

@@ -686,7 +686,7 @@ pub async fn set_lots_remaining(
         let sql = format!(
             "UPDATE credit_lots SET remaining = v.column2 FROM (VALUES {}) AS v \
              WHERE credit_lots.lot_id = v.column1",
-            value_rows(chunk.len(), 2)
+            value_rows(Backend::of(conn), chunk.len(), 2)
         );
         let mut q = sqlx::query(&sql);
         for (id, remaining) in chunk {
@@ -706,7 +706,7 @@ pub async fn insert_entries(
         let sql = format!(
             "INSERT INTO ledger_entries (wallet_id, seq, kind, delta, balance_after, reference, \
              description, created_at_us) VALUES {}",
-            value_rows(chunk.len(), 8)
+            value_rows(Backend::of(conn), chunk.len(), 8)
         );
         let mut q = sqlx::query(&sql);
         for (wallet_id, e) in chunk {
@@ -737,7 +737,7 @@ pub async fn update_wallet_balances(
             "UPDATE wallets SET balance = v.column2, held = v.column3, debt = v.column4, \
              ledger_seq = v.column5, reminder_armed = v.column6 FROM (VALUES {}) AS v \
              WHERE wallets.wallet_id = v.column1",
-            value_rows(chunk.len(), 6)
+            value_rows(Backend::of(conn), chunk.len(), 6)
         );
         let mut q = sqlx::query(&sql);
         for w in chunk {

@@ -483,7 +483,7 @@ pub async fn insert_routed_many(
     for chunk in routed.chunks(CHUNK / 13) {
         let sql = format!(
             "INSERT INTO routed ({ROUTED_COLUMNS}, created_at_us) VALUES {}",
-            value_rows(chunk.len(), 13)
+            value_rows(Backend::of(conn), chunk.len(), 13)
         );
         let mut q = sqlx::query(&sql);
         for r in chunk {
@@ -517,7 +517,7 @@ pub async fn update_routed_many(
             "UPDATE routed SET status = v.column2, credits = v.column3, reservation_id = v.column4, \
              reservation_status = v.column5 FROM (VALUES {}) AS v \
              WHERE routed.idempotency_key = v.column1",
-            value_rows(chunk.len(), 5)
+            value_rows(Backend::of(conn), chunk.len(), 5)
         );
         let mut q = sqlx::query(&sql);
         for r in chunk {

@@ -6,7 +6,7 @@
 use chrono::{DateTime, Utc};
 use runtime::{
     clock::from_micros,
-    db::{Backend, Db, DbError},
+    db::{Backend, Db, DbError, placeholders, value_rows},
 };
 use rust_decimal::Decimal;
 use shared::{Currency, Money};
@@ -396,14 +396,6 @@ pub async fn read_subscription(
     row.as_ref().map(sub_from_row).transpose()
 }
 
-/// `$first, $first+1, ...`: `n` placeholders for an `IN (...)` list.
-fn placeholders(first: usize, n: usize) -> String {
-    (first..first + n)
-        .map(|i| format!("${i}"))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
 /// The lock suffix that lets concurrent claimers take different rows: on PostgreSQL a row
 /// another replica's batch holds is skipped (it renews that one); SQLite's write transaction
 /// already admits one claimer at a time, and whatever it renewed is no longer due for the next.
@@ -458,7 +450,7 @@ pub async fn lock_subscriptions(
     let q = format!(
         "SELECT {SUB_COLUMNS} FROM subscriptions WHERE account_id IN ({}) \
          ORDER BY account_id{}",
-        placeholders(1, account_ids.len()),
+        placeholders(db.backend(), account_ids.len(), 1),
         db.for_update()
     );
     let mut query = sqlx::query(&q);
@@ -479,7 +471,7 @@ pub async fn read_subscriptions(
     }
     let q = format!(
         "SELECT {SUB_COLUMNS} FROM subscriptions WHERE account_id IN ({})",
-        placeholders(1, account_ids.len()),
+        placeholders(db.backend(), account_ids.len(), 1),
     );
     let mut query = sqlx::query(&q);
     for id in account_ids {
@@ -680,14 +672,6 @@ pub async fn insert_invoice(conn: &mut AnyConnection, i: &InvoiceRecord) -> Resu
 /// parameters at 36 columns.
 const ROWS_PER_STATEMENT: usize = 100;
 
-/// `($1, ..., $c), ($c+1, ...), ...`: `rows` tuples of `columns` placeholders.
-fn value_rows(rows: usize, columns: usize) -> String {
-    (0..rows)
-        .map(|r| format!("({})", placeholders(r * columns + 1, columns)))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
 /// Stores newly issued invoices, many rows per statement.
 pub async fn insert_invoices(
     conn: &mut AnyConnection,
@@ -712,7 +696,7 @@ pub async fn insert_invoices(
             .collect::<Result<Vec<_>, DbError>>()?;
         let q = format!(
             "INSERT INTO invoices ({INVOICE_COLUMNS}) VALUES {}",
-            value_rows(chunk.len(), columns)
+            value_rows(Backend::of(conn), chunk.len(), columns)
         );
         let mut query = sqlx::query(&q);
         for (i, lines) in chunk.iter().zip(&lines) {
@@ -761,7 +745,7 @@ pub async fn update_subscriptions(
         let q = format!(
             "WITH v ({SUB_COLUMNS}) AS (VALUES {}) UPDATE subscriptions SET {sets} FROM v \
              WHERE subscriptions.subscription_id = v.subscription_id",
-            value_rows(chunk.len(), columns.len())
+            value_rows(Backend::of(conn), chunk.len(), columns.len())
         );
         let mut query = sqlx::query(&q);
         for s in chunk {
@@ -781,7 +765,7 @@ pub async fn insert_history_many(
         let q = format!(
             "INSERT INTO subscription_history (subscription_id, seq, at_us, actor, action, detail) \
              VALUES {}",
-            value_rows(chunk.len(), 6)
+            value_rows(Backend::of(conn), chunk.len(), 6)
         );
         let mut query = sqlx::query(&q);
         for (subscription_id, h) in chunk {
@@ -842,7 +826,7 @@ pub async fn update_invoice_payments(
         let q = format!(
             "WITH v ({COLUMNS}) AS (VALUES {}) UPDATE invoices SET {sets} FROM v \
              WHERE invoices.invoice_id = v.invoice_id",
-            value_rows(chunk.len(), 9)
+            value_rows(Backend::of(conn), chunk.len(), 9)
         );
         let mut query = sqlx::query(&q);
         for i in chunk {
@@ -888,7 +872,7 @@ pub async fn invoices_by_id(
     }
     let q = format!(
         "SELECT {INVOICE_COLUMNS} FROM invoices WHERE invoice_id IN ({}) ORDER BY invoice_id{}",
-        placeholders(1, invoice_ids.len()),
+        placeholders(db.backend(), invoice_ids.len(), 1),
         if lock { db.for_update() } else { "" }
     );
     let mut query = sqlx::query(&q);

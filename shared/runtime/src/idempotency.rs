@@ -17,7 +17,7 @@ use sha2::{Digest, Sha256};
 use sqlx::{AnyConnection, Row};
 use tonic::{Code, Status};
 
-use crate::db::{Db, DbError, placeholders, value_rows};
+use crate::db::{Backend, Db, DbError, placeholders, value_rows};
 
 /// Longest key accepted.
 pub const MAX_KEY_LEN: usize = 255;
@@ -149,7 +149,7 @@ impl IdempotencyKey {
             let sql = format!(
                 "SELECT idempotency_key, operation, fingerprint, status_code, response \
                  FROM idempotency_keys WHERE idempotency_key IN ({})",
-                placeholders(chunk.len(), 1)
+                placeholders(Backend::of(conn), chunk.len(), 1)
             );
             let mut q = sqlx::query(&sql);
             for k in chunk {
@@ -181,7 +181,7 @@ impl IdempotencyKey {
                 "INSERT INTO idempotency_keys \
                  (idempotency_key, operation, fingerprint, status_code, response, created_at_us) \
                  VALUES {}",
-                value_rows(chunk.len(), 6)
+                value_rows(Backend::of(conn), chunk.len(), 6)
             );
             let mut q = sqlx::query(&sql);
             for (key, answer) in chunk {

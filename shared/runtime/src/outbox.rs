@@ -59,7 +59,7 @@ pub async fn append_many(
     for chunk in events.chunks(100) {
         let sql = format!(
             "INSERT INTO outbox (event_id, event_type, subject, payload, occurred_at_us) VALUES {}",
-            crate::db::value_rows(chunk.len(), 5)
+            crate::db::value_rows(crate::db::Backend::of(conn), chunk.len(), 5)
         );
         let mut q = sqlx::query(&sql);
         for (event_type, subject, payload, at) in chunk {
