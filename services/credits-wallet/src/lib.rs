@@ -96,13 +96,17 @@ pub fn migrations() -> Migrations {
 /// `shared::PaymentGateway`).
 pub fn routes(platform: &Platform) -> anyhow::Result<tonic::service::Routes> {
     let simulator = Arc::new(SimulatedGateway::new());
-    let shards = match platform.db.backend() {
-        // One writer at a time is all SQLite has: a second batch would only wait for it.
-        runtime::db::Backend::Sqlite => 1,
-        // Batches of different wallets run side by side; a hot wallet's sends all meet in its
-        // shard's queue and commit together.
-        runtime::db::Backend::Postgres => 4,
-    };
+    let shards = platform
+        .config
+        .group_commit_shards
+        .unwrap_or(match platform.db.backend() {
+            // One writer at a time is all SQLite has: a second batch would only wait for it.
+            runtime::db::Backend::Sqlite => 1,
+            // Batches of different wallets run side by side (spread sends: 6,111/s with 4,
+            // 5,711/s with 1, docs/benchmarks.md); a hot wallet's sends all meet in its
+            // shard's queue and commit together.
+            runtime::db::Backend::Postgres => 4,
+        });
     let wallets = service::Wallets::new(platform.clone(), simulator.clone())
         .with_group_commit(batch::MAX_BATCH, shards);
     jobs::spawn(platform, wallets.clone(), simulator);

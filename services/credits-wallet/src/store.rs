@@ -8,7 +8,7 @@ use std::collections::{HashMap, HashSet};
 
 use runtime::{
     clock::from_micros,
-    db::{Backend, Db, DbError, fetch_in, value_rows},
+    db::{Backend, Db, DbError, chunks, fetch_in, value_rows},
 };
 use shared::{Currency, Money, RatingRule};
 use sqlx::{AnyConnection, Row, any::AnyRow};
@@ -682,7 +682,7 @@ pub async fn set_lots_remaining(
     conn: &mut AnyConnection,
     lots: &[(&str, i64)],
 ) -> Result<(), DbError> {
-    for chunk in lots.chunks(CHUNK) {
+    for chunk in chunks(Backend::of(conn), lots, CHUNK) {
         let sql = format!(
             "UPDATE credit_lots SET remaining = v.column2 FROM (VALUES {}) AS v \
              WHERE credit_lots.lot_id = v.column1",
@@ -702,7 +702,7 @@ pub async fn insert_entries(
     conn: &mut AnyConnection,
     entries: &[(&str, &EntryRecord)],
 ) -> Result<(), DbError> {
-    for chunk in entries.chunks(CHUNK / 8) {
+    for chunk in chunks(Backend::of(conn), entries, CHUNK / 8) {
         let sql = format!(
             "INSERT INTO ledger_entries (wallet_id, seq, kind, delta, balance_after, reference, \
              description, created_at_us) VALUES {}",
@@ -732,7 +732,7 @@ pub async fn update_wallet_balances(
     conn: &mut AnyConnection,
     wallets: &[&WalletRecord],
 ) -> Result<(), DbError> {
-    for chunk in wallets.chunks(CHUNK / 6) {
+    for chunk in chunks(Backend::of(conn), wallets, CHUNK / 6) {
         let sql = format!(
             "UPDATE wallets SET balance = v.column2, held = v.column3, debt = v.column4, \
              ledger_seq = v.column5, reminder_armed = v.column6 FROM (VALUES {}) AS v \

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use chrono::{DateTime, Utc};
 use runtime::{
     clock::from_micros,
-    db::{Backend, Db, DbError, fetch_in, value_rows},
+    db::{Backend, Db, DbError, chunks, fetch_in, value_rows},
 };
 use sqlx::{AnyConnection, Row, any::AnyRow};
 
@@ -480,7 +480,7 @@ pub async fn insert_routed_many(
     routed: &[RoutedRecord],
     now: DateTime<Utc>,
 ) -> Result<(), DbError> {
-    for chunk in routed.chunks(CHUNK / 13) {
+    for chunk in chunks(Backend::of(conn), routed, CHUNK / 13) {
         let sql = format!(
             "INSERT INTO routed ({ROUTED_COLUMNS}, created_at_us) VALUES {}",
             value_rows(Backend::of(conn), chunk.len(), 13)
@@ -512,7 +512,7 @@ pub async fn update_routed_many(
     conn: &mut AnyConnection,
     routed: &[&RoutedRecord],
 ) -> Result<(), DbError> {
-    for chunk in routed.chunks(CHUNK / 5) {
+    for chunk in chunks(Backend::of(conn), routed, CHUNK / 5) {
         let sql = format!(
             "UPDATE routed SET status = v.column2, credits = v.column3, reservation_id = v.column4, \
              reservation_status = v.column5 FROM (VALUES {}) AS v \

@@ -6,7 +6,7 @@
 use chrono::{DateTime, Utc};
 use runtime::{
     clock::from_micros,
-    db::{Backend, Db, DbError, placeholders, value_rows},
+    db::{Backend, Db, DbError, chunks, fetch_in, value_rows},
 };
 use rust_decimal::Decimal;
 use shared::{Currency, Money};
@@ -444,21 +444,24 @@ pub async fn lock_subscriptions(
     db: &Db,
     account_ids: &[String],
 ) -> Result<Vec<SubscriptionRecord>, DbError> {
-    if account_ids.is_empty() {
-        return Ok(Vec::new());
-    }
-    let q = format!(
-        "SELECT {SUB_COLUMNS} FROM subscriptions WHERE account_id IN ({}) \
-         ORDER BY account_id{}",
-        placeholders(db.backend(), account_ids.len(), 1),
-        db.for_update()
-    );
-    let mut query = sqlx::query(&q);
-    for id in account_ids {
-        query = query.bind(id);
-    }
-    let rows = query.fetch_all(conn).await?;
+    let rows = fetch_in(conn, &sorted(account_ids), &[], |list, _| {
+        format!(
+            "SELECT {SUB_COLUMNS} FROM subscriptions WHERE account_id IN ({list}) \
+             ORDER BY account_id{}",
+            db.for_update()
+        )
+    })
+    .await?;
     rows.iter().map(sub_from_row).collect()
+}
+
+/// `ids` in byte order without repeats: chunks of a sorted list locked one after another take
+/// their row locks in one global order.
+fn sorted(ids: &[String]) -> Vec<&str> {
+    let mut ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    ids
 }
 
 /// The subscriptions of `account_ids`, without locking (e.g. to prepare wallet calls).
@@ -466,18 +469,11 @@ pub async fn read_subscriptions(
     db: &Db,
     account_ids: &[String],
 ) -> Result<Vec<SubscriptionRecord>, DbError> {
-    if account_ids.is_empty() {
-        return Ok(Vec::new());
-    }
-    let q = format!(
-        "SELECT {SUB_COLUMNS} FROM subscriptions WHERE account_id IN ({})",
-        placeholders(db.backend(), account_ids.len(), 1),
-    );
-    let mut query = sqlx::query(&q);
-    for id in account_ids {
-        query = query.bind(id);
-    }
-    let rows = query.fetch_all(db.pool()).await?;
+    let mut conn = db.pool().acquire().await?;
+    let rows = fetch_in(&mut conn, &sorted(account_ids), &[], |list, _| {
+        format!("SELECT {SUB_COLUMNS} FROM subscriptions WHERE account_id IN ({list})")
+    })
+    .await?;
     rows.iter().map(sub_from_row).collect()
 }
 
@@ -678,7 +674,7 @@ pub async fn insert_invoices(
     invoices: &[InvoiceRecord],
 ) -> Result<(), DbError> {
     let columns = INVOICE_COLUMNS.split(',').count();
-    for chunk in invoices.chunks(ROWS_PER_STATEMENT) {
+    for chunk in chunks(Backend::of(conn), invoices, ROWS_PER_STATEMENT) {
         let lines = chunk
             .iter()
             .map(|i| {
@@ -741,7 +737,7 @@ pub async fn update_subscriptions(
         .map(|c| format!("{c} = v.{c}"))
         .collect::<Vec<_>>()
         .join(", ");
-    for chunk in subs.chunks(ROWS_PER_STATEMENT) {
+    for chunk in chunks(Backend::of(conn), subs, ROWS_PER_STATEMENT) {
         let q = format!(
             "WITH v ({SUB_COLUMNS}) AS (VALUES {}) UPDATE subscriptions SET {sets} FROM v \
              WHERE subscriptions.subscription_id = v.subscription_id",
@@ -761,7 +757,7 @@ pub async fn insert_history_many(
     conn: &mut AnyConnection,
     entries: &[(String, HistoryRecord)],
 ) -> Result<(), DbError> {
-    for chunk in entries.chunks(ROWS_PER_STATEMENT * 4) {
+    for chunk in chunks(Backend::of(conn), entries, ROWS_PER_STATEMENT * 4) {
         let q = format!(
             "INSERT INTO subscription_history (subscription_id, seq, at_us, actor, action, detail) \
              VALUES {}",
@@ -822,7 +818,7 @@ pub async fn update_invoice_payments(
         .map(|c| format!("{c} = v.{c}"))
         .collect::<Vec<_>>()
         .join(", ");
-    for chunk in invoices.chunks(ROWS_PER_STATEMENT) {
+    for chunk in chunks(Backend::of(conn), invoices, ROWS_PER_STATEMENT) {
         let q = format!(
             "WITH v ({COLUMNS}) AS (VALUES {}) UPDATE invoices SET {sets} FROM v \
              WHERE invoices.invoice_id = v.invoice_id",
@@ -867,19 +863,14 @@ pub async fn invoices_by_id(
     invoice_ids: &[String],
     lock: bool,
 ) -> Result<Vec<InvoiceRecord>, DbError> {
-    if invoice_ids.is_empty() {
-        return Ok(Vec::new());
-    }
-    let q = format!(
-        "SELECT {INVOICE_COLUMNS} FROM invoices WHERE invoice_id IN ({}) ORDER BY invoice_id{}",
-        placeholders(db.backend(), invoice_ids.len(), 1),
-        if lock { db.for_update() } else { "" }
-    );
-    let mut query = sqlx::query(&q);
-    for id in invoice_ids {
-        query = query.bind(id);
-    }
-    let rows = query.fetch_all(conn).await?;
+    let rows = fetch_in(conn, &sorted(invoice_ids), &[], |list, _| {
+        format!(
+            "SELECT {INVOICE_COLUMNS} FROM invoices WHERE invoice_id IN ({list}) \
+             ORDER BY invoice_id{}",
+            if lock { db.for_update() } else { "" }
+        )
+    })
+    .await?;
     rows.iter().map(invoice_from_row).collect()
 }
 

@@ -145,6 +145,9 @@ pub struct ServiceConfig {
     /// HTTP/2 streams (calls, including open `WatchEvents` streams) one connection may have open
     /// at once; the server advertises it and the client queues the rest.
     pub max_concurrent_streams: u32,
+    /// Group-commit collectors side by side (wallet and reseller-billing); `None` leaves it to
+    /// the service, which picks by backend.
+    pub group_commit_shards: Option<usize>,
     /// Run on a frozen test clock that `TestClock/AdvanceTime` moves.
     pub test_clock: bool,
     /// Where the test clock starts (default 2026-01-01T00:00:00Z), so a process restarted in
@@ -177,6 +180,7 @@ impl fmt::Debug for ServiceConfig {
             .field("max_request_bytes", &self.max_request_bytes)
             .field("max_response_bytes", &self.max_response_bytes)
             .field("max_concurrent_streams", &self.max_concurrent_streams)
+            .field("group_commit_shards", &self.group_commit_shards)
             .field("test_clock", &self.test_clock)
             .field("test_clock_start", &self.test_clock_start)
             .field("idempotency_retention", &self.idempotency_retention)
@@ -271,6 +275,7 @@ struct FileConfig {
     max_request_bytes: Option<usize>,
     max_response_bytes: Option<usize>,
     max_concurrent_streams: Option<u32>,
+    group_commit_shards: Option<usize>,
     test_clock: Option<bool>,
     test_clock_start: Option<String>,
     idempotency_retention_hours: Option<u64>,
@@ -445,6 +450,17 @@ impl ServiceConfig {
         if max_concurrent_streams == 0 {
             return Err(invalid("max_concurrent_streams", "must be at least 1"));
         }
+        // 0 (the default) leaves the number to the backend.
+        let group_commit_shards: usize = parse_num(
+            &env_key("group_commit_shards"),
+            get("group_commit_shards"),
+            file.group_commit_shards,
+            0,
+        )?;
+        if group_commit_shards > 64 {
+            return Err(invalid("group_commit_shards", "must be at most 64"));
+        }
+        let group_commit_shards = (group_commit_shards > 0).then_some(group_commit_shards);
         let test_clock = match get("test_clock") {
             Some(v) => match v.as_str() {
                 "true" | "1" => true,
@@ -569,6 +585,7 @@ impl ServiceConfig {
             max_request_bytes,
             max_response_bytes,
             max_concurrent_streams,
+            group_commit_shards,
             test_clock,
             test_clock_start,
             idempotency_retention: Duration::from_secs(retention_hours * 3600),
@@ -734,6 +751,13 @@ mod tests {
         assert_eq!(cfg.max_request_bytes, DEFAULT_MAX_REQUEST_BYTES);
         assert_eq!(cfg.max_response_bytes, DEFAULT_MAX_RESPONSE_BYTES);
         assert_eq!(cfg.max_concurrent_streams, DEFAULT_MAX_CONCURRENT_STREAMS);
+        assert_eq!(cfg.group_commit_shards, None);
+        let e = env(&[
+            ("WALLET_TOKENS", "t:long-secret:read"),
+            ("WALLET_GROUP_COMMIT_SHARDS", "2"),
+        ]);
+        let cfg = ServiceConfig::from_toml(&DEFAULTS, "group_commit_shards = 8", &e).unwrap();
+        assert_eq!(cfg.group_commit_shards, Some(2));
     }
 
     #[test]
@@ -777,6 +801,12 @@ mod tests {
                 "WALLET_TEST_CLOCK_START",
                 "2026-02-01T00:00:00Z",
                 "test_clock_start",
+            ),
+            ("WALLET_GROUP_COMMIT_SHARDS", "65", "group_commit_shards"),
+            (
+                "WALLET_GROUP_COMMIT_SHARDS",
+                "-1",
+                "WALLET_GROUP_COMMIT_SHARDS",
             ),
             ("WALLET_TLS_CERT_PATH", "/etc/cert.pem", "tls_key_path"),
             ("WALLET_TLS_KEY_PATH", "/etc/key.pem", "tls_cert_path"),

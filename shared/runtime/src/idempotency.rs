@@ -17,7 +17,7 @@ use sha2::{Digest, Sha256};
 use sqlx::{AnyConnection, Row};
 use tonic::{Code, Status};
 
-use crate::db::{Backend, Db, DbError, placeholders, value_rows};
+use crate::db::{Backend, Db, DbError, chunks, fetch_in, value_rows};
 
 /// Longest key accepted.
 pub const MAX_KEY_LEN: usize = 255;
@@ -144,21 +144,18 @@ impl IdempotencyKey {
         conn: &mut AnyConnection,
         keys: &[&IdempotencyKey],
     ) -> Result<Vec<Result<Claimed<Vec<u8>>, IdempotencyError>>, IdempotencyError> {
-        let mut stored = std::collections::HashMap::new();
-        for chunk in keys.chunks(MANY_CHUNK) {
-            let sql = format!(
+        let ids: Vec<&str> = keys.iter().map(|k| k.key.as_str()).collect();
+        let rows = fetch_in(conn, &ids, &[], |list, _| {
+            format!(
                 "SELECT idempotency_key, operation, fingerprint, status_code, response \
-                 FROM idempotency_keys WHERE idempotency_key IN ({})",
-                placeholders(Backend::of(conn), chunk.len(), 1)
-            );
-            let mut q = sqlx::query(&sql);
-            for k in chunk {
-                q = q.bind(&k.key);
-            }
-            for row in q.fetch_all(&mut *conn).await? {
-                let key: String = row.try_get(0)?;
-                stored.insert(key, StoredKey::from_row(&row, 1)?);
-            }
+                 FROM idempotency_keys WHERE idempotency_key IN ({list})"
+            )
+        })
+        .await?;
+        let mut stored = std::collections::HashMap::new();
+        for row in rows {
+            let key: String = row.try_get(0)?;
+            stored.insert(key, StoredKey::from_row(&row, 1)?);
         }
         Ok(keys
             .iter()
@@ -176,7 +173,7 @@ impl IdempotencyKey {
         answers: &[(&IdempotencyKey, Result<Vec<u8>, Status>)],
         now_us: i64,
     ) -> Result<(), IdempotencyError> {
-        for chunk in answers.chunks(MANY_CHUNK) {
+        for chunk in chunks(Backend::of(conn), answers, MANY_CHUNK) {
             let sql = format!(
                 "INSERT INTO idempotency_keys \
                  (idempotency_key, operation, fingerprint, status_code, response, created_at_us) \

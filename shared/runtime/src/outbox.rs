@@ -56,7 +56,7 @@ pub async fn append_many(
     conn: &mut AnyConnection,
     events: &[(&str, &str, &Value, i64)],
 ) -> Result<(), DbError> {
-    for chunk in events.chunks(100) {
+    for chunk in crate::db::chunks(crate::db::Backend::of(conn), events, 100) {
         let sql = format!(
             "INSERT INTO outbox (event_id, event_type, subject, payload, occurred_at_us) VALUES {}",
             crate::db::value_rows(crate::db::Backend::of(conn), chunk.len(), 5)
