@@ -20,7 +20,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Duration, Utc};
@@ -184,14 +184,14 @@ pub trait PaymentGateway: Send + Sync + 'static {
     ) -> Result<Option<ChargeRecord>, GatewayError>;
 }
 
-/// One charge as the simulator keeps it: the request's key once (shared with the index), the
-/// method as one of the known tokens, the amount, the first and the current status. About 100
-/// bytes with its key, so a renewal run's hundreds of thousands of charges stay small; the
-/// charge id and the outcome replayed to retries follow from the position and the first status.
+/// One charge as the simulator keeps it: the method as its position among the known tokens, the
+/// amount, the first and the current status, the request's instant; 40 bytes. Its key is kept
+/// once, in the index; the charge id and the outcome replayed to retries follow from the
+/// position and the first status. So a renewal run's hundreds of thousands of charges stay
+/// small (about 130 bytes each with the key and the index).
 #[derive(Debug)]
 struct Kept {
-    key: Arc<str>,
-    method: &'static str,
+    method: u8,
     amount: Money,
     first: ChargeStatus,
     status: ChargeStatus,
@@ -203,11 +203,15 @@ impl Kept {
         format!("ch_sim_{}", index + 1)
     }
 
-    fn record(&self, index: usize) -> ChargeRecord {
+    fn method(&self) -> &'static str {
+        KNOWN_METHODS[usize::from(self.method)]
+    }
+
+    fn record(&self, index: usize, key: &str) -> ChargeRecord {
         ChargeRecord {
             charge_id: Kept::charge_id(index),
-            idempotency_key: self.key.to_string(),
-            payment_method: self.method.to_string(),
+            idempotency_key: key.to_string(),
+            payment_method: self.method().to_string(),
             amount: self.amount,
             status: self.status,
             created_at: self.created_at,
@@ -232,10 +236,22 @@ impl Kept {
 struct State {
     /// Charges in creation order, so listings and settlement are deterministic.
     kept: Vec<Kept>,
-    by_key: HashMap<Arc<str>, usize>,
-    /// Positions of the direct debits not settled yet, in creation order: settlement looks at
-    /// these alone, not at every charge ever made.
-    pending: Vec<usize>,
+    /// Position of each key's charge.
+    by_key: HashMap<Box<str>, usize>,
+    /// The direct debits not settled yet (position and key), in creation order: settlement
+    /// looks at these alone, not at every charge ever made.
+    pending: Vec<(usize, Box<str>)>,
+}
+
+impl State {
+    /// Every charge's key by position (for listings, which tests alone ask for).
+    fn keys(&self) -> Vec<&str> {
+        let mut keys = vec![""; self.kept.len()];
+        for (key, &i) in &self.by_key {
+            keys[i] = key;
+        }
+        keys
+    }
 }
 
 /// Deterministic in-memory provider (see the module docs for the tokens).
@@ -277,11 +293,12 @@ impl SimulatedGateway {
     /// Every charge so far, in creation order (for tests).
     pub fn charges(&self) -> Vec<ChargeRecord> {
         let state = self.state();
+        let keys = state.keys();
         state
             .kept
             .iter()
             .enumerate()
-            .map(|(i, k)| k.record(i))
+            .map(|(i, k)| k.record(i, keys[i]))
             .collect()
     }
 
@@ -292,19 +309,19 @@ impl SimulatedGateway {
         let mut state = self.state();
         let State { kept, pending, .. } = &mut *state;
         let mut changed = Vec::new();
-        pending.retain(|&index| {
-            let k = &mut kept[index];
+        pending.retain(|(index, key)| {
+            let k = &mut kept[*index];
             let due = k
                 .created_at
                 .checked_add_signed(delay)
                 .is_some_and(|due| due <= now);
             if due {
-                k.status = if k.method == PM_SEPA_RETURNED {
+                k.status = if k.method() == PM_SEPA_RETURNED {
                     ChargeStatus::Returned
                 } else {
                     ChargeStatus::Succeeded
                 };
-                changed.push(k.record(index));
+                changed.push(k.record(*index, key));
             }
             !due
         });
@@ -342,27 +359,26 @@ impl PaymentGateway for SimulatedGateway {
         let mut state = self.state();
         if let Some(&index) = state.by_key.get(request.idempotency_key.as_str()) {
             let first = &state.kept[index];
-            if first.amount != request.amount || first.method != request.payment_method {
+            if first.amount != request.amount || first.method() != request.payment_method {
                 return Err(GatewayError::MismatchedRetry);
             }
             return Ok(first.outcome(index));
         }
         let index = state.kept.len();
-        let method = KNOWN_METHODS
+        let position = KNOWN_METHODS
             .iter()
-            .copied()
-            .find(|m| *m == request.payment_method)
+            .position(|m| *m == request.payment_method)
             .ok_or_else(|| GatewayError::UnknownPaymentMethod(request.payment_method.clone()))?;
+        let method = KNOWN_METHODS[position];
         let status = match method {
             PM_CARD_DECLINED => ChargeStatus::Declined(DeclineReason::Declined),
             PM_CARD_INSUFFICIENT_FUNDS => ChargeStatus::Declined(DeclineReason::InsufficientFunds),
             PM_SEPA_OK | PM_SEPA_RETURNED => ChargeStatus::Pending,
             _ => ChargeStatus::Succeeded,
         };
-        let key: Arc<str> = Arc::from(request.idempotency_key.as_str());
         let charge = Kept {
-            key: key.clone(),
-            method,
+            // Six known tokens: the position fits.
+            method: u8::try_from(position).unwrap_or(u8::MAX),
             amount: request.amount,
             first: status,
             status,
@@ -370,10 +386,11 @@ impl PaymentGateway for SimulatedGateway {
         };
         let outcome = charge.outcome(index);
         state.kept.push(charge);
-        state.by_key.insert(key, index);
+        let key: Box<str> = request.idempotency_key.as_str().into();
         if status == ChargeStatus::Pending {
-            state.pending.push(index);
+            state.pending.push((index, key.clone()));
         }
+        state.by_key.insert(key, index);
         if method == PM_CARD_TIMEOUT {
             // The money is captured, but the caller does not learn it yet.
             return Err(GatewayError::Timeout);
@@ -389,7 +406,7 @@ impl PaymentGateway for SimulatedGateway {
         Ok(state
             .by_key
             .get(idempotency_key)
-            .and_then(|&i| state.kept.get(i).map(|k| k.record(i))))
+            .and_then(|&i| state.kept.get(i).map(|k| k.record(i, idempotency_key))))
     }
 }
 

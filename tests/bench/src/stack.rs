@@ -204,7 +204,9 @@ impl Stack {
                 .env(format!("{prefix}_METRICS_ADDR"), "off")
                 .env(format!("{prefix}_TOKENS"), &tokens)
                 .env(format!("{prefix}_LOG_FILTER"), "warn")
-                .env(format!("{prefix}_CONCURRENCY_LIMIT"), "4096");
+                .env(format!("{prefix}_CONCURRENCY_LIMIT"), "4096")
+                // As the images set it (deploy/docker/Dockerfile): two glibc malloc arenas.
+                .env("MALLOC_ARENA_MAX", "2");
             match backend {
                 Backend::Sqlite => {
                     cmd.env(
