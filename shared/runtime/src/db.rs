@@ -301,7 +301,20 @@ impl Db {
     /// lock: another process on the same file waits for it with `busy_timeout` as before.
     pub async fn begin_write(&self) -> Result<Transaction<'static, sqlx::Any>, DbError> {
         Ok(match (self.backend, &self.writer) {
-            (Backend::Sqlite, Some(writer)) => writer.begin_with("BEGIN IMMEDIATE").await?,
+            (Backend::Sqlite, Some(writer)) => {
+                match writer.begin_with("BEGIN IMMEDIATE").await {
+                    // sqlx counts the writer still inside a transaction it could not end (its
+                    // ROLLBACK failed: SQLite had already rolled it back after an error, or the
+                    // task holding it was cancelled mid-statement), and would refuse every
+                    // `BEGIN` on it from now on. Close that connection; the pool opens another.
+                    Err(sqlx::Error::InvalidSavePointStatement) => {
+                        tracing::warn!("SQLite writer left inside a transaction; reconnecting");
+                        writer.acquire().await?.close().await?;
+                        writer.begin_with("BEGIN IMMEDIATE").await?
+                    }
+                    begun => begun?,
+                }
+            }
             (Backend::Sqlite, None) => self.pool.begin_with("BEGIN IMMEDIATE").await?,
             (Backend::Postgres, _) => self.pool.begin().await?,
         })
@@ -486,6 +499,31 @@ mod tests {
         assert_eq!(placeholders(Backend::Sqlite, 3, 2), "?, ?, ?");
         assert_eq!(value_rows(Backend::Postgres, 2, 2), "($1, $2), ($3, $4)");
         assert_eq!(value_rows(Backend::Sqlite, 2, 2), "(?, ?), (?, ?)");
+    }
+
+    #[tokio::test]
+    async fn a_sqlite_writer_left_inside_a_transaction_is_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}/w.db", dir.path().display());
+        let none = Migrations {
+            sqlite: Migrator::DEFAULT,
+            postgres: Migrator::DEFAULT,
+        };
+        let db = Db::connect_url(&url, "", 2, &none).await.unwrap();
+        {
+            let mut tx = db.begin_write().await.unwrap();
+            // SQLite ends the transaction behind sqlx's back (as it does itself after some
+            // errors): the ROLLBACK of the drop then fails, and sqlx counts it still open.
+            sqlx::query("ROLLBACK").execute(&mut *tx).await.unwrap();
+        }
+        for _ in 0..3 {
+            let mut tx = db.begin_write().await.expect("a write transaction");
+            sqlx::query("CREATE TABLE IF NOT EXISTS t (x BIGINT)")
+                .execute(&mut *tx)
+                .await
+                .unwrap();
+            tx.commit().await.unwrap();
+        }
     }
 
     #[test]

@@ -184,6 +184,7 @@ async fn invoices(subs: &mut SubscriptionsClient<Channel>, account: &str) -> Vec
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subscription_service_killed_mid_renewal_renews_each_subscription_exactly_once() {
+    runtime::telemetry::init(runtime::config::LogFormat::Text, "error");
     let started = Instant::now();
     let db = TestDatabase::fresh();
     let wallet_db = db.sibling("wallet");
