@@ -477,6 +477,7 @@ pub async fn fetch_in(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 
