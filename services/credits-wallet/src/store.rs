@@ -8,7 +8,7 @@ use std::collections::{HashMap, HashSet};
 
 use runtime::{
     clock::from_micros,
-    db::{Backend, Db, DbError, chunks, fetch_in, value_rows},
+    db::{Backend, Db, DbError, chunks, fetch_in, lock_order, value_rows},
 };
 use shared::{Currency, Money, RatingRule};
 use sqlx::{AnyConnection, Row, any::AnyRow};
@@ -583,20 +583,19 @@ pub async fn lock_wallets(
     db: &Db,
     wallet_ids: &[&str],
 ) -> Result<Vec<WalletRecord>, DbError> {
-    let mut sorted = wallet_ids.to_vec();
-    sorted.sort_unstable();
-    sorted.dedup();
-    let collate = match db.backend() {
-        Backend::Postgres => " COLLATE \"C\"",
-        Backend::Sqlite => "",
-    };
-    fetch_in(conn, &sorted, &[], |list, _| {
-        format!(
-            "SELECT {WALLET_COLUMNS} FROM wallets WHERE wallet_id IN ({list}) \
+    let collate = db.byte_order();
+    fetch_in(
+        conn,
+        &lock_order(wallet_ids.iter().copied()),
+        &[],
+        |list, _| {
+            format!(
+                "SELECT {WALLET_COLUMNS} FROM wallets WHERE wallet_id IN ({list}) \
              ORDER BY wallet_id{collate}{}",
-            db.for_update()
-        )
-    })
+                db.for_update()
+            )
+        },
+    )
     .await?
     .iter()
     .map(wallet_from_row)

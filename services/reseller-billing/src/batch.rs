@@ -59,10 +59,10 @@ enum Step {
 }
 
 impl Step {
-    fn key(&self) -> &str {
+    fn idempotency_key(&self) -> &IdempotencyKey {
         match self {
-            Step::Route { request, .. } => request.key.key(),
-            Step::Record { key, .. } => key.key(),
+            Step::Route { request, .. } => &request.key,
+            Step::Record { key, .. } => key,
         }
     }
 }
@@ -116,7 +116,7 @@ impl GroupCommit {
 
 impl Resellers {
     async fn step_batch(&self, jobs: Vec<Step>) {
-        let (jobs, twins) = group_commit::twins(jobs, Step::key);
+        let (jobs, twins) = group_commit::twins(jobs, |j| j.idempotency_key().key());
         let done = self.commit_steps(&jobs).await;
         group_commit::deliver(&self.platform.metrics, jobs, twins, done, |job, a| {
             match (job, a) {
@@ -140,13 +140,7 @@ impl Resellers {
     async fn commit_steps(&self, jobs: &[Step]) -> Result<Vec<Batched<Done>>, ResellerError> {
         let now = self.now();
         let mut tx = self.db.begin_write().await?;
-        let keys: Vec<&IdempotencyKey> = jobs
-            .iter()
-            .map(|j| match j {
-                Step::Route { request, .. } => &request.key,
-                Step::Record { key, .. } => key,
-            })
-            .collect();
+        let keys: Vec<&IdempotencyKey> = jobs.iter().map(Step::idempotency_key).collect();
         let claims = IdempotencyKey::claim_many(&mut tx, &keys).await?;
         let mut routes = Vec::new();
         let mut records = Vec::new();

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use chrono::{DateTime, Utc};
 use runtime::{
     clock::from_micros,
-    db::{Backend, Db, DbError, chunks, fetch_in, value_rows},
+    db::{Backend, Db, DbError, chunks, fetch_in, lock_order, value_rows},
 };
 use sqlx::{AnyConnection, Row, any::AnyRow};
 
@@ -414,20 +414,19 @@ pub async fn lock_customers(
     db: &Db,
     customer_ids: &[&str],
 ) -> Result<HashMap<String, CustomerRecord>, DbError> {
-    let mut sorted = customer_ids.to_vec();
-    sorted.sort_unstable();
-    sorted.dedup();
-    let collate = match db.backend() {
-        Backend::Postgres => " COLLATE \"C\"",
-        Backend::Sqlite => "",
-    };
-    fetch_in(conn, &sorted, &[], |list, _| {
-        format!(
-            "SELECT {CUSTOMER_COLUMNS} FROM customers WHERE customer_id IN ({list}) \
+    let collate = db.byte_order();
+    fetch_in(
+        conn,
+        &lock_order(customer_ids.iter().copied()),
+        &[],
+        |list, _| {
+            format!(
+                "SELECT {CUSTOMER_COLUMNS} FROM customers WHERE customer_id IN ({list}) \
              ORDER BY customer_id{collate}{}",
-            db.for_update()
-        )
-    })
+                db.for_update()
+            )
+        },
+    )
     .await?
     .iter()
     .map(|r| customer_from_row(r).map(|c| (c.customer_id.clone(), c)))

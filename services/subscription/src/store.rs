@@ -6,7 +6,7 @@
 use chrono::{DateTime, Utc};
 use runtime::{
     clock::from_micros,
-    db::{Backend, Db, DbError, chunks, fetch_in, value_rows},
+    db::{Backend, Db, DbError, chunks, fetch_in, lock_order, value_rows},
 };
 use rust_decimal::Decimal;
 use shared::{Currency, Money};
@@ -444,24 +444,20 @@ pub async fn lock_subscriptions(
     db: &Db,
     account_ids: &[String],
 ) -> Result<Vec<SubscriptionRecord>, DbError> {
-    let rows = fetch_in(conn, &sorted(account_ids), &[], |list, _| {
-        format!(
-            "SELECT {SUB_COLUMNS} FROM subscriptions WHERE account_id IN ({list}) \
+    let rows = fetch_in(
+        conn,
+        &lock_order(account_ids.iter().map(String::as_str)),
+        &[],
+        |list, _| {
+            format!(
+                "SELECT {SUB_COLUMNS} FROM subscriptions WHERE account_id IN ({list}) \
              ORDER BY account_id{}",
-            db.for_update()
-        )
-    })
+                db.for_update()
+            )
+        },
+    )
     .await?;
     rows.iter().map(sub_from_row).collect()
-}
-
-/// `ids` in byte order without repeats: chunks of a sorted list locked one after another take
-/// their row locks in one global order.
-fn sorted(ids: &[String]) -> Vec<&str> {
-    let mut ids: Vec<&str> = ids.iter().map(String::as_str).collect();
-    ids.sort_unstable();
-    ids.dedup();
-    ids
 }
 
 /// The subscriptions of `account_ids`, without locking (e.g. to prepare wallet calls).
@@ -470,9 +466,12 @@ pub async fn read_subscriptions(
     account_ids: &[String],
 ) -> Result<Vec<SubscriptionRecord>, DbError> {
     let mut conn = db.pool().acquire().await?;
-    let rows = fetch_in(&mut conn, &sorted(account_ids), &[], |list, _| {
-        format!("SELECT {SUB_COLUMNS} FROM subscriptions WHERE account_id IN ({list})")
-    })
+    let rows = fetch_in(
+        &mut conn,
+        &lock_order(account_ids.iter().map(String::as_str)),
+        &[],
+        |list, _| format!("SELECT {SUB_COLUMNS} FROM subscriptions WHERE account_id IN ({list})"),
+    )
     .await?;
     rows.iter().map(sub_from_row).collect()
 }
@@ -863,13 +862,18 @@ pub async fn invoices_by_id(
     invoice_ids: &[String],
     lock: bool,
 ) -> Result<Vec<InvoiceRecord>, DbError> {
-    let rows = fetch_in(conn, &sorted(invoice_ids), &[], |list, _| {
-        format!(
-            "SELECT {INVOICE_COLUMNS} FROM invoices WHERE invoice_id IN ({list}) \
+    let rows = fetch_in(
+        conn,
+        &lock_order(invoice_ids.iter().map(String::as_str)),
+        &[],
+        |list, _| {
+            format!(
+                "SELECT {INVOICE_COLUMNS} FROM invoices WHERE invoice_id IN ({list}) \
              ORDER BY invoice_id{}",
-            if lock { db.for_update() } else { "" }
-        )
-    })
+                if lock { db.for_update() } else { "" }
+            )
+        },
+    )
     .await?;
     rows.iter().map(invoice_from_row).collect()
 }
