@@ -20,7 +20,7 @@ use crate::{
     clock::ServiceClock,
     clock_service::TestClockService,
     config::{ServiceConfig, ServiceDefaults, TlsConfig},
-    db::{Db, Migrations},
+    db::{self, Db, Migrations},
     idempotency,
     metrics::{self, Metrics},
     middleware::{LoadShedLayer, RequestContextLayer, TimeoutLayer},
@@ -208,6 +208,7 @@ where
 
     let relay = outbox.spawn_relay(shutdown.clone());
     let sweeper = spawn_key_sweeper(&platform);
+    let checkpointer = spawn_checkpointer(&platform);
     let metrics_task = metrics_listener.map(|l| {
         tokio::spawn(metrics::serve_metrics(
             l,
@@ -238,6 +239,7 @@ where
             .await;
         let _ = relay.await;
         let _ = sweeper.await;
+        let _ = checkpointer.await;
         if let Some(t) = metrics_task {
             let _ = t.await;
         }
@@ -280,6 +282,42 @@ fn spawn_key_sweeper(platform: &Platform) -> tokio::task::JoinHandle<()> {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = tokio::time::sleep(Duration::from_secs(600)) => {}
+            }
+        }
+    })
+}
+
+/// Copies SQLite's write-ahead log into the database file off the writer's path
+/// ([`Db::checkpoint`]): every [`db::CHECKPOINT_EVERY`] while the log grows, waiting twice as
+/// long after each checkpoint that found nothing new (or failed), up to
+/// [`db::CHECKPOINT_IDLE`]. Ends at
+/// once where there is nothing to checkpoint (PostgreSQL, SQLite in memory).
+fn spawn_checkpointer(platform: &Platform) -> tokio::task::JoinHandle<()> {
+    let database = platform.db.clone();
+    let shutdown = platform.shutdown.clone();
+    tokio::spawn(async move {
+        let mut last = None;
+        let mut wait = db::CHECKPOINT_EVERY;
+        loop {
+            match database.checkpoint().await {
+                Ok(None) => break,
+                Ok(Some(done)) => {
+                    let idle = last == Some((done.wal_pages, done.copied_pages));
+                    wait = if idle {
+                        (wait * 2).min(db::CHECKPOINT_IDLE)
+                    } else {
+                        db::CHECKPOINT_EVERY
+                    };
+                    last = Some((done.wal_pages, done.copied_pages));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "background WAL checkpoint failed");
+                    wait = (wait * 2).min(db::CHECKPOINT_IDLE);
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tokio::time::sleep(wait) => {}
             }
         }
     })

@@ -13,6 +13,7 @@
 
 mod load;
 mod pgbench;
+mod pgstats;
 mod report;
 mod scenarios;
 mod stack;
@@ -26,6 +27,7 @@ use stack::Backend;
 const USAGE: &str = "\
 usage: bench [--backend sqlite|postgres|both] [--seconds N] [--scenario NAME|all]
              [--wallets N] [--customers N] [--renewals N] [--tasks N] [--no-half-rate]
+             [--rate N]
 
   --backend    where the services keep their data (default sqlite); postgres uses
                BILLING_TEST_POSTGRES_URL (default postgres://postgres@127.0.0.1:5432/billing_test)
@@ -37,7 +39,9 @@ usage: bench [--backend sqlite|postgres|both] [--seconds N] [--scenario NAME|all
   --tasks      concurrent callers of every scenario (default 128 spread and reserve-capture,
                256 hot and reseller-hot)
   --no-half-rate  skip the second, open-loop run of each load scenario at half its
-               measured throughput (the latency-at-half-rate figure)";
+               measured throughput (the latency-at-half-rate figure)
+  --rate       offer the open-loop run at N steps/s instead of half the measured throughput
+               (compares two builds' latency at the same load; reported as the same column)";
 
 struct Args {
     backends: Vec<Backend>,
@@ -56,6 +60,7 @@ fn parse_args() -> anyhow::Result<Args> {
         renewals: 2_000,
         tasks: None,
         half_rate: true,
+        rate: None,
     };
     let number = |flag: &str, v: Option<String>, max: usize| -> anyhow::Result<usize> {
         let n: usize = v
@@ -93,6 +98,7 @@ fn parse_args() -> anyhow::Result<Args> {
             "--renewals" => settings.renewals = number("--renewals", args.next(), 100_000)?,
             "--tasks" => settings.tasks = Some(number("--tasks", args.next(), 4096)?),
             "--no-half-rate" => settings.half_rate = false,
+            "--rate" => settings.rate = Some(number("--rate", args.next(), 1_000_000)? as u64),
             "-h" | "--help" => {
                 println!("{USAGE}");
                 std::process::exit(0);

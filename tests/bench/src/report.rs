@@ -85,7 +85,7 @@ pub fn outcome(o: &Outcome) {
     };
     let half = match &o.half {
         Some((rate, h)) => format!(
-            "\nat half rate, open loop ({rate} steps/s offered for {} s): ok {}, errors {}; latency p50 {} ms, p99 {} ms, max {} ms",
+            "\nopen loop, {rate} steps/s offered (half the throughput above, or --rate) for {} s: ok {}, errors {}; latency p50 {} ms, p99 {} ms, max {} ms",
             seconds(h.elapsed),
             h.ok,
             h.errors.values().sum::<u64>(),
@@ -95,8 +95,23 @@ pub fn outcome(o: &Outcome) {
         ),
         None => String::new(),
     };
+    let postgres = match &o.postgres {
+        Some(a) => {
+            let calls = t.ok + o.half.as_ref().map_or(0, |(_, h)| h.ok);
+            format!(
+                "\npostgres from the load to the end of the check: checkpoints {} timed, {} requested; WAL {} MiB ({} bytes per successful {}), {} full-page images",
+                a.checkpoints_timed,
+                a.checkpoints_requested,
+                mib(u64::try_from(a.wal_bytes / 1024).unwrap_or(0)),
+                u64::try_from(a.wal_bytes).unwrap_or(0) / calls.max(1),
+                unit.trim_end_matches('s'),
+                a.full_page_images,
+            )
+        }
+        None => String::new(),
+    };
     println!(
-        "\n## {} ({})\n{}; setup {} s (not timed)\n{unit} {} in {} s: ok {}, errors: {errors}\nthroughput {} {unit}/s; latency p50 {} ms, p99 {} ms, max {} ms{half}\nmemory MiB (RSS before load -> VmHWM at end): {memory}\ncheck: {}",
+        "\n## {} ({})\n{}; setup {} s (not timed)\n{unit} {} in {} s: ok {}, errors: {errors}\nthroughput {} {unit}/s; latency p50 {} ms, p99 {} ms, max {} ms{half}\nmemory MiB (RSS before load -> VmHWM at end): {memory}{postgres}\ncheck: {}",
         o.scenario,
         o.backend.name(),
         o.what,

@@ -21,6 +21,7 @@ use w::credits_wallet_client::CreditsWalletClient;
 
 use crate::{
     load::{self, Operation, Tally, pick, timed},
+    pgstats,
     stack::{Auth, Backend, Memory, Stack, channels},
 };
 
@@ -47,6 +48,8 @@ pub struct Settings {
     pub tasks: Option<usize>,
     /// After each load at full speed, the same load offered at half its throughput.
     pub half_rate: bool,
+    /// Offers that second run at this many steps per second instead.
+    pub rate: Option<u64>,
 }
 
 /// The result of one scenario on one backend.
@@ -62,8 +65,26 @@ pub struct Outcome {
     pub setup: Duration,
     /// Per service: name, memory before the load, memory at the end.
     pub memory: Vec<(&'static str, Memory, Memory)>,
+    /// On PostgreSQL, what the server did from the start of the load to the end of the check.
+    pub postgres: Option<pgstats::Activity>,
     /// The correctness check: Ok(summary) or Err(what is wrong).
     pub check: Result<String, String>,
+}
+
+/// Each service's memory, and on PostgreSQL the server's counters, at one moment.
+struct Sample {
+    memory: Vec<(&'static str, Memory)>,
+    postgres: Option<pgstats::Counters>,
+}
+
+async fn sample(stack: &Stack, backend: Backend) -> Sample {
+    Sample {
+        memory: memory(stack),
+        postgres: match backend {
+            Backend::Postgres => pgstats::read(&crate::stack::postgres_url()).await,
+            Backend::Sqlite => None,
+        },
+    }
 }
 
 /// Credits each wallet starts with: far more than any run consumes.
@@ -108,7 +129,7 @@ async fn run_on(
             let ids = wallet_ids("spread", settings.wallets);
             open_wallets(&wallet_chans[0], &auth, &ids).await?;
             let setup = setup_started.elapsed();
-            let idle = memory(stack);
+            let idle = sample(stack, backend).await;
             let n = tasks(128);
             let op = charge_op("spread", wallet_chans.clone(), auth.clone(), ids.clone());
             let tally = load::drive(n, secs, MAX_STEPS, op.clone()).await;
@@ -125,7 +146,7 @@ async fn run_on(
             let ids = Arc::new(vec!["hot".to_string()]);
             open_wallets(&wallet_chans[0], &auth, &ids).await?;
             let setup = setup_started.elapsed();
-            let idle = memory(stack);
+            let idle = sample(stack, backend).await;
             let n = tasks(256);
             let op = charge_op("hot", wallet_chans.clone(), auth.clone(), ids.clone());
             let tally = load::drive(n, secs, MAX_STEPS, op.clone()).await;
@@ -147,7 +168,7 @@ async fn run_on(
             )
             .await?;
             let setup = setup_started.elapsed();
-            let idle = memory(stack);
+            let idle = sample(stack, backend).await;
             let n = tasks(256);
             let op = reseller_op(reseller_chans, auth.clone(), partner, settings.customers);
             let tally = load::drive(n, secs, MAX_STEPS, op.clone()).await;
@@ -165,7 +186,7 @@ async fn run_on(
             let ids = wallet_ids("rc", settings.wallets);
             open_wallets(&wallet_chans[0], &auth, &ids).await?;
             let setup = setup_started.elapsed();
-            let idle = memory(stack);
+            let idle = sample(stack, backend).await;
             let n = tasks(128);
             let op = reserve_capture_op(wallet_chans.clone(), auth.clone(), ids.clone());
             let tally = load::drive(n, secs, MAX_STEPS, op.clone()).await;
@@ -184,7 +205,7 @@ async fn run_on(
             let (period_end, cursor) =
                 subscribe_all(ch, &wallet_chans[0], &auth, settings.renewals).await?;
             let setup = setup_started.elapsed();
-            let idle = memory(stack);
+            let idle = sample(stack, backend).await;
             // Room for a slow run (100 renewals/s) without waiting forever on a stuck one.
             let limit = Duration::from_secs((settings.renewals as u64 / 100).max(120));
             let tally = renew_all(ch, &auth, settings.renewals, period_end, cursor, limit).await?;
@@ -198,10 +219,15 @@ async fn run_on(
         }
         other => bail!("unknown scenario {other:?}; one of {}", ALL.join(", ")),
     };
-    let end = memory(stack);
+    let end = sample(stack, backend).await;
+    let postgres = match (idle.postgres, end.postgres) {
+        (Some(before), Some(after)) => Some(after.since(&before)),
+        _ => None,
+    };
     let memory = idle
+        .memory
         .into_iter()
-        .zip(end)
+        .zip(end.memory)
         .map(|((name, idle), (_, end))| (name, idle, end))
         .collect();
     Ok(Outcome {
@@ -212,6 +238,7 @@ async fn run_on(
         half,
         setup,
         memory,
+        postgres,
         check,
     })
 }
@@ -227,7 +254,9 @@ async fn half_rate(
     if !settings.half_rate {
         return None;
     }
-    let rate = (full.throughput() / calls_per_step / 2).max(1);
+    let rate = settings
+        .rate
+        .unwrap_or((full.throughput() / calls_per_step / 2).max(1));
     let secs = Duration::from_secs(settings.seconds);
     Some((rate, load::pace(rate, secs, 1_000_000, 8192, op).await))
 }
