@@ -247,7 +247,7 @@ impl Db {
         application_name: &str,
         max_connections: u32,
     ) -> Result<Db, DbError> {
-        let options = AnyConnectOptions::from_str(url)?;
+        let options = AnyConnectOptions::from_str(&with_statement_cache(url))?;
         // The schema must exist before a connection can make it its search_path. Replicas may
         // race here: a duplicate-schema error from the loser means the schema is there.
         {
@@ -412,6 +412,22 @@ pub struct Checkpoint {
     pub copied_pages: i64,
 }
 
+/// Prepared statements sqlx keeps per PostgreSQL connection unless the URL sets
+/// `statement-cache-capacity`: above sqlx's 100, which group commit's statements outgrow (each
+/// `IN` list of [`fetch_in`] and each multi-row write has a statement per size), so that the
+/// sizes a service uses stay prepared. A statement over 64 rows of 6 columns holds about 175 KiB
+/// of PostgreSQL's memory once planned, so the cache is not made larger than this.
+pub const PG_STATEMENT_CACHE: usize = 250;
+
+/// `url` with [`PG_STATEMENT_CACHE`] added unless it sets `statement-cache-capacity` itself.
+fn with_statement_cache(url: &str) -> String {
+    if url.contains("statement-cache-capacity=") {
+        return url.to_string();
+    }
+    let glue = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{glue}statement-cache-capacity={PG_STATEMENT_CACHE}")
+}
+
 /// The `application_name` of a service's PostgreSQL connections: `<service>@<schema>`.
 pub fn application_name(service: &str, schema: &str) -> String {
     format!("{service}@{schema}")
@@ -523,9 +539,10 @@ const IN_CHUNK: usize = 512;
 /// Runs a query over many ids in chunks and returns every row: `sql(list, next)` builds the
 /// statement from its `IN` list ([`placeholders`] numbered from 1) and the number of the first
 /// parameter after it; each chunk's ids are bound, then `tail` (e.g. an instant the query
-/// compares with). On SQLite a chunk's list is padded to a power of two by repeating its last
-/// id, which changes no `IN`, so that few statement sizes are compiled and cached (see
-/// [`chunks`]).
+/// compares with). A chunk's list is padded to a power of two by repeating its last id, which
+/// changes no `IN`, so that few statement sizes are prepared and cached: on SQLite (see
+/// [`chunks`]), and on PostgreSQL, where sqlx keeps [`PG_STATEMENT_CACHE`] prepared statements
+/// per connection and a statement it evicted costs a round trip and a new plan when it comes back.
 pub async fn fetch_in(
     conn: &mut sqlx::AnyConnection,
     ids: &[&str],
@@ -535,10 +552,7 @@ pub async fn fetch_in(
     let backend = Backend::of(conn);
     let mut rows = Vec::new();
     for chunk in ids.chunks(IN_CHUNK) {
-        let width = match backend {
-            Backend::Postgres => chunk.len(),
-            Backend::Sqlite => chunk.len().next_power_of_two(),
-        };
+        let width = chunk.len().next_power_of_two();
         let text = sql(&placeholders(backend, width, 1), width + 1);
         let mut q = sqlx::query(&text);
         for id in chunk.iter().chain(std::iter::repeat_n(
@@ -646,6 +660,20 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(memory.checkpoint().await.unwrap(), None, "no WAL in memory");
+    }
+
+    #[test]
+    fn postgres_urls_get_a_statement_cache_unless_they_set_one() {
+        assert_eq!(
+            with_statement_cache("postgres://u@h:5432/db"),
+            "postgres://u@h:5432/db?statement-cache-capacity=250"
+        );
+        assert_eq!(
+            with_statement_cache("postgres://u@h/db?sslmode=require"),
+            "postgres://u@h/db?sslmode=require&statement-cache-capacity=250"
+        );
+        let own = "postgres://u@h/db?statement-cache-capacity=20";
+        assert_eq!(with_statement_cache(own), own);
     }
 
     #[test]
