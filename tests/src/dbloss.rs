@@ -6,8 +6,11 @@
 //!   `INTERNAL`), their retries with the same idempotency keys complete exactly once, the
 //!   service recovers without a restart (the next calls succeed at the first attempt, the
 //!   outbox relay catches up), and `VerifyLedger` finds nothing wrong.
-//! - subscription, 32 card subscribes: each account subscribes once, and invoice numbers have
-//!   no gap and no repeat.
+//! - subscription, card subscribes in rounds of 32: each account subscribes once, and invoice
+//!   numbers have no gap and no repeat.
+//!
+//! Both keep the load going (within `LOAD_BOUND`) until a cut has landed on a call in flight, and
+//! fail if none has: a cut that falls between transactions tests nothing.
 //!
 //! SQLite has no equivalent: the database is a file opened in the process, with no server
 //! connection to cut, so the tests skip there and say so.
@@ -406,46 +409,57 @@ async fn subscribing_while_the_subscription_database_connections_are_cut_numbers
     const ACCOUNTS: usize = 32;
     let cutter = Cutter::start(&db, "subscription", SUBSCRIPTION_CUT_EVERY).await;
     let started = Instant::now();
-    let calls = (0..ACCOUNTS).map(|i| {
-        let mut subs = subs.clone();
-        async move {
-            let req = spb::SubscribeRequest {
-                idempotency_key: format!("sub-{i}"),
-                actor: None,
-                account_id: format!("acct-{i}"),
-                plan_id: "plan-1".into(),
-                contacts: 1_000,
-                seats: 1,
-                add_ons: vec![],
-                payment: Some(spb::Payment {
-                    kind: spb::PaymentKind::Card as i32,
-                    payment_method: "pm_card_ok".into(),
-                }),
-                vat_rate: "0.21".into(),
-            };
-            let mut failed = Vec::new();
-            for _ in 0..300 {
-                match subs.subscribe(authed(ADMIN_TOKEN, req.clone())).await {
-                    Ok(a) => return (req, a.into_inner(), failed),
-                    Err(s) => {
-                        assert_eq!(s.code(), Code::Unavailable, "{s:?}");
-                        failed.push(s.code());
-                        tokio::time::sleep(Duration::from_millis(20)).await;
+    // Rounds of subscribes until a cut has landed on one in flight (within LOAD_BOUND): a cut
+    // between transactions tests nothing.
+    let mut done: Vec<(spb::SubscribeRequest, _, Vec<Code>)> = Vec::new();
+    for round in 0.. {
+        let cut_landed = done.iter().any(|(_, _, f)| !f.is_empty());
+        if round > 0 && (cut_landed || started.elapsed() > LOAD_BOUND) {
+            break;
+        }
+        let calls = (round * ACCOUNTS..(round + 1) * ACCOUNTS).map(|i| {
+            let mut subs = subs.clone();
+            async move {
+                let req = spb::SubscribeRequest {
+                    idempotency_key: format!("sub-{i}"),
+                    actor: None,
+                    account_id: format!("acct-{i}"),
+                    plan_id: "plan-1".into(),
+                    contacts: 1_000,
+                    seats: 1,
+                    add_ons: vec![],
+                    payment: Some(spb::Payment {
+                        kind: spb::PaymentKind::Card as i32,
+                        payment_method: "pm_card_ok".into(),
+                    }),
+                    vat_rate: "0.21".into(),
+                };
+                let mut failed = Vec::new();
+                for _ in 0..300 {
+                    match subs.subscribe(authed(ADMIN_TOKEN, req.clone())).await {
+                        Ok(a) => return (req, a.into_inner(), failed),
+                        Err(s) => {
+                            assert_eq!(s.code(), Code::Unavailable, "{s:?}");
+                            failed.push(s.code());
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
                     }
                 }
+                panic!("{req:?} never completed: {failed:?}");
             }
-            panic!("{req:?} never completed: {failed:?}");
-        }
-    });
-    let done = join_all(calls).await;
+        });
+        done.extend(join_all(calls).await);
+    }
     let (rounds, terminated) = cutter.stop().await;
     let cut_ms = started.elapsed().as_millis();
     let failed_attempts: usize = done.iter().map(|(_, _, f)| f.len()).sum();
     let retried = done.iter().filter(|(_, _, f)| !f.is_empty()).count();
     assert!(
         retried > 0,
-        "no call was cut off: the faults were not injected"
+        "no call was cut off in {} s: the faults were not injected",
+        LOAD_BOUND.as_secs()
     );
+    let total = done.len();
 
     let mut subs = subs;
     let mut numbers = Vec::new();
@@ -476,7 +490,7 @@ async fn subscribing_while_the_subscription_database_connections_are_cut_numbers
     numbers.sort_unstable();
     assert_eq!(
         numbers,
-        (1..=ACCOUNTS as u64).collect::<Vec<_>>(),
+        (1..=total as u64).collect::<Vec<_>>(),
         "invoice numbers without a gap or a repeat"
     );
     let started_events: i64 =
@@ -485,13 +499,13 @@ async fn subscribing_while_the_subscription_database_connections_are_cut_numbers
             .await
             .unwrap()
             .get(0);
-    assert_eq!(started_events, ACCOUNTS as i64, "one started event each");
+    assert_eq!(started_events, total as i64, "one started event each");
     eprintln!(
-        "dbloss [subscription]: {ACCOUNTS} card subscribes, {rounds} cut rounds every {} ms over \
+        "dbloss [subscription]: {total} card subscribes, {rounds} cut rounds every {} ms over \
          {cut_ms} ms, \
          {terminated} backend connections terminated; {failed_attempts} failed attempts (all \
          UNAVAILABLE), {retried} calls retried with their keys, all completed; invoice numbers \
-         1..={ACCOUNTS} without gaps or repeats; {started_events} started events",
+         1..={total} without gaps or repeats; {started_events} started events",
         SUBSCRIPTION_CUT_EVERY.as_millis()
     );
     service.stop().await.unwrap();
