@@ -420,20 +420,13 @@ async fn subscribing_while_the_subscription_database_connections_are_cut_numbers
         let calls = (round * ACCOUNTS..(round + 1) * ACCOUNTS).map(|i| {
             let mut subs = subs.clone();
             async move {
-                let req = spb::SubscribeRequest {
-                    idempotency_key: format!("sub-{i}"),
-                    actor: None,
-                    account_id: format!("acct-{i}"),
-                    plan_id: "plan-1".into(),
-                    contacts: 1_000,
-                    seats: 1,
-                    add_ons: vec![],
-                    payment: Some(spb::Payment {
-                        kind: spb::PaymentKind::Card as i32,
-                        payment_method: "pm_card_ok".into(),
-                    }),
-                    vat_rate: "0.21".into(),
-                };
+                let req = crate::card_subscribe(
+                    format!("sub-{i}"),
+                    None,
+                    &format!("acct-{i}"),
+                    "plan-1",
+                    1_000,
+                );
                 let mut failed = Vec::new();
                 for _ in 0..300 {
                     match subs.subscribe(authed(ADMIN_TOKEN, req.clone())).await {

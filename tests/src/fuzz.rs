@@ -488,23 +488,16 @@ async fn seed(suite: &Suite) {
     let mut subs = SubscriptionsClient::new(channel(&suite.subscription).await.unwrap());
     subs.subscribe(authed(
         ADMIN_TOKEN,
-        spb::SubscribeRequest {
-            idempotency_key: "seed-sub".into(),
-            actor: Some(spb::Actor {
+        crate::card_subscribe(
+            "seed-sub".into(),
+            Some(spb::Actor {
                 user_id: "u-admin".into(),
                 billing_permission: true,
             }),
-            account_id: "acct-1".into(),
-            plan_id: "plan-1".into(),
-            contacts: 5_000,
-            seats: 1,
-            add_ons: vec![],
-            payment: Some(spb::Payment {
-                kind: spb::PaymentKind::Card as i32,
-                payment_method: "pm_card_ok".into(),
-            }),
-            vat_rate: "0.21".into(),
-        },
+            "acct-1",
+            "plan-1",
+            5_000,
+        ),
     ))
     .await
     .unwrap();

@@ -122,6 +122,33 @@ pub async fn channel(running: &Running) -> anyhow::Result<Channel> {
         .await?)
 }
 
+/// A card subscription (`pm_card_ok`, VAT 21%, one seat, no add-ons) of `account` to `plan` for
+/// `contacts` contacts, by `actor` (none: the platform itself).
+#[cfg(test)]
+fn card_subscribe(
+    key: String,
+    actor: Option<proto::subscription::v1::Actor>,
+    account: &str,
+    plan: &str,
+    contacts: u64,
+) -> proto::subscription::v1::SubscribeRequest {
+    use proto::subscription::v1 as spb;
+    spb::SubscribeRequest {
+        idempotency_key: key,
+        actor,
+        account_id: account.into(),
+        plan_id: plan.into(),
+        contacts,
+        seats: 1,
+        add_ons: vec![],
+        payment: Some(spb::Payment {
+            kind: spb::PaymentKind::Card as i32,
+            payment_method: "pm_card_ok".into(),
+        }),
+        vat_rate: "0.21".into(),
+    }
+}
+
 /// Held by the tests that load the PostgreSQL side heavily (connection cuts, a private
 /// server's restart), so they do not run beside each other.
 #[cfg(test)]

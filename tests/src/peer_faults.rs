@@ -557,23 +557,16 @@ async fn subscription_credit_grants_with_the_wallet_slow_or_down_are_granted_onc
     }
     let subscribe = |account: &str| {
         let mut subs = subs.clone();
-        let req = spb::SubscribeRequest {
-            idempotency_key: format!("sub-{account}"),
-            actor: Some(spb::Actor {
+        let req = crate::card_subscribe(
+            format!("sub-{account}"),
+            Some(spb::Actor {
                 user_id: "primary-admin".into(),
                 billing_permission: true,
             }),
-            account_id: account.into(),
-            plan_id: "email".into(),
-            contacts: 5_000,
-            seats: 1,
-            add_ons: vec![],
-            payment: Some(spb::Payment {
-                kind: spb::PaymentKind::Card as i32,
-                payment_method: "pm_card_ok".into(),
-            }),
-            vat_rate: "0.21".into(),
-        };
+            account,
+            "email",
+            5_000,
+        );
         async move {
             let t = Instant::now();
             subs.subscribe(authed(ADMIN_TOKEN, req)).await.unwrap();
