@@ -8,7 +8,7 @@ use std::collections::{HashMap, HashSet};
 
 use runtime::{
     clock::from_micros,
-    db::{Backend, Db, DbError, chunks, fetch_in, lock_order, value_rows},
+    db::{Backend, Db, DbError, chunks, fetch_in, fetch_in_lock_order, value_rows},
 };
 use shared::{Currency, Money, RatingRule};
 use sqlx::{AnyConnection, Row, any::AnyRow};
@@ -583,18 +583,13 @@ pub async fn lock_wallets(
     db: &Db,
     wallet_ids: &[&str],
 ) -> Result<Vec<WalletRecord>, DbError> {
-    let collate = db.byte_order();
-    fetch_in(
+    fetch_in_lock_order(
         conn,
-        &lock_order(wallet_ids.iter().copied()),
-        &[],
-        |list, _| {
-            format!(
-                "SELECT {WALLET_COLUMNS} FROM wallets WHERE wallet_id IN ({list}) \
-             ORDER BY wallet_id{collate}{}",
-                db.for_update()
-            )
-        },
+        db,
+        &format!("SELECT {WALLET_COLUMNS} FROM wallets"),
+        "wallet_id",
+        wallet_ids.iter().copied(),
+        true,
     )
     .await?
     .iter()

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use chrono::{DateTime, Utc};
 use runtime::{
     clock::from_micros,
-    db::{Backend, Db, DbError, chunks, fetch_in, lock_order, value_rows},
+    db::{Backend, Db, DbError, chunks, fetch_in, fetch_in_lock_order, value_rows},
 };
 use sqlx::{AnyConnection, Row, any::AnyRow};
 
@@ -414,18 +414,13 @@ pub async fn lock_customers(
     db: &Db,
     customer_ids: &[&str],
 ) -> Result<HashMap<String, CustomerRecord>, DbError> {
-    let collate = db.byte_order();
-    fetch_in(
+    fetch_in_lock_order(
         conn,
-        &lock_order(customer_ids.iter().copied()),
-        &[],
-        |list, _| {
-            format!(
-                "SELECT {CUSTOMER_COLUMNS} FROM customers WHERE customer_id IN ({list}) \
-             ORDER BY customer_id{collate}{}",
-                db.for_update()
-            )
-        },
+        db,
+        &format!("SELECT {CUSTOMER_COLUMNS} FROM customers"),
+        "customer_id",
+        customer_ids.iter().copied(),
+        true,
     )
     .await?
     .iter()

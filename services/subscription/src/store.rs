@@ -6,7 +6,7 @@
 use chrono::{DateTime, Utc};
 use runtime::{
     clock::from_micros,
-    db::{Backend, Db, DbError, chunks, fetch_in, lock_order, value_rows},
+    db::{Backend, Db, DbError, chunks, fetch_in_lock_order, value_rows},
 };
 use rust_decimal::Decimal;
 use shared::{Currency, Money};
@@ -437,24 +437,21 @@ pub async fn claim_due_subscriptions(
     rows.iter().map(sub_from_row).collect()
 }
 
-/// Reads and (on PostgreSQL) row-locks the subscriptions of `account_ids`, in account order
-/// so two batches locking overlapping sets never deadlock. Missing accounts are left out.
+/// Reads and (on PostgreSQL) row-locks the subscriptions of `account_ids`, in byte order of
+/// the ids, so two batches locking overlapping sets never deadlock. Missing accounts are left
+/// out.
 pub async fn lock_subscriptions(
     conn: &mut AnyConnection,
     db: &Db,
     account_ids: &[String],
 ) -> Result<Vec<SubscriptionRecord>, DbError> {
-    let rows = fetch_in(
+    let rows = fetch_in_lock_order(
         conn,
-        &lock_order(account_ids.iter().map(String::as_str)),
-        &[],
-        |list, _| {
-            format!(
-                "SELECT {SUB_COLUMNS} FROM subscriptions WHERE account_id IN ({list}) \
-             ORDER BY account_id{}",
-                db.for_update()
-            )
-        },
+        db,
+        &format!("SELECT {SUB_COLUMNS} FROM subscriptions"),
+        "account_id",
+        account_ids.iter().map(String::as_str),
+        true,
     )
     .await?;
     rows.iter().map(sub_from_row).collect()
@@ -466,11 +463,13 @@ pub async fn read_subscriptions(
     account_ids: &[String],
 ) -> Result<Vec<SubscriptionRecord>, DbError> {
     let mut conn = db.pool().acquire().await?;
-    let rows = fetch_in(
+    let rows = fetch_in_lock_order(
         &mut conn,
-        &lock_order(account_ids.iter().map(String::as_str)),
-        &[],
-        |list, _| format!("SELECT {SUB_COLUMNS} FROM subscriptions WHERE account_id IN ({list})"),
+        db,
+        &format!("SELECT {SUB_COLUMNS} FROM subscriptions"),
+        "account_id",
+        account_ids.iter().map(String::as_str),
+        false,
     )
     .await?;
     rows.iter().map(sub_from_row).collect()
@@ -855,24 +854,20 @@ pub async fn mark_attempt_in_flight(
     Ok(())
 }
 
-/// Invoices by id (locked on PostgreSQL when `lock`, in id order); unknown ids are left out.
+/// Invoices by id (locked on PostgreSQL when `lock`, in byte order of the ids); unknown ids are left out.
 pub async fn invoices_by_id(
     conn: &mut AnyConnection,
     db: &Db,
     invoice_ids: &[String],
     lock: bool,
 ) -> Result<Vec<InvoiceRecord>, DbError> {
-    let rows = fetch_in(
+    let rows = fetch_in_lock_order(
         conn,
-        &lock_order(invoice_ids.iter().map(String::as_str)),
-        &[],
-        |list, _| {
-            format!(
-                "SELECT {INVOICE_COLUMNS} FROM invoices WHERE invoice_id IN ({list}) \
-             ORDER BY invoice_id{}",
-                if lock { db.for_update() } else { "" }
-            )
-        },
+        db,
+        &format!("SELECT {INVOICE_COLUMNS} FROM invoices"),
+        "invoice_id",
+        invoice_ids.iter().map(String::as_str),
+        lock,
     )
     .await?;
     rows.iter().map(invoice_from_row).collect()

@@ -569,6 +569,27 @@ pub async fn fetch_in(
     Ok(rows)
 }
 
+/// The rows of `select` (a `SELECT ... FROM table` with nothing after it) whose `id_column` is
+/// one of `ids`, in [`lock_order`]: ids sorted and deduplicated, chunks ([`fetch_in`]) and each
+/// chunk's rows ordered by bytes ([`Db::byte_order`]). With `lock`, the rows are also locked
+/// ([`Db::for_update`]), so every write transaction that locks several takes them in that one
+/// order and two never deadlock.
+pub async fn fetch_in_lock_order<'a>(
+    conn: &mut sqlx::AnyConnection,
+    db: &Db,
+    select: &str,
+    id_column: &str,
+    ids: impl IntoIterator<Item = &'a str>,
+    lock: bool,
+) -> Result<Vec<sqlx::any::AnyRow>, sqlx::Error> {
+    let collate = db.byte_order();
+    let locked = if lock { db.for_update() } else { "" };
+    fetch_in(conn, &lock_order(ids), &[], |list, _| {
+        format!("{select} WHERE {id_column} IN ({list}) ORDER BY {id_column}{collate}{locked}")
+    })
+    .await
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
@@ -595,15 +616,24 @@ mod tests {
         assert_eq!(value_rows(Backend::Sqlite, 2, 2), "(?, ?), (?, ?)");
     }
 
+    /// No migrations.
+    fn none() -> Migrations {
+        Migrations {
+            sqlite: Migrator::DEFAULT,
+            postgres: Migrator::DEFAULT,
+        }
+    }
+
+    /// An SQLite database in the file `path`, with two readers and the writer.
+    async fn sqlite_file(path: &std::path::Path) -> Db {
+        let url = format!("sqlite://{}", path.display());
+        Db::connect_url(&url, "", 2, &none()).await.unwrap()
+    }
+
     #[tokio::test]
     async fn a_sqlite_writer_left_inside_a_transaction_is_replaced() {
         let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}/w.db", dir.path().display());
-        let none = Migrations {
-            sqlite: Migrator::DEFAULT,
-            postgres: Migrator::DEFAULT,
-        };
-        let db = Db::connect_url(&url, "", 2, &none).await.unwrap();
+        let db = sqlite_file(&dir.path().join("w.db")).await;
         {
             let mut tx = db.begin_write().await.unwrap();
             // SQLite ends the transaction behind sqlx's back (as it does itself after some
@@ -624,12 +654,7 @@ mod tests {
     async fn the_sqlite_writer_leaves_checkpoints_to_the_background() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("c.db");
-        let url = format!("sqlite://{}", file.display());
-        let none = Migrations {
-            sqlite: Migrator::DEFAULT,
-            postgres: Migrator::DEFAULT,
-        };
-        let db = Db::connect_url(&url, "", 2, &none).await.unwrap();
+        let db = sqlite_file(&file).await;
         let mut tx = db.begin_write().await.unwrap();
         sqlx::query("CREATE TABLE t (x BLOB)")
             .execute(&mut *tx)
@@ -656,7 +681,7 @@ mod tests {
         let after = std::fs::metadata(&file).unwrap().len();
         assert!(after >= 1_500 * 4096, "the database file has {after} bytes");
 
-        let memory = Db::connect_url("sqlite::memory:", "", 1, &none)
+        let memory = Db::connect_url("sqlite::memory:", "", 1, &none())
             .await
             .unwrap();
         assert_eq!(memory.checkpoint().await.unwrap(), None, "no WAL in memory");
