@@ -4,6 +4,8 @@
 //! Invariant checked before every save: balance = sum of the ledger = sum of the lots' remaining
 //! credits - debt. A change that would break it aborts the transaction.
 
+use std::collections::HashMap;
+
 use chrono::{DateTime, Datelike, TimeZone, Utc};
 use runtime::{
     db::{Db, DbError},
@@ -331,7 +333,7 @@ impl Account {
         for e in &self.entries {
             store::insert_entry(conn, &wallet_id, e).await?;
         }
-        self.save_holds_and_events(conn).await?;
+        save_holds_and_events(conn, &[&self]).await?;
         store::update_wallet(conn, &self.wallet).await?;
         Ok(())
     }
@@ -361,9 +363,7 @@ impl Account {
         }
         store::set_lots_remaining(conn, &lots).await?;
         store::insert_entries(conn, &entries).await?;
-        for a in &accounts {
-            a.save_holds_and_events(conn).await?;
-        }
+        save_holds_and_events(conn, &accounts.iter().collect::<Vec<_>>()).await?;
         // Every header, changed or not: one statement either way, and a reminder re-armed
         // without an event is a change too.
         let headers: Vec<&WalletRecord> = accounts.iter().map(|a| &a.wallet).collect();
@@ -375,21 +375,6 @@ impl Account {
         self.original_remaining
             .iter()
             .any(|(id, r)| *id == lot.lot_id && *r != lot.remaining)
-    }
-
-    async fn save_holds_and_events(&self, conn: &mut AnyConnection) -> Result<(), WalletError> {
-        for (r, new) in &self.reservations {
-            if *new {
-                store::insert_reservation(conn, r, self.now).await?;
-            } else {
-                store::update_reservation(conn, r).await?;
-            }
-        }
-        let at = self.now.timestamp_micros();
-        for (event_type, payload) in &self.events {
-            outbox::append(conn, event_type, &self.wallet.wallet_id, payload, at).await?;
-        }
-        Ok(())
     }
 
     /// Observes the reminder (C3) and checks the ledger invariant: the last step before saving.
@@ -422,4 +407,45 @@ impl Account {
     pub fn has_changes(&self) -> bool {
         !self.entries.is_empty() || !self.reservations.is_empty() || !self.events.is_empty()
     }
+}
+
+/// Writes the holds and outbox events of `accounts`, one statement per kind of row and chunk:
+/// each hold once, as its last change left it (inserted when it is new), the events in order.
+async fn save_holds_and_events(
+    conn: &mut AnyConnection,
+    accounts: &[&Account],
+) -> Result<(), WalletError> {
+    let mut holds: Vec<(&ReservationRecord, bool, DateTime<Utc>)> = Vec::new();
+    let mut index: HashMap<&str, usize> = HashMap::new();
+    for a in accounts {
+        for (r, new) in &a.reservations {
+            match index.get(r.reservation_id.as_str()) {
+                Some(&i) => holds[i] = (r, holds[i].1 || *new, holds[i].2),
+                None => {
+                    index.insert(&r.reservation_id, holds.len());
+                    holds.push((r, *new, a.now));
+                }
+            }
+        }
+    }
+    let (new, changed): (Vec<_>, Vec<_>) = holds.into_iter().partition(|(_, new, _)| *new);
+    let new: Vec<_> = new.into_iter().map(|(r, _, at)| (r, at)).collect();
+    let changed: Vec<_> = changed.into_iter().map(|(r, _, _)| r).collect();
+    store::insert_reservations(conn, &new).await?;
+    store::update_reservations(conn, &changed).await?;
+    let events: Vec<(&str, &str, &Value, i64)> = accounts
+        .iter()
+        .flat_map(|a| {
+            a.events.iter().map(|(event_type, payload)| {
+                (
+                    *event_type,
+                    a.wallet.wallet_id.as_str(),
+                    payload,
+                    a.now.timestamp_micros(),
+                )
+            })
+        })
+        .collect();
+    outbox::append_many(conn, &events).await?;
+    Ok(())
 }

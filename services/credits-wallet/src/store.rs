@@ -8,7 +8,7 @@ use std::collections::{HashMap, HashSet};
 
 use runtime::{
     clock::from_micros,
-    db::{Backend, Db, DbError, chunks, fetch_in, fetch_in_lock_order, value_rows},
+    db::{Backend, Db, DbError, fetch_in, fetch_in_lock_order, row_chunks},
 };
 use shared::{Currency, Money, RatingRule};
 use sqlx::{AnyConnection, Row, any::AnyRow};
@@ -477,41 +477,58 @@ fn reservation_from_row(r: &AnyRow) -> Result<ReservationRecord, DbError> {
     })
 }
 
-/// A new hold.
-pub async fn insert_reservation(
+/// Inserts new holds (each with its creation time), one multi-row statement per chunk.
+pub async fn insert_reservations(
     conn: &mut AnyConnection,
-    r: &ReservationRecord,
-    now: DateTime<Utc>,
+    holds: &[(&ReservationRecord, DateTime<Utc>)],
 ) -> Result<(), DbError> {
-    sqlx::query(&format!(
-        "INSERT INTO reservations ({RESERVATION_COLUMNS}, created_at_us) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
-    ))
-    .bind(&r.reservation_id)
-    .bind(&r.wallet_id)
-    .bind(&r.mailing_id)
-    .bind(r.credits)
-    .bind(r.status.as_str())
-    .bind(micros(r.expires_at))
-    .bind(r.captured_credits)
-    .bind(micros(now))
-    .execute(conn)
-    .await?;
+    for chunk in row_chunks(Backend::of(conn), holds, 8, ROWS) {
+        let sql = format!(
+            "INSERT INTO reservations ({RESERVATION_COLUMNS}, created_at_us) SELECT {} FROM {} \
+             WHERE {}",
+            chunk.columns(),
+            chunk.table(),
+            chunk.real()
+        );
+        let mut q = sqlx::query(&sql);
+        for (r, created_at) in chunk.rows() {
+            q = q
+                .bind(&r.reservation_id)
+                .bind(&r.wallet_id)
+                .bind(&r.mailing_id)
+                .bind(r.credits)
+                .bind(r.status.as_str())
+                .bind(micros(r.expires_at))
+                .bind(r.captured_credits)
+                .bind(micros(*created_at));
+        }
+        q.bind(chunk.count()).execute(&mut *conn).await?;
+    }
     Ok(())
 }
 
-/// Writes a hold's status and captured credits.
-pub async fn update_reservation(
+/// Writes holds' status and captured credits, one `UPDATE ... FROM (VALUES ...)` per chunk;
+/// each hold at most once in `holds`.
+pub async fn update_reservations(
     conn: &mut AnyConnection,
-    r: &ReservationRecord,
+    holds: &[&ReservationRecord],
 ) -> Result<(), DbError> {
-    sqlx::query(
-        "UPDATE reservations SET status = $2, captured_credits = $3 WHERE reservation_id = $1",
-    )
-    .bind(&r.reservation_id)
-    .bind(r.status.as_str())
-    .bind(r.captured_credits)
-    .execute(conn)
-    .await?;
+    for chunk in row_chunks(Backend::of(conn), holds, 3, ROWS) {
+        let sql = format!(
+            "UPDATE reservations SET status = v.column2, captured_credits = v.column3 \
+             FROM {} WHERE reservations.reservation_id = v.column1 AND {}",
+            chunk.table(),
+            chunk.real()
+        );
+        let mut q = sqlx::query(&sql);
+        for r in chunk.rows() {
+            q = q
+                .bind(&r.reservation_id)
+                .bind(r.status.as_str())
+                .bind(r.captured_credits);
+        }
+        q.bind(chunk.count()).execute(&mut *conn).await?;
+    }
     Ok(())
 }
 
@@ -571,8 +588,9 @@ pub async fn wallets_with_due_work(
 // Group commit (`crate::batch`): the same reads and writes as above, for many wallets in one
 // statement each. Every list is cut into chunks far below either backend's parameter limit.
 
-/// Rows per statement of the many-wallet queries below.
-const CHUNK: usize = 500;
+/// Rows per statement of the many-wallet writes below (half a full batch, at most 1,024 bound
+/// parameters): one prepared statement for each power of two up to it ([`row_chunks`]).
+const ROWS: usize = 128;
 
 /// Reads and (on PostgreSQL) row-locks many wallets, in `wallet_id` byte order: every
 /// transaction that locks more than one wallet takes them in that order (a transfer compares the
@@ -676,17 +694,18 @@ pub async fn set_lots_remaining(
     conn: &mut AnyConnection,
     lots: &[(&str, i64)],
 ) -> Result<(), DbError> {
-    for chunk in chunks(Backend::of(conn), lots, CHUNK) {
+    for chunk in row_chunks(Backend::of(conn), lots, 2, ROWS) {
         let sql = format!(
-            "UPDATE credit_lots SET remaining = v.column2 FROM (VALUES {}) AS v \
-             WHERE credit_lots.lot_id = v.column1",
-            value_rows(Backend::of(conn), chunk.len(), 2)
+            "UPDATE credit_lots SET remaining = v.column2 FROM {} \
+             WHERE credit_lots.lot_id = v.column1 AND {}",
+            chunk.table(),
+            chunk.real()
         );
         let mut q = sqlx::query(&sql);
-        for (id, remaining) in chunk {
+        for (id, remaining) in chunk.rows() {
             q = q.bind(*id).bind(*remaining);
         }
-        q.execute(&mut *conn).await?;
+        q.bind(chunk.count()).execute(&mut *conn).await?;
     }
     Ok(())
 }
@@ -696,14 +715,16 @@ pub async fn insert_entries(
     conn: &mut AnyConnection,
     entries: &[(&str, &EntryRecord)],
 ) -> Result<(), DbError> {
-    for chunk in chunks(Backend::of(conn), entries, CHUNK / 8) {
+    for chunk in row_chunks(Backend::of(conn), entries, 8, ROWS) {
         let sql = format!(
             "INSERT INTO ledger_entries (wallet_id, seq, kind, delta, balance_after, reference, \
-             description, created_at_us) VALUES {}",
-            value_rows(Backend::of(conn), chunk.len(), 8)
+             description, created_at_us) SELECT {} FROM {} WHERE {}",
+            chunk.columns(),
+            chunk.table(),
+            chunk.real()
         );
         let mut q = sqlx::query(&sql);
-        for (wallet_id, e) in chunk {
+        for (wallet_id, e) in chunk.rows() {
             q = q
                 .bind(*wallet_id)
                 .bind(e.seq)
@@ -714,7 +735,7 @@ pub async fn insert_entries(
                 .bind(&e.description)
                 .bind(micros(e.created_at));
         }
-        q.execute(&mut *conn).await?;
+        q.bind(chunk.count()).execute(&mut *conn).await?;
     }
     Ok(())
 }
@@ -726,15 +747,16 @@ pub async fn update_wallet_balances(
     conn: &mut AnyConnection,
     wallets: &[&WalletRecord],
 ) -> Result<(), DbError> {
-    for chunk in chunks(Backend::of(conn), wallets, CHUNK / 6) {
+    for chunk in row_chunks(Backend::of(conn), wallets, 6, ROWS) {
         let sql = format!(
             "UPDATE wallets SET balance = v.column2, held = v.column3, debt = v.column4, \
-             ledger_seq = v.column5, reminder_armed = v.column6 FROM (VALUES {}) AS v \
-             WHERE wallets.wallet_id = v.column1",
-            value_rows(Backend::of(conn), chunk.len(), 6)
+             ledger_seq = v.column5, reminder_armed = v.column6 FROM {} \
+             WHERE wallets.wallet_id = v.column1 AND {}",
+            chunk.table(),
+            chunk.real()
         );
         let mut q = sqlx::query(&sql);
-        for w in chunk {
+        for w in chunk.rows() {
             q = q
                 .bind(&w.wallet_id)
                 .bind(w.balance)
@@ -743,7 +765,7 @@ pub async fn update_wallet_balances(
                 .bind(w.ledger_seq)
                 .bind(i64::from(w.reminder.armed));
         }
-        q.execute(&mut *conn).await?;
+        q.bind(chunk.count()).execute(&mut *conn).await?;
     }
     Ok(())
 }

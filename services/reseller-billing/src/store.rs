@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use chrono::{DateTime, Utc};
 use runtime::{
     clock::from_micros,
-    db::{Backend, Db, DbError, chunks, fetch_in, fetch_in_lock_order, value_rows},
+    db::{Backend, Db, DbError, fetch_in, fetch_in_lock_order, row_chunks},
 };
 use sqlx::{AnyConnection, Row, any::AnyRow};
 
@@ -391,7 +391,9 @@ pub async fn set_relay_cursor(conn: &mut AnyConnection, cursor: i64) -> Result<(
 // Group commit (`crate::batch`): the reads and writes of routed sends above, for many sends in
 // one statement per chunk (far below either backend's limit on bound parameters).
 
-const CHUNK: usize = 400;
+/// Rows per statement (half a full batch, at most 1,664 bound parameters): one prepared
+/// statement for each power of two up to it ([`row_chunks`]).
+const ROWS: usize = 128;
 
 /// [`routed`] for many keys.
 pub async fn routed_many(
@@ -474,13 +476,15 @@ pub async fn insert_routed_many(
     routed: &[RoutedRecord],
     now: DateTime<Utc>,
 ) -> Result<(), DbError> {
-    for chunk in chunks(Backend::of(conn), routed, CHUNK / 13) {
+    for chunk in row_chunks(Backend::of(conn), routed, 13, ROWS) {
         let sql = format!(
-            "INSERT INTO routed ({ROUTED_COLUMNS}, created_at_us) VALUES {}",
-            value_rows(Backend::of(conn), chunk.len(), 13)
+            "INSERT INTO routed ({ROUTED_COLUMNS}, created_at_us) SELECT {} FROM {} WHERE {}",
+            chunk.columns(),
+            chunk.table(),
+            chunk.real()
         );
         let mut q = sqlx::query(&sql);
-        for r in chunk {
+        for r in chunk.rows() {
             q = q
                 .bind(&r.idempotency_key)
                 .bind(&r.kind)
@@ -496,7 +500,7 @@ pub async fn insert_routed_many(
                 .bind(&r.reservation_status)
                 .bind(now.timestamp_micros());
         }
-        q.execute(&mut *conn).await?;
+        q.bind(chunk.count()).execute(&mut *conn).await?;
     }
     Ok(())
 }
@@ -506,15 +510,16 @@ pub async fn update_routed_many(
     conn: &mut AnyConnection,
     routed: &[&RoutedRecord],
 ) -> Result<(), DbError> {
-    for chunk in chunks(Backend::of(conn), routed, CHUNK / 5) {
+    for chunk in row_chunks(Backend::of(conn), routed, 5, ROWS) {
         let sql = format!(
             "UPDATE routed SET status = v.column2, credits = v.column3, reservation_id = v.column4, \
-             reservation_status = v.column5 FROM (VALUES {}) AS v \
-             WHERE routed.idempotency_key = v.column1",
-            value_rows(Backend::of(conn), chunk.len(), 5)
+             reservation_status = v.column5 FROM {} \
+             WHERE routed.idempotency_key = v.column1 AND {}",
+            chunk.table(),
+            chunk.real()
         );
         let mut q = sqlx::query(&sql);
-        for r in chunk {
+        for r in chunk.rows() {
             q = q
                 .bind(&r.idempotency_key)
                 .bind(&r.status)
@@ -522,7 +527,7 @@ pub async fn update_routed_many(
                 .bind(&r.reservation_id)
                 .bind(&r.reservation_status);
         }
-        q.execute(&mut *conn).await?;
+        q.bind(chunk.count()).execute(&mut *conn).await?;
     }
     Ok(())
 }

@@ -6,7 +6,7 @@
 use chrono::{DateTime, Utc};
 use runtime::{
     clock::from_micros,
-    db::{Backend, Db, DbError, chunks, fetch_in_lock_order, value_rows},
+    db::{Backend, Db, DbError, fetch_in_lock_order, row_chunks},
 };
 use rust_decimal::Decimal;
 use shared::{Currency, Money};
@@ -663,8 +663,9 @@ pub async fn insert_invoice(conn: &mut AnyConnection, i: &InvoiceRecord) -> Resu
 }
 
 /// Rows per multi-row statement: well under SQLite's 32,766 and PostgreSQL's 65,535 bound
-/// parameters at 36 columns.
-const ROWS_PER_STATEMENT: usize = 100;
+/// parameters at 36 columns; one prepared statement for each power of two up to it
+/// ([`row_chunks`]).
+const ROWS_PER_STATEMENT: usize = 64;
 
 /// Stores newly issued invoices, many rows per statement.
 pub async fn insert_invoices(
@@ -672,9 +673,9 @@ pub async fn insert_invoices(
     invoices: &[InvoiceRecord],
 ) -> Result<(), DbError> {
     let columns = INVOICE_COLUMNS.split(',').count();
-    for chunk in chunks(Backend::of(conn), invoices, ROWS_PER_STATEMENT) {
+    for chunk in row_chunks(Backend::of(conn), invoices, columns, ROWS_PER_STATEMENT) {
         let lines = chunk
-            .iter()
+            .rows()
             .map(|i| {
                 i.lines
                     .iter()
@@ -689,11 +690,13 @@ pub async fn insert_invoices(
             })
             .collect::<Result<Vec<_>, DbError>>()?;
         let q = format!(
-            "INSERT INTO invoices ({INVOICE_COLUMNS}) VALUES {}",
-            value_rows(Backend::of(conn), chunk.len(), columns)
+            "INSERT INTO invoices ({INVOICE_COLUMNS}) SELECT {} FROM {} WHERE {}",
+            chunk.columns(),
+            chunk.table(),
+            chunk.real()
         );
         let mut query = sqlx::query(&q);
-        for (i, lines) in chunk.iter().zip(&lines) {
+        for (i, lines) in chunk.rows().zip(&lines) {
             query = query
                 .bind(&i.invoice_id)
                 .bind(i.number)
@@ -717,9 +720,21 @@ pub async fn insert_invoices(
                 .bind(&i.gateway_key)
                 .bind(i.returned_at.map(micros));
         }
-        query.execute(&mut *conn).await?;
+        query.bind(chunk.count()).execute(&mut *conn).await?;
     }
     Ok(())
+}
+
+/// `b = v.column2, c = v.column3, ...`: every column but the first (the row's key) set from
+/// its place in a [`row_chunks`] table.
+fn value_columns(columns: &[&str]) -> String {
+    columns
+        .iter()
+        .enumerate()
+        .skip(1)
+        .map(|(i, c)| format!("{c} = v.column{}", i + 1))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Writes back every column of many subscriptions, many rows per statement (`UPDATE ... FROM`
@@ -729,23 +744,19 @@ pub async fn update_subscriptions(
     subs: &[SubscriptionRecord],
 ) -> Result<(), DbError> {
     let columns: Vec<&str> = SUB_COLUMNS.split(',').map(str::trim).collect();
-    let sets = columns
-        .iter()
-        .skip(1)
-        .map(|c| format!("{c} = v.{c}"))
-        .collect::<Vec<_>>()
-        .join(", ");
-    for chunk in chunks(Backend::of(conn), subs, ROWS_PER_STATEMENT) {
+    let sets = value_columns(&columns);
+    for chunk in row_chunks(Backend::of(conn), subs, columns.len(), ROWS_PER_STATEMENT) {
         let q = format!(
-            "WITH v ({SUB_COLUMNS}) AS (VALUES {}) UPDATE subscriptions SET {sets} FROM v \
-             WHERE subscriptions.subscription_id = v.subscription_id",
-            value_rows(Backend::of(conn), chunk.len(), columns.len())
+            "UPDATE subscriptions SET {sets} FROM {} \
+             WHERE subscriptions.subscription_id = v.column1 AND {}",
+            chunk.table(),
+            chunk.real()
         );
         let mut query = sqlx::query(&q);
-        for s in chunk {
+        for s in chunk.rows() {
             query = bind_sub(query, s)?;
         }
-        query.execute(&mut *conn).await?;
+        query.bind(chunk.count()).execute(&mut *conn).await?;
     }
     Ok(())
 }
@@ -755,14 +766,16 @@ pub async fn insert_history_many(
     conn: &mut AnyConnection,
     entries: &[(String, HistoryRecord)],
 ) -> Result<(), DbError> {
-    for chunk in chunks(Backend::of(conn), entries, ROWS_PER_STATEMENT * 4) {
+    for chunk in row_chunks(Backend::of(conn), entries, 6, ROWS_PER_STATEMENT * 4) {
         let q = format!(
             "INSERT INTO subscription_history (subscription_id, seq, at_us, actor, action, detail) \
-             VALUES {}",
-            value_rows(Backend::of(conn), chunk.len(), 6)
+             SELECT {} FROM {} WHERE {}",
+            chunk.columns(),
+            chunk.table(),
+            chunk.real()
         );
         let mut query = sqlx::query(&q);
-        for (subscription_id, h) in chunk {
+        for (subscription_id, h) in chunk.rows() {
             query = query
                 .bind(subscription_id)
                 .bind(h.seq)
@@ -771,7 +784,7 @@ pub async fn insert_history_many(
                 .bind(&h.action)
                 .bind(&h.detail);
         }
-        query.execute(&mut *conn).await?;
+        query.bind(chunk.count()).execute(&mut *conn).await?;
     }
     Ok(())
 }
@@ -809,21 +822,15 @@ pub async fn update_invoice_payments(
 ) -> Result<(), DbError> {
     const COLUMNS: &str = "invoice_id, status, payment_attempts, next_attempt_at_us, \
          paid_at_us, payment_kind, payment_method, gateway_key, returned_at_us";
-    let sets = COLUMNS
-        .split(',')
-        .map(str::trim)
-        .skip(1)
-        .map(|c| format!("{c} = v.{c}"))
-        .collect::<Vec<_>>()
-        .join(", ");
-    for chunk in chunks(Backend::of(conn), invoices, ROWS_PER_STATEMENT) {
+    let sets = value_columns(&COLUMNS.split(',').map(str::trim).collect::<Vec<_>>());
+    for chunk in row_chunks(Backend::of(conn), invoices, 9, ROWS_PER_STATEMENT) {
         let q = format!(
-            "WITH v ({COLUMNS}) AS (VALUES {}) UPDATE invoices SET {sets} FROM v \
-             WHERE invoices.invoice_id = v.invoice_id",
-            value_rows(Backend::of(conn), chunk.len(), 9)
+            "UPDATE invoices SET {sets} FROM {} WHERE invoices.invoice_id = v.column1 AND {}",
+            chunk.table(),
+            chunk.real()
         );
         let mut query = sqlx::query(&q);
-        for i in chunk {
+        for i in chunk.rows() {
             query = query
                 .bind(&i.invoice_id)
                 .bind(i.status.as_str())
@@ -835,7 +842,7 @@ pub async fn update_invoice_payments(
                 .bind(&i.gateway_key)
                 .bind(i.returned_at.map(micros));
         }
-        query.execute(&mut *conn).await?;
+        query.bind(chunk.count()).execute(&mut *conn).await?;
     }
     Ok(())
 }

@@ -482,15 +482,6 @@ pub fn placeholders(backend: Backend, n: usize, from: usize) -> String {
     }
 }
 
-/// `($1, .., $width), ($width+1, ..), ...`: `rows` rows of `width` [`placeholders`] each,
-/// numbered from 1.
-pub fn value_rows(backend: Backend, rows: usize, width: usize) -> String {
-    (0..rows)
-        .map(|i| format!("({})", placeholders(backend, width, i * width + 1)))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
 /// `ids` in byte order without repeats: the one order in which every transaction that locks
 /// several rows takes them, so that two never deadlock (a query that locks them orders by
 /// the id with [`Db::byte_order`], and [`fetch_in`]'s chunks of a sorted list follow it).
@@ -501,31 +492,84 @@ pub fn lock_order<'a>(ids: impl IntoIterator<Item = &'a str>) -> Vec<&'a str> {
     ids
 }
 
-/// The pieces in which `items` are written with one multi-row statement each, at most `max`
-/// rows a statement (`max` at least 1).
+/// The pieces in which `items` are written with one multi-row statement each: at most `max`
+/// rows a piece (rounded down to a power of two, at least 1), each padded to a power of two.
 ///
-/// On PostgreSQL, chunks of `max`. On SQLite, pieces whose sizes are powers of two (a batch of
-/// 93 rows is written as 64 + 16 + 8 + 4 + 1): every size of a statement's text is a prepared
-/// statement that sqlx keeps in each connection's cache, and SQLite's compiled form of a
-/// statement over hundreds of rows takes hundreds of kilobytes, so a cache of any-sized
-/// statements held tens of megabytes (the wallet at 54 MiB under load, against 18 on
-/// PostgreSQL) and kept evicting and compiling them again. Powers of two leave a handful of
-/// sizes per statement, compiled once. PostgreSQL keeps its prepared statements on the server.
-pub fn chunks<T>(backend: Backend, items: &[T], max: usize) -> impl Iterator<Item = &[T]> {
-    let max = max.max(1);
-    let mut rest = items;
-    std::iter::from_fn(move || {
-        if rest.is_empty() {
-            return None;
-        }
-        let n = match backend {
-            Backend::Postgres => rest.len().min(max),
-            Backend::Sqlite => pow2_at_most(rest.len().min(max)),
-        };
-        let (piece, tail) = rest.split_at(n);
-        rest = tail;
-        Some(piece)
+/// Every size of a statement's text is a prepared statement, cached per connection: on SQLite
+/// its compiled form over hundreds of rows takes hundreds of kilobytes, and on PostgreSQL sqlx
+/// keeps [`PG_STATEMENT_CACHE`] of them, each one evicted costing a round trip and a new plan
+/// when it comes back. A statement for every row count (1 to 256 rows of a dozen kinds, under
+/// group commit) kept evicting each other. Padded, a kind of statement has a handful of sizes,
+/// prepared once, and a batch of any size is still one statement per piece: a batch of 93
+/// rows is one statement over 128 rows, the last one repeated 35 times and left out by
+/// [`RowChunk::real`].
+pub fn row_chunks<T>(
+    backend: Backend,
+    items: &[T],
+    width: usize,
+    max: usize,
+) -> impl Iterator<Item = RowChunk<'_, T>> {
+    let max = pow2_at_most(max);
+    items.chunks(max).map(move |rows| RowChunk {
+        backend,
+        rows,
+        size: rows.len().next_power_of_two(),
+        width,
     })
+}
+
+/// A piece of a multi-row write ([`row_chunks`]): its rows, padded to a power of two, as the
+/// table `v` of a statement such as `INSERT INTO t (a, b) SELECT {columns} FROM {table} WHERE
+/// {real}` or `UPDATE t SET b = v.column2 FROM {table} WHERE t.a = v.column1 AND {real}`.
+/// Bind every one of [`RowChunk::rows`] (`width` values each), then [`RowChunk::count`].
+pub struct RowChunk<'a, T> {
+    backend: Backend,
+    rows: &'a [T],
+    size: usize,
+    width: usize,
+}
+
+impl<'a, T> RowChunk<'a, T> {
+    /// `(VALUES (.., 1), (.., 2), ...) AS v`: each row's `width` [`placeholders`], numbered from
+    /// 1, in `v.column1` to `v.column{width}`, and its position in `v.column{width + 1}`.
+    pub fn table(&self) -> String {
+        let rows = (0..self.size)
+            .map(|i| {
+                let values = placeholders(self.backend, self.width, i * self.width + 1);
+                format!("({values}, {})", i + 1)
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        format!("(VALUES {rows}) AS v")
+    }
+
+    /// `v.column1, ..., v.column{width}`: the values of a row, for an `INSERT ... SELECT`.
+    pub fn columns(&self) -> String {
+        (1..=self.width)
+            .map(|c| format!("v.column{c}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// The condition true of the real rows only (the padding's positions are past
+    /// [`RowChunk::count`], the parameter after the rows).
+    pub fn real(&self) -> String {
+        let count = placeholders(self.backend, 1, self.size * self.width + 1);
+        format!("v.column{} <= {count}", self.width + 1)
+    }
+
+    /// What to bind, in order: the real rows, then the last one repeated up to the padded size.
+    pub fn rows(&self) -> impl Iterator<Item = &'a T> + use<'a, T> {
+        let last = &self.rows[self.rows.len() - 1];
+        self.rows
+            .iter()
+            .chain(std::iter::repeat_n(last, self.size - self.rows.len()))
+    }
+
+    /// The number of real rows: the last parameter.
+    pub fn count(&self) -> i64 {
+        i64::try_from(self.rows.len()).unwrap_or(i64::MAX)
+    }
 }
 
 /// The largest power of two not above `n` (`n` at least 1).
@@ -612,8 +656,6 @@ mod tests {
     fn placeholders_are_numbered_on_postgres_and_anonymous_on_sqlite() {
         assert_eq!(placeholders(Backend::Postgres, 3, 2), "$2, $3, $4");
         assert_eq!(placeholders(Backend::Sqlite, 3, 2), "?, ?, ?");
-        assert_eq!(value_rows(Backend::Postgres, 2, 2), "($1, $2), ($3, $4)");
-        assert_eq!(value_rows(Backend::Sqlite, 2, 2), "(?, ?), (?, ?)");
     }
 
     /// No migrations.
@@ -702,16 +744,41 @@ mod tests {
     }
 
     #[test]
-    fn sqlite_writes_in_powers_of_two_and_postgres_in_full_chunks() {
+    fn writes_come_in_pieces_padded_to_powers_of_two() {
         let items: Vec<u32> = (0..93).collect();
-        let sizes = |b| chunks(b, &items, 50).map(<[u32]>::len).collect::<Vec<_>>();
-        assert_eq!(sizes(Backend::Postgres), vec![50, 43]);
-        assert_eq!(sizes(Backend::Sqlite), vec![32, 32, 16, 8, 4, 1]);
-        let joined: Vec<u32> = chunks(Backend::Sqlite, &items, 50)
-            .flatten()
+        let pieces: Vec<_> = row_chunks(Backend::Postgres, &items, 2, 50).collect();
+        let sizes: Vec<(i64, usize)> = pieces
+            .iter()
+            .map(|p| (p.count(), p.rows().count()))
+            .collect();
+        assert_eq!(
+            sizes,
+            vec![(32, 32), (32, 32), (29, 32)],
+            "at most 50, rounded down to 32"
+        );
+        let bound: Vec<u32> = pieces[2].rows().copied().collect();
+        assert_eq!(bound[..29], items[64..], "the real rows first");
+        assert!(
+            bound[29..].iter().all(|&i| i == 92),
+            "then the last one again"
+        );
+        let joined: Vec<u32> = pieces
+            .iter()
+            .flat_map(|p| p.rows().take(p.count() as usize))
             .copied()
             .collect();
         assert_eq!(joined, items, "every item once, in order");
-        assert_eq!(chunks(Backend::Sqlite, &items[..0], 8).count(), 0);
+        assert_eq!(row_chunks(Backend::Sqlite, &items[..0], 2, 8).count(), 0);
+
+        let three: Vec<_> = row_chunks(Backend::Postgres, &items[..3], 2, 8).collect();
+        assert_eq!(
+            three[0].table(),
+            "(VALUES ($1, $2, 1), ($3, $4, 2), ($5, $6, 3), ($7, $8, 4)) AS v"
+        );
+        assert_eq!(three[0].columns(), "v.column1, v.column2");
+        assert_eq!(three[0].real(), "v.column3 <= $9");
+        let lite: Vec<_> = row_chunks(Backend::Sqlite, &items[..1], 2, 8).collect();
+        assert_eq!(lite[0].table(), "(VALUES (?, ?, 1)) AS v");
+        assert_eq!(lite[0].real(), "v.column3 <= ?");
     }
 }

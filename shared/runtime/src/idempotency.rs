@@ -17,7 +17,7 @@ use sha2::{Digest, Sha256};
 use sqlx::{AnyConnection, Row};
 use tonic::{Code, Status};
 
-use crate::db::{Backend, Db, DbError, chunks, fetch_in, value_rows};
+use crate::db::{Backend, Db, DbError, fetch_in, row_chunks};
 
 /// Longest key accepted.
 pub const MAX_KEY_LEN: usize = 255;
@@ -173,15 +173,17 @@ impl IdempotencyKey {
         answers: &[(&IdempotencyKey, Result<Vec<u8>, Status>)],
         now_us: i64,
     ) -> Result<(), IdempotencyError> {
-        for chunk in chunks(Backend::of(conn), answers, MANY_CHUNK) {
+        for chunk in row_chunks(Backend::of(conn), answers, 6, MANY_CHUNK) {
             let sql = format!(
                 "INSERT INTO idempotency_keys \
                  (idempotency_key, operation, fingerprint, status_code, response, created_at_us) \
-                 VALUES {}",
-                value_rows(Backend::of(conn), chunk.len(), 6)
+                 SELECT {} FROM {} WHERE {}",
+                chunk.columns(),
+                chunk.table(),
+                chunk.real()
             );
             let mut q = sqlx::query(&sql);
-            for (key, answer) in chunk {
+            for (key, answer) in chunk.rows() {
                 let (code, response) = match answer {
                     Ok(bytes) => (Code::Ok as i32, bytes.clone()),
                     Err(status) => (status.code() as i32, status.message().as_bytes().to_vec()),
@@ -194,7 +196,7 @@ impl IdempotencyKey {
                     .bind(response)
                     .bind(now_us);
             }
-            q.execute(&mut *conn).await?;
+            q.bind(chunk.count()).execute(&mut *conn).await?;
         }
         Ok(())
     }
@@ -281,9 +283,9 @@ impl IdempotencyKey {
     }
 }
 
-/// Rows per statement of [`IdempotencyKey::claim_many`] and [`IdempotencyKey::record_many`]:
+/// Rows per statement of [`IdempotencyKey::record_many`] (half a full batch of group commit):
 /// far below SQLite's and PostgreSQL's limits on bound parameters.
-const MANY_CHUNK: usize = 500;
+const MANY_CHUNK: usize = 128;
 
 /// A key's row, as stored.
 struct StoredKey {

@@ -56,13 +56,16 @@ pub async fn append_many(
     conn: &mut AnyConnection,
     events: &[(&str, &str, &Value, i64)],
 ) -> Result<(), DbError> {
-    for chunk in crate::db::chunks(crate::db::Backend::of(conn), events, 100) {
+    for chunk in crate::db::row_chunks(crate::db::Backend::of(conn), events, 5, 128) {
         let sql = format!(
-            "INSERT INTO outbox (event_id, event_type, subject, payload, occurred_at_us) VALUES {}",
-            crate::db::value_rows(crate::db::Backend::of(conn), chunk.len(), 5)
+            "INSERT INTO outbox (event_id, event_type, subject, payload, occurred_at_us) \
+             SELECT {} FROM {} WHERE {}",
+            chunk.columns(),
+            chunk.table(),
+            chunk.real()
         );
         let mut q = sqlx::query(&sql);
-        for (event_type, subject, payload, at) in chunk {
+        for (event_type, subject, payload, at) in chunk.rows() {
             q = q
                 .bind(uuid::Uuid::now_v7().to_string())
                 .bind(*event_type)
@@ -70,7 +73,7 @@ pub async fn append_many(
                 .bind(payload.to_string())
                 .bind(*at);
         }
-        q.execute(&mut *conn).await?;
+        q.bind(chunk.count()).execute(&mut *conn).await?;
     }
     Ok(())
 }

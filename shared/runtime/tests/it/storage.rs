@@ -77,3 +77,65 @@ async fn concurrent_write_transactions_lose_no_update() {
         .get(0);
     assert_eq!(n, 40);
 }
+
+/// A multi-row write padded to a power of two ([`runtime::db::row_chunks`]) inserts and updates
+/// exactly its real rows, whatever their number, with one statement text per padded size.
+#[tokio::test]
+async fn padded_multi_row_writes_touch_only_their_real_rows() {
+    let (db, _t) = fresh_db().await;
+    sqlx::query("CREATE TABLE items (id TEXT PRIMARY KEY, n BIGINT NOT NULL, note TEXT)")
+        .execute(db.pool())
+        .await
+        .unwrap();
+    let mut conn = db.pool().acquire().await.unwrap();
+    let backend = db.backend();
+    let rows: Vec<(String, i64, Option<String>)> = (0..11)
+        .map(|i| {
+            (
+                format!("i{i:02}"),
+                i,
+                (i % 2 == 0).then(|| format!("even {i}")),
+            )
+        })
+        .collect();
+    for chunk in runtime::db::row_chunks(backend, &rows, 3, 8) {
+        let sql = format!(
+            "INSERT INTO items (id, n, note) SELECT {} FROM {} WHERE {}",
+            chunk.columns(),
+            chunk.table(),
+            chunk.real()
+        );
+        let mut q = sqlx::query(&sql);
+        for (id, n, note) in chunk.rows() {
+            q = q.bind(id).bind(*n).bind(note.clone());
+        }
+        q.bind(chunk.count()).execute(&mut *conn).await.unwrap();
+    }
+    let updates: Vec<(String, i64)> = (0..3).map(|i| (format!("i{i:02}"), 100 + i)).collect();
+    for chunk in runtime::db::row_chunks(backend, &updates, 2, 8) {
+        let sql = format!(
+            "UPDATE items SET n = v.column2 FROM {} WHERE items.id = v.column1 AND {}",
+            chunk.table(),
+            chunk.real()
+        );
+        let mut q = sqlx::query(&sql);
+        for (id, n) in chunk.rows() {
+            q = q.bind(id).bind(*n);
+        }
+        let done = q.bind(chunk.count()).execute(&mut *conn).await.unwrap();
+        assert_eq!(done.rows_affected(), 3, "the padding updates nothing");
+    }
+    let stored: Vec<(String, i64, Option<String>)> =
+        sqlx::query("SELECT id, n, note FROM items ORDER BY id")
+            .fetch_all(&mut *conn)
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect();
+    let expected: Vec<(String, i64, Option<String>)> = rows
+        .iter()
+        .map(|(id, n, note)| (id.clone(), if *n < 3 { 100 + n } else { *n }, note.clone()))
+        .collect();
+    assert_eq!(stored, expected, "8 + 3 rows inserted once each, 3 updated");
+}
