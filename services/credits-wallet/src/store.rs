@@ -484,11 +484,8 @@ pub async fn insert_reservations(
 ) -> Result<(), DbError> {
     for chunk in row_chunks(Backend::of(conn), holds, 8, ROWS) {
         let sql = format!(
-            "INSERT INTO reservations ({RESERVATION_COLUMNS}, created_at_us) SELECT {} FROM {} \
-             WHERE {}",
-            chunk.columns(),
-            chunk.table(),
-            chunk.real()
+            "INSERT INTO reservations ({RESERVATION_COLUMNS}, created_at_us) {}",
+            chunk.select()
         );
         let mut q = sqlx::query(&sql);
         for (r, created_at) in chunk.rows() {
@@ -718,10 +715,8 @@ pub async fn insert_entries(
     for chunk in row_chunks(Backend::of(conn), entries, 8, ROWS) {
         let sql = format!(
             "INSERT INTO ledger_entries (wallet_id, seq, kind, delta, balance_after, reference, \
-             description, created_at_us) SELECT {} FROM {} WHERE {}",
-            chunk.columns(),
-            chunk.table(),
-            chunk.real()
+             description, created_at_us) {}",
+            chunk.select()
         );
         let mut q = sqlx::query(&sql);
         for (wallet_id, e) in chunk.rows() {

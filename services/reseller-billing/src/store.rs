@@ -478,10 +478,8 @@ pub async fn insert_routed_many(
 ) -> Result<(), DbError> {
     for chunk in row_chunks(Backend::of(conn), routed, 13, ROWS) {
         let sql = format!(
-            "INSERT INTO routed ({ROUTED_COLUMNS}, created_at_us) SELECT {} FROM {} WHERE {}",
-            chunk.columns(),
-            chunk.table(),
-            chunk.real()
+            "INSERT INTO routed ({ROUTED_COLUMNS}, created_at_us) {}",
+            chunk.select()
         );
         let mut q = sqlx::query(&sql);
         for r in chunk.rows() {

@@ -690,10 +690,8 @@ pub async fn insert_invoices(
             })
             .collect::<Result<Vec<_>, DbError>>()?;
         let q = format!(
-            "INSERT INTO invoices ({INVOICE_COLUMNS}) SELECT {} FROM {} WHERE {}",
-            chunk.columns(),
-            chunk.table(),
-            chunk.real()
+            "INSERT INTO invoices ({INVOICE_COLUMNS}) {}",
+            chunk.select()
         );
         let mut query = sqlx::query(&q);
         for (i, lines) in chunk.rows().zip(&lines) {
@@ -769,10 +767,8 @@ pub async fn insert_history_many(
     for chunk in row_chunks(Backend::of(conn), entries, 6, ROWS_PER_STATEMENT * 4) {
         let q = format!(
             "INSERT INTO subscription_history (subscription_id, seq, at_us, actor, action, detail) \
-             SELECT {} FROM {} WHERE {}",
-            chunk.columns(),
-            chunk.table(),
-            chunk.real()
+             {}",
+            chunk.select()
         );
         let mut query = sqlx::query(&q);
         for (subscription_id, h) in chunk.rows() {

@@ -519,8 +519,8 @@ pub fn row_chunks<T>(
 }
 
 /// A piece of a multi-row write ([`row_chunks`]): its rows, padded to a power of two, as the
-/// table `v` of a statement such as `INSERT INTO t (a, b) SELECT {columns} FROM {table} WHERE
-/// {real}` or `UPDATE t SET b = v.column2 FROM {table} WHERE t.a = v.column1 AND {real}`.
+/// table `v` of a statement such as `INSERT INTO t (a, b) {select}` or `UPDATE t SET b =
+/// v.column2 FROM {table} WHERE t.a = v.column1 AND {real}`.
 /// Bind every one of [`RowChunk::rows`] (`width` values each), then [`RowChunk::count`].
 pub struct RowChunk<'a, T> {
     backend: Backend,
@@ -543,12 +543,18 @@ impl<'a, T> RowChunk<'a, T> {
         format!("(VALUES {rows}) AS v")
     }
 
-    /// `v.column1, ..., v.column{width}`: the values of a row, for an `INSERT ... SELECT`.
-    pub fn columns(&self) -> String {
-        (1..=self.width)
+    /// `SELECT v.column1, ..., v.column{width} FROM {table} WHERE {real}`: the real rows, for
+    /// `INSERT INTO t (a, b, ...) {select}`.
+    pub fn select(&self) -> String {
+        let columns = (1..=self.width)
             .map(|c| format!("v.column{c}"))
             .collect::<Vec<_>>()
-            .join(", ")
+            .join(", ");
+        format!(
+            "SELECT {columns} FROM {} WHERE {}",
+            self.table(),
+            self.real()
+        )
     }
 
     /// The condition true of the real rows only (the padding's positions are past
@@ -775,7 +781,13 @@ mod tests {
             three[0].table(),
             "(VALUES ($1, $2, 1), ($3, $4, 2), ($5, $6, 3), ($7, $8, 4)) AS v"
         );
-        assert_eq!(three[0].columns(), "v.column1, v.column2");
+        assert_eq!(
+            three[0].select(),
+            format!(
+                "SELECT v.column1, v.column2 FROM {} WHERE v.column3 <= $9",
+                three[0].table()
+            )
+        );
         assert_eq!(three[0].real(), "v.column3 <= $9");
         let lite: Vec<_> = row_chunks(Backend::Sqlite, &items[..1], 2, 8).collect();
         assert_eq!(lite[0].table(), "(VALUES (?, ?, 1)) AS v");

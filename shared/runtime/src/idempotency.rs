@@ -177,10 +177,8 @@ impl IdempotencyKey {
             let sql = format!(
                 "INSERT INTO idempotency_keys \
                  (idempotency_key, operation, fingerprint, status_code, response, created_at_us) \
-                 SELECT {} FROM {} WHERE {}",
-                chunk.columns(),
-                chunk.table(),
-                chunk.real()
+                 {}",
+                chunk.select()
             );
             let mut q = sqlx::query(&sql);
             for (key, answer) in chunk.rows() {

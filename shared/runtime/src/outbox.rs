@@ -59,10 +59,8 @@ pub async fn append_many(
     for chunk in crate::db::row_chunks(crate::db::Backend::of(conn), events, 5, 128) {
         let sql = format!(
             "INSERT INTO outbox (event_id, event_type, subject, payload, occurred_at_us) \
-             SELECT {} FROM {} WHERE {}",
-            chunk.columns(),
-            chunk.table(),
-            chunk.real()
+             {}",
+            chunk.select()
         );
         let mut q = sqlx::query(&sql);
         for (event_type, subject, payload, at) in chunk.rows() {

@@ -99,12 +99,7 @@ async fn padded_multi_row_writes_touch_only_their_real_rows() {
         })
         .collect();
     for chunk in runtime::db::row_chunks(backend, &rows, 3, 8) {
-        let sql = format!(
-            "INSERT INTO items (id, n, note) SELECT {} FROM {} WHERE {}",
-            chunk.columns(),
-            chunk.table(),
-            chunk.real()
-        );
+        let sql = format!("INSERT INTO items (id, n, note) {}", chunk.select());
         let mut q = sqlx::query(&sql);
         for (id, n, note) in chunk.rows() {
             q = q.bind(id).bind(*n).bind(note.clone());
