@@ -30,7 +30,8 @@ pub struct Account {
     pub lots: Vec<(Lot, i64)>,
     /// The transaction's instant (the service clock).
     pub now: DateTime<Utc>,
-    /// Credits bought automatically this calendar month (C4/C5 cap).
+    /// Credits bought automatically this calendar month (C4/C5 cap). Group commit reads it only
+    /// for wallets with automatic top-up on (0 for the others, whose sends never consult it).
     pub auto_bought_this_month: i64,
     original_remaining: Vec<(String, i64)>,
     new_lots: Vec<String>,

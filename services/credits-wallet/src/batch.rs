@@ -9,12 +9,13 @@
 //!    they would be alone);
 //! 2. locks all their wallets with one `SELECT ... FOR UPDATE` in `wallet_id` order (on SQLite
 //!    the write transaction already excludes other writers), and reads their lots, the month's
-//!    automatic purchases and lapsed holds, one query each;
+//!    automatic purchases of those with automatic top-up on and the lapsed holds of those that
+//!    hold credits, one query each (none when no wallet of the batch needs it);
 //! 3. applies each send in arrival order to its wallet in memory with the same rules as a send
 //!    alone (`service::refuse_send`, `top_up_plan`, `apply_send`), so two sends of one wallet in a
 //!    batch see each other's debits;
-//! 4. writes the lots, entries, wallet headers and idempotency answers with one statement per
-//!    chunk, checks every wallet's invariant, and commits once.
+//! 4. writes the lots, entries, holds, events, wallet headers and idempotency answers with one
+//!    statement per chunk, checks every wallet's invariant, and commits once.
 //!
 //! Correctness still comes from the database, not from this process: replicas each run their
 //! own batches, which exclude each other through the same row locks (taken in one global order,
@@ -40,7 +41,7 @@ use tonic::Status;
 use crate::{
     account::{Account, month_start},
     convert,
-    domain::TopUpPlan,
+    domain::{AutoTopUpMode, TopUpPlan},
     error::WalletError,
     model::PurchaseRecord,
     model::ReservationRecord,
@@ -228,8 +229,22 @@ impl Wallets {
         wallet_ids.dedup();
         let headers = store::lock_wallets(&mut tx, &self.db, &wallet_ids).await?;
         let mut lots = store::lots_of_wallets(&mut tx, &wallet_ids).await?;
-        let bought = store::auto_bought_since_many(&mut tx, &wallet_ids, month_start(now)).await?;
-        let mut lapsed = store::lapsed_reservations_many(&mut tx, &wallet_ids, now).await?;
+        // Two reads only for the wallets they can concern (most batches: none, and no query).
+        // The month's automatic purchases matter to a send only where automatic top-up is on
+        // (a batch reports no wallet, so the others' count is never shown). A wallet holds
+        // nothing when `held` is 0, since every hold is of at least one credit.
+        let topping_up: Vec<&str> = headers
+            .iter()
+            .filter(|w| w.top_up.mode != AutoTopUpMode::Off)
+            .map(|w| w.wallet_id.as_str())
+            .collect();
+        let holding: Vec<&str> = headers
+            .iter()
+            .filter(|w| w.held > 0)
+            .map(|w| w.wallet_id.as_str())
+            .collect();
+        let bought = store::auto_bought_since_many(&mut tx, &topping_up, month_start(now)).await?;
+        let mut lapsed = store::lapsed_reservations_many(&mut tx, &holding, now).await?;
         let hold_ids: Vec<&str> = fresh
             .iter()
             .filter_map(|&i| match &jobs[i].op {

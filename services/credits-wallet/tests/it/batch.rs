@@ -263,3 +263,106 @@ async fn concurrent_captures_of_one_hold_capture_it_once_and_holds_balance() {
     assert_eq!((w.balance, w.held), (1_000 - 20 - 32 * 25, 0));
     h.assert_ledger_balances("w").await;
 }
+
+/// A batch reads the month's automatic purchases only of wallets with automatic top-up on, and
+/// counts them against the monthly cap as a send alone would: no second purchase past it.
+#[tokio::test]
+async fn a_batch_counts_the_months_automatic_purchases_against_the_cap() {
+    let h = Harness::start().await;
+    h.open("plain", "1", 0).await;
+    h.grant("plain", 100).await;
+    h.open("capped", "1", 0).await;
+    h.grant("capped", 100).await;
+    let top_up = pb::AutoTopUp {
+        mode: pb::AutoTopUpMode::Fixed as i32,
+        threshold: 50,
+        amount: 500,
+        monthly_cap: 500,
+        ..Default::default()
+    };
+    h.auto_top_up("capped", top_up, "pm_card_ok").await;
+    // 40 left, at most 50: this month's one purchase of 500.
+    h.charge("capped", "m0", 60).await.unwrap();
+    h.wait_for("capped", |w| w.balance == 540).await;
+
+    let requests = [
+        charge("cap-1", "plain", "m1", 30),
+        charge("cap-2", "capped", "m2", 500), // 40 left again, and the cap is reached
+    ];
+    let wallets = credits_wallet::service::Wallets::new(
+        h.running.platform.clone(),
+        Arc::new(SimulatedGateway::new()),
+    );
+    let answers = wallets
+        .spend_together(requests.iter().map(send).collect())
+        .await;
+    let balances: Vec<i64> = answers
+        .iter()
+        .map(|a| pb::MailingCharge::decode(a.as_ref().unwrap().as_slice()).unwrap())
+        .map(|c| c.balance_after)
+        .collect();
+    assert_eq!(balances, [70, 40]);
+    let capped = h.wallet("capped").await;
+    assert_eq!(
+        (capped.balance, capped.auto_top_up_bought_this_month),
+        (40, 500),
+        "no purchase past the monthly cap"
+    );
+    h.assert_ledger_balances("capped").await;
+}
+
+/// A batch reads the lapsed holds only of wallets that hold credits, and lets them go before
+/// its sends, as a send alone does. The batch runs on a clock two minutes ahead of the
+/// service's, so that the service's own sweep has not lapsed the hold first.
+#[tokio::test]
+async fn a_batch_lets_lapsed_holds_go_before_its_sends() {
+    let h = Harness::start().await;
+    h.open("held", "1", 0).await;
+    h.grant("held", 100).await;
+    h.open("plain", "1", 0).await;
+    h.grant("plain", 100).await;
+    let hold = h
+        .client
+        .clone()
+        .reserve_credits(authed(
+            ADMIN_TOKEN,
+            pb::ReserveCreditsRequest {
+                idempotency_key: "hold-1".into(),
+                wallet_id: "held".into(),
+                mailing_id: "m0".into(),
+                recipients: 80,
+                ttl_seconds: 60,
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+
+    let mut later = h.running.platform.clone();
+    later.clock = runtime::clock::ServiceClock::test(
+        h.running.platform.clock.now() + chrono::Duration::minutes(2),
+    );
+    let wallets = credits_wallet::service::Wallets::new(later, Arc::new(SimulatedGateway::new()));
+    let requests = [
+        charge("lapse-1", "plain", "m1", 30),
+        charge("lapse-2", "held", "m2", 90), // only if the 80 held are free again
+    ];
+    let answers = wallets
+        .spend_together(requests.iter().map(send).collect())
+        .await;
+    let balances: Vec<i64> = answers
+        .iter()
+        .map(|a| pb::MailingCharge::decode(a.as_ref().unwrap().as_slice()).unwrap())
+        .map(|c| c.balance_after)
+        .collect();
+    assert_eq!(balances, [70, 10]);
+    let held = h.wallet("held").await;
+    assert_eq!((held.balance, held.held), (10, 0));
+    let expired = h.events_of("wallet.reservation_expired", 1).await;
+    assert_eq!(expired.len(), 1);
+    assert!(
+        expired[0].payload_json.contains(&hold.reservation_id),
+        "the hold lapsed"
+    );
+    h.assert_ledger_balances("held").await;
+}
