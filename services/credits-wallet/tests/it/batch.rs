@@ -35,6 +35,23 @@ fn send(r: &pb::ChargeMailingRequest) -> (IdempotencyKey, String, Spend) {
     )
 }
 
+/// Runs `requests` as one batch on `platform` (its clock decides) and returns each charge's
+/// balance after it; every one must succeed.
+async fn balances_after(
+    platform: runtime::server::Platform,
+    requests: &[pb::ChargeMailingRequest],
+) -> Vec<i64> {
+    let wallets =
+        credits_wallet::service::Wallets::new(platform, Arc::new(SimulatedGateway::new()));
+    wallets
+        .spend_together(requests.iter().map(send).collect())
+        .await
+        .iter()
+        .map(|a| pb::MailingCharge::decode(a.as_ref().unwrap().as_slice()).unwrap())
+        .map(|c| c.balance_after)
+        .collect()
+}
+
 fn code(r: &Result<Vec<u8>, Status>) -> Code {
     r.as_ref().map_or_else(Status::code, |_| Code::Ok)
 }
@@ -289,19 +306,10 @@ async fn a_batch_counts_the_months_automatic_purchases_against_the_cap() {
         charge("cap-1", "plain", "m1", 30),
         charge("cap-2", "capped", "m2", 500), // 40 left again, and the cap is reached
     ];
-    let wallets = credits_wallet::service::Wallets::new(
-        h.running.platform.clone(),
-        Arc::new(SimulatedGateway::new()),
+    assert_eq!(
+        balances_after(h.running.platform.clone(), &requests).await,
+        [70, 40]
     );
-    let answers = wallets
-        .spend_together(requests.iter().map(send).collect())
-        .await;
-    let balances: Vec<i64> = answers
-        .iter()
-        .map(|a| pb::MailingCharge::decode(a.as_ref().unwrap().as_slice()).unwrap())
-        .map(|c| c.balance_after)
-        .collect();
-    assert_eq!(balances, [70, 40]);
     let capped = h.wallet("capped").await;
     assert_eq!(
         (capped.balance, capped.auto_top_up_bought_this_month),
@@ -342,20 +350,11 @@ async fn a_batch_lets_lapsed_holds_go_before_its_sends() {
     later.clock = runtime::clock::ServiceClock::test(
         h.running.platform.clock.now() + chrono::Duration::minutes(2),
     );
-    let wallets = credits_wallet::service::Wallets::new(later, Arc::new(SimulatedGateway::new()));
     let requests = [
         charge("lapse-1", "plain", "m1", 30),
         charge("lapse-2", "held", "m2", 90), // only if the 80 held are free again
     ];
-    let answers = wallets
-        .spend_together(requests.iter().map(send).collect())
-        .await;
-    let balances: Vec<i64> = answers
-        .iter()
-        .map(|a| pb::MailingCharge::decode(a.as_ref().unwrap().as_slice()).unwrap())
-        .map(|c| c.balance_after)
-        .collect();
-    assert_eq!(balances, [70, 10]);
+    assert_eq!(balances_after(later, &requests).await, [70, 10]);
     let held = h.wallet("held").await;
     assert_eq!((held.balance, held.held), (10, 0));
     let expired = h.events_of("wallet.reservation_expired", 1).await;
