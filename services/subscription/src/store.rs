@@ -673,28 +673,30 @@ pub async fn insert_invoices(
     invoices: &[InvoiceRecord],
 ) -> Result<(), DbError> {
     let columns = INVOICE_COLUMNS.split(',').count();
-    for chunk in row_chunks(Backend::of(conn), invoices, columns, ROWS_PER_STATEMENT) {
-        let lines = chunk
-            .rows()
-            .map(|i| {
-                i.lines
-                    .iter()
-                    .map(|l| {
-                        Ok(StoredLine {
-                            description: l.description.clone(),
-                            amount_minor: minor(&l.amount)?,
-                        })
+    // Each invoice with its lines as stored, serialized once (a piece's padding repeats rows).
+    let rows = invoices
+        .iter()
+        .map(|i| {
+            i.lines
+                .iter()
+                .map(|l| {
+                    Ok(StoredLine {
+                        description: l.description.clone(),
+                        amount_minor: minor(&l.amount)?,
                     })
-                    .collect::<Result<Vec<_>, DbError>>()
-                    .and_then(|lines| json(&lines))
-            })
-            .collect::<Result<Vec<_>, DbError>>()?;
+                })
+                .collect::<Result<Vec<_>, DbError>>()
+                .and_then(|lines| json(&lines))
+                .map(|lines| (i, lines))
+        })
+        .collect::<Result<Vec<_>, DbError>>()?;
+    for chunk in row_chunks(Backend::of(conn), &rows, columns, ROWS_PER_STATEMENT) {
         let q = format!(
             "INSERT INTO invoices ({INVOICE_COLUMNS}) {}",
             chunk.select()
         );
         let mut query = sqlx::query(&q);
-        for (i, lines) in chunk.rows().zip(&lines) {
+        for (i, lines) in chunk.rows() {
             query = query
                 .bind(&i.invoice_id)
                 .bind(i.number)

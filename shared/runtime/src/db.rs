@@ -591,7 +591,7 @@ const IN_CHUNK: usize = 512;
 /// parameter after it; each chunk's ids are bound, then `tail` (e.g. an instant the query
 /// compares with). A chunk's list is padded to a power of two by repeating its last id, which
 /// changes no `IN`, so that few statement sizes are prepared and cached: on SQLite (see
-/// [`chunks`]), and on PostgreSQL, where sqlx keeps [`PG_STATEMENT_CACHE`] prepared statements
+/// [`row_chunks`]), and on PostgreSQL, where sqlx keeps [`PG_STATEMENT_CACHE`] prepared statements
 /// per connection and a statement it evicted costs a round trip and a new plan when it comes back.
 pub async fn fetch_in(
     conn: &mut sqlx::AnyConnection,

@@ -56,19 +56,27 @@ pub async fn append_many(
     conn: &mut AnyConnection,
     events: &[(&str, &str, &Value, i64)],
 ) -> Result<(), DbError> {
-    for chunk in crate::db::row_chunks(crate::db::Backend::of(conn), events, 5, 128) {
+    // Each event's id and payload text made once (a piece's padding repeats rows).
+    let rows: Vec<(String, &str, &str, String, i64)> = events
+        .iter()
+        .map(|(event_type, subject, payload, at)| {
+            let id = uuid::Uuid::now_v7().to_string();
+            (id, *event_type, *subject, payload.to_string(), *at)
+        })
+        .collect();
+    for chunk in crate::db::row_chunks(crate::db::Backend::of(conn), &rows, 5, 128) {
         let sql = format!(
             "INSERT INTO outbox (event_id, event_type, subject, payload, occurred_at_us) \
              {}",
             chunk.select()
         );
         let mut q = sqlx::query(&sql);
-        for (event_type, subject, payload, at) in chunk.rows() {
+        for (event_id, event_type, subject, payload, at) in chunk.rows() {
             q = q
-                .bind(uuid::Uuid::now_v7().to_string())
+                .bind(event_id)
                 .bind(*event_type)
                 .bind(*subject)
-                .bind(payload.to_string())
+                .bind(payload)
                 .bind(*at);
         }
         q.bind(chunk.count()).execute(&mut *conn).await?;
