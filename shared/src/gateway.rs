@@ -25,6 +25,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use async_trait::async_trait;
 use chrono::{DateTime, Duration, Utc};
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
 use crate::money::Money;
 
@@ -185,10 +186,10 @@ pub trait PaymentGateway: Send + Sync + 'static {
 }
 
 /// One charge as the simulator keeps it: the method as its position among the known tokens, the
-/// amount, the first and the current status, the request's instant; 40 bytes. Its key is kept
-/// once, in the index; the charge id and the outcome replayed to retries follow from the
-/// position and the first status. So a renewal run's hundreds of thousands of charges stay
-/// small (about 130 bytes each with the key and the index).
+/// amount, the first and the current status, the request's instant; 40 bytes. The charge id and
+/// the outcome replayed to retries follow from the position and the first status, and the key
+/// is kept only as a digest in the index ([`KeyDigest`]). So a renewal run's hundreds of
+/// thousands of charges stay small (about 70 bytes each with the index).
 #[derive(Debug)]
 struct Kept {
     method: u8,
@@ -232,25 +233,34 @@ impl Kept {
     }
 }
 
+/// An idempotency key as the index keeps it: the first 16 bytes of its SHA-256. Two keys share a
+/// digest with a chance of about 2^-64 at four billion charges, and every caller of a charge
+/// holds its key, so the simulator need not keep the text (a key is 40 to 60 bytes, 64 to 80 on
+/// the heap, where the digest is 16 inline).
+type KeyDigest = [u8; 16];
+
+fn digest(key: &str) -> KeyDigest {
+    let hash = Sha256::digest(key.as_bytes());
+    let mut out = [0u8; 16];
+    out.copy_from_slice(&hash[..16]);
+    out
+}
+
 #[derive(Debug, Default)]
 struct State {
-    /// Charges in creation order, so listings and settlement are deterministic.
+    /// Charges in creation order, so settlement is deterministic.
     kept: Vec<Kept>,
     /// Position of each key's charge.
-    by_key: HashMap<Box<str>, usize>,
-    /// The direct debits not settled yet (position and key), in creation order: settlement
-    /// looks at these alone, not at every charge ever made.
+    by_key: HashMap<KeyDigest, usize>,
+    /// The direct debits not settled yet (position and key, which settlement reports), in
+    /// creation order: settlement looks at these alone, not at every charge ever made.
     pending: Vec<(usize, Box<str>)>,
 }
 
 impl State {
-    /// Every charge's key by position (for listings, which tests alone ask for).
-    fn keys(&self) -> Vec<&str> {
-        let mut keys = vec![""; self.kept.len()];
-        for (key, &i) in &self.by_key {
-            keys[i] = key;
-        }
-        keys
+    fn position(&self, key: &str) -> Option<(usize, &Kept)> {
+        let index = *self.by_key.get(&digest(key))?;
+        Some((index, self.kept.get(index)?))
     }
 }
 
@@ -290,16 +300,9 @@ impl SimulatedGateway {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Every charge so far, in creation order (for tests).
-    pub fn charges(&self) -> Vec<ChargeRecord> {
-        let state = self.state();
-        let keys = state.keys();
-        state
-            .kept
-            .iter()
-            .enumerate()
-            .map(|(i, k)| k.record(i, keys[i]))
-            .collect()
+    /// How many charges the simulator has made (one per idempotency key).
+    pub fn charge_count(&self) -> usize {
+        self.state().kept.len()
     }
 
     /// Settles every pending direct debit requested at least the settlement
@@ -310,7 +313,9 @@ impl SimulatedGateway {
         let State { kept, pending, .. } = &mut *state;
         let mut changed = Vec::new();
         pending.retain(|(index, key)| {
-            let k = &mut kept[*index];
+            let Some(k) = kept.get_mut(*index) else {
+                return false;
+            };
             let due = k
                 .created_at
                 .checked_add_signed(delay)
@@ -357,8 +362,7 @@ impl PaymentGateway for SimulatedGateway {
     async fn charge(&self, request: &ChargeRequest) -> Result<ChargeOutcome, GatewayError> {
         Self::validate(request)?;
         let mut state = self.state();
-        if let Some(&index) = state.by_key.get(request.idempotency_key.as_str()) {
-            let first = &state.kept[index];
+        if let Some((index, first)) = state.position(&request.idempotency_key) {
             if first.amount != request.amount || first.method() != request.payment_method {
                 return Err(GatewayError::MismatchedRetry);
             }
@@ -386,11 +390,12 @@ impl PaymentGateway for SimulatedGateway {
         };
         let outcome = charge.outcome(index);
         state.kept.push(charge);
-        let key: Box<str> = request.idempotency_key.as_str().into();
         if status == ChargeStatus::Pending {
-            state.pending.push((index, key.clone()));
+            state
+                .pending
+                .push((index, request.idempotency_key.as_str().into()));
         }
-        state.by_key.insert(key, index);
+        state.by_key.insert(digest(&request.idempotency_key), index);
         if method == PM_CARD_TIMEOUT {
             // The money is captured, but the caller does not learn it yet.
             return Err(GatewayError::Timeout);
@@ -404,9 +409,8 @@ impl PaymentGateway for SimulatedGateway {
     ) -> Result<Option<ChargeRecord>, GatewayError> {
         let state = self.state();
         Ok(state
-            .by_key
-            .get(idempotency_key)
-            .and_then(|&i| state.kept.get(i).map(|k| k.record(i, idempotency_key))))
+            .position(idempotency_key)
+            .map(|(i, k)| k.record(i, idempotency_key)))
     }
 }
 
@@ -445,7 +449,7 @@ mod tests {
             g.charge(&req("k1", PM_CARD_OK, 1_000)).await.unwrap(),
             first
         );
-        assert_eq!(g.charges().len(), 1, "a retry never charges twice");
+        assert_eq!(g.charge_count(), 1, "a retry never charges twice");
         let second = g.charge(&req("k2", PM_CARD_OK, 1_000)).await.unwrap();
         assert_eq!(
             second,
@@ -453,6 +457,27 @@ mod tests {
                 charge_id: "ch_sim_2".into()
             }
         );
+    }
+
+    #[tokio::test]
+    async fn each_key_finds_its_own_charge_among_many() {
+        let g = SimulatedGateway::new();
+        for i in 0..2_000i64 {
+            let key = format!("inv_{i}:1");
+            g.charge(&req(&key, PM_CARD_OK, 100 + i)).await.unwrap();
+        }
+        assert_eq!(g.charge_count(), 2_000);
+        for i in [0i64, 1, 999, 1_999] {
+            let key = format!("inv_{i}:1");
+            let record = g.charge_status(&key).await.unwrap().unwrap();
+            assert_eq!(record.charge_id, format!("ch_sim_{}", i + 1));
+            assert_eq!(record.idempotency_key, key);
+            assert_eq!(
+                record.amount,
+                Money::from_minor_units(100 + i, Currency::EUR)
+            );
+        }
+        assert_eq!(g.charge_status("inv_2000:1").await.unwrap(), None);
     }
 
     #[tokio::test]
@@ -507,7 +532,7 @@ mod tests {
                 charge_id: record.charge_id
             }
         );
-        assert_eq!(g.charges().len(), 1);
+        assert_eq!(g.charge_count(), 1);
     }
 
     #[tokio::test]
@@ -575,7 +600,7 @@ mod tests {
             g.charge(&req("", PM_CARD_OK, 100)).await,
             Err(GatewayError::MissingIdempotencyKey)
         );
-        assert!(g.charges().is_empty());
+        assert_eq!(g.charge_count(), 0);
         assert_eq!(g.charge_status("k1").await, Ok(None));
         assert!(is_direct_debit(PM_SEPA_OK) && !is_direct_debit(PM_CARD_OK));
         assert!(is_known_payment_method(PM_CARD_TIMEOUT) && !is_known_payment_method("card"));

@@ -205,8 +205,11 @@ impl Stack {
                 .env(format!("{prefix}_TOKENS"), &tokens)
                 .env(format!("{prefix}_LOG_FILTER"), "warn")
                 .env(format!("{prefix}_CONCURRENCY_LIMIT"), "4096")
-                // As the images set it (deploy/docker/Dockerfile): two glibc malloc arenas.
-                .env("MALLOC_ARENA_MAX", "2");
+                // As the images set it (deploy/docker/Dockerfile): two glibc malloc arenas, and
+                // blocks of 128 KiB and more mapped on their own, so freeing one returns it.
+                .env("MALLOC_ARENA_MAX", "2")
+                .env("MALLOC_MMAP_THRESHOLD_", "131072")
+                .env("MALLOC_TRIM_THRESHOLD_", "131072");
             match backend {
                 Backend::Sqlite => {
                     cmd.env(
