@@ -173,7 +173,16 @@ impl IdempotencyKey {
         answers: &[(&IdempotencyKey, Result<Vec<u8>, Status>)],
         now_us: i64,
     ) -> Result<(), IdempotencyError> {
-        for chunk in row_chunks(Backend::of(conn), answers, 6, MANY_CHUNK) {
+        // Each row's code and stored bytes, borrowed from its answer: a padding row of
+        // `row_chunks` binds them again without copying a response.
+        let rows: Vec<(&IdempotencyKey, i32, &[u8])> = answers
+            .iter()
+            .map(|(key, answer)| match answer {
+                Ok(bytes) => (*key, Code::Ok as i32, bytes.as_slice()),
+                Err(status) => (*key, status.code() as i32, status.message().as_bytes()),
+            })
+            .collect();
+        for chunk in row_chunks(Backend::of(conn), &rows, 6, MANY_CHUNK) {
             let sql = format!(
                 "INSERT INTO idempotency_keys \
                  (idempotency_key, operation, fingerprint, status_code, response, created_at_us) \
@@ -181,11 +190,7 @@ impl IdempotencyKey {
                 chunk.select()
             );
             let mut q = sqlx::query(&sql);
-            for (key, answer) in chunk.rows() {
-                let (code, response) = match answer {
-                    Ok(bytes) => (Code::Ok as i32, bytes.clone()),
-                    Err(status) => (status.code() as i32, status.message().as_bytes().to_vec()),
-                };
+            for &(key, code, response) in chunk.rows() {
                 q = q
                     .bind(&key.key)
                     .bind(key.operation)
