@@ -329,22 +329,7 @@ async fn a_batch_lets_lapsed_holds_go_before_its_sends() {
     h.grant("held", 100).await;
     h.open("plain", "1", 0).await;
     h.grant("plain", 100).await;
-    let hold = h
-        .client
-        .clone()
-        .reserve_credits(authed(
-            ADMIN_TOKEN,
-            pb::ReserveCreditsRequest {
-                idempotency_key: "hold-1".into(),
-                wallet_id: "held".into(),
-                mailing_id: "m0".into(),
-                recipients: 80,
-                ttl_seconds: 60,
-            },
-        ))
-        .await
-        .unwrap()
-        .into_inner();
+    let hold = h.reserve("held", "m0", 80, 60).await.unwrap();
 
     let mut later = h.running.platform.clone();
     later.clock = runtime::clock::ServiceClock::test(

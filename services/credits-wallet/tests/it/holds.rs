@@ -8,20 +8,7 @@ use tonic::Code;
 use crate::Harness;
 
 async fn reserve(h: &Harness, recipients: u64, ttl: u32) -> Result<pb::Reservation, tonic::Status> {
-    h.client
-        .clone()
-        .reserve_credits(authed(
-            ADMIN_TOKEN,
-            pb::ReserveCreditsRequest {
-                idempotency_key: h.key(),
-                wallet_id: "w1".into(),
-                mailing_id: "m1".into(),
-                recipients,
-                ttl_seconds: ttl,
-            },
-        ))
-        .await
-        .map(|r| r.into_inner())
+    h.reserve("w1", "m1", recipients, ttl).await
 }
 
 #[tokio::test]

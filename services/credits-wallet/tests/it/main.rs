@@ -153,6 +153,29 @@ impl Harness {
             .map(|r| r.into_inner())
     }
 
+    pub async fn reserve(
+        &self,
+        wallet_id: &str,
+        mailing: &str,
+        recipients: u64,
+        ttl_seconds: u32,
+    ) -> Result<pb::Reservation, tonic::Status> {
+        self.client
+            .clone()
+            .reserve_credits(authed(
+                ADMIN_TOKEN,
+                pb::ReserveCreditsRequest {
+                    idempotency_key: self.key(),
+                    wallet_id: wallet_id.into(),
+                    mailing_id: mailing.into(),
+                    recipients,
+                    ttl_seconds,
+                },
+            ))
+            .await
+            .map(|r| r.into_inner())
+    }
+
     pub async fn purchase(&self, wallet_id: &str, credits: u64, method: &str) -> pb::Purchase {
         self.client
             .clone()

@@ -29,21 +29,9 @@ async fn on_demand(h: &Harness, wallet: &str, method: &str) {
 }
 
 async fn reserve(h: &Harness, wallet: &str, recipients: u64) -> pb::Reservation {
-    h.client
-        .clone()
-        .reserve_credits(authed(
-            ADMIN_TOKEN,
-            pb::ReserveCreditsRequest {
-                idempotency_key: h.key(),
-                wallet_id: wallet.into(),
-                mailing_id: format!("held-{}", h.key()),
-                recipients,
-                ttl_seconds: 0,
-            },
-        ))
+    h.reserve(wallet, &format!("held-{}", h.key()), recipients, 0)
         .await
         .unwrap()
-        .into_inner()
 }
 
 /// Five wallets through every kind of ledger change: grants and signup credits, charges,
