@@ -279,11 +279,10 @@ struct State {
 }
 
 impl State {
-    fn position(&self, key: &str) -> Option<(usize, &Kept)> {
-        let key = digest(key);
+    fn position(&self, key: &KeyDigest) -> Option<(usize, &Kept)> {
         let kept = &self.kept;
-        let &index = self.by_key.find(hash_of(&key), |&i| {
-            kept.get(i).is_some_and(|k| k.key == key)
+        let &index = self.by_key.find(hash_of(key), |&i| {
+            kept.get(i).is_some_and(|k| k.key == *key)
         })?;
         Some((index, kept.get(index)?))
     }
@@ -398,8 +397,9 @@ impl SimulatedGateway {
 impl PaymentGateway for SimulatedGateway {
     async fn charge(&self, request: &ChargeRequest) -> Result<ChargeOutcome, GatewayError> {
         let minor_units = Self::validate(request)?;
+        let key = digest(&request.idempotency_key);
         let mut state = self.state();
-        if let Some((index, first)) = state.position(&request.idempotency_key) {
+        if let Some((index, first)) = state.position(&key) {
             if first.amount() != request.amount || first.method() != request.payment_method {
                 return Err(GatewayError::MismatchedRetry);
             }
@@ -417,7 +417,7 @@ impl PaymentGateway for SimulatedGateway {
             _ => ChargeStatus::Succeeded,
         };
         let charge = Kept {
-            key: digest(&request.idempotency_key),
+            key,
             minor_units,
             created_at_us: request.requested_at.timestamp_micros(),
             currency: request.amount.currency(),
@@ -447,7 +447,7 @@ impl PaymentGateway for SimulatedGateway {
     ) -> Result<Option<ChargeRecord>, GatewayError> {
         let state = self.state();
         Ok(state
-            .position(idempotency_key)
+            .position(&digest(idempotency_key))
             .map(|(i, k)| k.record(i, idempotency_key)))
     }
 }
