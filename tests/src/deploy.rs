@@ -212,7 +212,7 @@ fn check_loaded(what: &str, d: &ServiceDefaults, config: &ServiceConfig) {
         "{what}: deployments use PostgreSQL, not {:?}",
         config.database_url
     );
-    for peer in d.peers {
+    for peer in d.peers.iter().map(|p| p.name) {
         config
             .peer(peer)
             .unwrap_or_else(|e| panic!("{what}: the {peer} peer is missing: {e}"));
@@ -749,7 +749,7 @@ fn compose_runs_the_three_services_on_postgres() {
                 Some("service_healthy"),
                 "{what}: must wait for a healthy {postgres}"
             );
-            for peer in d.peers {
+            for peer in d.peers.iter().map(|p| p.name) {
                 let target = peer_service(peer);
                 assert!(
                     !s["depends_on"][target.name].is_badvalue(),
@@ -778,7 +778,7 @@ fn compose_runs_the_three_services_on_postgres() {
         // Peers: the wallet's compose name and port, and a token the wallet accepts.
         for d in SERVICES {
             let what = format!("{file}: {}", d.name);
-            for peer in d.peers {
+            for peer in d.peers.iter().map(|p| p.name) {
                 let target = peer_service(peer);
                 let peer_config = loaded[d.name].peer(peer).expect("checked");
                 let (host, port) = host_port(&peer_config.url);
@@ -1005,7 +1005,7 @@ fn kubernetes_manifests_match_the_services_configuration() {
             format!("{}_TOKENS", d.env_prefix),
             format!("{}_DATABASE_URL", d.env_prefix),
         ];
-        for peer in d.peers {
+        for peer in d.peers.iter().map(|p| p.name) {
             must_be_secret.push(format!(
                 "{}_PEER_{}_TOKEN",
                 d.env_prefix,
@@ -1208,7 +1208,7 @@ fn kubernetes_manifests_match_the_services_configuration() {
             "{what}: HPA cpu target"
         );
 
-        for peer in d.peers {
+        for peer in d.peers.iter().map(|p| p.name) {
             let url = config.peer(peer).expect("checked").url.clone();
             peers.push((what.clone(), peer, url));
         }
@@ -1313,7 +1313,7 @@ fn the_loader_reads_the_documented_settings() {
             .iter()
             .map(|k| format!("{}_{k}", d.env_prefix))
             .collect();
-        for peer in d.peers {
+        for peer in d.peers.iter().map(|p| p.name) {
             let peer = peer.to_uppercase();
             expected.insert(format!("{}_PEER_{peer}_URL", d.env_prefix));
             expected.insert(format!("{}_PEER_{peer}_TOKEN", d.env_prefix));

@@ -409,6 +409,7 @@ const JOB_EVENTS: &[&str] = &[
     "subscription.trial_converted",
     "subscription.renewed",
     "subscription.credits_granted",
+    "subscription.credits_waiting_for_wallet",
 ];
 
 /// Outbox rows a call could have written.

@@ -5,15 +5,19 @@
 use runtime::{Running, testing};
 use tonic::transport::Channel;
 
-/// The three services of one test.
+/// The three services of one test: the suite's own [`suite::Suite`] (its `wallet`,
+/// `subscription` and `reseller`, reached through `Deref`) on the test's database.
 pub struct Suite {
-    /// credits-wallet.
-    pub wallet: Running,
-    /// subscription.
-    pub subscription: Running,
-    /// reseller-billing (pointed at `wallet`, like subscription).
-    pub reseller: Running,
+    services: suite::Suite,
     _db: testing::TestDatabase,
+}
+
+impl std::ops::Deref for Suite {
+    type Target = suite::Suite;
+
+    fn deref(&self) -> &suite::Suite {
+        &self.services
+    }
 }
 
 impl Suite {
@@ -34,65 +38,41 @@ impl Suite {
 
     /// Like [`Suite::start`], on `db` (each service on a sibling of it), each service also
     /// accepting `dev_token` (if given) with every scope.
+    ///
+    /// The services are started by the suite's own wiring ([`suite::start`], what
+    /// `cargo run -p suite` runs), so subscription and reseller-billing reach the wallet
+    /// exactly as there: the suite points them at it, with the development token (here
+    /// `dev_token`, or [`testing::ADMIN_TOKEN`]).
     pub async fn start_on(
         db: testing::TestDatabase,
         dev_token: Option<&str>,
     ) -> anyhow::Result<Suite> {
-        let with_token = |mut config: runtime::config::ServiceConfig| {
-            if let Some(token) = dev_token {
-                config.tokens.push(runtime::config::TokenConfig {
-                    name: "dev".into(),
-                    token: token.into(),
-                    scopes: vec![
-                        runtime::auth::Scope::Read,
-                        runtime::auth::Scope::Mutate,
-                        runtime::auth::Scope::Admin,
-                        runtime::auth::Scope::ActForUser,
-                    ],
-                });
-            }
-            config
-        };
-        let wallet_db = db.sibling("wallet");
-        let wallet = runtime::server::start(
-            &credits_wallet::SPEC,
-            with_token(testing::config(&credits_wallet::DEFAULTS, &wallet_db)),
-            credits_wallet::routes,
-        )
-        .await?;
-        let peer = format!(
-            "[peers.wallet]\nurl = \"http://{}\"\ntoken = \"{}\"\n",
-            wallet.addr,
-            testing::ADMIN_TOKEN
+        let mut tokens = TEST_TOKENS.to_string();
+        if let Some(token) = dev_token {
+            tokens.push_str(&format!(",dev:{token}:read+mutate+admin+act-for-user"));
+        }
+        let env = suite_env(
+            &db,
+            Some(&tokens),
+            dev_token.unwrap_or(testing::ADMIN_TOKEN),
         );
-        let subscription_db = db.sibling("subscription");
-        let subscription = runtime::server::start(
-            &subscription::SPEC,
-            with_token(testing::config_with(
-                &subscription::DEFAULTS,
-                &subscription_db,
-                &peer,
-            )),
-            subscription::routes,
-        )
-        .await?;
-        let reseller_db = db.sibling("reseller");
-        let reseller = runtime::server::start(
-            &reseller_billing::SPEC,
-            with_token(testing::config_with(
-                &reseller_billing::DEFAULTS,
-                &reseller_db,
-                &peer,
-            )),
-            reseller_billing::routes,
-        )
-        .await?;
-        Ok(Suite {
-            wallet,
-            subscription,
-            reseller,
-            _db: db,
-        })
+        Self::from_suite(suite::start(&env).await?, db)
+    }
+
+    /// The suite started exactly as README's `cargo run -p suite` starts it (no tokens, no
+    /// peers, no test clock configured: the suite's defaults), except for what a test must
+    /// choose: ports 0 and `db`. Its one token is `dev_token`.
+    pub async fn start_as_readme(
+        db: testing::TestDatabase,
+        dev_token: &str,
+    ) -> anyhow::Result<Suite> {
+        let mut env = suite_env(&db, None, dev_token);
+        env.retain(|k, _| !k.ends_with("_TEST_CLOCK"));
+        Self::from_suite(suite::start(&env).await?, db)
+    }
+
+    fn from_suite(services: suite::Suite, db: testing::TestDatabase) -> anyhow::Result<Suite> {
+        Ok(Suite { services, _db: db })
     }
 
     /// The three services with the gRPC services each declares.
@@ -106,13 +86,48 @@ impl Suite {
 
     /// Stops all three gracefully.
     pub async fn stop(self) -> anyhow::Result<()> {
-        let (a, b, c) = tokio::join!(
-            self.wallet.stop(),
-            self.subscription.stop(),
-            self.reseller.stop()
-        );
-        a.and(b).and(c)
+        self.services.stop().await
     }
+}
+
+/// The four tokens of [`testing::config`], in the environment's format.
+const TEST_TOKENS: &str = "test-admin:test-admin-token:read+mutate+admin+act-for-user,\
+test-mutate:test-mutate-token:read+mutate,test-read:test-read-token:read,\
+test-act-for-user:test-act-for-user-token:read+mutate+act-for-user";
+
+/// The environment of a suite of one test, like [`testing::config`] for each service: ports
+/// 0, the test clock, a sibling of `db` each; `tokens` if given (otherwise the suite's
+/// development token); `dev_token` as `BILLING_DEV_TOKEN`. Peers are left to the suite.
+pub fn suite_env(
+    db: &testing::TestDatabase,
+    tokens: Option<&str>,
+    dev_token: &str,
+) -> std::collections::BTreeMap<String, String> {
+    let mut env = std::collections::BTreeMap::from([(
+        suite::DEV_TOKEN_ENV.to_string(),
+        dev_token.to_string(),
+    )]);
+    for (prefix, sibling) in [
+        ("WALLET", "wallet"),
+        ("SUBSCRIPTION", "subscription"),
+        ("RESELLER", "reseller"),
+    ] {
+        let db = db.sibling(sibling);
+        for (key, value) in [
+            ("LISTEN_ADDR", "127.0.0.1:0"),
+            ("METRICS_ADDR", "127.0.0.1:0"),
+            ("DATABASE_URL", db.url.as_str()),
+            ("DATABASE_SCHEMA", db.schema.as_str()),
+            ("DATABASE_MAX_CONNECTIONS", "5"),
+            ("TEST_CLOCK", "true"),
+        ] {
+            env.insert(format!("{prefix}_{key}"), value.to_string());
+        }
+        if let Some(tokens) = tokens {
+            env.insert(format!("{prefix}_TOKENS"), tokens.to_string());
+        }
+    }
+    env
 }
 
 /// A channel to a running service.
@@ -178,5 +193,7 @@ mod scenarios;
 mod secrets;
 #[cfg(test)]
 mod security;
+#[cfg(test)]
+mod suite_wiring;
 #[cfg(test)]
 mod tls;

@@ -292,7 +292,9 @@ async fn every_grpcurl_example_in_the_readme_works_as_written() {
         "README examples found: {}",
         examples.len()
     );
-    let suite = Suite::start_with_dev_token("dev-admin-token")
+    // Started as README command 1 starts it (the suite's own defaults: its development token,
+    // the peers), on ports 0 and a fresh database.
+    let suite = Suite::start_as_readme(runtime::testing::TestDatabase::fresh(), "dev-admin-token")
         .await
         .unwrap();
     let addresses: BTreeMap<&str, std::net::SocketAddr> = [

@@ -4,7 +4,11 @@
 //! Every setting has an environment variable `{PREFIX}_{KEY}` where the prefix is the service's
 //! (`WALLET`, `SUBSCRIPTION`, `RESELLER`) and the key is the upper-cased TOML key, e.g.
 //! `WALLET_DATABASE_URL`. `{PREFIX}_CONFIG` names the TOML file. Tokens in the environment use
-//! `{PREFIX}_TOKENS="name:secret:scope+scope,other:secret2:read"`.
+//! `{PREFIX}_TOKENS="name:secret:scope+scope,other:secret2:read"`: each entry is split at its
+//! last two `:`, so a name may contain `:` and a secret may not
+//! (`partner:acme:s3cret-acme:read+mutate` is the token named `partner:acme`, which
+//! reseller-billing binds to partner `acme`). A secret containing `:` or `,` goes in the file's
+//! `[[tokens]]` tables, which take any name and secret.
 
 use std::{
     collections::BTreeMap,
@@ -47,7 +51,20 @@ pub struct ServiceDefaults {
     /// Default PostgreSQL schema owned by the service.
     pub schema: &'static str,
     /// Services this one calls (`[peers.<name>]`, or `{PREFIX}_PEER_<NAME>_URL` and `_TOKEN`).
-    pub peers: &'static [&'static str],
+    pub peers: &'static [PeerSpec],
+}
+
+/// A service that another calls, as the caller declares it.
+#[derive(Debug, Clone, Copy)]
+pub struct PeerSpec {
+    /// Its name in the configuration: `wallet` is `[peers.wallet]` or
+    /// `{PREFIX}_PEER_WALLET_URL`.
+    pub name: &'static str,
+    /// The service it is (`credits-wallet`), named in errors and logs.
+    pub service: &'static str,
+    /// The caller cannot serve without it: while it is unreachable, the caller's own gRPC
+    /// services report `NOT_SERVING` on `grpc.health.v1` (see [`crate::health`]).
+    pub required: bool,
 }
 
 /// Log output format.
@@ -84,6 +101,13 @@ impl fmt::Debug for TokenConfig {
 /// Another service this one calls over gRPC.
 #[derive(Clone, Deserialize)]
 pub struct PeerConfig {
+    /// Its name in this configuration (`wallet`); set by the loader from the key.
+    #[serde(skip)]
+    pub name: String,
+    /// The service it is (`credits-wallet`, from [`PeerSpec::service`]; the name for a peer the
+    /// service does not declare); set by the loader.
+    #[serde(skip)]
+    pub service: String,
     /// e.g. `http://127.0.0.1:50051`.
     pub url: String,
     /// Bearer token presented to the peer; never logged.
@@ -97,6 +121,8 @@ pub struct PeerConfig {
 impl fmt::Debug for PeerConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PeerConfig")
+            .field("name", &self.name)
+            .field("service", &self.service)
             .field("url", &self.url)
             .field("token", &"<redacted>")
             .field("ca_path", &self.ca_path)
@@ -287,6 +313,93 @@ struct FileConfig {
     tls_key_path: Option<PathBuf>,
 }
 
+impl FileConfig {
+    /// The environment variables (`{PREFIX}_{KEY}`) of the settings this file sets. Every field
+    /// is named (no `..`), so a new setting cannot be forgotten here.
+    fn env_names(&self, defaults: &ServiceDefaults) -> std::collections::BTreeSet<String> {
+        let FileConfig {
+            listen_addr,
+            metrics_addr,
+            database_url,
+            database_schema,
+            database_max_connections,
+            log_format,
+            log_filter,
+            request_timeout_ms,
+            concurrency_limit,
+            max_request_bytes,
+            max_response_bytes,
+            max_concurrent_streams,
+            group_commit_shards,
+            test_clock,
+            test_clock_start,
+            idempotency_retention_hours,
+            tokens,
+            peers,
+            tls_cert_path,
+            tls_key_path,
+        } = self;
+        let mut set: Vec<String> = [
+            ("listen_addr", listen_addr.is_some()),
+            ("metrics_addr", metrics_addr.is_some()),
+            ("database_url", database_url.is_some()),
+            ("database_schema", database_schema.is_some()),
+            (
+                "database_max_connections",
+                database_max_connections.is_some(),
+            ),
+            ("log_format", log_format.is_some()),
+            ("log_filter", log_filter.is_some()),
+            ("request_timeout_ms", request_timeout_ms.is_some()),
+            ("concurrency_limit", concurrency_limit.is_some()),
+            ("max_request_bytes", max_request_bytes.is_some()),
+            ("max_response_bytes", max_response_bytes.is_some()),
+            ("max_concurrent_streams", max_concurrent_streams.is_some()),
+            ("group_commit_shards", group_commit_shards.is_some()),
+            ("test_clock", test_clock.is_some()),
+            ("test_clock_start", test_clock_start.is_some()),
+            (
+                "idempotency_retention_hours",
+                idempotency_retention_hours.is_some(),
+            ),
+            ("tokens", !tokens.is_empty()),
+            ("tls_cert_path", tls_cert_path.is_some()),
+            ("tls_key_path", tls_key_path.is_some()),
+        ]
+        .into_iter()
+        .filter(|(_, set)| *set)
+        .map(|(key, _)| key.to_string())
+        .collect();
+        for name in peers.keys() {
+            for part in ["url", "token", "ca_path"] {
+                set.push(format!("peer_{name}_{part}"));
+            }
+        }
+        set.into_iter()
+            .map(|key| format!("{}_{}", defaults.env_prefix, key.to_uppercase()))
+            .collect()
+    }
+}
+
+/// The environment, then fallback values for what neither it nor the file sets.
+struct Layered<'a> {
+    env: &'a dyn Environment,
+    fallback: &'a dyn Environment,
+    set_by_file: std::collections::BTreeSet<String>,
+}
+
+impl Environment for Layered<'_> {
+    fn var(&self, name: &str) -> Option<String> {
+        self.env.var(name).or_else(|| {
+            if self.set_by_file.contains(name) {
+                None
+            } else {
+                self.fallback.var(name)
+            }
+        })
+    }
+}
+
 /// Where settings come from: a lookup of environment variables (injectable for tests).
 pub trait Environment {
     /// The value of one variable, if set.
@@ -316,6 +429,29 @@ impl ServiceConfig {
             None => FileConfig::default(),
         };
         Self::from_parts(defaults, file, env)
+    }
+
+    /// Like [`load`](Self::load), with `fallback`: settings, as `{PREFIX}_{KEY}` variables,
+    /// that apply only where neither the environment nor the file sets them. The suite's
+    /// development defaults come this way (`services/suite`), so a `{PREFIX}_CONFIG` file's
+    /// tokens or peers are kept. A peer counts as set by the file when the file has its
+    /// `[peers.<name>]` table.
+    pub fn load_with_fallback(
+        defaults: &ServiceDefaults,
+        env: &dyn Environment,
+        fallback: &dyn Environment,
+    ) -> Result<Self, ConfigError> {
+        let config_var = format!("{}_CONFIG", defaults.env_prefix);
+        let file = match env.var(&config_var).or_else(|| fallback.var(&config_var)) {
+            Some(path) => read_file(Path::new(&path))?,
+            None => FileConfig::default(),
+        };
+        let layered = Layered {
+            env,
+            fallback,
+            set_by_file: file.env_names(defaults),
+        };
+        Self::from_parts(defaults, file, &layered)
     }
 
     /// Loads an explicit TOML text (used by tests and the suite launcher), then the environment.
@@ -506,7 +642,8 @@ impl ServiceConfig {
         };
         validate_tokens(&tokens)?;
         let mut peers = file.peers;
-        for name in defaults.peers {
+        for spec in defaults.peers {
+            let name = &spec.name;
             let url = get(&format!("peer_{name}_url"));
             let token = get(&format!("peer_{name}_token"));
             let ca_path = get(&format!("peer_{name}_ca_path")).map(PathBuf::from);
@@ -526,6 +663,8 @@ impl ServiceConfig {
                     peers.insert(
                         (*name).to_string(),
                         PeerConfig {
+                            name: String::new(),
+                            service: String::new(),
                             url,
                             token,
                             ca_path,
@@ -541,7 +680,13 @@ impl ServiceConfig {
                 }
             }
         }
-        for (name, peer) in &peers {
+        for (name, peer) in &mut peers {
+            peer.name.clone_from(name);
+            peer.service = defaults
+                .peers
+                .iter()
+                .find(|p| p.name == name)
+                .map_or_else(|| name.clone(), |p| p.service.to_string());
             if !(peer.url.starts_with("http://") || peer.url.starts_with("https://")) {
                 return Err(ConfigError::Invalid {
                     key: format!("peers.{name}.url"),
@@ -646,17 +791,20 @@ fn parse_num<T: std::str::FromStr>(
     }
 }
 
-/// Parses `name:secret:scope+scope,name2:secret2:scope`.
+/// Parses `name:secret:scope+scope,name2:secret2:scope`. Each entry is split at its last two
+/// `:`, so a name may contain `:` (`partner:acme:secret:read+mutate` is the token named
+/// `partner:acme`, bound to that partner by reseller-billing) and a secret may not; entries are
+/// separated by `,`, which neither may contain. A secret with `:` or `,` goes in the file.
 fn parse_tokens(spec: &str) -> Result<Vec<TokenConfig>, ConfigError> {
     spec.split(',')
         .filter(|s| !s.trim().is_empty())
         .map(|entry| {
-            let mut parts = entry.trim().splitn(3, ':');
-            let (Some(name), Some(token), Some(scopes)) = (parts.next(), parts.next(), parts.next())
+            let mut parts = entry.trim().rsplitn(3, ':');
+            let (Some(scopes), Some(token), Some(name)) = (parts.next(), parts.next(), parts.next())
             else {
                 return Err(invalid(
                     "tokens",
-                    "each entry must be name:secret:scope+scope (scopes: read, mutate, admin, act-for-user)",
+                    "each entry must be name:secret:scope+scope (the name may contain ':', the secret may not; scopes: read, mutate, admin, act-for-user)",
                 ));
             };
             let scopes = scopes
@@ -725,7 +873,11 @@ mod tests {
         grpc_port: 50051,
         metrics_port: 9101,
         schema: "wallet",
-        peers: &["wallet"],
+        peers: &[PeerSpec {
+            name: "wallet",
+            service: "credits-wallet",
+            required: true,
+        }],
     };
 
     fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
@@ -773,6 +925,82 @@ mod tests {
         .unwrap();
         assert_eq!(cfg.tokens.len(), 2);
         assert_eq!(cfg.tokens[0].scopes, vec![Scope::Read, Scope::Mutate]);
+    }
+
+    #[test]
+    fn a_token_name_may_contain_colons_in_env_and_file_alike() {
+        let cfg = ServiceConfig::from_toml(
+            &DEFAULTS,
+            "",
+            &env(&[(
+                "WALLET_TOKENS",
+                "partner:acme-agency:s3cret-acme:read+mutate, ops:s3cret-ops:admin",
+            )]),
+        )
+        .unwrap();
+        assert_eq!(cfg.tokens[0].name, "partner:acme-agency");
+        assert_eq!(cfg.tokens[0].token, "s3cret-acme");
+        assert_eq!(cfg.tokens[0].scopes, vec![Scope::Read, Scope::Mutate]);
+        assert_eq!(cfg.tokens[1].name, "ops");
+        assert_eq!(cfg.tokens[1].token, "s3cret-ops");
+        let file = ServiceConfig::from_toml(
+            &DEFAULTS,
+            "[[tokens]]\nname = \"partner:acme-agency\"\ntoken = \"s3cret:acme,1\"\nscopes = [\"read\"]\n",
+            &env(&[]),
+        )
+        .unwrap();
+        assert_eq!(file.tokens[0].name, "partner:acme-agency");
+        assert_eq!(file.tokens[0].token, "s3cret:acme,1");
+        let err = ServiceConfig::from_toml(&DEFAULTS, "", &env(&[("WALLET_TOKENS", "ops:admin")]))
+            .unwrap_err();
+        assert!(err.to_string().contains("name:secret:scope"), "{err}");
+    }
+
+    #[test]
+    fn fallback_settings_apply_only_where_neither_env_nor_file_sets_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("wallet.toml");
+        std::fs::write(
+            &path,
+            "listen_addr = \"127.0.0.1:7000\"\n[[tokens]]\nname = \"ops\"\ntoken = \"file-secret\"\nscopes = [\"admin\"]\n[peers.wallet]\nurl = \"http://file:1\"\ntoken = \"file-peer\"\n",
+        )
+        .unwrap();
+        let fallback = env(&[
+            ("WALLET_TOKENS", "dev:dev-admin-token:read"),
+            ("WALLET_LISTEN_ADDR", "127.0.0.1:7001"),
+            ("WALLET_METRICS_ADDR", "off"),
+            ("WALLET_PEER_WALLET_URL", "http://fallback:1"),
+            ("WALLET_PEER_WALLET_TOKEN", "fallback-peer"),
+        ]);
+        let from_file = env(&[("WALLET_CONFIG", path.to_str().unwrap())]);
+        let cfg = ServiceConfig::load_with_fallback(&DEFAULTS, &from_file, &fallback).unwrap();
+        assert_eq!(cfg.tokens.len(), 1);
+        assert_eq!(cfg.tokens[0].token, "file-secret");
+        assert_eq!(cfg.listen_addr.port(), 7000);
+        assert_eq!(
+            cfg.metrics_addr, None,
+            "not in the file: the fallback applies"
+        );
+        assert_eq!(cfg.peer("wallet").unwrap().url, "http://file:1");
+        assert_eq!(cfg.peer("wallet").unwrap().token, "file-peer");
+
+        let mut from_env = from_file.clone();
+        from_env.insert("WALLET_TOKENS".into(), "env:env-secret-1:read".into());
+        let cfg = ServiceConfig::load_with_fallback(&DEFAULTS, &from_env, &fallback).unwrap();
+        assert_eq!(cfg.tokens[0].token, "env-secret-1");
+
+        let cfg = ServiceConfig::load_with_fallback(&DEFAULTS, &env(&[]), &fallback).unwrap();
+        assert_eq!(cfg.tokens[0].token, "dev-admin-token");
+        assert_eq!(cfg.listen_addr.port(), 7001);
+        let peer = cfg.peer("wallet").unwrap();
+        assert_eq!(
+            (peer.url.as_str(), peer.token.as_str()),
+            ("http://fallback:1", "fallback-peer")
+        );
+        assert_eq!(
+            (peer.name.as_str(), peer.service.as_str()),
+            ("wallet", "credits-wallet")
+        );
     }
 
     #[test]

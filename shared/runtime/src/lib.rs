@@ -24,6 +24,7 @@ pub mod config;
 pub mod convert;
 pub mod db;
 pub mod group_commit;
+pub mod health;
 pub mod idempotency;
 pub mod metrics;
 pub mod middleware;

@@ -1,5 +1,6 @@
-//! Assembles a service: storage, clock, outbox relay, key sweeper, health, reflection, the
-//! middleware stack and the metrics endpoint; serves until shutdown, then drains.
+//! Assembles a service: storage, clock, outbox relay, key sweeper, health (with the probe of
+//! its required peers, [`crate::health`]), reflection, the middleware stack and the metrics
+//! endpoint; serves until shutdown, then drains.
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
@@ -206,6 +207,15 @@ where
         .map(TcpListener::local_addr)
         .transpose()?;
 
+    let peer_probe = crate::health::spawn_peer_probe(
+        crate::health::required_peers(&spec.defaults, &config)
+            .into_iter()
+            .cloned()
+            .collect(),
+        spec.grpc_services,
+        health_reporter.clone(),
+        shutdown.clone(),
+    );
     let relay = outbox.spawn_relay(shutdown.clone());
     let sweeper = spawn_key_sweeper(&platform);
     let checkpointer = spawn_checkpointer(&platform);
@@ -238,6 +248,9 @@ where
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), drain)
             .await;
         let _ = relay.await;
+        if let Some(probe) = peer_probe {
+            let _ = probe.await;
+        }
         let _ = sweeper.await;
         let _ = checkpointer.await;
         if let Some(t) = metrics_task {
