@@ -200,16 +200,20 @@ impl Resellers {
             return Ok(false);
         }
 
-        let customer_ids: Vec<&str> = fresh.iter().map(|(_, r)| r.customer_id.as_str()).collect();
-        let customers = store::lock_customers(tx, &self.db, &customer_ids).await?;
+        let customer_keys: Vec<String> = fresh
+            .iter()
+            .map(|(_, r)| domain::customer_key(&r.partner_id, &r.customer_id))
+            .collect();
+        let keys: Vec<&str> = customer_keys.iter().map(String::as_str).collect();
+        let customers = store::lock_customers(tx, &self.db, &keys).await?;
         let mut partner_ids: Vec<&str> = fresh.iter().map(|(_, r)| r.partner_id.as_str()).collect();
         partner_ids.sort_unstable();
         partner_ids.dedup();
         let partners = store::partners_many(tx, &partner_ids).await?;
-        let capped: Vec<&str> = customers
+        let capped: Vec<(&str, &str)> = customers
             .values()
             .filter(|c| c.monthly_limit > 0)
-            .map(|c| c.customer_id.as_str())
+            .map(|c| (c.partner_id.as_str(), c.customer_id.as_str()))
             .collect();
         let (month_start, _) = domain::month_of(now);
         let mut used = store::partner_credits_used_since_many(tx, &capped, month_start).await?;
@@ -217,10 +221,8 @@ impl Resellers {
         let mut routings = Vec::new();
         let mut refusals: Vec<(&IdempotencyKey, Result<Vec<u8>, Status>)> = Vec::new();
         let mut events = false;
-        for &(i, r) in &fresh {
-            let customer = customers
-                .get(&r.customer_id)
-                .filter(|c| c.partner_id == r.partner_id);
+        for (&(i, r), key) in fresh.iter().zip(&customer_keys) {
+            let customer = customers.get(key);
             let (Some(customer), Some(partner)) = (customer, partners.get(&r.partner_id)) else {
                 let missing = ResellerError::CustomerNotFound {
                     partner: r.partner_id.clone(),
@@ -229,11 +231,11 @@ impl Resellers {
                 answers[i] = Some(Batched::Done(Done::Routed(Err(missing))));
                 continue;
             };
-            let so_far = used.get(&r.customer_id).copied().unwrap_or(0);
+            let so_far = used.get(key).copied().unwrap_or(0);
             let answer = match decide(r, customer, partner, so_far) {
                 Ok(Decision::Route(routed)) => {
                     if routed.payer == domain::Payer::Partner {
-                        *used.entry(r.customer_id.clone()).or_default() += routed.credits;
+                        *used.entry(key.clone()).or_default() += routed.credits;
                     }
                     routings.push((*routed).clone());
                     Ok(Routing::Routed(routed))

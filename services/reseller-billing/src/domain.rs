@@ -50,22 +50,57 @@ text_enum!(BillingMode { PartnerPays => "partner_pays", CustomerPays => "custome
 text_enum!(Funding { Prepaid => "prepaid", OnDemand => "on_demand" });
 text_enum!(Payer { Partner => "partner", Customer => "customer" });
 
+/// Longest id the credits-wallet service accepts for a wallet (the suite's id bound).
+pub const MAX_WALLET_ID_LEN: usize = shared::limits::MAX_ID_LEN;
+/// Longest partner id: its main wallet `partner:<partner_id>` and its customers' wallets
+/// `customer:<partner_id>:<customer_id>` fit the wallet service's ids.
+pub const MAX_PARTNER_ID_LEN: usize = 48;
+/// Longest customer id (see [`MAX_PARTNER_ID_LEN`]).
+pub const MAX_CUSTOMER_ID_LEN: usize = 64;
+/// Longest mailing or reservation id (the suite's id bound, as at the wallet service).
+pub const MAX_REFERENCE_ID_LEN: usize = shared::limits::MAX_ID_LEN;
+/// Most credits one request may move or cap (AllocateCredits, SetCustomerLimit): the suite's
+/// bound, 10^12.
+pub const MAX_CREDITS: i64 = shared::limits::MAX_CREDITS;
+/// Most recipients of one mailing (ChargeMailing, ReserveMailing, CaptureMailing).
+pub const MAX_RECIPIENTS: u64 = shared::limits::MAX_RECIPIENTS;
+
+const _: () =
+    assert!("customer:".len() + MAX_PARTNER_ID_LEN + 1 + MAX_CUSTOMER_ID_LEN <= MAX_WALLET_ID_LEN);
+
 /// The wallet id of a partner's main wallet in the credits-wallet service.
 pub fn partner_wallet_id(partner_id: &str) -> String {
     format!("partner:{partner_id}")
 }
 
-/// The wallet id of a customer's own wallet.
-pub fn customer_wallet_id(customer_id: &str) -> String {
-    format!("customer:{customer_id}")
+/// The wallet id of a customer's own wallet. A customer is its partner's (customer ids are
+/// each partner's own), so its wallet id names both; ids hold no ':', so two never meet.
+pub fn customer_wallet_id(partner_id: &str, customer_id: &str) -> String {
+    format!("customer:{partner_id}:{customer_id}")
+}
+
+/// A customer's identity, one text: `<partner_id>:<customer_id>` (its row's key, and the order
+/// in which a transaction locks several customers).
+pub fn customer_key(partner_id: &str, customer_id: &str) -> String {
+    format!("{partner_id}:{customer_id}")
 }
 
 /// W1/W2: partner-pays sends are paid by the partner's main wallet at once, customer-pays sends
-/// by the customer's own wallet. The mode in force when the send is routed decides.
-pub fn route(mode: BillingMode, partner_id: &str, customer_id: &str) -> (Payer, String) {
+/// by the customer's own wallet (`own_wallet` as recorded; a customer added before customer ids
+/// were per partner keeps its `customer:<customer_id>`). The mode in force when the send is
+/// routed decides.
+pub fn route(
+    mode: BillingMode,
+    partner_id: &str,
+    customer_id: &str,
+    own_wallet: &str,
+) -> (Payer, String) {
     match mode {
         BillingMode::PartnerPays => (Payer::Partner, partner_wallet_id(partner_id)),
-        BillingMode::CustomerPays => (Payer::Customer, customer_wallet_id(customer_id)),
+        BillingMode::CustomerPays if own_wallet.is_empty() => {
+            (Payer::Customer, customer_wallet_id(partner_id, customer_id))
+        }
+        BillingMode::CustomerPays => (Payer::Customer, own_wallet.to_string()),
     }
 }
 
@@ -152,11 +187,16 @@ mod tests {
     #[test]
     fn w1_the_billing_mode_decides_whose_wallet_pays() {
         assert_eq!(
-            route(BillingMode::PartnerPays, "p1", "c1"),
+            route(BillingMode::PartnerPays, "p1", "c1", "customer:p1:c1"),
             (Payer::Partner, "partner:p1".to_string())
         );
         assert_eq!(
-            route(BillingMode::CustomerPays, "p1", "c1"),
+            route(BillingMode::CustomerPays, "p1", "c1", ""),
+            (Payer::Customer, "customer:p1:c1".to_string())
+        );
+        // A customer's wallet as recorded (one opened before ids were per partner).
+        assert_eq!(
+            route(BillingMode::CustomerPays, "p1", "c1", "customer:c1"),
             (Payer::Customer, "customer:c1".to_string())
         );
     }

@@ -1,6 +1,7 @@
 //! The reseller service's one error type and its mapping to gRPC status codes.
 
 use runtime::{db::DbError, idempotency::IdempotencyError};
+use shared::limits::quoted;
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
@@ -18,10 +19,10 @@ pub enum ResellerError {
         message: String,
     },
     /// No such partner.
-    #[error("partner {0:?} does not exist")]
+    #[error("partner {} does not exist", quoted(.0))]
     PartnerNotFound(String),
     /// No such customer of this partner (also for another partner's customer: nothing leaks).
-    #[error("customer {customer:?} is not a customer of partner {partner:?}")]
+    #[error("customer {} is not a customer of partner {}", quoted(.customer), quoted(.partner))]
     CustomerNotFound {
         /// The partner asked about.
         partner: String,
@@ -29,16 +30,16 @@ pub enum ResellerError {
         customer: String,
     },
     /// No such hold of this customer.
-    #[error("reservation {0:?} is not a hold of this customer")]
+    #[error("reservation {} is not a hold of this customer", quoted(.0))]
     ReservationNotFound(String),
     /// The partner id is taken.
-    #[error("partner {0:?} already exists")]
+    #[error("partner {} already exists", quoted(.0))]
     PartnerExists(String),
-    /// The customer id is taken (by this or another partner).
-    #[error("customer {0:?} already exists")]
+    /// This partner has the customer id already (customer ids are each partner's own).
+    #[error("customer {} already exists", quoted(.0))]
     CustomerExists(String),
     /// The caller's token is bound to another partner.
-    #[error("this token acts for partner {token_partner:?}, not {partner:?}")]
+    #[error("this token acts for partner {}, not {}", quoted(.token_partner), quoted(.partner))]
     OtherPartner {
         /// The partner the token is bound to.
         token_partner: String,
@@ -46,7 +47,7 @@ pub enum ResellerError {
         partner: String,
     },
     /// The customer is suspended.
-    #[error("customer {0:?} is suspended; its sends are refused")]
+    #[error("customer {} is suspended; its sends are refused", quoted(.0))]
     Suspended(String),
     /// The partner's cap on this customer was reached.
     #[error(transparent)]

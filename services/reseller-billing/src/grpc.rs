@@ -7,12 +7,13 @@ use proto::{
 };
 use runtime::convert::{reply as ok, reply_decoded as decoded};
 use runtime::{Platform, auth, idempotency::IdempotencyKey};
+use sha2::{Digest, Sha256};
 use shared::Currency;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::{
-    domain::{BillingMode, Funding},
+    domain::{self, BillingMode, Funding},
     error::ResellerError,
     service::{CustomerChange, NewPartner, Resellers, Send},
 };
@@ -33,27 +34,45 @@ impl ResellerBillingApi {
     }
 }
 
-const MAX_ID_LEN: usize = 128;
-
-fn id<'a>(field: &'static str, value: &'a str) -> Result<&'a str, ResellerError> {
+/// An id: 1 to `max` printable ASCII characters (no blank, space, control or non-ASCII
+/// character) and no ':', which separates the parts of the ids built from them (wallet ids
+/// `customer:<partner_id>:<customer_id>`, keys `<partner_id>:<key>`).
+fn id_of<'a>(field: &'static str, value: &'a str, max: usize) -> Result<&'a str, ResellerError> {
     if value.is_empty() {
         return Err(ResellerError::invalid(field, "is required"));
     }
-    if value.len() > MAX_ID_LEN || !value.chars().all(|c| c.is_ascii_graphic() && c != ':') {
+    if value.len() > max || !value.chars().all(|c| c.is_ascii_graphic() && c != ':') {
         return Err(ResellerError::invalid(
             field,
-            format!("must be 1 to {MAX_ID_LEN} printable ASCII characters, without spaces or ':'"),
+            format!("must be 1 to {max} printable ASCII characters, without spaces or ':'"),
         ));
     }
     Ok(value)
 }
 
+/// A customer id (at most [`domain::MAX_CUSTOMER_ID_LEN`]); mailing and reservation ids (at
+/// most [`domain::MAX_REFERENCE_ID_LEN`]).
+fn id<'a>(field: &'static str, value: &'a str) -> Result<&'a str, ResellerError> {
+    let max = match field {
+        "customer_id" => domain::MAX_CUSTOMER_ID_LEN,
+        _ => domain::MAX_REFERENCE_ID_LEN,
+    };
+    id_of(field, value, max)
+}
+
+/// The partner a token acts for: `Some(id)` for a token named `partner:<id>`, `None` for the
+/// platform's own tokens.
+fn bound_partner<T>(req: &Request<T>) -> Option<&str> {
+    auth::principal(req)
+        .ok()
+        .and_then(|principal| principal.name.strip_prefix("partner:"))
+}
+
 /// A token named `partner:<id>` acts only for that partner (W1: a partner sees and acts on its
 /// own customers only); the platform's own tokens act for every partner.
 fn partner<'a, T>(req: &Request<T>, partner_id: &'a str) -> Result<&'a str, ResellerError> {
-    let partner_id = id("partner_id", partner_id)?;
-    if let Ok(principal) = auth::principal(req)
-        && let Some(bound) = principal.name.strip_prefix("partner:")
+    let partner_id = id_of("partner_id", partner_id, domain::MAX_PARTNER_ID_LEN)?;
+    if let Some(bound) = bound_partner(req)
         && bound != partner_id
     {
         return Err(ResellerError::OtherPartner {
@@ -62,6 +81,33 @@ fn partner<'a, T>(req: &Request<T>, partner_id: &'a str) -> Result<&'a str, Rese
         });
     }
     Ok(partner_id)
+}
+
+/// Longest key text stored for a request: with `rs:` and the longest step (`:open-customer`),
+/// the wallet keys derived from it fit the wallet service's 255 characters.
+const MAX_SCOPED_KEY_LEN: usize = runtime::idempotency::MAX_KEY_LEN - "rs:".len() - 14;
+
+/// The request's idempotency key in its partner's own space, `<partner_id>:<key>`: two
+/// partners' keys never meet, here or at the wallet (whose keys derive from it,
+/// `rs:<partner_id>:<key>:<step>`), and the same partner's retry with the same key finds its
+/// first answer. A key too long for that is stored as its SHA-256 digest, in the same space.
+fn scoped_key<M: prost::Message>(
+    operation: &'static str,
+    partner_id: &str,
+    key: &str,
+    request: &M,
+) -> Result<IdempotencyKey, Status> {
+    // The caller's key as given, validated with the usual messages.
+    IdempotencyKey::new(operation, key, request)?;
+    let mut scoped = format!("{partner_id}:{key}");
+    if scoped.len() > MAX_SCOPED_KEY_LEN {
+        let digest: String = Sha256::digest(key.as_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        scoped = format!("{partner_id}:#{digest}");
+    }
+    IdempotencyKey::new(operation, &scoped, request)
 }
 
 fn billing_mode(v: i32) -> Result<BillingMode, ResellerError> {
@@ -79,10 +125,10 @@ fn recipients(field: &'static str, n: u64, allow_zero: bool) -> Result<u64, Rese
     if n == 0 && !allow_zero {
         return Err(ResellerError::invalid(field, "must be at least 1"));
     }
-    if n > shared::rating::MAX_RECIPIENTS {
+    if n > domain::MAX_RECIPIENTS {
         return Err(ResellerError::invalid(
             field,
-            format!("at most {} per mailing", shared::rating::MAX_RECIPIENTS),
+            format!("at most {} per mailing", domain::MAX_RECIPIENTS),
         ));
     }
     Ok(n)
@@ -97,7 +143,7 @@ impl ResellerBilling for ResellerBillingApi {
     ) -> Result<Response<pb::Partner>, Status> {
         let partner_id = partner(&req, &req.get_ref().partner_id)?.to_string();
         let r = req.into_inner();
-        let key = IdempotencyKey::new("RegisterPartner", &r.idempotency_key, &r)?;
+        let key = scoped_key("RegisterPartner", &partner_id, &r.idempotency_key, &r)?;
         let currency: Currency = r.currency.parse().map_err(|_| {
             ResellerError::invalid(
                 "currency",
@@ -176,7 +222,7 @@ impl ResellerBilling for ResellerBillingApi {
     ) -> Result<Response<pb::Customer>, Status> {
         let partner_id = partner(&req, &req.get_ref().partner_id)?.to_string();
         let r = req.into_inner();
-        let key = IdempotencyKey::new("AddCustomer", &r.idempotency_key, &r)?;
+        let key = scoped_key("AddCustomer", &partner_id, &r.idempotency_key, &r)?;
         let customer_id = id("customer_id", &r.customer_id)?;
         let mode = billing_mode(r.billing_mode)?;
         ok(self
@@ -197,6 +243,10 @@ impl ResellerBilling for ResellerBillingApi {
             n if n > 500 => return Err(ResellerError::invalid("page_size", "at most 500").into()),
             n => i64::from(n),
         };
+        // The token is the last customer id of the page before.
+        if !r.page_token.is_empty() {
+            id_of("page_token", &r.page_token, domain::MAX_CUSTOMER_ID_LEN)?;
+        }
         ok(self
             .resellers
             .list_customers(partner_id, &r.page_token, page_size)
@@ -220,7 +270,7 @@ impl ResellerBilling for ResellerBillingApi {
     ) -> Result<Response<pb::Customer>, Status> {
         let partner_id = partner(&req, &req.get_ref().partner_id)?.to_string();
         let r = req.into_inner();
-        let key = IdempotencyKey::new("SuspendCustomer", &r.idempotency_key, &r)?;
+        let key = scoped_key("SuspendCustomer", &partner_id, &r.idempotency_key, &r)?;
         let customer_id = id("customer_id", &r.customer_id)?;
         ok(self
             .resellers
@@ -240,7 +290,7 @@ impl ResellerBilling for ResellerBillingApi {
     ) -> Result<Response<pb::Customer>, Status> {
         let partner_id = partner(&req, &req.get_ref().partner_id)?.to_string();
         let r = req.into_inner();
-        let key = IdempotencyKey::new("SetBillingMode", &r.idempotency_key, &r)?;
+        let key = scoped_key("SetBillingMode", &partner_id, &r.idempotency_key, &r)?;
         let customer_id = id("customer_id", &r.customer_id)?;
         let mode = billing_mode(r.billing_mode)?;
         ok(self
@@ -261,7 +311,7 @@ impl ResellerBilling for ResellerBillingApi {
     ) -> Result<Response<pb::RoutedCharge>, Status> {
         let partner_id = partner(&req, &req.get_ref().partner_id)?.to_string();
         let r = req.into_inner();
-        let key = IdempotencyKey::new("ChargeMailing", &r.idempotency_key, &r)?;
+        let key = scoped_key("ChargeMailing", &partner_id, &r.idempotency_key, &r)?;
         let customer_id = id("customer_id", &r.customer_id)?;
         let mailing_id = id("mailing_id", &r.mailing_id)?;
         let n = recipients("recipients", r.recipients, false)?;
@@ -279,7 +329,7 @@ impl ResellerBilling for ResellerBillingApi {
     ) -> Result<Response<pb::RoutedReservation>, Status> {
         let partner_id = partner(&req, &req.get_ref().partner_id)?.to_string();
         let r = req.into_inner();
-        let key = IdempotencyKey::new("ReserveMailing", &r.idempotency_key, &r)?;
+        let key = scoped_key("ReserveMailing", &partner_id, &r.idempotency_key, &r)?;
         let customer_id = id("customer_id", &r.customer_id)?;
         let mailing_id = id("mailing_id", &r.mailing_id)?;
         let n = recipients("recipients", r.recipients, false)?;
@@ -306,7 +356,7 @@ impl ResellerBilling for ResellerBillingApi {
     ) -> Result<Response<pb::RoutedReservation>, Status> {
         let partner_id = partner(&req, &req.get_ref().partner_id)?.to_string();
         let r = req.into_inner();
-        let key = IdempotencyKey::new("CaptureMailing", &r.idempotency_key, &r)?;
+        let key = scoped_key("CaptureMailing", &partner_id, &r.idempotency_key, &r)?;
         let customer_id = id("customer_id", &r.customer_id)?;
         let reservation_id = id("reservation_id", &r.reservation_id)?;
         let sent = recipients("recipients_sent", r.recipients_sent, true)?;
@@ -323,7 +373,7 @@ impl ResellerBilling for ResellerBillingApi {
     ) -> Result<Response<pb::RoutedReservation>, Status> {
         let partner_id = partner(&req, &req.get_ref().partner_id)?.to_string();
         let r = req.into_inner();
-        let key = IdempotencyKey::new("ReleaseMailing", &r.idempotency_key, &r)?;
+        let key = scoped_key("ReleaseMailing", &partner_id, &r.idempotency_key, &r)?;
         let customer_id = id("customer_id", &r.customer_id)?;
         let reservation_id = id("reservation_id", &r.reservation_id)?;
         ok(self
@@ -339,13 +389,16 @@ impl ResellerBilling for ResellerBillingApi {
     ) -> Result<Response<pb::Customer>, Status> {
         let partner_id = partner(&req, &req.get_ref().partner_id)?.to_string();
         let r = req.into_inner();
-        let key = IdempotencyKey::new("SetCustomerLimit", &r.idempotency_key, &r)?;
+        let key = scoped_key("SetCustomerLimit", &partner_id, &r.idempotency_key, &r)?;
         let customer_id = id("customer_id", &r.customer_id)?;
         let limit = i64::try_from(r.monthly_credit_limit)
             .ok()
-            .filter(|l| *l <= 1_000_000_000_000)
+            .filter(|l| *l <= domain::MAX_CREDITS)
             .ok_or_else(|| {
-                ResellerError::invalid("monthly_credit_limit", "at most 10^12 credits")
+                ResellerError::invalid(
+                    "monthly_credit_limit",
+                    format!("at most {} credits", domain::MAX_CREDITS),
+                )
             })?;
         ok(self
             .resellers
@@ -360,10 +413,14 @@ impl ResellerBilling for ResellerBillingApi {
     ) -> Result<Response<pb::Allocation>, Status> {
         let partner_id = partner(&req, &req.get_ref().partner_id)?.to_string();
         let r = req.into_inner();
-        let key = IdempotencyKey::new("AllocateCredits", &r.idempotency_key, &r)?;
+        let key = scoped_key("AllocateCredits", &partner_id, &r.idempotency_key, &r)?;
         let customer_id = id("customer_id", &r.customer_id)?;
-        if r.credits == 0 || r.credits > 1_000_000_000_000 {
-            return Err(ResellerError::invalid("credits", "must be 1 to 10^12").into());
+        if r.credits == 0 || r.credits > domain::MAX_CREDITS.unsigned_abs() {
+            return Err(ResellerError::invalid(
+                "credits",
+                format!("must be 1 to {}", domain::MAX_CREDITS),
+            )
+            .into());
         }
         ok(self
             .resellers
@@ -378,7 +435,7 @@ impl ResellerBilling for ResellerBillingApi {
     ) -> Result<Response<pb::Partner>, Status> {
         let partner_id = partner(&req, &req.get_ref().partner_id)?.to_string();
         let r = req.into_inner();
-        let key = IdempotencyKey::new("SetResalePrices", &r.idempotency_key, &r)?;
+        let key = scoped_key("SetResalePrices", &partner_id, &r.idempotency_key, &r)?;
         let prices = r
             .resale_prices
             .as_ref()
@@ -406,7 +463,19 @@ impl ResellerBilling for ResellerBillingApi {
     ) -> Result<Response<pb::Partner>, Status> {
         let partner_id = partner(&req, &req.get_ref().partner_id)?.to_string();
         let r = req.into_inner();
-        let key = IdempotencyKey::new("ConfigurePartnerReminder", &r.idempotency_key, &r)?;
+        let key = scoped_key(
+            "ConfigurePartnerReminder",
+            &partner_id,
+            &r.idempotency_key,
+            &r,
+        )?;
+        if r.threshold > domain::MAX_CREDITS.unsigned_abs() {
+            return Err(ResellerError::invalid(
+                "threshold",
+                format!("at most {} credits", domain::MAX_CREDITS),
+            )
+            .into());
+        }
         ok(self
             .resellers
             .partner_reminder(&key, &partner_id, r.threshold)
@@ -420,7 +489,12 @@ impl ResellerBilling for ResellerBillingApi {
     ) -> Result<Response<pb::Partner>, Status> {
         let partner_id = partner(&req, &req.get_ref().partner_id)?.to_string();
         let r = req.into_inner();
-        let key = IdempotencyKey::new("ConfigurePartnerAutoTopUp", &r.idempotency_key, &r)?;
+        let key = scoped_key(
+            "ConfigurePartnerAutoTopUp",
+            &partner_id,
+            &r.idempotency_key,
+            &r,
+        )?;
         let top_up = r
             .auto_top_up
             .ok_or_else(|| ResellerError::invalid("auto_top_up", "is required"))?;
@@ -432,15 +506,18 @@ impl ResellerBilling for ResellerBillingApi {
 
     type WatchEventsStream = ReceiverStream<Result<Event, Status>>;
 
+    /// A partner-bound token sees its own partner's events only: every event's subject is the
+    /// partner it concerns.
     #[tracing::instrument(skip_all, fields(after = req.get_ref().after_cursor))]
     async fn watch_events(
         &self,
         req: Request<WatchEventsRequest>,
     ) -> Result<Response<Self::WatchEventsStream>, Status> {
-        Ok(Response::new(
-            self.platform
-                .outbox
-                .watch(req.into_inner(), self.platform.shutdown.clone()),
-        ))
+        let subject = bound_partner(&req).map(str::to_string);
+        Ok(Response::new(self.platform.outbox.watch_subject(
+            req.into_inner(),
+            subject,
+            self.platform.shutdown.clone(),
+        )))
     }
 }

@@ -31,7 +31,12 @@ pub const DEFAULTS: ServiceDefaults = ServiceDefaults {
     grpc_port: 50053,
     metrics_port: 9103,
     schema: "reseller",
-    peers: &["wallet"],
+    // Every send is paid at the wallet: reseller-billing cannot serve without it.
+    peers: &[runtime::config::PeerSpec {
+        name: "wallet",
+        service: "credits-wallet",
+        required: true,
+    }],
 };
 
 /// What the runtime needs to know to serve this service.

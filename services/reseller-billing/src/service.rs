@@ -274,14 +274,16 @@ impl Resellers {
         self.partner_message(&p).await
     }
 
-    /// Opens the customer's own wallet (same prices and rating as its partner's).
+    /// Opens the customer's own wallet (same prices and rating as its partner's). Only for a
+    /// customer checked to be the partner's, under a key checked to be new: a refused request
+    /// opens nothing.
     async fn open_customer_wallet(
         &self,
         key: &IdempotencyKey,
         partner: &PartnerRecord,
         customer_id: &str,
     ) -> Result<String, ResellerError> {
-        let wallet_id = domain::customer_wallet_id(customer_id);
+        let wallet_id = domain::customer_wallet_id(&partner.partner_id, customer_id);
         let opened = self
             .wallet
             .open(wpb::OpenWalletRequest {
@@ -311,9 +313,8 @@ impl Resellers {
         partner_id: &str,
         customer_id: &str,
     ) -> Result<CustomerRecord, ResellerError> {
-        store::lock_customer(tx, &self.db, customer_id)
+        store::lock_customer(tx, &self.db, partner_id, customer_id)
             .await?
-            .filter(|c| c.partner_id == partner_id)
             .ok_or_else(|| ResellerError::CustomerNotFound {
                 partner: partner_id.to_string(),
                 customer: customer_id.to_string(),
@@ -326,7 +327,8 @@ impl Resellers {
         c: &CustomerRecord,
     ) -> Result<pb::Customer, ResellerError> {
         let (start, _) = domain::month_of(self.now());
-        let used = store::partner_credits_used_since(conn, &c.customer_id, start).await?;
+        let used =
+            store::partner_credits_used_since(conn, &c.partner_id, &c.customer_id, start).await?;
         Ok(pb::Customer {
             partner_id: c.partner_id.clone(),
             customer_id: c.customer_id.clone(),
@@ -354,7 +356,7 @@ impl Resellers {
             Err(replay) => return Ok(replay),
         };
         let partner = self.partner_record(&mut tx, partner_id).await?;
-        if store::lock_customer(&mut tx, &self.db, customer_id)
+        if store::lock_customer(&mut tx, &self.db, partner_id, customer_id)
             .await?
             .is_some()
         {
@@ -447,34 +449,39 @@ impl Resellers {
         customer_id: &str,
         change: CustomerChange,
     ) -> Result<pb::Customer, ResellerError> {
-        // Customer-pays needs the customer's own wallet: open it before the change commits.
-        let mut opened_wallet = None;
-        if let CustomerChange::BillingMode(BillingMode::CustomerPays) = change {
-            let mut conn = self
-                .db
-                .pool()
-                .acquire()
-                .await
-                .map_err(runtime::db::DbError::from)?;
-            let partner = self.partner_record(&mut conn, partner_id).await?;
-            drop(conn);
-            opened_wallet = Some(
-                self.open_customer_wallet(key, &partner, customer_id)
-                    .await?,
-            );
-        }
+        // A refusal changes nothing anywhere: the key and the customer are checked first, and
+        // only then is the customer's own wallet opened (customer-pays needs it before the
+        // change commits).
         let mut tx = match self.claim::<pb::Customer>(key).await? {
             Ok(tx) => tx,
             Err(replay) => return Ok(replay),
         };
         let mut c = self.own_customer(&mut tx, partner_id, customer_id).await?;
+        let mut opened_wallet = None;
+        if let CustomerChange::BillingMode(BillingMode::CustomerPays) = change
+            && c.wallet_id.is_empty()
+        {
+            let partner = self.partner_record(&mut tx, partner_id).await?;
+            tx.rollback().await?;
+            opened_wallet = Some(
+                self.open_customer_wallet(key, &partner, customer_id)
+                    .await?,
+            );
+            tx = match self.claim::<pb::Customer>(key).await? {
+                Ok(tx) => tx,
+                Err(replay) => return Ok(replay),
+            };
+            c = self.own_customer(&mut tx, partner_id, customer_id).await?;
+        }
         match change {
             CustomerChange::Suspended(s) => c.suspended = s,
             CustomerChange::Limit(l) => c.monthly_limit = l,
             CustomerChange::BillingMode(mode) => {
                 let from = c.billing_mode;
                 c.billing_mode = mode;
-                if let Some(w) = opened_wallet {
+                if let Some(w) = opened_wallet
+                    && c.wallet_id.is_empty()
+                {
                     c.wallet_id = w;
                 }
                 self.event(
@@ -560,7 +567,7 @@ impl Resellers {
         let partner = self.partner_record(&mut tx, &r.partner_id).await?;
         let (start, _) = domain::month_of(self.now());
         let used = if customer.monthly_limit > 0 {
-            store::partner_credits_used_since(&mut tx, &r.customer_id, start).await?
+            store::partner_credits_used_since(&mut tx, &r.partner_id, &r.customer_id, start).await?
         } else {
             0
         };
@@ -830,7 +837,7 @@ impl Resellers {
                 credits_used: u(usage.credits()),
                 partner_paid_credits: u(usage.partner_paid),
                 customer_paid_credits: u(usage.customer_paid),
-                amount: amount.map(|a| money(&a)),
+                amount: amount.map(|a| runtime::convert::money(&a)),
             });
         }
         Ok(pb::UsageStatement {
@@ -838,7 +845,7 @@ impl Resellers {
             year,
             month,
             customers,
-            total: total.map(|t| money(&t)),
+            total: total.map(|t| runtime::convert::money(&t)),
         })
     }
 
@@ -929,7 +936,14 @@ impl Resellers {
     /// transaction (so each wallet event is relayed once).
     pub async fn relay(&self, event: &proto::common::v1::Event) -> Result<(), ResellerError> {
         let mut tx = self.db.begin_write().await?;
-        if let Some(partner_id) = event.subject.strip_prefix("partner:") {
+        // A partner's main wallet is `partner:<partner_id>` (partner ids hold no ':'); its
+        // events are relayed with the partner as their subject, so that only the partner's
+        // own watchers see them.
+        if let Some(partner_id) = event
+            .subject
+            .strip_prefix("partner:")
+            .filter(|p| !p.contains(':'))
+        {
             let relayed = match event.r#type.as_str() {
                 "wallet.low_balance" => Some("reseller.partner_low_balance"),
                 "wallet.top_up_succeeded" => Some("reseller.partner_top_up_succeeded"),
@@ -1011,8 +1025,12 @@ pub(crate) fn decide(
     }
     let rating: wpb::RatingRule = decode(&partner.rating)?;
     let credits = rate(&rating, r.recipients)?;
-    let (payer, payer_wallet_id) =
-        domain::route(customer.billing_mode, &r.partner_id, &r.customer_id);
+    let (payer, payer_wallet_id) = domain::route(
+        customer.billing_mode,
+        &r.partner_id,
+        &r.customer_id,
+        &customer.wallet_id,
+    );
     if payer == Payer::Partner
         && let Err(reached) = domain::check_limit(customer.monthly_limit, used, credits)
     {
@@ -1109,13 +1127,6 @@ pub(crate) fn settle(
     Settled {
         routed,
         answer: Ok(bytes),
-    }
-}
-
-fn money(m: &shared::Money) -> proto::common::v1::Money {
-    proto::common::v1::Money {
-        amount: m.amount().to_string(),
-        currency: m.currency().code().to_string(),
     }
 }
 

@@ -9,7 +9,7 @@ use runtime::{
 };
 use sqlx::{AnyConnection, Row, any::AnyRow};
 
-use crate::domain::{BillingMode, Funding, Payer, Usage};
+use crate::domain::{self, BillingMode, Funding, Payer, Usage};
 
 fn corrupt(what: &str) -> DbError {
     DbError::Corrupt(what.to_string())
@@ -41,7 +41,7 @@ pub struct PartnerRecord {
 /// A customer as stored.
 #[derive(Debug, Clone)]
 pub struct CustomerRecord {
-    /// Id (unique across partners).
+    /// Id (the partner's own: two partners may use the same).
     pub customer_id: String,
     /// Its partner.
     pub partner_id: String,
@@ -164,15 +164,15 @@ fn customer_from_row(r: &AnyRow) -> Result<CustomerRecord, DbError> {
     })
 }
 
-/// Inserts a customer; `false` when the id is taken.
+/// Inserts a customer; `false` when its partner has it already.
 pub async fn insert_customer(
     conn: &mut AnyConnection,
     c: &CustomerRecord,
     now: DateTime<Utc>,
 ) -> Result<bool, DbError> {
     let done = sqlx::query(&format!(
-        "INSERT INTO customers ({CUSTOMER_COLUMNS}, created_at_us) VALUES ($1, $2, $3, $4, $5, $6, $7) \
-         ON CONFLICT (customer_id) DO NOTHING"
+        "INSERT INTO customers ({CUSTOMER_COLUMNS}, created_at_us, customer_key) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (customer_key) DO NOTHING"
     ))
     .bind(&c.customer_id)
     .bind(&c.partner_id)
@@ -181,22 +181,24 @@ pub async fn insert_customer(
     .bind(c.monthly_limit)
     .bind(&c.wallet_id)
     .bind(now.timestamp_micros())
+    .bind(domain::customer_key(&c.partner_id, &c.customer_id))
     .execute(conn)
     .await?;
     Ok(done.rows_affected() == 1)
 }
 
-/// A customer, row-locked on PostgreSQL inside a write transaction.
+/// A partner's customer, row-locked on PostgreSQL inside a write transaction.
 pub async fn lock_customer(
     conn: &mut AnyConnection,
     db: &Db,
+    partner_id: &str,
     customer_id: &str,
 ) -> Result<Option<CustomerRecord>, DbError> {
     let row = sqlx::query(&format!(
-        "SELECT {CUSTOMER_COLUMNS} FROM customers WHERE customer_id = $1{}",
+        "SELECT {CUSTOMER_COLUMNS} FROM customers WHERE customer_key = $1{}",
         db.for_update()
     ))
-    .bind(customer_id)
+    .bind(domain::customer_key(partner_id, customer_id))
     .fetch_optional(conn)
     .await?;
     row.as_ref().map(customer_from_row).transpose()
@@ -206,9 +208,9 @@ pub async fn lock_customer(
 pub async fn update_customer(conn: &mut AnyConnection, c: &CustomerRecord) -> Result<(), DbError> {
     sqlx::query(
         "UPDATE customers SET billing_mode = $2, suspended = $3, monthly_limit = $4, wallet_id = $5 \
-         WHERE customer_id = $1",
+         WHERE customer_key = $1",
     )
-    .bind(&c.customer_id)
+    .bind(domain::customer_key(&c.partner_id, &c.customer_id))
     .bind(c.billing_mode.as_str())
     .bind(i64::from(c.suspended))
     .bind(c.monthly_limit)
@@ -237,20 +239,22 @@ pub async fn customers(
     rows.iter().map(customer_from_row).collect()
 }
 
-/// Partner credits a customer used (or has routed, pending or held) since `since`: what counts
-/// against its monthly cap.
+/// Partner credits a partner's customer used (or has routed, pending or held) since `since`:
+/// what counts against its monthly cap.
 pub async fn partner_credits_used_since(
     conn: &mut AnyConnection,
+    partner_id: &str,
     customer_id: &str,
     since: DateTime<Utc>,
 ) -> Result<i64, DbError> {
     let row = sqlx::query(
         "SELECT CAST(COALESCE(SUM(credits), 0) AS BIGINT) FROM routed WHERE customer_id = $1 \
-         AND payer = 'partner' AND status <> 'failed' AND created_at_us >= $2 \
+         AND partner_id = $3 AND payer = 'partner' AND status <> 'failed' AND created_at_us >= $2 \
          AND (reservation_status IS NULL OR reservation_status IN ('active', 'captured'))",
     )
     .bind(customer_id)
     .bind(since.timestamp_micros())
+    .bind(partner_id)
     .fetch_one(conn)
     .await?;
     Ok(row.try_get(0)?)
@@ -409,24 +413,25 @@ pub async fn routed_many(
     .collect()
 }
 
-/// [`lock_customer`] for many customers, locked in byte order of their ids (the one order of
-/// every transaction that locks several, so two never deadlock).
+/// [`lock_customer`] for many customers by their keys ([`domain::customer_key`]), locked in
+/// byte order of their keys (the one order of every transaction that locks several, so two
+/// never deadlock); the map is by key.
 pub async fn lock_customers(
     conn: &mut AnyConnection,
     db: &Db,
-    customer_ids: &[&str],
+    customer_keys: &[&str],
 ) -> Result<HashMap<String, CustomerRecord>, DbError> {
     fetch_in_lock_order(
         conn,
         db,
         &format!("SELECT {CUSTOMER_COLUMNS} FROM customers"),
-        "customer_id",
-        customer_ids.iter().copied(),
+        "customer_key",
+        customer_keys.iter().copied(),
         true,
     )
     .await?
     .iter()
-    .map(|r| customer_from_row(r).map(|c| (c.customer_id.clone(), c)))
+    .map(|r| customer_from_row(r).map(|c| (domain::customer_key(&c.partner_id, &c.customer_id), c)))
     .collect()
 }
 
@@ -444,30 +449,41 @@ pub async fn partners_many(
     .collect()
 }
 
-/// [`partner_credits_used_since`] for many customers (absent: none used).
+/// [`partner_credits_used_since`] for many customers, given as `(partner_id, customer_id)`;
+/// the map is by [`domain::customer_key`] (absent: none used).
 pub async fn partner_credits_used_since_many(
     conn: &mut AnyConnection,
-    customer_ids: &[&str],
+    customers: &[(&str, &str)],
     since: DateTime<Utc>,
 ) -> Result<HashMap<String, i64>, DbError> {
-    let rows = fetch_in(
-        conn,
-        customer_ids,
-        &[since.timestamp_micros()],
-        |list, next| {
-            format!(
-                "SELECT customer_id, CAST(COALESCE(SUM(credits), 0) AS BIGINT) FROM routed \
-             WHERE customer_id IN ({list}) AND payer = 'partner' AND status <> 'failed' \
-             AND created_at_us >= ${next} \
+    // By customer id (the index's first column), each id once; another partner's customer of
+    // the same id is read too and left out.
+    let mut ids: Vec<&str> = customers.iter().map(|&(_, c)| c).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let rows = fetch_in(conn, &ids, &[since.timestamp_micros()], |list, next| {
+        format!(
+            "SELECT partner_id, customer_id, CAST(COALESCE(SUM(credits), 0) AS BIGINT) \
+             FROM routed WHERE customer_id IN ({list}) AND payer = 'partner' \
+             AND status <> 'failed' AND created_at_us >= ${next} \
              AND (reservation_status IS NULL OR reservation_status IN ('active', 'captured')) \
-             GROUP BY customer_id"
-            )
-        },
-    )
+             GROUP BY partner_id, customer_id"
+        )
+    })
     .await?;
-    rows.iter()
-        .map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
-        .collect()
+    let wanted: std::collections::HashSet<String> = customers
+        .iter()
+        .map(|&(p, c)| domain::customer_key(p, c))
+        .collect();
+    let mut used = HashMap::new();
+    for row in &rows {
+        let (partner, customer): (String, String) = (row.try_get(0)?, row.try_get(1)?);
+        let key = domain::customer_key(&partner, &customer);
+        if wanted.contains(&key) {
+            used.insert(key, row.try_get(2)?);
+        }
+    }
+    Ok(used)
 }
 
 /// [`insert_routed`] for many routings.

@@ -206,6 +206,19 @@ impl Outbox {
         req: WatchEventsRequest,
         shutdown: CancellationToken,
     ) -> ReceiverStream<Result<Event, Status>> {
+        self.watch_subject(req, None, shutdown)
+    }
+
+    /// [`Outbox::watch`] limited to the events of one `subject` when given (e.g. a reseller's
+    /// partner-bound token sees its own partner's events only). Events of other subjects are
+    /// skipped like events of other types: the cursor moves past them, so a watcher resuming
+    /// from its last cursor misses none of its own.
+    pub fn watch_subject(
+        &self,
+        req: WatchEventsRequest,
+        subject: Option<String>,
+        shutdown: CancellationToken,
+    ) -> ReceiverStream<Result<Event, Status>> {
         let (tx, rx) = mpsc::channel(64);
         let this = self.clone();
         let mut after = i64::try_from(req.after_cursor).unwrap_or(i64::MAX);
@@ -230,6 +243,9 @@ impl Outbox {
                 for event in rows {
                     after = i64::try_from(event.cursor).unwrap_or(i64::MAX);
                     if !types.is_empty() && !types.contains(&event.r#type) {
+                        continue;
+                    }
+                    if subject.as_ref().is_some_and(|s| *s != event.subject) {
                         continue;
                     }
                     if tx.send(Ok(event)).await.is_err() {

@@ -82,12 +82,12 @@ async fn w1_switching_a_customer_to_customer_pays_moves_the_next_charge_to_its_o
     h.add("p1", "c1", BillingMode::PartnerPays).await;
     h.charge("p1", "c1", "m1", 1_000).await.unwrap();
     let customer = h.set_mode("p1", "c1", BillingMode::CustomerPays).await;
-    assert_eq!(customer.wallet_id, "customer:c1");
-    h.buy("customer:c1", 3_000).await;
+    assert_eq!(customer.wallet_id, "customer:p1:c1");
+    h.buy("customer:p1:c1", 3_000).await;
     let charge = h.charge("p1", "c1", "m2", 1_000).await.unwrap();
     assert_eq!(charge.payer, Payer::Customer as i32);
-    assert_eq!(charge.payer_wallet_id, "customer:c1");
-    assert_eq!(h.balance("customer:c1").await, 2_000);
+    assert_eq!(charge.payer_wallet_id, "customer:p1:c1");
+    assert_eq!(h.balance("customer:p1:c1").await, 2_000);
     assert_eq!(
         h.balance("partner:p1").await,
         9_000,
@@ -257,7 +257,7 @@ async fn allocated_credits_move_from_the_partner_into_the_customers_own_wallet()
     assert_eq!(allocation.customer_wallet.unwrap().balance, 3_000);
     let charge = h.charge("p1", "c1", "m1", 2_500).await.unwrap();
     assert_eq!(charge.payer, Payer::Customer as i32);
-    assert_eq!(h.balance("customer:c1").await, 500);
+    assert_eq!(h.balance("customer:p1:c1").await, 500);
     assert_eq!(h.balance("partner:p1").await, 7_000);
 }
 

@@ -80,6 +80,19 @@ async fn events_commit_with_their_change_and_stream_in_order_from_a_cursor() {
         .await;
     assert_eq!(resumed[0].cursor, 3);
     assert_eq!(resumed[0].subject, "s2");
+
+    // One subject only: the others are skipped.
+    let own: Vec<_> = outbox
+        .watch_subject(
+            WatchEventsRequest::default(),
+            Some("s1".into()),
+            shutdown.clone(),
+        )
+        .take(1)
+        .map(|e| e.unwrap())
+        .collect()
+        .await;
+    assert_eq!((own[0].cursor, own[0].subject.as_str()), (2, "s1"));
     shutdown.cancel();
 }
 

@@ -1,0 +1,33 @@
+-- Customer ids are each partner's own (issue 16): a customer is (partner_id, customer_id), so
+-- two partners may both have a customer `shop` and neither learns of the other's. Its row's key
+-- is `<partner_id>:<customer_id>` (ids hold no ':'), by which a transaction that locks several
+-- customers locks them in one order. Customers added before keep their rows and wallets.
+
+ALTER TABLE customers ADD COLUMN customer_key TEXT;
+UPDATE customers SET customer_key = partner_id || ':' || customer_id;
+ALTER TABLE customers ALTER COLUMN customer_key SET NOT NULL;
+ALTER TABLE customers DROP CONSTRAINT customers_pkey;
+ALTER TABLE customers ADD PRIMARY KEY (customer_key);
+DROP INDEX customers_by_partner;
+ALTER TABLE customers ADD CONSTRAINT customers_partner_customer UNIQUE (partner_id, customer_id);
+
+-- A customer's month of partner credits is looked up by partner and customer.
+DROP INDEX routed_usage;
+CREATE INDEX routed_usage ON routed (customer_id, partner_id, created_at_us);
+
+-- Idempotency keys are each partner's own too: a request's key is stored as
+-- `<partner_id>:<key>`. Routed sends and holds know their partner, so their keys (and the
+-- answers stored under them) move into their partner's space, and a retry across this upgrade
+-- still gets its first answer. (Keys too long for that, beyond 237 characters with the partner
+-- id, and other operations' keys, stay as they were until swept.)
+UPDATE idempotency_keys
+SET idempotency_key = (
+    SELECT r.partner_id || ':' || r.idempotency_key FROM routed r
+    WHERE r.idempotency_key = idempotency_keys.idempotency_key
+)
+WHERE idempotency_key IN (
+    SELECT idempotency_key FROM routed
+    WHERE length(partner_id) + length(idempotency_key) <= 237
+);
+UPDATE routed SET idempotency_key = partner_id || ':' || idempotency_key
+WHERE length(partner_id) + length(idempotency_key) <= 237;
