@@ -10,6 +10,8 @@
 //! * [`proration`]: per-second proration of plan changes (S7, S8, S19).
 //! * [`rating`]: credits consumed by a mailing (C2).
 //! * [`gateway`]: the payment-provider port and a deterministic simulator.
+//! * [`limits`]: the maximum of every quantity, amount and string a client sends, the checks
+//!   that enforce them, and [`limits::quoted`] for client values in error messages.
 //!
 //! # Invariants
 //!
@@ -23,6 +25,7 @@
 pub mod credits;
 pub mod currency;
 pub mod gateway;
+pub mod limits;
 pub mod money;
 pub mod period;
 pub mod proration;
@@ -35,6 +38,7 @@ pub use gateway::{
     ChargeOutcome, ChargeRecord, ChargeRequest, ChargeStatus, DeclineReason, GatewayError,
     PaymentGateway, SimulatedGateway,
 };
+pub use limits::{LimitError, quoted};
 pub use money::{Money, MoneyError};
 pub use period::{BillingInterval, BillingPeriod, PeriodError, period_containing, period_start};
 pub use proration::{

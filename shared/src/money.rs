@@ -159,6 +159,16 @@ impl Money {
         self.currency
     }
 
+    /// THE rendering of an amount as text, for the wire, events and [`fmt::Display`]: the
+    /// currency's minor-unit digits always (`"0.00"`, `"12.50"` EUR; `"7"` JPY), more only for
+    /// an amount that is not a whole number of minor units (`"0.125"`). Trailing zeros beyond
+    /// the minor unit are dropped (`"30.000"` is `"30.00"`) and zero has no sign. Never rounds.
+    pub fn amount_text(&self) -> String {
+        let amount = self.amount.normalize();
+        let digits = amount.scale().max(self.currency.minor_units()) as usize;
+        format!("{amount:.digits$}")
+    }
+
     /// THE rounding function of the suite (see the module docs): half away
     /// from zero to the currency's minor unit.
     pub fn round_to_minor_unit(&self) -> Money {
@@ -240,15 +250,9 @@ impl Money {
 }
 
 impl fmt::Display for Money {
-    /// `"12.34 EUR"`. Amounts with fewer decimals than the minor unit are
-    /// padded (`"5.00 EUR"`); extra decimals of unrounded amounts are shown.
+    /// `"12.34 EUR"`: the amount as [`Money::amount_text`] renders it, then the currency.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let minor = self.currency.minor_units();
-        if self.amount.scale() < minor {
-            write!(f, "{:.*} {}", minor as usize, self.amount, self.currency)
-        } else {
-            write!(f, "{} {}", self.amount, self.currency)
-        }
+        write!(f, "{} {}", self.amount_text(), self.currency)
     }
 }
 
@@ -353,6 +357,21 @@ mod tests {
             Money::from_minor_units(7, Currency::JPY).to_string(),
             "7 JPY"
         );
+    }
+
+    #[test]
+    fn amount_text_always_shows_the_minor_unit_and_never_rounds() {
+        assert_eq!(Money::zero(Currency::EUR).amount_text(), "0.00");
+        assert_eq!(Money::new(dec!(-0), Currency::EUR).amount_text(), "0.00");
+        assert_eq!(eur("0").amount_text(), "0.00");
+        assert_eq!(eur("7").amount_text(), "7.00");
+        assert_eq!(eur("12.5").amount_text(), "12.50");
+        assert_eq!(eur("30.000").amount_text(), "30.00");
+        assert_eq!(eur("-3.10").amount_text(), "-3.10");
+        assert_eq!(eur("0.125").amount_text(), "0.125");
+        assert_eq!(eur("0.1250").amount_text(), "0.125");
+        assert_eq!(Money::zero(Currency::JPY).amount_text(), "0");
+        assert_eq!(Money::new(dec!(700.0), Currency::JPY).amount_text(), "700");
     }
 
     fn any_currency() -> impl Strategy<Value = Currency> {

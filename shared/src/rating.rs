@@ -10,9 +10,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::credits::{Credits, CreditsError};
 
-/// Largest mailing the rating accepts. Far above any real list, it keeps
-/// `recipients * rate` well inside `Decimal` range and catches corrupted counts.
-pub const MAX_RECIPIENTS: u64 = 100_000_000;
+/// Largest mailing the rating accepts: [`crate::limits::MAX_RECIPIENTS`].
+pub use crate::limits::MAX_RECIPIENTS;
 
 /// Most decimal places of a per-recipient rate (e.g. `0.000125`).
 pub const MAX_RATE_DECIMALS: u32 = 6;

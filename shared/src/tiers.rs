@@ -115,11 +115,52 @@ pub enum TierError {
         /// First quantity of the later band.
         next_first: u64,
     },
-    /// Prices must not be negative.
+    /// Prices must not be negative (nor `-0`).
     #[error("band {band} has a negative price")]
     NegativePrice {
         /// Index of the band.
         band: usize,
+    },
+    /// More bands than [`crate::limits::MAX_TIERS`].
+    #[error("{count} bands exceed the limit of {max}")]
+    TooManyBands {
+        /// Bands given.
+        count: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// A price above [`crate::limits::MAX_PRICE`].
+    #[error("band {band}'s {price} {value} is above the largest price {max}")]
+    PriceTooLarge {
+        /// Index of the band.
+        band: usize,
+        /// `unit_price` or `flat_price`.
+        price: &'static str,
+        /// The price.
+        value: Decimal,
+        /// The limit.
+        max: Decimal,
+    },
+    /// A price finer than allowed: a unit price beyond
+    /// [`crate::limits::MAX_UNIT_PRICE_DECIMALS`], a flat price beyond the currency's minor unit.
+    #[error("band {band}'s {price} {value} has more than {max} decimals")]
+    PriceTooPrecise {
+        /// Index of the band.
+        band: usize,
+        /// `unit_price` or `flat_price`.
+        price: &'static str,
+        /// The price.
+        value: Decimal,
+        /// Most decimals allowed.
+        max: u32,
+    },
+    /// A slider beyond [`crate::limits::MAX_CONTACTS`].
+    #[error("slider maximum {max} is above the largest plan size {limit}")]
+    SliderTooLarge {
+        /// Slider maximum.
+        max: u64,
+        /// The limit.
+        limit: u64,
     },
     /// Entering the band starting at `at` would make the total drop.
     #[error("tier table is not monotone: quantity {at} costs less than quantity {}", at.saturating_sub(1))]
@@ -193,7 +234,9 @@ impl TryFrom<TierTableSpec> for TierTable {
     type Error = TierError;
 
     fn try_from(spec: TierTableSpec) -> Result<Self, Self::Error> {
-        TierTable::new(spec.mode, spec.currency, spec.tiers)
+        // A stored table keeps its shape checks but not the input limits, so that a table
+        // stored before a limit was tightened stays readable.
+        TierTable::shaped(spec.mode, spec.currency, spec.tiers)
     }
 }
 
@@ -205,11 +248,58 @@ fn mul_add(quantity: u64, unit: Decimal, add: Decimal) -> Result<Decimal, TierEr
 }
 
 impl TierTable {
-    /// Validates and builds a table (S3/C1). Checks, in order: non-empty,
+    /// Validates and builds a table (S3/C1). Checks, in order: at most
+    /// [`crate::limits::MAX_TIERS`] bands, prices not negative (nor `-0`), at most
+    /// [`crate::limits::MAX_PRICE`], unit prices with at most
+    /// [`crate::limits::MAX_UNIT_PRICE_DECIMALS`] decimals and flat prices no finer than the
+    /// currency's minor unit; then non-empty,
     /// first band starts at 0 or 1, no negative prices, no inverted band,
     /// only the last band unbounded, bands sorted/contiguous, and (for
     /// `Volume` and `FlatPerBand`) monotone totals across band boundaries.
     pub fn new(
+        mode: TierMode,
+        currency: Currency,
+        tiers: Vec<Tier>,
+    ) -> Result<TierTable, TierError> {
+        use crate::limits::{MAX_PRICE, MAX_TIERS, MAX_UNIT_PRICE_DECIMALS};
+        if tiers.len() > MAX_TIERS {
+            return Err(TierError::TooManyBands {
+                count: tiers.len(),
+                max: MAX_TIERS,
+            });
+        }
+        for (band, tier) in tiers.iter().enumerate() {
+            let prices = [
+                ("unit_price", tier.unit_price, MAX_UNIT_PRICE_DECIMALS),
+                ("flat_price", tier.flat_price, currency.minor_units()),
+            ];
+            for (price, value, decimals) in prices {
+                if value.is_sign_negative() {
+                    return Err(TierError::NegativePrice { band });
+                }
+                if value > MAX_PRICE {
+                    return Err(TierError::PriceTooLarge {
+                        band,
+                        price,
+                        value,
+                        max: MAX_PRICE,
+                    });
+                }
+                if value.normalize().scale() > decimals {
+                    return Err(TierError::PriceTooPrecise {
+                        band,
+                        price,
+                        value,
+                        max: decimals,
+                    });
+                }
+            }
+        }
+        TierTable::shaped(mode, currency, tiers)
+    }
+
+    /// [`TierTable::new`] without the input limits: the shape rules only.
+    fn shaped(
         mode: TierMode,
         currency: Currency,
         tiers: Vec<Tier>,
@@ -386,6 +476,12 @@ impl ContactSlider {
         }
         if max < min {
             return Err(TierError::SliderMaxBelowMin { min, max });
+        }
+        if max > crate::limits::MAX_CONTACTS {
+            return Err(TierError::SliderTooLarge {
+                max,
+                limit: crate::limits::MAX_CONTACTS,
+            });
         }
         if !(max - min).is_multiple_of(step) {
             return Err(TierError::SliderMisaligned { min, max, step });
@@ -634,7 +730,16 @@ mod tests {
 
     #[test]
     fn huge_quantities_overflow_cleanly() {
-        let t = TierTable::new(
+        // Beyond the input limits (MAX_PRICE), as a stored table may be: still no panic.
+        assert!(matches!(
+            TierTable::new(
+                TierMode::Volume,
+                Currency::EUR,
+                vec![tier(1, None, Decimal::MAX, dec!(0))],
+            ),
+            Err(TierError::PriceTooLarge { .. })
+        ));
+        let t = TierTable::shaped(
             TierMode::Volume,
             Currency::EUR,
             vec![tier(1, None, Decimal::MAX, dec!(0))],
@@ -677,7 +782,16 @@ mod tests {
                 step: 1_000
             })
         );
-        let near_max = ContactSlider::new(u64::MAX - 10, u64::MAX - 1, 9).unwrap();
+        // Beyond MAX_CONTACTS the constructor refuses; the arithmetic still holds there.
+        assert!(matches!(
+            ContactSlider::new(u64::MAX - 10, u64::MAX - 1, 9),
+            Err(TierError::SliderTooLarge { .. })
+        ));
+        let near_max = ContactSlider {
+            min: u64::MAX - 10,
+            max: u64::MAX - 1,
+            step: 9,
+        };
         assert_eq!(
             near_max.positions().collect::<Vec<_>>(),
             vec![u64::MAX - 10, u64::MAX - 1]

@@ -19,12 +19,9 @@ fn u(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
 }
 
-/// Money as its message.
+/// Money as its message (rendered by [`Money::amount_text`], e.g. "0.00").
 pub fn money(m: &Money) -> PbMoney {
-    PbMoney {
-        amount: m.amount().to_string(),
-        currency: m.currency().code().to_string(),
-    }
+    runtime::convert::money(m)
 }
 
 fn lot_kind(k: LotKind) -> pb::LotKind {
@@ -173,7 +170,8 @@ pub fn rating_from(r: Option<&pb::RatingRule>) -> Result<RatingRule, WalletError
     let surcharge = credits_field("rating.per_mailing_surcharge", r.per_mailing_surcharge)?;
     let surcharge = Credits::new(surcharge)
         .map_err(|e| WalletError::invalid("rating.per_mailing_surcharge", e.to_string()))?;
-    RatingRule::new(cpr, surcharge).map_err(|e| WalletError::invalid("rating", e.to_string()))
+    RatingRule::new(cpr, surcharge)
+        .map_err(|e| WalletError::invalid("rating.credits_per_recipient", e.to_string()))
 }
 
 /// The wallet as its message.

@@ -19,10 +19,9 @@ use std::fmt;
 
 use chrono::{DateTime, Utc};
 
-/// Largest credit amount accepted in one operation (10^12). Far above any
-/// real purchase or mailing, it keeps every sum of a handful of amounts well
-/// inside `i64` and catches corrupted inputs early.
-pub const MAX_CREDITS: i64 = 1_000_000_000_000;
+/// Largest credit amount accepted in one operation:
+/// [`shared::limits::MAX_CREDITS`] (10^12), the suite's one list of limits.
+pub use shared::limits::MAX_CREDITS;
 
 /// Errors of the wallet's input validation.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

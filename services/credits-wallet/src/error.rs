@@ -1,6 +1,7 @@
 //! The wallet's one error type and its mapping to gRPC status codes.
 
 use runtime::{db::DbError, idempotency::IdempotencyError};
+use shared::limits::{LimitError, quoted};
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
@@ -18,13 +19,13 @@ pub enum WalletError {
         message: String,
     },
     /// No such wallet.
-    #[error("wallet {0:?} does not exist")]
+    #[error("wallet {} does not exist", quoted(.0))]
     WalletNotFound(String),
     /// No such reservation in this wallet.
-    #[error("reservation {0:?} does not exist in this wallet")]
+    #[error("reservation {} does not exist in this wallet", quoted(.0))]
     ReservationNotFound(String),
     /// OpenWallet for an id that is taken (with another idempotency key).
-    #[error("wallet {0:?} already exists")]
+    #[error("wallet {} already exists", quoted(.0))]
     WalletExists(String),
     /// The wallet cannot pay and no auto top-up covers it (C5, C6).
     #[error("{shortfall}{}", top_up.map(|r| format!("; auto top-up: {r}")).unwrap_or_default())]
@@ -82,6 +83,12 @@ impl WalletError {
 impl From<sqlx::Error> for WalletError {
     fn from(e: sqlx::Error) -> Self {
         Self::Storage(DbError::Sqlx(e))
+    }
+}
+
+impl From<LimitError> for WalletError {
+    fn from(e: LimitError) -> Self {
+        Self::invalid(e.field, e.message)
     }
 }
 

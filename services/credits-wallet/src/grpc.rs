@@ -8,7 +8,8 @@ use proto::{
 };
 use runtime::convert::{reply as ok, reply_decoded as decoded};
 use runtime::{Platform, idempotency::IdempotencyKey};
-use shared::{Currency, Money};
+use shared::Currency;
+use shared::limits::{self, quoted};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
@@ -33,19 +34,20 @@ impl CreditsWalletApi {
     }
 }
 
-/// Longest id accepted (wallet, mailing, reservation).
-const MAX_ID_LEN: usize = 128;
-
+/// An id (wallet, mailing, reservation): `shared::limits::check_id`.
 fn id<'a>(field: &'static str, value: &'a str) -> Result<&'a str, WalletError> {
-    if value.is_empty() {
-        return Err(WalletError::invalid(field, "is required"));
-    }
-    if value.len() > MAX_ID_LEN || !value.chars().all(|c| c.is_ascii_graphic()) {
-        return Err(WalletError::invalid(
-            field,
-            format!("must be 1 to {MAX_ID_LEN} printable ASCII characters without spaces"),
-        ));
-    }
+    limits::check_id(field, value)?;
+    Ok(value)
+}
+
+/// Free text (a reason, a reference): `shared::limits::check_text`.
+fn text<'a>(
+    field: &'static str,
+    value: &'a str,
+    max: usize,
+    required: bool,
+) -> Result<&'a str, WalletError> {
+    limits::check_text(field, value, max, required)?;
     Ok(value)
 }
 
@@ -60,7 +62,7 @@ fn currency(value: &str) -> Result<Currency, WalletError> {
             "currency",
             format!(
                 "{} is not a supported ISO-4217 code (EUR, USD, GBP, CHF, SEK, DKK, NOK, PLN, JPY)",
-                runtime::convert::shown(value)
+                quoted(value)
             ),
         )
     })
@@ -72,7 +74,7 @@ fn payment_method(field: &'static str, value: &str) -> Result<(), WalletError> {
             field,
             format!(
                 "{} is not a payment method the gateway knows",
-                runtime::convert::shown(value)
+                quoted(value)
             ),
         ));
     }
@@ -162,9 +164,9 @@ impl CreditsWallet for CreditsWalletApi {
         let expected = r
             .expected_amount
             .as_ref()
-            .map(|m| Money::parse(&m.amount, &m.currency))
+            .map(|m| limits::parse_amount("expected_amount", &m.amount, &m.currency))
             .transpose()
-            .map_err(|e| WalletError::invalid("expected_amount", e.to_string()))?;
+            .map_err(WalletError::from)?;
         ok(self
             .wallets
             .purchase(&key, wallet_id, n, &r.payment_method, expires_at, expected)
@@ -182,9 +184,7 @@ impl CreditsWallet for CreditsWalletApi {
         let n = credits("credits", r.credits)?;
         let kind = convert::grant_kind(r.kind)?;
         let expires_at = instant("expires_at", r.expires_at.as_ref())?;
-        if r.reference.len() > 256 {
-            return Err(WalletError::invalid("reference", "at most 256 characters").into());
-        }
+        text("reference", &r.reference, limits::MAX_REFERENCE_LEN, false)?;
         ok(self
             .wallets
             .grant(&key, wallet_id, kind, n, expires_at, &r.reference)
@@ -250,7 +250,7 @@ impl CreditsWallet for CreditsWalletApi {
         let key = IdempotencyKey::new("CaptureReservation", &r.idempotency_key, &r)?;
         let wallet_id = id("wallet_id", &r.wallet_id)?;
         let reservation_id = id("reservation_id", &r.reservation_id)?;
-        if r.recipients_sent > shared::rating::MAX_RECIPIENTS {
+        if r.recipients_sent > limits::MAX_RECIPIENTS {
             return Err(WalletError::invalid(
                 "recipients_sent",
                 "above the largest mailing accepted",
@@ -340,12 +340,7 @@ impl CreditsWallet for CreditsWalletApi {
             )
             .into());
         }
-        let reason = r.reason.trim();
-        if reason.is_empty() || reason.len() > 500 {
-            return Err(
-                WalletError::invalid("reason", "is required (at most 500 characters)").into(),
-            );
-        }
+        let reason = text("reason", r.reason.trim(), limits::MAX_REASON_LEN, true)?;
         ok(self.wallets.adjust(&key, wallet_id, r.delta, reason).await)
     }
 
@@ -364,9 +359,7 @@ impl CreditsWallet for CreditsWalletApi {
             );
         }
         let n = credits("credits", r.credits)?;
-        if r.reason.len() > 500 {
-            return Err(WalletError::invalid("reason", "at most 500 characters").into());
-        }
+        text("reason", &r.reason, limits::MAX_REASON_LEN, false)?;
         ok(self.wallets.transfer(&key, from, to, n, &r.reason).await)
     }
 
@@ -448,10 +441,10 @@ fn recipients(n: u64) -> Result<u64, WalletError> {
     if n == 0 {
         return Err(WalletError::invalid("recipients", "must be at least 1"));
     }
-    if n > shared::rating::MAX_RECIPIENTS {
+    if n > limits::MAX_RECIPIENTS {
         return Err(WalletError::invalid(
             "recipients",
-            format!("at most {} per mailing", shared::rating::MAX_RECIPIENTS),
+            format!("at most {} per mailing", limits::MAX_RECIPIENTS),
         ));
     }
     Ok(n)

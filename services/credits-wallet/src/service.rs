@@ -1101,7 +1101,8 @@ pub(crate) fn active_hold(
             r.status
         };
         return Err(WalletError::Precondition(format!(
-            "reservation {reservation_id} is {}, not active",
+            "reservation {} is {}, not active",
+            shared::limits::quoted(reservation_id),
             status.as_str()
         )));
     }
@@ -1269,7 +1270,7 @@ async fn apply_outcome(
     let payload = |p: &PurchaseRecord| {
         json!({
             "wallet_id": p.wallet_id, "purchase_id": p.purchase_id, "credits": p.credits,
-            "amount": p.amount.amount().to_string(), "currency": p.amount.currency().code(),
+            "amount": p.amount.amount_text(), "currency": p.amount.currency().code(),
             "trigger": p.trigger.as_str(), "reason": p.failure_reason,
         })
     };

@@ -21,12 +21,9 @@ fn decimal(field: &'static str, s: &str) -> Result<rust_decimal::Decimal, SubErr
     runtime::convert::decimal(field, s).map_err(|(f, m)| SubError::invalid(f, m))
 }
 
-/// Money as its message.
+/// Money as its message (rendered by [`Money::amount_text`], e.g. "0.00").
 pub fn money(m: &Money) -> PbMoney {
-    PbMoney {
-        amount: m.amount().to_string(),
-        currency: m.currency().code().to_string(),
-    }
+    runtime::convert::money(m)
 }
 
 fn ts(t: DateTime<Utc>) -> Option<prost_types::Timestamp> {
@@ -76,7 +73,10 @@ pub fn plan_from(spec: &pb::PlanSpec) -> Result<Plan, SubError> {
     let currency: Currency = spec.currency.parse().map_err(|_| {
         SubError::invalid(
             "plan.currency",
-            format!("{:?} is not a supported ISO-4217 code", spec.currency),
+            format!(
+                "{} is not a supported ISO-4217 code",
+                shared::limits::quoted(&spec.currency)
+            ),
         )
     })?;
     let tiers_msg = spec

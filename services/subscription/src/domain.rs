@@ -7,6 +7,7 @@ use std::fmt;
 use chrono::{DateTime, Duration, Utc};
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
+use shared::limits::{self, LimitError, quoted};
 use shared::{
     BillingInterval, BillingPeriod, ContactSlider, Currency, Money, TierTable, prorate_change,
     restart_period_change,
@@ -46,6 +47,23 @@ fn invalid(field: &'static str, message: impl Into<String>) -> DomainError {
         field,
         message: message.into(),
     }
+}
+
+impl From<LimitError> for DomainError {
+    fn from(e: LimitError) -> Self {
+        invalid(e.field, e.message)
+    }
+}
+
+/// A seat count of a request (S4): `1..=MAX_SEATS` (`shared::limits`).
+pub fn check_seats(field: &'static str, seats: u32) -> Result<u32, DomainError> {
+    limits::check_count(field, u64::from(seats), u64::from(limits::MAX_SEATS))?;
+    Ok(seats)
+}
+
+/// A contact count of a request (S1, S3): `1..=MAX_CONTACTS` (`shared::limits`).
+pub fn check_contacts(field: &'static str, contacts: u64) -> Result<u64, DomainError> {
+    Ok(limits::check_count(field, contacts, limits::MAX_CONTACTS)?)
 }
 
 fn arith(e: impl fmt::Display) -> DomainError {
@@ -132,6 +150,41 @@ pub struct TrialTerms {
 /// Longest trial accepted.
 pub const MAX_TRIAL_DAYS: u32 = 366;
 
+impl TrialTerms {
+    /// S14: 1 to [`MAX_TRIAL_DAYS`] days, a contact cap and free mails within the limits of
+    /// `shared::limits`. `field` is the terms' field name (`plan.trial`, `terms_override`).
+    pub fn validate(&self, field: &'static str) -> Result<(), DomainError> {
+        let (days, cap, mails) = match field {
+            "plan.trial" => (
+                "plan.trial.days",
+                "plan.trial.contact_cap",
+                "plan.trial.free_mails",
+            ),
+            _ => (
+                "terms_override.days",
+                "terms_override.contact_cap",
+                "terms_override.free_mails",
+            ),
+        };
+        if self.days == 0 || self.days > MAX_TRIAL_DAYS {
+            return Err(invalid(days, format!("must be 1..={MAX_TRIAL_DAYS}")));
+        }
+        if self.contact_cap > limits::MAX_CONTACTS {
+            return Err(invalid(
+                cap,
+                format!("must be at most {}", limits::MAX_CONTACTS),
+            ));
+        }
+        if self.free_mails > limits::MAX_RECIPIENTS {
+            return Err(invalid(
+                mails,
+                format!("must be at most {}", limits::MAX_RECIPIENTS),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// A published plan version (S3, S4).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Plan {
@@ -171,8 +224,41 @@ pub struct Plan {
 
 impl Plan {
     /// Checks what the types cannot: the tier table prices every slider position in the plan's
-    /// currency, prices are not negative, add-on codes are unique, trial terms are sane.
+    /// currency, prices are not negative, add-on codes are unique, trial terms are sane; and the
+    /// limits of `shared::limits` (ids, codes, names, prices, seats, add-ons, credits).
     pub fn validate(&self) -> Result<(), DomainError> {
+        limits::check_id("plan.plan_id", &self.plan_id)?;
+        limits::check_text("plan.name", &self.name, limits::MAX_NAME_LEN, false)?;
+        limits::check_text(
+            "plan.level.name",
+            &self.level.name,
+            limits::MAX_NAME_LEN,
+            true,
+        )?;
+        limits::check_price("plan.seat_price", self.seat_price, self.currency)?;
+        if self.included_seats > limits::MAX_SEATS {
+            return Err(invalid(
+                "plan.included_seats",
+                format!("must be at most {}", limits::MAX_SEATS),
+            ));
+        }
+        if self.add_ons.len() > limits::MAX_ADD_ONS {
+            return Err(invalid(
+                "plan.add_ons",
+                format!("at most {} add-ons", limits::MAX_ADD_ONS),
+            ));
+        }
+        for a in &self.add_ons {
+            limits::check_code("plan.add_ons.code", &a.code)?;
+            limits::check_text("plan.add_ons.name", &a.name, limits::MAX_NAME_LEN, true)?;
+            limits::check_price("plan.add_ons.price", a.price, self.currency)?;
+        }
+        if self.monthly_credits > limits::MAX_CREDITS {
+            return Err(invalid(
+                "plan.monthly_credits",
+                format!("must be at most {}", limits::MAX_CREDITS),
+            ));
+        }
         if self.contact_tiers.currency() != self.currency {
             return Err(invalid(
                 "plan.contact_tiers",
@@ -206,17 +292,12 @@ impl Plan {
             if self.add_ons[..i].iter().any(|b| b.code == a.code) {
                 return Err(invalid(
                     "plan.add_ons",
-                    format!("add-on {:?} is listed twice", a.code),
+                    format!("add-on {} is listed twice", quoted(&a.code)),
                 ));
             }
         }
-        if let Some(t) = self.trial
-            && (t.days == 0 || t.days > MAX_TRIAL_DAYS)
-        {
-            return Err(invalid(
-                "plan.trial.days",
-                format!("must be 1..={MAX_TRIAL_DAYS}"),
-            ));
+        if let Some(t) = self.trial {
+            t.validate("plan.trial")?;
         }
         if self.monthly_credits < 0 {
             return Err(invalid("plan.monthly_credits", "must not be negative"));
@@ -241,6 +322,40 @@ pub struct Selection {
 }
 
 impl Selection {
+    /// A selection as a request states it, within the limits (`shared::limits`): at most
+    /// [`limits::MAX_CONTACTS`] contacts, 1 to [`limits::MAX_SEATS`] seats, at most
+    /// [`limits::MAX_ADD_ONS`] add-on codes, each well-formed and listed once (a duplicate is
+    /// refused, not merged: the caller asked for something the subscription cannot hold).
+    pub fn new(contacts: u64, seats: u32, add_ons: Vec<String>) -> Result<Selection, DomainError> {
+        if contacts > limits::MAX_CONTACTS {
+            return Err(invalid(
+                "contacts",
+                format!("must be at most {}", limits::MAX_CONTACTS),
+            ));
+        }
+        check_seats("seats", seats)?;
+        if add_ons.len() > limits::MAX_ADD_ONS {
+            return Err(invalid(
+                "add_ons",
+                format!("at most {} add-ons", limits::MAX_ADD_ONS),
+            ));
+        }
+        for (i, code) in add_ons.iter().enumerate() {
+            limits::check_code("add_ons", code)?;
+            if add_ons[..i].contains(code) {
+                return Err(invalid(
+                    "add_ons",
+                    format!("add-on {} is listed twice", quoted(code)),
+                ));
+            }
+        }
+        Ok(Selection {
+            contacts,
+            seats,
+            add_ons,
+        })
+    }
+
     /// Validates against `plan`: a slider position, known add-ons (sorted and deduplicated).
     pub fn checked(mut self, plan: &Plan) -> Result<Selection, DomainError> {
         if !plan.slider.contains(self.contacts) {
@@ -261,7 +376,7 @@ impl Selection {
         if let Some(unknown) = self.add_ons.iter().find(|c| plan.add_on(c).is_none()) {
             return Err(invalid(
                 "add_ons",
-                format!("plan {} has no add-on {unknown:?}", plan.plan_id),
+                format!("plan {} has no add-on {}", plan.plan_id, quoted(unknown)),
             ));
         }
         Ok(self)
@@ -315,7 +430,7 @@ pub fn recurring_lines(plan: &Plan, selection: &Selection) -> Result<Vec<Line>, 
     for code in &selection.add_ons {
         let a = plan
             .add_on(code)
-            .ok_or_else(|| invalid("add_ons", format!("no add-on {code:?}")))?;
+            .ok_or_else(|| invalid("add_ons", format!("no add-on {}", quoted(code))))?;
         lines.push(line(
             format!("Add-on {}", a.name),
             Money::new(a.price, plan.currency),
@@ -480,9 +595,7 @@ pub fn plan_change(
                     "the subscription already has {n} seats"
                 )));
             }
-            if *n == 0 {
-                return Err(invalid("change.seats", "at least one seat"));
-            }
+            check_seats("change.seats", *n)?;
             next.seats = *n;
             if *n > selection.seats {
                 (plan.clone(), Timing::Immediate)
@@ -494,12 +607,13 @@ pub fn plan_change(
             if plan.add_on(code).is_none() {
                 return Err(invalid(
                     "change.add_add_on",
-                    format!("plan {} has no add-on {code:?}", plan.plan_id),
+                    format!("plan {} has no add-on {}", plan.plan_id, quoted(code)),
                 ));
             }
             if selection.add_ons.contains(code) {
                 return Err(DomainError::Precondition(format!(
-                    "add-on {code} is already active"
+                    "add-on {} is already active",
+                    quoted(code)
                 )));
             }
             next.add_ons.push(code.clone());
@@ -509,7 +623,8 @@ pub fn plan_change(
         Change::RemoveAddOn(code) => {
             if !selection.add_ons.contains(code) {
                 return Err(DomainError::Precondition(format!(
-                    "add-on {code} is not active"
+                    "add-on {} is not active",
+                    quoted(code)
                 )));
             }
             next.add_ons.retain(|c| c != code);
@@ -530,8 +645,9 @@ pub fn plan_change(
                 .map_err(|e| DomainError::Precondition(e.to_string()))?;
             if let Some(missing) = next.add_ons.iter().find(|c| new_plan.add_on(c).is_none()) {
                 return Err(DomainError::Precondition(format!(
-                    "plan {} has no add-on {missing}: remove it first",
-                    new_plan.plan_id
+                    "plan {} has no add-on {}: remove it first",
+                    new_plan.plan_id,
+                    quoted(missing)
                 )));
             }
             let timing = if let Change::Level { .. } = change {
@@ -906,6 +1022,91 @@ mod tests {
             trial: None,
             monthly_credits: 0,
         }
+    }
+
+    // Issue 16: the limits of `shared::limits`, enforced where a selection or plan is made.
+    #[test]
+    fn selections_are_bounded_and_refuse_duplicates() {
+        let ok = Selection::new(5_000, 1, vec!["sms".into()]).unwrap();
+        assert_eq!(ok.seats, 1);
+        let field = |r: Result<Selection, DomainError>| match r {
+            Err(DomainError::Invalid { field, .. }) => field,
+            other => panic!("not refused: {other:?}"),
+        };
+        assert_eq!(field(Selection::new(5_000, 0, vec![])), "seats");
+        assert_eq!(field(Selection::new(5_000, u32::MAX, vec![])), "seats");
+        assert_eq!(
+            field(Selection::new(5_000, limits::MAX_SEATS + 1, vec![])),
+            "seats"
+        );
+        assert!(Selection::new(5_000, limits::MAX_SEATS, vec![]).is_ok());
+        assert_eq!(field(Selection::new(u64::MAX, 1, vec![])), "contacts");
+        assert_eq!(
+            field(Selection::new(5_000, 1, vec!["sms".into(), "sms".into()])),
+            "add_ons"
+        );
+        assert_eq!(
+            field(Selection::new(5_000, 1, vec!["x".repeat(10_000)])),
+            "add_ons"
+        );
+        let DomainError::Invalid { message, .. } = Selection::new(5_000, 1, vec!["fax".into()])
+            .unwrap()
+            .checked(&plan("p", Product::Marketing, 1))
+            .unwrap_err()
+        else {
+            panic!("not invalid")
+        };
+        assert!(message.ends_with("no add-on \"fax\""), "{message}");
+    }
+
+    #[test]
+    fn plans_refuse_absurd_prices_counts_and_text() {
+        let base = plan("p", Product::Marketing, 1);
+        base.validate().unwrap();
+        let refused = |change: &dyn Fn(&mut Plan), field: &str| {
+            let mut p = base.clone();
+            change(&mut p);
+            match p.validate() {
+                Err(DomainError::Invalid { field: f, .. }) => assert_eq!(f, field),
+                other => panic!("{field}: not refused: {other:?}"),
+            }
+        };
+        refused(&|p| p.seat_price = dec!(0.001), "plan.seat_price");
+        refused(&|p| p.seat_price = dec!(1000000.01), "plan.seat_price");
+        refused(&|p| p.included_seats = u32::MAX, "plan.included_seats");
+        refused(&|p| p.name = "Pro\u{202E}".into(), "plan.name");
+        refused(&|p| p.level.name = "a\u{0}".into(), "plan.level.name");
+        refused(&|p| p.monthly_credits = i64::MAX, "plan.monthly_credits");
+        refused(
+            &|p| {
+                p.add_ons = vec![AddOn {
+                    code: "sms".into(),
+                    name: "SMS\n".into(),
+                    price: dec!(1),
+                }]
+            },
+            "plan.add_ons.name",
+        );
+        refused(
+            &|p| {
+                p.add_ons = vec![AddOn {
+                    code: "sms".into(),
+                    name: "SMS".into(),
+                    price: dec!(0.0000000001),
+                }]
+            },
+            "plan.add_ons.price",
+        );
+        refused(
+            &|p| {
+                p.trial = Some(TrialTerms {
+                    days: 30,
+                    contact_cap: u64::MAX,
+                    free_mails: 0,
+                })
+            },
+            "plan.trial.contact_cap",
+        );
     }
 
     fn sel(contacts: u64) -> Selection {

@@ -1,6 +1,7 @@
 //! The service's one error type and its mapping to gRPC status codes.
 
 use runtime::{db::DbError, idempotency::IdempotencyError};
+use shared::limits::{LimitError, quoted};
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
@@ -24,16 +25,16 @@ pub enum SubError {
     #[error("plan {0} does not exist")]
     PlanNotFound(String),
     /// The account has no subscription.
-    #[error("account {0:?} has no subscription")]
+    #[error("account {} has no subscription", quoted(.0))]
     SubscriptionNotFound(String),
     /// No such invoice.
-    #[error("invoice {0:?} does not exist")]
+    #[error("invoice {} does not exist", quoted(.0))]
     InvoiceNotFound(String),
     /// No such change request.
-    #[error("change request {0:?} does not exist")]
+    #[error("change request {} does not exist", quoted(.0))]
     ChangeRequestNotFound(String),
     /// The account already has a subscription.
-    #[error("account {0:?} already has a subscription")]
+    #[error("account {} already has a subscription", quoted(.0))]
     AlreadySubscribed(String),
     /// S9: below the active contacts.
     #[error(
@@ -89,6 +90,12 @@ impl SubError {
 impl From<sqlx::Error> for SubError {
     fn from(e: sqlx::Error) -> Self {
         Self::Storage(DbError::Sqlx(e))
+    }
+}
+
+impl From<LimitError> for SubError {
+    fn from(e: LimitError) -> Self {
+        Self::invalid(e.field, e.message)
     }
 }
 

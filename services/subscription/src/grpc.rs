@@ -9,31 +9,49 @@ use proto::{
 use runtime::convert::reply as ok;
 use runtime::{Platform, auth::Scope, idempotency::IdempotencyKey};
 use rust_decimal::Decimal;
-use shared::Money;
+use shared::limits::{self, quoted};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::{
-    convert,
+    convert::{self, ChangeRequest as ChangeAsked},
+    domain::{self, Change},
     error::SubError,
     model::PaymentKind,
     service::{Actor, PaymentChoice, SubscribeCmd, Subscriptions as UseCases},
 };
 
-/// Longest id accepted (account, plan, invoice, request).
-const MAX_ID_LEN: usize = 128;
-
+/// An id (account, plan, invoice, request, user): `shared::limits::check_id`.
 fn id<'a>(field: &'static str, value: &'a str) -> Result<&'a str, SubError> {
-    if value.is_empty() {
-        return Err(SubError::invalid(field, "is required"));
-    }
-    if value.len() > MAX_ID_LEN || !value.chars().all(|c| c.is_ascii_graphic()) {
-        return Err(SubError::invalid(
-            field,
-            format!("must be 1 to {MAX_ID_LEN} printable ASCII characters without spaces"),
-        ));
-    }
+    limits::check_id(field, value).map_err(SubError::from)?;
     Ok(value)
+}
+
+/// A change as asked, within the limits: counts in range, codes and plan ids well-formed.
+fn change(c: Option<&pb::Change>) -> Result<ChangeAsked, SubError> {
+    let asked = convert::change_from(c)?;
+    match &asked {
+        ChangeAsked::Plain(Change::Contacts(n)) => {
+            domain::check_contacts("change.contacts", *n)?;
+        }
+        ChangeAsked::Plain(Change::Seats(n)) => {
+            domain::check_seats("change.seats", *n)?;
+        }
+        ChangeAsked::Plain(Change::AddAddOn(code)) => {
+            limits::check_code("change.add_add_on", code).map_err(SubError::from)?;
+        }
+        ChangeAsked::Plain(Change::RemoveAddOn(code)) => {
+            limits::check_code("change.remove_add_on", code).map_err(SubError::from)?;
+        }
+        ChangeAsked::Level(plan) => {
+            id("change.level_plan_id", plan)?;
+        }
+        ChangeAsked::Product(plan) => {
+            id("change.product_plan_id", plan)?;
+        }
+        ChangeAsked::Plain(Change::Level { .. } | Change::Product { .. }) => {}
+    }
+    Ok(asked)
 }
 
 /// S5: a request for an end user needs the act-for-user scope and a user with billing
@@ -42,21 +60,21 @@ fn actor<T>(req: &Request<T>, actor: Option<&pb::Actor>) -> Result<Actor, Status
     let principal = runtime::auth::principal(req)?;
     match actor {
         Some(a) if !a.user_id.is_empty() => {
-            // Checked first: the refusals below quote the user id.
-            if a.user_id.len() > MAX_ID_LEN {
-                return Err(SubError::invalid("actor.user_id", "too long").into());
-            }
+            // Checked first: a blank, NUL-carrying or oversized user id is no user (it would be
+            // recorded as the actor of the history, S5), and the refusals below quote it.
+            id("actor.user_id", &a.user_id)?;
             if !principal.has(Scope::ActForUser) {
                 return Err(SubError::PermissionDenied(format!(
-                    "token {:?} lacks the act-for-user scope needed to act for user {:?}",
-                    principal.name, a.user_id
+                    "token {} lacks the act-for-user scope needed to act for user {}",
+                    quoted(&principal.name),
+                    quoted(&a.user_id)
                 ))
                 .into());
             }
             if !a.billing_permission {
                 return Err(SubError::PermissionDenied(format!(
-                    "user {:?} has no billing permission: only the primary admin or users with account-management access may see or change billing",
-                    a.user_id
+                    "user {} has no billing permission: only the primary admin or users with account-management access may see or change billing",
+                    quoted(&a.user_id)
                 ))
                 .into());
             }
@@ -66,23 +84,14 @@ fn actor<T>(req: &Request<T>, actor: Option<&pb::Actor>) -> Result<Actor, Status
     }
 }
 
-fn count(field: &'static str, v: u64) -> Result<u64, SubError> {
-    if v == 0 || v > 100_000_000 {
-        return Err(SubError::invalid(field, "must be 1..=100,000,000"));
-    }
-    Ok(v)
+fn count(field: &'static str, v: u64, max: u64) -> Result<u64, SubError> {
+    limits::check_count(field, v, max).map_err(SubError::from)
 }
 
+/// A VAT rate: plain, unsigned (no `-0`), in `[0, 1)`, at most
+/// `shared::limits::MAX_VAT_RATE_DECIMALS` decimals.
 fn vat_rate(s: &str) -> Result<Decimal, SubError> {
-    let rate =
-        runtime::convert::decimal("vat_rate", s).map_err(|(f, m)| SubError::invalid(f, m))?;
-    if rate < Decimal::ZERO || rate >= Decimal::ONE {
-        return Err(SubError::invalid(
-            "vat_rate",
-            "must be in [0, 1), e.g. 0.21",
-        ));
-    }
-    Ok(rate)
+    limits::parse_vat_rate("vat_rate", s).map_err(SubError::from)
 }
 
 /// How to pay: a card token, a direct-debit mandate token, or bank transfer.
@@ -157,6 +166,15 @@ impl Catalog for CatalogApi {
             .as_ref()
             .ok_or_else(|| Status::from(SubError::invalid("plan", "is required")))?;
         id("plan.plan_id", &spec.plan_id)?;
+        if let Some(tiers) = &spec.contact_tiers
+            && tiers.tiers.len() > limits::MAX_TIERS
+        {
+            return Err(SubError::invalid(
+                "plan.contact_tiers",
+                format!("at most {} bands", limits::MAX_TIERS),
+            )
+            .into());
+        }
         let plan = convert::plan_from(spec)?;
         ok(self.cases.publish_plan(&key, plan).await)
     }
@@ -234,7 +252,13 @@ impl Subscriptions for SubscriptionsApi {
             )
             .into());
         }
-        let contacts = (r.contacts != 0).then_some(r.contacts);
+        if let Some(t) = &terms {
+            t.validate("terms_override").map_err(SubError::from)?;
+        }
+        let contacts = (r.contacts != 0)
+            .then(|| domain::check_contacts("contacts", r.contacts))
+            .transpose()
+            .map_err(SubError::from)?;
         ok(self
             .cases
             .start_trial(&key, &who, account, &r.plan_id, contacts, terms)
@@ -251,15 +275,13 @@ impl Subscriptions for SubscriptionsApi {
         let key = IdempotencyKey::new("Subscribe", &r.idempotency_key, &r)?;
         let account = id("account_id", &r.account_id)?.to_string();
         id("plan_id", &r.plan_id)?;
+        let selection = domain::Selection::new(r.contacts, r.seats, r.add_ons.clone())
+            .map_err(SubError::from)?;
         let payment = payment_choice(r.payment.as_ref())?;
         let cmd = SubscribeCmd {
             account_id: account,
             plan_id: r.plan_id.clone(),
-            selection: crate::domain::Selection {
-                contacts: r.contacts,
-                seats: r.seats.max(1),
-                add_ons: r.add_ons.clone(),
-            },
+            selection,
             payment,
             vat_rate: vat_rate(&r.vat_rate)?,
         };
@@ -298,7 +320,7 @@ impl Subscriptions for SubscriptionsApi {
         let r = req.into_inner();
         let key = IdempotencyKey::new("AdmitContacts", &r.idempotency_key, &r)?;
         let account = id("account_id", &r.account_id)?;
-        let n = count("contacts", r.contacts)?;
+        let n = count("contacts", r.contacts, limits::MAX_CONTACTS)?;
         ok(self.cases.admit_contacts(&key, account, n).await)
     }
 
@@ -313,6 +335,15 @@ impl Subscriptions for SubscriptionsApi {
         let account = id("account_id", &r.account_id)?;
         if r.subscribed == 0 && r.pending == 0 {
             return Err(SubError::invalid("subscribed", "release at least one contact").into());
+        }
+        for (field, n) in [("subscribed", r.subscribed), ("pending", r.pending)] {
+            if n > limits::MAX_CONTACTS {
+                return Err(SubError::invalid(
+                    field,
+                    format!("must be at most {}", limits::MAX_CONTACTS),
+                )
+                .into());
+            }
         }
         ok(self
             .cases
@@ -339,7 +370,7 @@ impl Subscriptions for SubscriptionsApi {
         actor(&req, req.get_ref().actor.as_ref())?;
         let r = req.into_inner();
         let account = id("account_id", &r.account_id)?;
-        let asked = convert::change_from(r.change.as_ref())?;
+        let asked = change(r.change.as_ref())?;
         ok(self.cases.preview_change(account, &asked).await)
     }
 
@@ -352,7 +383,7 @@ impl Subscriptions for SubscriptionsApi {
         let r = req.into_inner();
         let key = IdempotencyKey::new("ApplyChange", &r.idempotency_key, &r)?;
         let account = id("account_id", &r.account_id)?;
-        let asked = convert::change_from(r.change.as_ref())?;
+        let asked = change(r.change.as_ref())?;
         id("preview_token", &r.preview_token)?;
         ok(self
             .cases
@@ -382,9 +413,7 @@ impl Subscriptions for SubscriptionsApi {
         let r = req.into_inner();
         let key = IdempotencyKey::new("ResolveChangeRequest", &r.idempotency_key, &r)?;
         let request_id = id("request_id", &r.request_id)?;
-        if r.note.len() > 1_000 {
-            return Err(SubError::invalid("note", "at most 1,000 characters").into());
-        }
+        limits::check_text("note", &r.note, limits::MAX_NOTE_LEN, false).map_err(SubError::from)?;
         ok(self
             .cases
             .resolve_request(&key, &who, request_id, r.approve, &r.note)
@@ -400,7 +429,8 @@ impl Subscriptions for SubscriptionsApi {
         let r = req.into_inner();
         let key = IdempotencyKey::new("CancelAddOn", &r.idempotency_key, &r)?;
         let account = id("account_id", &r.account_id)?;
-        let code = id("add_on", &r.add_on)?;
+        limits::check_code("add_on", &r.add_on).map_err(SubError::from)?;
+        let code = r.add_on.as_str();
         ok(self.cases.cancel_add_on(&key, &who, account, code).await)
     }
 
@@ -464,8 +494,7 @@ impl Subscriptions for SubscriptionsApi {
             .as_ref()
             .ok_or_else(|| SubError::invalid("amount", "is required"))
             .and_then(|m| {
-                Money::parse(&m.amount, &m.currency)
-                    .map_err(|e| SubError::invalid("amount", e.to_string()))
+                limits::parse_amount("amount", &m.amount, &m.currency).map_err(SubError::from)
             })?;
         ok(self
             .cases
@@ -497,6 +526,13 @@ impl Subscriptions for SubscriptionsApi {
         actor(&req, req.get_ref().actor.as_ref())?;
         let r = req.into_inner();
         let account = id("account_id", &r.account_id)?;
+        if r.mails > limits::MAX_RECIPIENTS {
+            return Err(SubError::invalid(
+                "mails",
+                format!("must be at most {}", limits::MAX_RECIPIENTS),
+            )
+            .into());
+        }
         ok(self.cases.check_sending(account, r.mails).await)
     }
 
@@ -509,7 +545,7 @@ impl Subscriptions for SubscriptionsApi {
         let r = req.into_inner();
         let key = IdempotencyKey::new("RecordMailsSent", &r.idempotency_key, &r)?;
         let account = id("account_id", &r.account_id)?;
-        let n = count("mails", r.mails)?;
+        let n = count("mails", r.mails, limits::MAX_RECIPIENTS)?;
         ok(self.cases.record_mails_sent(&key, account, n).await)
     }
 }

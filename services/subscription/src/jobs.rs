@@ -10,7 +10,10 @@
 //!   never retried) are finished with the same gateway key after a grace time;
 //! - trial ending notices, trial conversions (S15) and expiries (S16);
 //! - period ends: scheduled changes, cancellations (S13), renewal invoices;
-//! - the plan's credit allowance in the wallet, every month, also of yearly plans (C7);
+//! - the plan's credit allowance in the account's wallet (wallet id = account id), every
+//!   month, also of yearly plans (C7); a month whose account has no wallet yet is never
+//!   recorded as granted: it waits for the wallet and is asked again every
+//!   [`WALLET_WAIT_RETRY_SECONDS`](crate::service::WALLET_WAIT_RETRY_SECONDS);
 //! - card and direct-debit collection of open invoices, with retries, then suspension.
 //!
 //! It runs every [`INTERVAL`] and at once whenever the test clock moves; a pass that found a

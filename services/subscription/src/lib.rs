@@ -40,7 +40,12 @@ pub const DEFAULTS: ServiceDefaults = ServiceDefaults {
     grpc_port: 50052,
     metrics_port: 9102,
     schema: "subscription",
-    peers: &["wallet"],
+    // Only the monthly credit grants need the wallet, and they wait for it: not required.
+    peers: &[runtime::config::PeerSpec {
+        name: "wallet",
+        service: "credits-wallet",
+        required: false,
+    }],
 };
 
 /// What the runtime needs to know to serve this service.

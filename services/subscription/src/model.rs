@@ -146,6 +146,10 @@ pub struct SubscriptionRecord {
     pub payment_op: Option<PaymentOp>,
     /// Set while `payment_op`'s outcome is unknown (the jobs reconcile it after a grace time).
     pub payment_since: Option<DateTime<Utc>>,
+    /// Set while the month's credits wait for the account's wallet to be opened (C7): the
+    /// jobs ask the wallet again from then on. Cleared when a month is recorded or a new
+    /// period starts.
+    pub allowance_wait: Option<DateTime<Utc>>,
     /// Last history sequence number.
     pub history_seq: i64,
     /// Created.

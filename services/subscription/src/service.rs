@@ -152,6 +152,9 @@ pub struct Subscriptions {
     gateway: Arc<dyn PaymentGateway>,
     wallet: Option<CreditsWalletClient<PeerChannel>>,
     plans: PlanCache,
+    /// The key preview tokens are signed with (read once from the database, where the
+    /// migration generated it, so every replica and restart shares it).
+    token_key: Arc<tokio::sync::OnceCell<Vec<u8>>>,
 }
 
 /// Gateway charges and wallet grants a batch runs at once (bounded, so a slow provider or
@@ -167,6 +170,21 @@ pub struct RenewalBatch {
     pub to_collect: Vec<InvoiceRecord>,
     /// The saved subscriptions, whose monthly credits may now be due (C7).
     pub renewed: Vec<SubscriptionRecord>,
+}
+
+/// How long a month of credits that found no wallet for its account waits before the jobs
+/// ask the wallet again (C7).
+pub const WALLET_WAIT_RETRY_SECONDS: i64 = 60;
+
+/// What the wallet said to a month's grant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum GrantOutcome {
+    /// Granted (or nothing to call: no credits, or the month is over).
+    Granted,
+    /// The account has no wallet yet: the month waits for it.
+    NoWallet,
+    /// Unreachable or refused otherwise: asked again on the next pass.
+    Failed,
 }
 
 /// A month of plan credits due in the wallet (C7), computed from a subscription read without
@@ -195,6 +213,7 @@ impl Subscriptions {
             gateway,
             wallet,
             plans: PlanCache::default(),
+            token_key: Arc::default(),
         }
     }
 
@@ -253,8 +272,8 @@ impl Subscriptions {
             .map(|(p, _)| p)
             .ok_or_else(|| {
                 SubError::PlanNotFound(match version {
-                    Some(v) => format!("{plan_id:?} version {v}"),
-                    None => format!("{plan_id:?}"),
+                    Some(v) => format!("{} version {v}", shared::limits::quoted(plan_id)),
+                    None => shared::limits::quoted(plan_id).to_string(),
                 })
             })?;
         self.plans
@@ -319,7 +338,7 @@ impl Subscriptions {
         let mut conn = self.conn().await?;
         let (plan, at) = store::plan(&mut conn, plan_id, version)
             .await?
-            .ok_or_else(|| SubError::PlanNotFound(format!("{plan_id:?}")))?;
+            .ok_or_else(|| SubError::PlanNotFound(shared::limits::quoted(plan_id).to_string()))?;
         Ok(convert::plan(&plan, at))
     }
 
@@ -353,9 +372,12 @@ impl Subscriptions {
         };
         let now = self.now();
         let plan = self.plan(&mut tx, plan_id, None).await?;
-        let terms = terms_override
-            .or(plan.trial)
-            .ok_or_else(|| SubError::Precondition(format!("plan {plan_id} offers no trial")))?;
+        let terms = terms_override.or(plan.trial).ok_or_else(|| {
+            SubError::Precondition(format!(
+                "plan {} offers no trial",
+                shared::limits::quoted(plan_id)
+            ))
+        })?;
         if terms.days == 0 || terms.days > domain::MAX_TRIAL_DAYS {
             return Err(SubError::invalid(
                 "terms_override.days",
@@ -403,6 +425,7 @@ impl Subscriptions {
             allowance_next: None,
             payment_op: None,
             payment_since: None,
+            allowance_wait: None,
         };
         let mut unit = Unit::create(sub, now);
         unit.record(
@@ -536,6 +559,7 @@ impl Subscriptions {
                     allowance_next: None,
                     payment_op: None,
                     payment_since: None,
+                    allowance_wait: None,
                 };
                 let mut unit = Unit::create(sub, now);
                 self.start_paid(
@@ -638,6 +662,7 @@ impl Subscriptions {
             s.cycle
         };
         s.allowance_next = None;
+        s.allowance_wait = None;
         s.payment_op = None;
         s.payment_since = None;
         // Remember what to go back to if the first card payment is declined.
@@ -812,6 +837,17 @@ impl Subscriptions {
             invoice.status = InvoiceStatus::Pending;
         }
         store::update_invoice_payment(tx, &invoice).await?;
+        // The invoice was issued open (its `invoice_issued` event says so) before the charge;
+        // what the charge made of it follows, as for every other collected invoice.
+        let event = if settled {
+            "subscription.invoice_paid"
+        } else {
+            "subscription.invoice_payment_pending"
+        };
+        unit.event(
+            event,
+            json!({"invoice_id": invoice.invoice_id, "number": invoice.number}),
+        );
         let from = unit.sub.pending_op.take().unwrap_or_default();
         unit.sub.payment_op = Some(done);
         unit.sub.status = SubStatus::Active;
@@ -1087,13 +1123,18 @@ impl Subscriptions {
             ),
         };
         let due = bill.as_ref().map_or(zero, |b| b.total);
-        let token = format!(
-            "{}.{}.{}",
-            sub.revision,
-            now.timestamp_micros(),
-            due.to_minor_units()
-                .map_err(|e| SubError::Arithmetic(e.to_string()))?
-        );
+        let token = self
+            .sign_token(
+                account_id,
+                &format!(
+                    "{}.{}.{}",
+                    sub.revision,
+                    now.timestamp_micros(),
+                    due.to_minor_units()
+                        .map_err(|e| SubError::Arithmetic(e.to_string()))?
+                ),
+            )
+            .await?;
         Ok(pb::ChangePreview {
             preview_token: token,
             change: Some(convert::change(&change)),
@@ -1127,7 +1168,7 @@ impl Subscriptions {
         asked: &ChangeAsked,
         token: &str,
     ) -> Result<pb::ApplyChangeResponse, SubError> {
-        let (revision, at_us, amount_minor) = parse_token(token)?;
+        let (revision, at_us, amount_minor) = self.verify_token(account_id, token).await?;
         let at = runtime::clock::from_micros(at_us);
         let mut tx = match self.begin::<pb::ApplyChangeResponse>(key).await? {
             Begun::Replay(r) => return r.map_err(SubError::Replayed),
@@ -1434,6 +1475,7 @@ impl Subscriptions {
                 s.allowance_cycle = s.cycle;
             }
             s.allowance_next = None;
+            s.allowance_wait = None;
         }
         let cycle = quote.restarts_period.then_some(s.cycle);
         let invoice = unit
@@ -1521,7 +1563,8 @@ impl Subscriptions {
         let change = Change::RemoveAddOn(code.to_string());
         if unit.sub.scheduled.contains(&change) {
             return Err(SubError::Precondition(format!(
-                "add-on {code} already ends at the next cycle"
+                "add-on {} already ends at the next cycle",
+                shared::limits::quoted(code)
             )));
         }
         let target = domain::plan_change(
@@ -1624,7 +1667,8 @@ impl Subscriptions {
             .ok_or_else(|| SubError::ChangeRequestNotFound(request_id.to_string()))?;
         if request.status != RequestStatus::Open {
             return Err(SubError::Precondition(format!(
-                "change request {request_id} is already {}",
+                "change request {} is already {}",
+                shared::limits::quoted(request_id),
                 request.status.as_str()
             )));
         }
@@ -2261,6 +2305,7 @@ impl Subscriptions {
             s.cycle
         };
         s.allowance_next = None;
+        s.allowance_wait = None;
         let lines = domain::recurring_lines(&plan, &unit.sub.selection)?;
         let bill = domain::bill(lines, plan.currency, unit.sub.vat_rate)?;
         let cycle = unit.sub.cycle;
@@ -2358,6 +2403,7 @@ impl Subscriptions {
             s.allowance_cycle = s.cycle;
         }
         s.allowance_next = None;
+        s.allowance_wait = None;
         let lines = domain::recurring_lines(&plan, &unit.sub.selection)?;
         let bill = domain::bill(lines, plan.currency, unit.sub.vat_rate)?;
         let cycle = unit.sub.cycle;
@@ -2471,21 +2517,25 @@ impl Subscriptions {
         }))
     }
 
-    /// Grants one month in the wallet; `false` when it must be tried again later.
-    async fn call_wallet(&self, allowance: &Allowance) -> bool {
+    /// Grants one month in the wallet (the account's wallet: wallet id = account id).
+    async fn call_wallet(&self, allowance: &Allowance) -> GrantOutcome {
         let (Some(wallet), Some(request)) = (&self.wallet, &allowance.request) else {
-            return true;
+            return GrantOutcome::Granted;
         };
         let account_id = &allowance.account_id;
         match wallet.clone().grant_credits(request.clone()).await {
-            Ok(_) => true,
+            Ok(_) => GrantOutcome::Granted,
             Err(status) if status.code() == tonic::Code::NotFound => {
-                tracing::warn!(account = %account_id, "no wallet for this account: subscription credits not granted");
-                true
+                tracing::warn!(
+                    account = %account_id,
+                    retry_in_seconds = WALLET_WAIT_RETRY_SECONDS,
+                    "no wallet for this account yet: the month's credits wait for it"
+                );
+                GrantOutcome::NoWallet
             }
             Err(status) => {
                 tracing::warn!(account = %account_id, error = %status, "granting subscription credits failed; will retry");
-                false
+                GrantOutcome::Failed
             }
         }
     }
@@ -2551,10 +2601,15 @@ impl Subscriptions {
             .buffer_unordered(CONCURRENT_CALLS)
             .collect::<Vec<_>>();
         let grants = stream::iter(due)
-            .map(|a| async move { self.call_wallet(&a).await.then_some(a) })
+            .map(|a| async move {
+                match self.call_wallet(&a).await {
+                    GrantOutcome::Failed => None,
+                    outcome => Some((a, outcome)),
+                }
+            })
             .buffer_unordered(CONCURRENT_CALLS)
             .filter_map(|a| async move { a })
-            .collect::<Vec<Allowance>>();
+            .collect::<Vec<(Allowance, GrantOutcome)>>();
         let (attempts, granted) = futures::join!(charges, grants);
         let (unknown, mut known): (Vec<_>, Vec<_>) = attempts
             .into_iter()
@@ -2575,7 +2630,7 @@ impl Subscriptions {
         let mut accounts: Vec<String> = known
             .iter()
             .map(|(i, ..)| i.account_id.clone())
-            .chain(granted.iter().map(|a| a.account_id.clone()))
+            .chain(granted.iter().map(|(a, _)| a.account_id.clone()))
             .collect();
         accounts.sort();
         accounts.dedup();
@@ -2612,7 +2667,7 @@ impl Subscriptions {
         }
         store::update_invoice_payments(&mut tx, &attempted).await?;
         let mut recorded = 0;
-        for a in granted {
+        for (a, outcome) in granted {
             let Some((unit, touched)) = units.get_mut(&a.account_id) else {
                 continue;
             };
@@ -2620,6 +2675,27 @@ impl Subscriptions {
             if s.cycle != a.cycle || (s.allowance_cycle, s.allowance_month) >= (a.cycle, a.index) {
                 continue;
             }
+            if outcome == GrantOutcome::NoWallet {
+                // Not granted, so not recorded: the month stays due and the jobs ask again
+                // (within the month, its credits expiring at its end as they would have).
+                let first = s.allowance_wait.is_none();
+                let retry = now + Duration::seconds(WALLET_WAIT_RETRY_SECONDS);
+                s.allowance_wait = Some(retry);
+                if let (true, Some(m)) = (first, a.month) {
+                    let wallet_id = unit.sub.account_id.clone();
+                    unit.event(
+                        "subscription.credits_waiting_for_wallet",
+                        json!({
+                            "credits": a.credits, "cycle": a.cycle, "month": m.index,
+                            "wallet_id": wallet_id, "retry_at": retry.to_rfc3339(),
+                            "expires_at": m.end.to_rfc3339(),
+                        }),
+                    );
+                }
+                *touched = true;
+                continue;
+            }
+            s.allowance_wait = None;
             s.allowance_cycle = a.cycle;
             s.allowance_month = a.index;
             // A yearly plan's next month is due at this month's end.
@@ -2739,9 +2815,82 @@ fn refused(r: SendingRefusal, left: u64) -> pb::SendingDecision {
     }
 }
 
-/// `revision.at_micros.amount_minor`.
+type TokenMac = hmac::Hmac<sha2::Sha256>;
+
+/// Bytes of the MAC a token carries (128 bits; a token stays well within the 128 characters
+/// of an id).
+const TOKEN_TAG_BYTES: usize = 16;
+
+/// What a token that does not decode or verify is told (INVALID_ARGUMENT, unlike a genuine
+/// but outdated one, which is FAILED_PRECONDITION "stale").
+const MALFORMED_TOKEN: &str =
+    "preview token is malformed or was not issued by this service for this account";
+
+impl Subscriptions {
+    async fn token_mac(&self, account_id: &str, body: &str) -> Result<TokenMac, SubError> {
+        use hmac::Mac;
+        let key = self
+            .token_key
+            .get_or_try_init(|| async {
+                let mut conn = self.conn().await?;
+                Ok::<_, SubError>(store::preview_token_key(&mut conn).await?.into_bytes())
+            })
+            .await?;
+        let mut mac = TokenMac::new_from_slice(key)
+            .map_err(|e| SubError::Arithmetic(format!("preview token key: {e}")))?;
+        mac.update(account_id.as_bytes());
+        mac.update(b":");
+        mac.update(body.as_bytes());
+        Ok(mac)
+    }
+
+    /// `body.signature`: the body (`revision.at_micros.amount_minor`) signed for the account
+    /// (HMAC-SHA256's first [`TOKEN_TAG_BYTES`], hex), so a token cannot be edited or moved
+    /// to another account.
+    async fn sign_token(&self, account_id: &str, body: &str) -> Result<String, SubError> {
+        use hmac::Mac;
+        let tag = self
+            .token_mac(account_id, body)
+            .await?
+            .finalize()
+            .into_bytes();
+        let hex: String = tag
+            .iter()
+            .take(TOKEN_TAG_BYTES)
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        Ok(format!("{body}.{hex}"))
+    }
+
+    /// The body of a token this service signed for `account_id`, or INVALID_ARGUMENT.
+    async fn verify_token(
+        &self,
+        account_id: &str,
+        token: &str,
+    ) -> Result<(i64, i64, i64), SubError> {
+        use hmac::Mac;
+        let bad = || SubError::invalid("preview_token", MALFORMED_TOKEN);
+        let (body, hex) = token.rsplit_once('.').ok_or_else(bad)?;
+        let tag = (0..hex.len())
+            .step_by(2)
+            .map(|i| {
+                hex.get(i..i + 2)
+                    .and_then(|b| u8::from_str_radix(b, 16).ok())
+            })
+            .collect::<Option<Vec<u8>>>()
+            .filter(|t| t.len() == TOKEN_TAG_BYTES)
+            .ok_or_else(bad)?;
+        self.token_mac(account_id, body)
+            .await?
+            .verify_truncated_left(&tag)
+            .map_err(|_| bad())?;
+        parse_token(body)
+    }
+}
+
+/// `revision.at_micros.amount_minor`, the body of a verified token.
 fn parse_token(token: &str) -> Result<(i64, i64, i64), SubError> {
-    let bad = || SubError::invalid("preview_token", "is not a token from PreviewChange");
+    let bad = || SubError::invalid("preview_token", MALFORMED_TOKEN);
     let mut parts = token.split('.');
     let mut next =
         || -> Result<i64, SubError> { parts.next().and_then(|p| p.parse().ok()).ok_or_else(bad) };

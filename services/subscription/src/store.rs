@@ -202,7 +202,8 @@ const SUB_COLUMNS: &str = "subscription_id, account_id, plan_id, plan_version, s
      period_start_us, period_end_us, trial_ends_at_us, trial_days, trial_contact_cap, \
      trial_free_mails, trial_mails_sent, trial_ending_notified, cancel_at_period_end, scheduled, \
      active_contacts, pending_contacts, revision, pending_op, origin_key, allowance_cycle, \
-     history_seq, created_at_us, allowance_month, allowance_next_us, payment_op, payment_since_us";
+     history_seq, created_at_us, allowance_month, allowance_next_us, payment_op, payment_since_us, \
+     allowance_wait_us";
 
 fn sub_from_row(r: &AnyRow) -> Result<SubscriptionRecord, DbError> {
     let status: String = r.try_get("status")?;
@@ -264,6 +265,9 @@ fn sub_from_row(r: &AnyRow) -> Result<SubscriptionRecord, DbError> {
             .transpose()?,
         payment_since: r
             .try_get::<Option<i64>, _>("payment_since_us")?
+            .map(from_micros),
+        allowance_wait: r
+            .try_get::<Option<i64>, _>("allowance_wait_us")?
             .map(from_micros),
     })
 }
@@ -329,7 +333,8 @@ fn bind_sub<'q>(
         .bind(s.allowance_month)
         .bind(s.allowance_next.map(micros))
         .bind(s.payment_op.as_ref().map(json).transpose()?)
-        .bind(s.payment_since.map(micros)))
+        .bind(s.payment_since.map(micros))
+        .bind(s.allowance_wait.map(micros)))
 }
 
 /// Writes back every column of a subscription.
@@ -477,7 +482,8 @@ pub async fn read_subscriptions(
 
 /// Accounts whose plan credits are due in the wallet (C7): a cycle not granted yet, or the
 /// next month of a yearly period. Renewal batches grant their own accounts; this lists the
-/// rest (after Subscribe, a failed grant, a yearly plan's month).
+/// rest (after Subscribe, a failed grant, a yearly plan's month), and those waiting for the
+/// account's wallet to be opened once their retry time has come.
 pub async fn due_allowances(
     db: &Db,
     now: DateTime<Utc>,
@@ -486,6 +492,7 @@ pub async fn due_allowances(
     let rows = sqlx::query(
         "SELECT account_id FROM subscriptions WHERE status IN ('active', 'past_due') \
          AND pending_op IS NULL AND (allowance_cycle < cycle OR allowance_next_us <= $1) \
+         AND (allowance_wait_us IS NULL OR allowance_wait_us <= $1) \
          ORDER BY account_id LIMIT $2",
     )
     .bind(micros(now))
@@ -493,6 +500,14 @@ pub async fn due_allowances(
     .fetch_all(db.pool())
     .await?;
     rows.iter().map(|r| Ok(r.try_get(0)?)).collect()
+}
+
+/// The key preview tokens are signed with (the migration generated it).
+pub async fn preview_token_key(conn: &mut AnyConnection) -> Result<String, DbError> {
+    let row = sqlx::query("SELECT secret FROM preview_token_key WHERE id = 1")
+        .fetch_one(conn)
+        .await?;
+    Ok(row.try_get(0)?)
 }
 
 // ---- history -----------------------------------------------------------------------------

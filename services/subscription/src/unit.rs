@@ -239,7 +239,7 @@ impl Unit {
             "subscription.invoice_issued",
             json!({
                 "invoice_id": invoice.invoice_id, "number": invoice.number, "kind": kind,
-                "total": invoice.total.amount().to_string(), "currency": invoice.currency.code(),
+                "total": invoice.total.amount_text(), "currency": invoice.currency.code(),
                 "status": invoice.status.as_str(),
             }),
         );

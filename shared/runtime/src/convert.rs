@@ -11,6 +11,15 @@ pub fn timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {
     }
 }
 
+/// An amount as its message: every `Money` a service answers or puts in an event is rendered
+/// by [`shared::Money::amount_text`] (the currency's minor-unit digits always, e.g. "0.00").
+pub fn money(m: &shared::Money) -> proto::common::v1::Money {
+    proto::common::v1::Money {
+        amount: m.amount_text(),
+        currency: m.currency().code().to_string(),
+    }
+}
+
 /// A required timestamp field as an instant, or `INVALID_ARGUMENT` naming the field.
 pub fn required_instant(
     t: Option<&prost_types::Timestamp>,
@@ -86,22 +95,18 @@ pub fn tier_table_message(t: &shared::TierTable) -> proto::wallet::v1::CreditPri
     }
 }
 
-/// A client's value quoted for an error message, cut to 64 characters. A message says what was
-/// wrong without echoing an unbounded input back: the status message travels in the
-/// `grpc-message` header, and an HTTP/2 peer resets a connection whose headers are too large
-/// (the client then sees `RESOURCE_EXHAUSTED` instead of the real answer).
+/// A client's value quoted for an error message: [`shared::limits::quoted`] (cut to 64
+/// characters, control and bidi characters escaped). A message says what was wrong without
+/// echoing an unbounded input back: the status message travels in the `grpc-message` header,
+/// and an HTTP/2 peer resets a stream whose headers are too large (the client then sees
+/// `RESOURCE_EXHAUSTED` instead of the real answer).
 pub fn shown(s: &str) -> String {
-    const MAX: usize = 64;
-    if s.chars().count() <= MAX {
-        format!("{s:?}")
-    } else {
-        let cut: String = s.chars().take(MAX).collect();
-        format!("{cut:?}... ({} bytes)", s.len())
-    }
+    shared::limits::quoted(s).to_string()
 }
 
-/// A decimal field ("" is zero): a plain number such as `0.0125` (no exponent), at most 12
-/// decimals.
+/// A decimal field ("" is zero): a plain non-negative number such as `0.0125` (no sign, so no
+/// `-0`; no exponent), at most 12 decimals. The field's own precision and maximum (a price's
+/// minor unit, a rate's decimals) are the domain's checks, `shared::limits`.
 pub fn decimal(
     field: &'static str,
     s: &str,
@@ -109,23 +114,18 @@ pub fn decimal(
     if s.is_empty() {
         return Ok(rust_decimal::Decimal::ZERO);
     }
-    let plain = s
-        .strip_prefix('-')
-        .unwrap_or(s)
-        .chars()
-        .all(|c| c.is_ascii_digit() || c == '.');
-    let parsed = s
-        .parse::<rust_decimal::Decimal>()
-        .ok()
-        .filter(|d| plain && d.scale() <= 12);
+    let plain = s.len() <= 40 && s.chars().all(|c| c.is_ascii_digit() || c == '.');
+    let parsed = plain
+        .then(|| s.parse::<rust_decimal::Decimal>().ok())
+        .flatten()
+        .filter(|d| d.scale() <= 12);
     parsed.ok_or_else(|| {
-        (
-            field,
-            format!(
-                "{} is not a plain decimal number with at most 12 decimals",
-                shown(s)
-            ),
-        )
+        let why = if s.starts_with('-') {
+            "must not be negative"
+        } else {
+            "is not a plain decimal number with at most 12 decimals"
+        };
+        (field, format!("{} {why}", shown(s)))
     })
 }
 
@@ -159,5 +159,17 @@ mod tests {
         let s = shown(&long);
         assert!(s.len() < 100, "{s}");
         assert!(s.ends_with("... (100000 bytes)"), "{s}");
+    }
+
+    #[test]
+    fn decimals_are_plain_and_unsigned() {
+        assert_eq!(
+            decimal("f", "0.0125").map(|d| d.to_string()),
+            Ok("0.0125".to_string())
+        );
+        assert_eq!(decimal("f", ""), Ok(rust_decimal::Decimal::ZERO));
+        for bad in ["-0", "-1", "+1", "1e3", "1,5", "0.0000000000001", "."] {
+            assert!(decimal("f", bad).is_err(), "{bad}");
+        }
     }
 }

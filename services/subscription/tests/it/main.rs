@@ -4,12 +4,15 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod bad_input;
 mod batches;
 mod catalog;
 mod crash;
 mod payments;
 mod replicas;
 mod rules;
+mod wallet_grants;
+mod wire;
 
 use std::time::Duration;
 

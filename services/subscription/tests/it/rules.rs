@@ -260,14 +260,14 @@ async fn s6_a_preview_whose_price_changed_is_refused() {
     subscribed(&h, "a1", 5_000).await;
     h.advance(86_400).await;
     let p = h.preview("a1", Kind::Contacts(10_000)).await.unwrap();
-    // A forged amount is never charged.
+    // A forged amount is never charged (the token's signature no longer holds).
     let parts: Vec<&str> = p.preview_token.split('.').collect();
-    let forged = format!("{}.{}.1", parts[0], parts[1]);
+    let forged = format!("{}.{}.1.{}", parts[0], parts[1], parts[3]);
     let err = h
         .apply("a1", Kind::Contacts(10_000), &forged)
         .await
         .unwrap_err();
-    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert_eq!(err.code(), Code::InvalidArgument);
     // Applying a different change with this preview is refused too.
     let err = h
         .apply("a1", Kind::Contacts(20_000), &p.preview_token)
