@@ -2481,13 +2481,9 @@ impl Subscriptions {
         if (sub.allowance_cycle, sub.allowance_month) >= (cycle, index) {
             return Ok(None);
         }
-        let request = match (&self.wallet, plan.monthly_credits, month) {
-            (_, 0, _) | (Some(_), _, None) => None,
-            (None, _, _) => {
-                tracing::warn!(account = %sub.account_id, cycle, "no wallet peer configured: subscription credits not granted");
-                None
-            }
-            (Some(_), credits, Some(m)) => {
+        let request = match (plan.monthly_credits, month) {
+            (0, _) | (_, None) => None,
+            (credits, Some(m)) => {
                 // Month 0 keeps the key monthly plans always used.
                 let suffix = if m.index == 0 {
                     String::new()
@@ -2519,10 +2515,18 @@ impl Subscriptions {
 
     /// Grants one month in the wallet (the account's wallet: wallet id = account id).
     async fn call_wallet(&self, allowance: &Allowance) -> GrantOutcome {
-        let (Some(wallet), Some(request)) = (&self.wallet, &allowance.request) else {
+        let Some(request) = &allowance.request else {
             return GrantOutcome::Granted;
         };
         let account_id = &allowance.account_id;
+        let Some(wallet) = &self.wallet else {
+            // Not lost: the month waits (and is granted once the service runs with its peer).
+            tracing::warn!(
+                account = %account_id,
+                "no wallet peer configured: the month's credits wait until one is"
+            );
+            return GrantOutcome::NoWallet;
+        };
         match wallet.clone().grant_credits(request.clone()).await {
             Ok(_) => GrantOutcome::Granted,
             Err(status) if status.code() == tonic::Code::NotFound => {

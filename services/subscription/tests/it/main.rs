@@ -59,7 +59,11 @@ impl Harness {
 
     /// With a real credits-wallet as `[peers.wallet]`.
     pub async fn start_with_wallet() -> Harness {
-        let db = TestDatabase::fresh();
+        Self::start_with_wallet_on(TestDatabase::fresh()).await
+    }
+
+    /// [`Harness::start_with_wallet`] on `db` (the wallet on its sibling `wallet`).
+    pub async fn start_with_wallet_on(db: TestDatabase) -> Harness {
         let wallet_db = db.sibling("wallet");
         let wallet = runtime::server::start(
             &credits_wallet::SPEC,

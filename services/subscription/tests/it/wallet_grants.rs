@@ -81,3 +81,45 @@ async fn c7_credits_for_an_account_without_a_wallet_wait_for_it_and_are_granted_
     tokio::time::sleep(std::time::Duration::from_millis(800)).await;
     assert_eq!(lots().await.len(), 1);
 }
+
+// rule C7
+#[tokio::test]
+async fn c7_without_a_wallet_peer_the_months_credits_wait_until_the_service_runs_with_one() {
+    let h = Harness::start().await;
+    h.publish(plan_spec("email")).await;
+    h.subscribe("a1", "email", 5_000, card("pm_card_ok"))
+        .await
+        .unwrap();
+    let waiting = h
+        .events_of("subscription.credits_waiting_for_wallet", 1)
+        .await;
+    assert_eq!(waiting.len(), 1, "{waiting:?}");
+    let Harness { running, db, .. } = h;
+    running.stop().await.unwrap();
+
+    // The same database, now with a wallet peer whose wallet "a1" exists: the month is granted.
+    let h = Harness::start_with_wallet_on(db).await;
+    let (_, wallet) = h.wallet.as_ref().unwrap();
+    open_wallet(wallet, "a1").await;
+    h.advance(WALLET_WAIT_RETRY_SECONDS + 1).await;
+    let granted = h.events_of("subscription.credits_granted", 1).await;
+    assert_eq!(granted.len(), 1, "{granted:?}");
+    assert!(granted[0].payload_json.contains("\"credits\":1000"));
+    let lots = wallet
+        .clone()
+        .get_wallet(authed(
+            ADMIN_TOKEN,
+            GetWalletRequest {
+                wallet_id: "a1".into(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .lots;
+    assert!(
+        lots.iter()
+            .any(|l| l.kind == LotKind::SubscriptionAllowance as i32 && l.granted == 1_000),
+        "{lots:?}"
+    );
+}
