@@ -107,7 +107,9 @@ fn scoped_key<M: prost::Message>(
             .collect();
         scoped = format!("{partner_id}:#{digest}");
     }
-    IdempotencyKey::new(operation, &scoped, request)
+    // A retry of a request first made before keys were scoped (stored under the bare key)
+    // still gets its first answer, never a second execution.
+    Ok(IdempotencyKey::new(operation, &scoped, request)?.formerly(key))
 }
 
 fn billing_mode(v: i32) -> Result<BillingMode, ResellerError> {

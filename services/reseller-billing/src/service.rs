@@ -597,7 +597,10 @@ impl Resellers {
         r: &SendRequest,
         routed: &RoutedRecord,
     ) -> Result<Outcome, ResellerError> {
-        let wallet_key = wallet_key(r.key.key(), "send");
+        let wallet_key = routed
+            .former_wallet_key
+            .clone()
+            .unwrap_or_else(|| wallet_key(r.key.key(), "send"));
         match r.send {
             Send::Charge => self
                 .wallet
@@ -1053,6 +1056,7 @@ pub(crate) fn decide(
         status: "pending".into(),
         reservation_id: None,
         reservation_status: None,
+        former_wallet_key: None,
     })))
 }
 

@@ -82,6 +82,10 @@ pub struct RoutedRecord {
     pub reservation_id: Option<String>,
     /// `active`, `captured`, `released`.
     pub reservation_status: Option<String>,
+    /// The wallet key of a send routed before keys were scoped by partner and still pending at
+    /// that upgrade (`rs:<key>:send`): its retry asks the wallet under the key of its first
+    /// try, never a new one. `None` for every later send (its wallet key derives from its key).
+    pub former_wallet_key: Option<String>,
 }
 
 const PARTNER_COLUMNS: &str = "partner_id, currency, funding, payment_method, wallet_id, pricing, rating, resale_prices, created_at_us";
@@ -278,6 +282,7 @@ fn routed_from_row(r: &AnyRow) -> Result<RoutedRecord, DbError> {
         status: r.try_get("status")?,
         reservation_id: r.try_get("reservation_id")?,
         reservation_status: r.try_get("reservation_status")?,
+        former_wallet_key: r.try_get("former_wallet_key")?,
     })
 }
 
@@ -293,7 +298,7 @@ pub async fn insert_routed(
 /// The routing recorded under an idempotency key.
 pub async fn routed(conn: &mut AnyConnection, key: &str) -> Result<Option<RoutedRecord>, DbError> {
     let row = sqlx::query(&format!(
-        "SELECT {ROUTED_COLUMNS} FROM routed WHERE idempotency_key = $1"
+        "SELECT {ROUTED_COLUMNS}, former_wallet_key FROM routed WHERE idempotency_key = $1"
     ))
     .bind(key)
     .fetch_optional(conn)
@@ -307,7 +312,7 @@ pub async fn routed_by_reservation(
     reservation_id: &str,
 ) -> Result<Option<RoutedRecord>, DbError> {
     let row = sqlx::query(&format!(
-        "SELECT {ROUTED_COLUMNS} FROM routed WHERE reservation_id = $1"
+        "SELECT {ROUTED_COLUMNS}, former_wallet_key FROM routed WHERE reservation_id = $1"
     ))
     .bind(reservation_id)
     .fetch_optional(conn)
@@ -405,7 +410,7 @@ pub async fn routed_many(
     keys: &[&str],
 ) -> Result<HashMap<String, RoutedRecord>, DbError> {
     fetch_in(conn, keys, &[], |list, _| {
-        format!("SELECT {ROUTED_COLUMNS} FROM routed WHERE idempotency_key IN ({list})")
+        format!("SELECT {ROUTED_COLUMNS}, former_wallet_key FROM routed WHERE idempotency_key IN ({list})")
     })
     .await?
     .iter()

@@ -28,6 +28,9 @@ pub struct IdempotencyKey {
     key: String,
     operation: &'static str,
     fingerprint: String,
+    /// The text the same request's key was stored under before its service moved keys into a
+    /// new space (see [`IdempotencyKey::formerly`]).
+    former: Option<String>,
 }
 
 /// What a claim found.
@@ -97,7 +100,20 @@ impl IdempotencyKey {
             key: key.to_string(),
             operation,
             fingerprint,
+            former: None,
         })
+    }
+
+    /// The same key, also answering for the text `former` it was stored under before its
+    /// service moved keys into a new space (e.g. reseller-billing scoping keys by partner): a
+    /// first answer stored under `former` is replayed only if it was for this very operation
+    /// and request (same fingerprint), and is otherwise none of this key's business (another
+    /// caller's key in the old shared space). Such rows go with the retention sweep.
+    pub fn formerly(mut self, former: &str) -> Self {
+        if former != self.key {
+            self.former = Some(former.to_string());
+        }
+        self
     }
 
     /// The key text.
@@ -130,11 +146,24 @@ impl IdempotencyKey {
              WHERE idempotency_key = $1",
         )
         .bind(&self.key)
+        .fetch_optional(&mut *conn)
+        .await?;
+        if let Some(row) = row {
+            return self.judge(StoredKey::from_row(&row, 0)?);
+        }
+        let Some(former) = &self.former else {
+            return Ok(Claimed::New);
+        };
+        let row = sqlx::query(
+            "SELECT operation, fingerprint, status_code, response FROM idempotency_keys \
+             WHERE idempotency_key = $1",
+        )
+        .bind(former)
         .fetch_optional(conn)
         .await?;
         match row {
             None => Ok(Claimed::New),
-            Some(row) => self.judge(StoredKey::from_row(&row, 0)?),
+            Some(row) => Ok(self.judge_former(StoredKey::from_row(&row, 0)?)),
         }
     }
 
@@ -144,7 +173,10 @@ impl IdempotencyKey {
         conn: &mut AnyConnection,
         keys: &[&IdempotencyKey],
     ) -> Result<Vec<Result<Claimed<Vec<u8>>, IdempotencyError>>, IdempotencyError> {
-        let ids: Vec<&str> = keys.iter().map(|k| k.key.as_str()).collect();
+        let ids: Vec<&str> = keys
+            .iter()
+            .flat_map(|k| std::iter::once(k.key.as_str()).chain(k.former.as_deref()))
+            .collect();
         let rows = fetch_in(conn, &ids, &[], |list, _| {
             format!(
                 "SELECT idempotency_key, operation, fingerprint, status_code, response \
@@ -160,8 +192,12 @@ impl IdempotencyKey {
         Ok(keys
             .iter()
             .map(|k| match stored.remove(&k.key) {
-                None => Ok(Claimed::New),
                 Some(s) => k.judge(s),
+                None => Ok(k
+                    .former
+                    .as_ref()
+                    .and_then(|f| stored.get(f))
+                    .map_or(Claimed::New, |s| k.judge_former(s.clone()))),
             })
             .collect())
     }
@@ -221,6 +257,15 @@ impl IdempotencyKey {
                 message,
             ))))
         }
+    }
+
+    /// What a row stored under the key's former text means for this request: its first answer
+    /// if it was this operation and request, otherwise nothing (a new request in the new space).
+    fn judge_former(&self, stored: StoredKey) -> Claimed<Vec<u8>> {
+        if stored.operation != self.operation || stored.fingerprint != self.fingerprint {
+            return Claimed::New;
+        }
+        self.judge(stored).unwrap_or(Claimed::New)
     }
 
     /// Stores the response of the mutation in its transaction. A concurrent twin that got here
@@ -291,6 +336,7 @@ impl IdempotencyKey {
 const MANY_CHUNK: usize = 128;
 
 /// A key's row, as stored.
+#[derive(Clone)]
 struct StoredKey {
     operation: String,
     fingerprint: String,

@@ -19,7 +19,9 @@ CREATE INDEX routed_usage ON routed (customer_id, partner_id, created_at_us);
 -- `<partner_id>:<key>`. Routed sends and holds know their partner, so their keys (and the
 -- answers stored under them) move into their partner's space, and a retry across this upgrade
 -- still gets its first answer. (Keys too long for that, beyond 237 characters with the partner
--- id, and other operations' keys, stay as they were until swept.)
+-- id, and other operations' keys, stay as they were until swept; a retry of such a request
+-- still gets its first answer: the service also looks under the bare key, and replays what it
+-- finds there only for the very same request.)
 UPDATE idempotency_keys
 SET idempotency_key = (
     SELECT r.partner_id || ':' || r.idempotency_key FROM routed r
@@ -29,5 +31,11 @@ WHERE idempotency_key IN (
     SELECT idempotency_key FROM routed
     WHERE length(partner_id) + length(idempotency_key) <= 237
 );
+-- A send still pending at this upgrade was (or may have been) asked of the wallet under
+-- `rs:<key>:send`; its retry asks under that same key, never a new one, so it cannot be debited
+-- twice. Later sends leave this empty: their wallet key derives from their scoped key.
+ALTER TABLE routed ADD COLUMN former_wallet_key TEXT;
+UPDATE routed SET former_wallet_key = 'rs:' || idempotency_key || ':send'
+WHERE status = 'pending' AND length(partner_id) + length(idempotency_key) <= 237;
 UPDATE routed SET idempotency_key = partner_id || ':' || idempotency_key
 WHERE length(partner_id) + length(idempotency_key) <= 237;

@@ -7,6 +7,7 @@ mod batch;
 mod boundary;
 mod routing;
 mod safety;
+mod upgrade;
 
 use std::time::Duration;
 
