@@ -189,9 +189,7 @@ impl Resellers {
         let mut earlier = store::routed_many(tx, &fresh_keys).await?;
         fresh.retain(|&(i, r)| match earlier.remove(r.key.key()) {
             Some(routed) => {
-                answers[i] = Some(Batched::Done(Done::Routed(Ok(Routing::Routed(Box::new(
-                    routed,
-                ))))));
+                answers[i] = Some(Batched::Done(Done::Routed(r.resume(routed))));
                 false
             }
             None => true,

@@ -57,6 +57,12 @@ pub const MAX_WALLET_ID_LEN: usize = shared::limits::MAX_ID_LEN;
 pub const MAX_PARTNER_ID_LEN: usize = 48;
 /// Longest customer id (see [`MAX_PARTNER_ID_LEN`]).
 pub const MAX_CUSTOMER_ID_LEN: usize = 64;
+/// Longest partner id a call may name: partners registered before the bound above (whose
+/// main wallet `partner:<id>` had to fit the wallet's ids) stay addressable.
+pub const MAX_EXISTING_PARTNER_ID_LEN: usize = MAX_WALLET_ID_LEN - "partner:".len();
+/// Longest customer id a call may name: customers added before the bound above (whose wallet
+/// `customer:<id>` had to fit the wallet's ids) stay addressable.
+pub const MAX_EXISTING_CUSTOMER_ID_LEN: usize = MAX_WALLET_ID_LEN - "customer:".len();
 /// Longest mailing or reservation id (the suite's id bound, as at the wallet service).
 pub const MAX_REFERENCE_ID_LEN: usize = shared::limits::MAX_ID_LEN;
 /// Most credits one request may move or cap (AllocateCredits, SetCustomerLimit): the suite's

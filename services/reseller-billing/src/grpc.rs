@@ -50,11 +50,12 @@ fn id_of<'a>(field: &'static str, value: &'a str, max: usize) -> Result<&'a str,
     Ok(value)
 }
 
-/// A customer id (at most [`domain::MAX_CUSTOMER_ID_LEN`]); mailing and reservation ids (at
-/// most [`domain::MAX_REFERENCE_ID_LEN`]).
+/// A customer id a call names (at most [`domain::MAX_EXISTING_CUSTOMER_ID_LEN`]: a new one is
+/// bounded further by `AddCustomer`); mailing and reservation ids (at most
+/// [`domain::MAX_REFERENCE_ID_LEN`]).
 fn id<'a>(field: &'static str, value: &'a str) -> Result<&'a str, ResellerError> {
     let max = match field {
-        "customer_id" => domain::MAX_CUSTOMER_ID_LEN,
+        "customer_id" => domain::MAX_EXISTING_CUSTOMER_ID_LEN,
         _ => domain::MAX_REFERENCE_ID_LEN,
     };
     id_of(field, value, max)
@@ -71,7 +72,11 @@ fn bound_partner<T>(req: &Request<T>) -> Option<&str> {
 /// A token named `partner:<id>` acts only for that partner (W1: a partner sees and acts on its
 /// own customers only); the platform's own tokens act for every partner.
 fn partner<'a, T>(req: &Request<T>, partner_id: &'a str) -> Result<&'a str, ResellerError> {
-    let partner_id = id_of("partner_id", partner_id, domain::MAX_PARTNER_ID_LEN)?;
+    let partner_id = id_of(
+        "partner_id",
+        partner_id,
+        domain::MAX_EXISTING_PARTNER_ID_LEN,
+    )?;
     if let Some(bound) = bound_partner(req)
         && bound != partner_id
     {
@@ -144,6 +149,8 @@ impl ResellerBilling for ResellerBillingApi {
         req: Request<pb::RegisterPartnerRequest>,
     ) -> Result<Response<pb::Partner>, Status> {
         let partner_id = partner(&req, &req.get_ref().partner_id)?.to_string();
+        // A new partner's id is bounded further, so that its wallets' ids fit.
+        id_of("partner_id", &partner_id, domain::MAX_PARTNER_ID_LEN)?;
         let r = req.into_inner();
         let key = scoped_key("RegisterPartner", &partner_id, &r.idempotency_key, &r)?;
         let currency: Currency = r.currency.parse().map_err(|_| {
@@ -225,7 +232,8 @@ impl ResellerBilling for ResellerBillingApi {
         let partner_id = partner(&req, &req.get_ref().partner_id)?.to_string();
         let r = req.into_inner();
         let key = scoped_key("AddCustomer", &partner_id, &r.idempotency_key, &r)?;
-        let customer_id = id("customer_id", &r.customer_id)?;
+        // A new customer's id is bounded further, so that its wallet's id fits.
+        let customer_id = id_of("customer_id", &r.customer_id, domain::MAX_CUSTOMER_ID_LEN)?;
         let mode = billing_mode(r.billing_mode)?;
         ok(self
             .resellers
@@ -247,7 +255,11 @@ impl ResellerBilling for ResellerBillingApi {
         };
         // The token is the last customer id of the page before.
         if !r.page_token.is_empty() {
-            id_of("page_token", &r.page_token, domain::MAX_CUSTOMER_ID_LEN)?;
+            id_of(
+                "page_token",
+                &r.page_token,
+                domain::MAX_EXISTING_CUSTOMER_ID_LEN,
+            )?;
         }
         ok(self
             .resellers

@@ -18,7 +18,7 @@ use proto::{
 use runtime::{
     Platform,
     db::Db,
-    idempotency::{Claimed, IdempotencyKey},
+    idempotency::{Claimed, IdempotencyError, IdempotencyKey},
     outbox,
 };
 use serde_json::json;
@@ -559,7 +559,7 @@ impl Resellers {
             Claimed::New => {}
         }
         if let Some(routed) = store::routed(&mut tx, r.key.key()).await? {
-            return Ok(Routing::Routed(Box::new(routed)));
+            return r.resume(routed);
         }
         let customer = self
             .own_customer(&mut tx, &r.partner_id, &r.customer_id)
@@ -997,6 +997,34 @@ pub(crate) struct SendRequest {
     pub mailing_id: String,
     pub recipients: u64,
     pub send: Send,
+}
+
+impl SendRequest {
+    /// The routing an earlier attempt under this key recorded (still pending), taken up again
+    /// only if it was this very send; the key used for another send is refused
+    /// (`ALREADY_EXISTS`), never completed with the other send's routing.
+    pub(crate) fn resume(&self, routed: RoutedRecord) -> Result<Routing, ResellerError> {
+        let kind = match self.send {
+            Send::Charge => "charge",
+            Send::Hold { .. } => "hold",
+        };
+        let same = routed.kind == kind
+            && routed.partner_id == self.partner_id
+            && routed.customer_id == self.customer_id
+            && routed.mailing_id == self.mailing_id
+            && u64::try_from(routed.recipients).ok() == Some(self.recipients);
+        if same {
+            return Ok(Routing::Routed(Box::new(routed)));
+        }
+        Err(ResellerError::Idempotency(IdempotencyError::Mismatch {
+            key: self.key.key().to_string(),
+            operation: match routed.kind.as_str() {
+                "hold" => "ReserveMailing",
+                _ => "ChargeMailing",
+            }
+            .to_string(),
+        }))
+    }
 }
 
 /// What step 1 came to for a send that goes on.

@@ -463,7 +463,7 @@ async fn ids_and_quantities_are_bounded() {
     h.buy("partner:p1", 10_000).await;
     h.add("p1", "c1", BillingMode::PartnerPays).await;
     let long_customer = "c".repeat(reseller_billing::domain::MAX_CUSTOMER_ID_LEN + 1);
-    let long_partner = "p".repeat(reseller_billing::domain::MAX_PARTNER_ID_LEN + 1);
+    let long_partner = "p".repeat(reseller_billing::domain::MAX_EXISTING_PARTNER_ID_LEN + 1);
     for customer in [
         " ",
         "c\u{0}1",
@@ -493,6 +493,28 @@ async fn ids_and_quantities_are_bounded() {
             "c2",
             BillingMode::PartnerPays,
         )
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    // A new partner's id must leave room for its customers' wallet ids.
+    let err = h
+        .client
+        .clone()
+        .register_partner(authed(
+            ADMIN_TOKEN,
+            pb::RegisterPartnerRequest {
+                idempotency_key: h.key(),
+                partner_id: "p".repeat(reseller_billing::domain::MAX_PARTNER_ID_LEN + 1),
+                currency: "EUR".into(),
+                funding: PartnerFunding::Prepaid as i32,
+                payment_method: String::new(),
+                pricing: Some(crate::pricing()),
+                rating: Some(wpb::RatingRule {
+                    credits_per_recipient: "1".into(),
+                    per_mailing_surcharge: 0,
+                }),
+            },
+        ))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");

@@ -98,7 +98,7 @@ async fn an_answer_stored_under_a_bare_key_before_the_upgrade_answers_only_its_o
 }
 
 #[tokio::test]
-async fn a_send_pending_at_the_upgrade_is_debited_once_by_its_retry() {
+async fn a_send_pending_at_the_upgrade_is_debited_once_by_its_retry_naming_an_old_long_id() {
     let db = TestDatabase::fresh();
     let wallet_db = db.sibling("wallet");
     let wallet = runtime::server::start(
@@ -143,8 +143,11 @@ async fn a_send_pending_at_the_upgrade_is_debited_once_by_its_retry() {
         .await
         .unwrap();
 
-    // Before the upgrade: p1 and its customer c1, and a send of 1,000 recipients that the
-    // service routed and asked of the wallet (under the key of that time) but did not record.
+    // Before the upgrade: p1 and its customer (with an id longer than a new customer's may be,
+    // as ids were then), and a send of 1,000 recipients that the service routed and asked of
+    // the wallet (under the key of that time) but did not record.
+    let customer = "c".repeat(reseller_billing::domain::MAX_EXISTING_CUSTOMER_ID_LEN);
+    assert!(customer.len() > reseller_billing::domain::MAX_CUSTOMER_ID_LEN);
     let old = before_the_upgrade(&db).await;
     sqlx::query(
         "INSERT INTO partners (partner_id, currency, funding, payment_method, wallet_id, \
@@ -159,17 +162,20 @@ async fn a_send_pending_at_the_upgrade_is_debited_once_by_its_retry() {
     sqlx::query(
         "INSERT INTO customers (customer_id, partner_id, billing_mode, suspended, \
          monthly_limit, wallet_id, created_at_us) \
-         VALUES ('c1', 'p1', 'partner_pays', 0, 0, 'customer:c1', 0)",
+         VALUES ($1, 'p1', 'partner_pays', 0, 0, $2, 0)",
     )
+    .bind(&customer)
+    .bind(format!("customer:{customer}"))
     .execute(old.pool())
     .await
     .unwrap();
     sqlx::query(
         "INSERT INTO routed (idempotency_key, kind, partner_id, customer_id, payer, \
          payer_wallet_id, mailing_id, recipients, credits, status, created_at_us) \
-         VALUES ('send-1', 'charge', 'p1', 'c1', 'partner', 'partner:p1', 'm1', 1000, 1000, \
+         VALUES ('send-1', 'charge', 'p1', $1, 'partner', 'partner:p1', 'm1', 1000, 1000, \
          'pending', 0)",
     )
+    .bind(&customer)
     .execute(old.pool())
     .await
     .unwrap();
@@ -195,21 +201,33 @@ async fn a_send_pending_at_the_upgrade_is_debited_once_by_its_retry() {
         "partner|p1:partner-one-token",
     )
     .await;
-    let retried =
-        pb::reseller_billing_client::ResellerBillingClient::new(channel(reseller.addr).await)
-            .charge_mailing(authed(
-                P1,
-                pb::ChargeMailingRequest {
-                    idempotency_key: "send-1".into(),
-                    partner_id: "p1".into(),
-                    customer_id: "c1".into(),
-                    mailing_id: "m1".into(),
-                    recipients: 1_000,
-                },
-            ))
+    let mut client =
+        pb::reseller_billing_client::ResellerBillingClient::new(channel(reseller.addr).await);
+    let send = |customer_id: String, recipients: u64| {
+        authed(
+            P1,
+            pb::ChargeMailingRequest {
+                idempotency_key: "send-1".into(),
+                partner_id: "p1".into(),
+                customer_id,
+                mailing_id: "m1".into(),
+                recipients,
+            },
+        )
+    };
+    // The key for another send is refused, not completed with this one's routing.
+    for (other, recipients) in [("c1".to_string(), 1_000), (customer.clone(), 999)] {
+        let err = client
+            .charge_mailing(send(other, recipients))
             .await
-            .unwrap()
-            .into_inner();
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::AlreadyExists, "{err:?}");
+    }
+    let retried = client
+        .charge_mailing(send(customer.clone(), 1_000))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(retried.charge.unwrap().charge_id, first_try.charge_id);
     let balance = wallets
         .get_wallet(authed(
