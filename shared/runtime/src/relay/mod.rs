@@ -194,6 +194,8 @@ pub struct Relay {
     owner: String,
     metrics: Arc<Metrics>,
     relayed: Arc<Notify>,
+    /// How long the lease lasts unrenewed ([`LEASE`]).
+    lease: Duration,
 }
 
 /// The lease was lost mid-pass: another replica delivers now.
@@ -238,7 +240,14 @@ impl Relay {
             owner: uuid::Uuid::new_v4().to_string(),
             metrics,
             relayed: outbox.relayed_signal(),
+            lease: LEASE,
         }
+    }
+
+    /// The same relay with another lease length (tests of a replica that died holding it).
+    pub fn with_lease(mut self, lease: Duration) -> Self {
+        self.lease = lease;
+        self
     }
 
     /// The sink's name.
@@ -266,7 +275,7 @@ impl Relay {
         )
         .bind(self.sink.name())
         .bind(&self.owner)
-        .bind(now.saturating_add(micros(LEASE)))
+        .bind(now.saturating_add(micros(self.lease)))
         .bind(now)
         .execute(&mut *tx)
         .await?
@@ -302,7 +311,7 @@ impl Relay {
         )
         .bind(self.sink.name())
         .bind(&self.owner)
-        .bind(now.saturating_add(micros(LEASE)))
+        .bind(now.saturating_add(micros(self.lease)))
         .bind(now)
         .execute(&mut *tx)
         .await?
@@ -564,10 +573,10 @@ impl Relay {
                 let wait = match pass {
                     Ok(Pass::Progress) => continue,
                     Ok(Pass::Idle) => IDLE_POLL,
-                    Ok(Pass::Standby) => STANDBY_POLL,
+                    Ok(Pass::Standby) => STANDBY_POLL.min(self.lease / 3),
                     Ok(Pass::Backoff(at)) => {
                         let us = u64::try_from(at.saturating_sub(wall_us())).unwrap_or(0);
-                        Duration::from_micros(us).min(LEASE / 3)
+                        Duration::from_micros(us).min(self.lease / 3)
                     }
                     Err(e) => {
                         tracing::error!(sink = self.sink.name(), error = %e, "event relay failed; will retry");

@@ -70,7 +70,7 @@ impl Sink for NatsSink {
     async fn deliver(&self, event: &OutboundEvent) -> Result<(), DeliveryError> {
         let js = self.context().await?;
         let mut headers = async_nats::HeaderMap::new();
-        headers.insert("Nats-Msg-Id", event.event_id.as_str());
+        headers.insert(async_nats::header::NATS_MESSAGE_ID, event.event_id.as_str());
         let subject = self.subject(&event.event_type);
         let ack = js
             .publish_with_headers(subject.clone(), headers, Bytes::from(event.body()))
