@@ -1455,4 +1455,93 @@ mod tests {
             assert_eq!(redact_url(url), shown, "{url}");
         }
     }
+
+    // --- issue 19 (events out) ---
+    #[test]
+    fn webhooks_come_from_the_file_or_the_environment_and_are_validated() {
+        let file = "[[tokens]]\nname = \"ops\"\ntoken = \"secret-ops\"\nscopes = [\"admin\"]\n\
+            [[webhooks]]\nname = \"email\"\nurl = \"https://mail.example/hooks\"\n\
+            secret = \"whsec_0123456789abcdef\"\nevent_types = [\"wallet.low_balance\"]\n";
+        let cfg = ServiceConfig::from_toml(&DEFAULTS, file, &env(&[])).unwrap();
+        let w = &cfg.events.webhooks[0];
+        assert_eq!(
+            (w.name.as_str(), w.url.as_str(), w.event_types.as_slice()),
+            (
+                "email",
+                "https://mail.example/hooks",
+                &["wallet.low_balance".to_string()][..]
+            )
+        );
+        assert!(!format!("{cfg:?}").contains("whsec_0123456789abcdef"));
+        assert_eq!(cfg.events.retry, RetryPolicy::default());
+        assert!(cfg.events.nats.is_none());
+
+        let e = env(&[
+            ("WALLET_TOKENS", "t:long-secret:read"),
+            ("WALLET_WEBHOOKS", "crm, email-platform"),
+            ("WALLET_WEBHOOK_CRM_URL", "http://crm:8080/in"),
+            ("WALLET_WEBHOOK_CRM_SECRET", "crm-secret-0123456789"),
+            ("WALLET_WEBHOOK_EMAIL_PLATFORM_URL", "http://mail:1/h"),
+            (
+                "WALLET_WEBHOOK_EMAIL_PLATFORM_SECRET",
+                "mail-secret-0123456789",
+            ),
+            ("WALLET_WEBHOOK_EMAIL_PLATFORM_EVENT_TYPES", "a.b, c.d"),
+            ("WALLET_NATS_URL", "nats://127.0.0.1:4222"),
+        ]);
+        let cfg = ServiceConfig::from_toml(&DEFAULTS, "", &e).unwrap();
+        let names: Vec<_> = cfg
+            .events
+            .webhooks
+            .iter()
+            .map(|w| w.name.as_str())
+            .collect();
+        assert_eq!(names, ["crm", "email-platform"]);
+        assert_eq!(cfg.events.webhooks[1].event_types, ["a.b", "c.d"]);
+        let nats = cfg.events.nats.unwrap();
+        assert_eq!(nats.stream, "BILLING_CREDITS_WALLET");
+
+        let cases = [
+            ("WALLET_WEBHOOK_CRM_URL", "ftp://x", "webhooks.crm.url"),
+            ("WALLET_WEBHOOK_CRM_SECRET", "short", "webhooks.crm.secret"),
+            ("WALLET_WEBHOOK_CRM_URL", "", "WALLET_WEBHOOK_CRM_URL"),
+            ("WALLET_NATS_URL", "http://x", "nats_url"),
+            ("WALLET_NATS_STREAM", "a.b", "nats_stream"),
+            (
+                "WALLET_EVENTS_RETRY_FOR_SECONDS",
+                "60",
+                "events_retry_for_seconds",
+            ),
+            ("WALLET_EVENTS_RETRY_MAX_MS", "10", "events_retry_max_ms"),
+        ];
+        for (key, value, named) in cases {
+            let mut e = env(&[
+                ("WALLET_TOKENS", "t:long-secret:read"),
+                ("WALLET_WEBHOOKS", "crm"),
+                ("WALLET_WEBHOOK_CRM_URL", "http://crm:8080/in"),
+                ("WALLET_WEBHOOK_CRM_SECRET", "crm-secret-0123456789"),
+            ]);
+            if value.is_empty() {
+                e.remove(key);
+            } else {
+                e.insert(key.into(), value.into());
+            }
+            let err = ServiceConfig::from_toml(&DEFAULTS, "", &e).unwrap_err();
+            assert!(err.to_string().contains(named), "{key}={value}: {err}");
+        }
+        // A short retry budget is for tests only.
+        let short = env(&[
+            ("WALLET_TOKENS", "t:long-secret:read"),
+            ("WALLET_TEST_CLOCK", "true"),
+            ("WALLET_EVENTS_RETRY_FOR_SECONDS", "1"),
+        ]);
+        let cfg = ServiceConfig::from_toml(&DEFAULTS, "", &short).unwrap();
+        assert_eq!(cfg.events.retry.give_up_after, Duration::from_secs(1));
+        let twice = "[[tokens]]\nname = \"o\"\ntoken = \"secret-ops\"\nscopes = [\"admin\"]\n\
+            [[webhooks]]\nname = \"a\"\nurl = \"http://h/\"\nsecret = \"0123456789abcdef\"\n\
+            [[webhooks]]\nname = \"a\"\nurl = \"http://h/\"\nsecret = \"0123456789abcdef\"\n";
+        let err = ServiceConfig::from_toml(&DEFAULTS, twice, &env(&[])).unwrap_err();
+        assert!(err.to_string().contains("share"), "{err}");
+    }
+    // --- end issue 19 ---
 }
