@@ -3,6 +3,8 @@
 //! outbox with no code of its own; a wallet opened through gRPC reaches a signed webhook and
 //! the JetStream subject `billing.credits-wallet.wallet.opened`.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::{
     net::SocketAddr,
     sync::{Arc, Mutex},
