@@ -196,6 +196,9 @@ pub struct Relay {
     relayed: Arc<Notify>,
     /// How long the lease lasts unrenewed ([`LEASE`]).
     lease: Duration,
+    /// When this relay last took or renewed the lease (process clock): an idle relay renews it
+    /// only once a third of it has passed, instead of writing on every poll.
+    renewed: Arc<std::sync::Mutex<Option<std::time::Instant>>>,
 }
 
 /// The lease was lost mid-pass: another replica delivers now.
@@ -241,6 +244,7 @@ impl Relay {
             metrics,
             relayed: outbox.relayed_signal(),
             lease: LEASE,
+            renewed: Arc::new(std::sync::Mutex::new(None)),
         }
     }
 
@@ -282,11 +286,29 @@ impl Relay {
         .rows_affected()
             == 1;
         tx.commit().await?;
+        self.note_renewal(held.then(std::time::Instant::now));
         Ok(held)
+    }
+
+    fn note_renewal(&self, at: Option<std::time::Instant>) {
+        if let Ok(mut renewed) = self.renewed.lock() {
+            *renewed = at;
+        }
+    }
+
+    /// Whether this relay renewed its lease less than a third of it ago (so it still holds it:
+    /// a lease is only taken over once expired).
+    fn lease_fresh(&self) -> bool {
+        self.renewed
+            .lock()
+            .ok()
+            .and_then(|r| *r)
+            .is_some_and(|at| at.elapsed() < self.lease / 3)
     }
 
     /// Gives the lease up (at shutdown), so another replica takes over at once.
     pub async fn release(&self) -> Result<(), DbError> {
+        self.note_renewal(None);
         let mut tx = self.db.begin_write().await?;
         sqlx::query(
             "UPDATE relay_sinks SET lease_owner = NULL, lease_until_us = 0 \
@@ -318,8 +340,11 @@ impl Relay {
         .rows_affected()
             == 1;
         if !held {
+            self.note_renewal(None);
             return Err(LeaseLost.into());
         }
+        // Renewed once this transaction commits; noted now, which is no later than that.
+        self.note_renewal(Some(std::time::Instant::now()));
         Ok(tx)
     }
 
@@ -398,7 +423,7 @@ impl Relay {
                 .relay_dead_lettered
                 .get_or_create(&labels)
                 .inc();
-            self.metrics.relay_dead_letters.get_or_create(&labels).inc();
+            self.refresh_dead_gauge().await;
             self.metrics
                 .relay_acked_cursor
                 .get_or_create(&labels)
@@ -428,6 +453,21 @@ impl Relay {
         Ok(Some(next))
     }
 
+    /// Sets the dead-letter gauge from the database (every replica's dead letters count).
+    async fn refresh_dead_gauge(&self) {
+        match count_dead(&self.db, self.sink.name()).await {
+            Ok(dead) => {
+                self.metrics
+                    .relay_dead_letters
+                    .get_or_create(&self.labels())
+                    .set(dead);
+            }
+            Err(e) => {
+                tracing::warn!(sink = self.sink.name(), error = %e, "counting dead letters failed");
+            }
+        }
+    }
+
     /// One pass: take or renew the lease, try dead letters an operator asked to retry, then
     /// deliver the events after the cursor until one fails or none is left.
     pub async fn pass(&self) -> Result<Pass, DbError> {
@@ -445,7 +485,7 @@ impl Relay {
     }
 
     async fn pass_inner(&self) -> Result<Pass, PassError> {
-        if !self.acquire().await? {
+        if !self.lease_fresh() && !self.acquire().await? {
             return Ok(Pass::Standby);
         }
         self.redrive().await?;
@@ -539,7 +579,7 @@ impl Relay {
             let labels = self.labels();
             if outcome.is_ok() {
                 self.metrics.relay_delivered.get_or_create(&labels).inc();
-                self.metrics.relay_dead_letters.get_or_create(&labels).dec();
+                self.refresh_dead_gauge().await;
                 tracing::info!(
                     sink = self.sink.name(),
                     cursor = event.cursor,
@@ -556,12 +596,7 @@ impl Relay {
     /// shutdown is abandoned unacknowledged (it is delivered again on the next start).
     pub fn spawn(self, shutdown: CancellationToken) -> tokio::task::JoinHandle<()> {
         tokio::spawn(async move {
-            if let Ok(dead) = count_dead(&self.db, self.sink.name()).await {
-                self.metrics
-                    .relay_dead_letters
-                    .get_or_create(&self.labels())
-                    .set(dead);
-            }
+            self.refresh_dead_gauge().await;
             loop {
                 // Registered before the pass, so events numbered during it wake the next.
                 let relayed = self.relayed.notified();
