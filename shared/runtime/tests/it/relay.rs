@@ -896,3 +896,39 @@ async fn every_service_relays_its_configured_webhooks_serves_event_delivery_and_
     assert_eq!(receiver.cursors(), (1..=10).collect::<Vec<_>>());
     running.stop().await.unwrap();
 }
+
+/// The figure in docs/benchmarks.md ("Events out"): events per second one webhook relay
+/// delivers to a local receiver that verifies every signature, from a backlog of 5,000.
+/// `cargo test --release -p runtime --test it -- --ignored --nocapture webhook_throughput`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement, not a check"]
+async fn webhook_throughput() {
+    const N: usize = 5_000;
+    let (db, _t) = fresh_db().await;
+    let ev = Events::new(&db);
+    let receiver = Receiver::new(SECRET);
+    let addr = receiver.serve().await;
+    for i in 0..N / 500 {
+        ev.append(500, i * 500).await;
+    }
+    let stop = CancellationToken::new();
+    let started = std::time::Instant::now();
+    let task = ev
+        .relay(webhook("bench", addr, SECRET, &[]), fast_retries())
+        .spawn(stop.clone());
+    loop {
+        if acked(&db, "webhook:bench").await == N as i64 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let took = started.elapsed();
+    stop.cancel();
+    task.await.unwrap();
+    assert_eq!(receiver.cursors(), (1..=N as i64).collect::<Vec<_>>());
+    println!(
+        "backend {:?}: {N} events delivered in {took:?}: {} events/s",
+        runtime::testing::backend(),
+        (N as u128 * 1000) / took.as_millis().max(1)
+    );
+}
