@@ -835,13 +835,22 @@ impl fmt::Debug for WebhookConfig {
     }
 }
 
-/// The NATS JetStream publisher.
-#[derive(Debug, Clone)]
+/// The NATS JetStream publisher. Its `Debug` output leaves out a password in the URL.
+#[derive(Clone)]
 pub struct NatsConfig {
     /// e.g. `nats://127.0.0.1:4222`.
     pub url: String,
     /// The stream that captures `billing.<service>.>`; created with that subject if missing.
     pub stream: String,
+}
+
+impl fmt::Debug for NatsConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NatsConfig")
+            .field("url", &redact_url(&self.url))
+            .field("stream", &self.stream)
+            .finish()
+    }
 }
 
 /// How a sink retries a failed delivery: waits from `initial`, doubling up to `max`, for
@@ -1473,6 +1482,13 @@ mod tests {
             )
         );
         assert!(!format!("{cfg:?}").contains("whsec_0123456789abcdef"));
+        let nats = ServiceConfig::from_toml(
+            &DEFAULTS,
+            "nats_url = \"nats://billing:nats-pass-4711@nats:4222\"",
+            &env(&[("WALLET_TOKENS", "t:long-secret:read")]),
+        )
+        .unwrap();
+        assert!(!format!("{nats:?}").contains("nats-pass-4711"));
         assert_eq!(cfg.events.retry, RetryPolicy::default());
         assert!(cfg.events.nats.is_none());
 
