@@ -324,6 +324,7 @@ struct FileConfig {
     events_retry_initial_ms: Option<u64>,
     events_retry_max_ms: Option<u64>,
     events_retry_for_seconds: Option<u64>,
+    events_lease_seconds: Option<u64>,
     // --- end issue 19 ---
 }
 
@@ -358,6 +359,7 @@ impl FileConfig {
             events_retry_initial_ms,
             events_retry_max_ms,
             events_retry_for_seconds,
+            events_lease_seconds,
         } = self;
         let mut set: Vec<String> = [
             ("listen_addr", listen_addr.is_some()),
@@ -394,6 +396,7 @@ impl FileConfig {
                 "events_retry_for_seconds",
                 events_retry_for_seconds.is_some(),
             ),
+            ("events_lease_seconds", events_lease_seconds.is_some()),
         ]
         .into_iter()
         .filter(|(_, set)| *set)
@@ -755,6 +758,7 @@ impl ServiceConfig {
                 retry_initial_ms: file.events_retry_initial_ms,
                 retry_max_ms: file.events_retry_max_ms,
                 retry_for_seconds: file.events_retry_for_seconds,
+                lease_seconds: file.events_lease_seconds,
             },
             env,
             test_clock,
@@ -805,6 +809,8 @@ pub const DEFAULT_RETRY_MAX: Duration = Duration::from_secs(600);
 /// Default (and, outside the test clock, the least) of `events_retry_for_seconds`: a sink
 /// retries an event for a day before dead-lettering it.
 pub const DEFAULT_RETRY_FOR: Duration = Duration::from_secs(24 * 3600);
+/// Default of `events_lease_seconds`.
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(30);
 /// Shortest webhook secret accepted.
 pub const MIN_WEBHOOK_SECRET_LEN: usize = 16;
 
@@ -876,7 +882,7 @@ impl Default for RetryPolicy {
 }
 
 /// Where events go besides `WatchEvents`.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct EventsConfig {
     /// Webhook endpoints, each its own sink.
     pub webhooks: Vec<WebhookConfig>,
@@ -884,6 +890,20 @@ pub struct EventsConfig {
     pub nats: Option<NatsConfig>,
     /// Retries of every sink.
     pub retry: RetryPolicy,
+    /// How long a replica's lease on a sink lasts unrenewed: after a replica dies, another
+    /// takes its sinks over within this.
+    pub lease: Duration,
+}
+
+impl Default for EventsConfig {
+    fn default() -> Self {
+        Self {
+            webhooks: Vec::new(),
+            nats: None,
+            retry: RetryPolicy::default(),
+            lease: DEFAULT_LEASE,
+        }
+    }
 }
 
 struct EventsFile {
@@ -893,6 +913,7 @@ struct EventsFile {
     retry_initial_ms: Option<u64>,
     retry_max_ms: Option<u64>,
     retry_for_seconds: Option<u64>,
+    lease_seconds: Option<u64>,
 }
 
 impl EventsConfig {
@@ -1038,9 +1059,23 @@ impl EventsConfig {
                 "must be at least 86400: a receiver may be down for a day (shorter only with test_clock = true, for tests)",
             ));
         }
+        let lease_seconds: u64 = parse_num(
+            &env_key("events_lease_seconds"),
+            get("events_lease_seconds"),
+            file.lease_seconds,
+            DEFAULT_LEASE.as_secs(),
+        )?;
+        // A webhook may take up to 10 s to answer; the lease must outlast one delivery.
+        if !(15..=3600).contains(&lease_seconds) && !(test_clock && lease_seconds >= 1) {
+            return Err(invalid(
+                "events_lease_seconds",
+                "must be 15 to 3600: longer than one delivery may take (shorter only with test_clock = true, for tests)",
+            ));
+        }
         Ok(Self {
             webhooks,
             nats,
+            lease: Duration::from_secs(lease_seconds),
             retry: RetryPolicy {
                 initial: Duration::from_millis(initial_ms),
                 max: Duration::from_millis(max_ms),
@@ -1529,6 +1564,7 @@ mod tests {
                 "events_retry_for_seconds",
             ),
             ("WALLET_EVENTS_RETRY_MAX_MS", "10", "events_retry_max_ms"),
+            ("WALLET_EVENTS_LEASE_SECONDS", "5", "events_lease_seconds"),
         ];
         for (key, value, named) in cases {
             let mut e = env(&[

@@ -137,6 +137,7 @@ where
                 config.events.retry,
                 Arc::clone(&metrics),
             )
+            .with_lease(config.events.lease)
         })
         .collect();
     // --- end issue 19 ---

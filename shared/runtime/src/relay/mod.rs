@@ -89,8 +89,9 @@ pub trait Sink: Send + Sync + 'static {
     async fn deliver(&self, event: &OutboundEvent) -> Result<(), DeliveryError>;
 }
 
-/// How long a lease lasts without renewal. A relay renews it on every pass and every ack, and
-/// waits at most a third of it between passes.
+/// How long a lease lasts without renewal (default of `events_lease_seconds`). A relay renews
+/// it with every ack, and on a pass once a third of it has passed; it waits at most a third of it
+/// between passes.
 pub const LEASE: Duration = Duration::from_secs(30);
 /// How often a relay without the lease (another replica delivers) looks again.
 const STANDBY_POLL: Duration = Duration::from_secs(1);
