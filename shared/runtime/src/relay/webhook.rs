@@ -225,12 +225,15 @@ mod tests {
 
     #[test]
     fn the_signature_is_hmac_sha256_over_timestamp_dot_body() {
-        // RFC 4231 test case 2 (key "Jefe"), message "what do ya want for nothing?" split as
-        // "<t>.<body>" with t = "what do ya want for nothing?" impossible, so check against
-        // an HMAC computed here independently from the same parts.
+        // The MAC computed here from the documented parts, `<t>.<body>`, matches the header.
         let mut m = <Hmac<Sha256> as Mac>::new_from_slice(b"Jefe").unwrap();
         m.update(b"42.hello");
         let want = hex::encode(m.finalize().into_bytes());
         assert_eq!(sign(b"Jefe", 42, b"hello"), format!("t=42,v1={want}"));
+        // The README's example, computed there with Python's hmac module.
+        assert_eq!(
+            sign(b"whsec_0123456789abcdef", 1_767_225_600, br#"{"id":"e1"}"#),
+            "t=1767225600,v1=4e5bf45b885da6788d8b64e5b0f54b3663a862fb0904d333fd8ef0ec599fd8fa"
+        );
     }
 }
