@@ -74,6 +74,7 @@ async fn reflection_lists_each_service_health_and_clock_on_v1_and_v1alpha() {
         ] {
             assert!(listed.contains(&"grpc.health.v1.Health".to_string()));
             assert!(listed.contains(&"billing.common.v1.TestClock".to_string()));
+            assert!(listed.contains(&"billing.common.v1.EventDelivery".to_string()));
             // Each service lists its own business services, and not its neighbours'.
             let mut business: Vec<&str> = listed
                 .iter()

@@ -71,6 +71,12 @@ impl Suite {
         Self::from_suite(suite::start(&env).await?, db)
     }
 
+    /// The services `suite::start` started from an environment a test built (e.g.
+    /// [`suite_env`] plus settings of its own), on `db`.
+    pub fn from_env(services: suite::Suite, db: testing::TestDatabase) -> Suite {
+        Suite { services, _db: db }
+    }
+
     fn from_suite(services: suite::Suite, db: testing::TestDatabase) -> anyhow::Result<Suite> {
         Ok(Suite { services, _db: db })
     }
@@ -173,6 +179,8 @@ static PG_SERVER_TESTS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new((
 mod dbloss;
 #[cfg(test)]
 mod deploy;
+#[cfg(test)]
+mod events_out;
 #[cfg(test)]
 mod foundation;
 #[cfg(test)]

@@ -16,7 +16,7 @@ use proto::{
 use runtime::{
     Running,
     config::DEFAULT_MAX_REQUEST_BYTES,
-    server::TEST_CLOCK_SERVICE,
+    server::{EVENT_DELIVERY_SERVICE, TEST_CLOCK_SERVICE},
     testing::{ADMIN_TOKEN, authed},
 };
 use sqlx::Row;
@@ -76,13 +76,15 @@ pub(crate) fn padding(len: usize) -> Vec<u8> {
 }
 
 /// Every (path, server-streaming) a service serves: its business RPCs from the descriptors,
-/// health and the test clock.
+/// health, the test clock and event delivery.
 fn methods(pool: &DescriptorPool, services: &[&str]) -> Vec<(String, bool)> {
     let mut out = vec![
         ("/grpc.health.v1.Health/Check".to_string(), false),
         ("/grpc.health.v1.Health/Watch".to_string(), true),
         (format!("/{TEST_CLOCK_SERVICE}/GetTime"), false),
         (format!("/{TEST_CLOCK_SERVICE}/AdvanceTime"), false),
+        (format!("/{EVENT_DELIVERY_SERVICE}/ListDeliveries"), false),
+        (format!("/{EVENT_DELIVERY_SERVICE}/RetryDeadLetter"), false),
     ];
     for name in services {
         let service = pool.get_service_by_name(name).unwrap();

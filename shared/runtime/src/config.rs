@@ -188,6 +188,10 @@ pub struct ServiceConfig {
     /// Serve gRPC over TLS with this identity; `None` serves plaintext HTTP/2 (behind a
     /// TLS-terminating proxy or a service mesh, or in development).
     pub tls: Option<TlsConfig>,
+    // --- issue 19 (events out) ---
+    /// Where the outbox's events go besides `WatchEvents`: webhooks, NATS JetStream.
+    pub events: EventsConfig,
+    // --- end issue 19 ---
 }
 
 impl fmt::Debug for ServiceConfig {
@@ -213,6 +217,7 @@ impl fmt::Debug for ServiceConfig {
             .field("tokens", &self.tokens)
             .field("peers", &self.peers)
             .field("tls", &self.tls)
+            .field("events", &self.events)
             .finish()
     }
 }
@@ -311,6 +316,16 @@ struct FileConfig {
     peers: BTreeMap<String, PeerConfig>,
     tls_cert_path: Option<PathBuf>,
     tls_key_path: Option<PathBuf>,
+    // --- issue 19 (events out) ---
+    #[serde(default)]
+    webhooks: Vec<WebhookConfig>,
+    nats_url: Option<String>,
+    nats_stream: Option<String>,
+    events_retry_initial_ms: Option<u64>,
+    events_retry_max_ms: Option<u64>,
+    events_retry_for_seconds: Option<u64>,
+    events_lease_seconds: Option<u64>,
+    // --- end issue 19 ---
 }
 
 impl FileConfig {
@@ -338,6 +353,13 @@ impl FileConfig {
             peers,
             tls_cert_path,
             tls_key_path,
+            webhooks,
+            nats_url,
+            nats_stream,
+            events_retry_initial_ms,
+            events_retry_max_ms,
+            events_retry_for_seconds,
+            events_lease_seconds,
         } = self;
         let mut set: Vec<String> = [
             ("listen_addr", listen_addr.is_some()),
@@ -365,6 +387,16 @@ impl FileConfig {
             ("tokens", !tokens.is_empty()),
             ("tls_cert_path", tls_cert_path.is_some()),
             ("tls_key_path", tls_key_path.is_some()),
+            ("webhooks", !webhooks.is_empty()),
+            ("nats_url", nats_url.is_some()),
+            ("nats_stream", nats_stream.is_some()),
+            ("events_retry_initial_ms", events_retry_initial_ms.is_some()),
+            ("events_retry_max_ms", events_retry_max_ms.is_some()),
+            (
+                "events_retry_for_seconds",
+                events_retry_for_seconds.is_some(),
+            ),
+            ("events_lease_seconds", events_lease_seconds.is_some()),
         ]
         .into_iter()
         .filter(|(_, set)| *set)
@@ -716,6 +748,22 @@ impl ServiceConfig {
             (Some(_), None) => return Err(invalid("tls_key_path", "set with tls_cert_path")),
             (None, Some(_)) => return Err(invalid("tls_cert_path", "set with tls_key_path")),
         };
+        // --- issue 19 (events out) ---
+        let events = EventsConfig::from_parts(
+            defaults,
+            EventsFile {
+                webhooks: file.webhooks,
+                nats_url: file.nats_url,
+                nats_stream: file.nats_stream,
+                retry_initial_ms: file.events_retry_initial_ms,
+                retry_max_ms: file.events_retry_max_ms,
+                retry_for_seconds: file.events_retry_for_seconds,
+                lease_seconds: file.events_lease_seconds,
+            },
+            env,
+            test_clock,
+        )?;
+        // --- end issue 19 ---
         Ok(Self {
             service_name: defaults.name,
             listen_addr,
@@ -737,6 +785,7 @@ impl ServiceConfig {
             tokens,
             peers,
             tls,
+            events,
         })
     }
 
@@ -750,6 +799,294 @@ impl ServiceConfig {
         })
     }
 }
+
+// --- issue 19 (events out) ---
+
+/// Default of `events_retry_initial_ms`: the first retry of a failed delivery waits 1 s.
+pub const DEFAULT_RETRY_INITIAL: Duration = Duration::from_secs(1);
+/// Default of `events_retry_max_ms`: the wait doubles up to 10 minutes.
+pub const DEFAULT_RETRY_MAX: Duration = Duration::from_secs(600);
+/// Default (and, outside the test clock, the least) of `events_retry_for_seconds`: a sink
+/// retries an event for a day before dead-lettering it.
+pub const DEFAULT_RETRY_FOR: Duration = Duration::from_secs(24 * 3600);
+/// Default of `events_lease_seconds`.
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(30);
+/// Shortest webhook secret accepted.
+pub const MIN_WEBHOOK_SECRET_LEN: usize = 16;
+
+/// One webhook endpoint: every event of the wanted types is POSTed to `url`, signed with
+/// `secret` (see [`crate::relay::webhook`] and the README's "Events out").
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookConfig {
+    /// Names the endpoint in the relay's state, metrics and `ListDeliveries` (`email-platform`).
+    pub name: String,
+    /// `http://` or `https://` URL the events are POSTed to.
+    pub url: String,
+    /// The HMAC-SHA256 key of the `Billing-Signature` header; never logged.
+    pub secret: String,
+    /// Only events of these types (empty: every type).
+    #[serde(default)]
+    pub event_types: Vec<String>,
+}
+
+impl fmt::Debug for WebhookConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WebhookConfig")
+            .field("name", &self.name)
+            .field("url", &self.url)
+            .field("secret", &"<redacted>")
+            .field("event_types", &self.event_types)
+            .finish()
+    }
+}
+
+/// The NATS JetStream publisher. Its `Debug` output leaves out a password in the URL.
+#[derive(Clone)]
+pub struct NatsConfig {
+    /// e.g. `nats://127.0.0.1:4222`.
+    pub url: String,
+    /// The stream that captures `billing.<service>.>`; created with that subject if missing.
+    pub stream: String,
+}
+
+impl fmt::Debug for NatsConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NatsConfig")
+            .field("url", &redact_url(&self.url))
+            .field("stream", &self.stream)
+            .finish()
+    }
+}
+
+/// How a sink retries a failed delivery: waits from `initial`, doubling up to `max`, for
+/// `give_up_after` since the event's first failure; then the event is dead-lettered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// The first wait.
+    pub initial: Duration,
+    /// The longest wait.
+    pub max: Duration,
+    /// How long an event is retried before it is dead-lettered.
+    pub give_up_after: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            initial: DEFAULT_RETRY_INITIAL,
+            max: DEFAULT_RETRY_MAX,
+            give_up_after: DEFAULT_RETRY_FOR,
+        }
+    }
+}
+
+/// Where events go besides `WatchEvents`.
+#[derive(Debug, Clone)]
+pub struct EventsConfig {
+    /// Webhook endpoints, each its own sink.
+    pub webhooks: Vec<WebhookConfig>,
+    /// The JetStream publisher, when `nats_url` is set.
+    pub nats: Option<NatsConfig>,
+    /// Retries of every sink.
+    pub retry: RetryPolicy,
+    /// How long a replica's lease on a sink lasts unrenewed: after a replica dies, another
+    /// takes its sinks over within this.
+    pub lease: Duration,
+}
+
+impl Default for EventsConfig {
+    fn default() -> Self {
+        Self {
+            webhooks: Vec::new(),
+            nats: None,
+            retry: RetryPolicy::default(),
+            lease: DEFAULT_LEASE,
+        }
+    }
+}
+
+struct EventsFile {
+    webhooks: Vec<WebhookConfig>,
+    nats_url: Option<String>,
+    nats_stream: Option<String>,
+    retry_initial_ms: Option<u64>,
+    retry_max_ms: Option<u64>,
+    retry_for_seconds: Option<u64>,
+    lease_seconds: Option<u64>,
+}
+
+impl EventsConfig {
+    /// Reads `[[webhooks]]`, `nats_*` and `events_retry_*` from the file, then the environment:
+    /// `{PREFIX}_WEBHOOKS=email,crm` names the endpoints (replacing the file's), each with
+    /// `{PREFIX}_WEBHOOK_EMAIL_URL`, `_SECRET` and `_EVENT_TYPES` (comma-separated).
+    fn from_parts(
+        defaults: &ServiceDefaults,
+        file: EventsFile,
+        env: &dyn Environment,
+        test_clock: bool,
+    ) -> Result<Self, ConfigError> {
+        let env_key = |key: &str| format!("{}_{}", defaults.env_prefix, key.to_uppercase());
+        let get = |key: &str| env.var(&env_key(key));
+        let webhooks = match get("webhooks") {
+            None => file.webhooks,
+            Some(names) => names
+                .split(',')
+                .map(str::trim)
+                .filter(|n| !n.is_empty())
+                .map(|name| {
+                    let var = |part: &str| format!("webhook_{}_{part}", name.replace('-', "_"));
+                    let required = |part: &str| {
+                        get(&var(part)).ok_or_else(|| ConfigError::Invalid {
+                            key: env_key(&var(part)),
+                            message: format!(
+                                "webhook {name:?} is listed in {} but has no {part}",
+                                env_key("webhooks")
+                            ),
+                        })
+                    };
+                    Ok(WebhookConfig {
+                        name: name.to_string(),
+                        url: required("url")?,
+                        secret: required("secret")?,
+                        event_types: get(&var("event_types"))
+                            .map(|t| {
+                                t.split(',')
+                                    .map(str::trim)
+                                    .filter(|t| !t.is_empty())
+                                    .map(String::from)
+                                    .collect()
+                            })
+                            .unwrap_or_default(),
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?,
+        };
+        let mut names = std::collections::BTreeSet::new();
+        for w in &webhooks {
+            let key = || format!("webhooks.{}", w.name);
+            if w.name.is_empty()
+                || w.name.len() > 64
+                || !w
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
+            {
+                return Err(ConfigError::Invalid {
+                    key: "webhooks.name".into(),
+                    message: format!("{:?} must be 1 to 64 of a-z, 0-9, - and _", w.name),
+                });
+            }
+            if !names.insert(w.name.as_str()) {
+                return Err(ConfigError::Invalid {
+                    key: key(),
+                    message: "two webhooks share this name".into(),
+                });
+            }
+            if !(w.url.starts_with("http://") || w.url.starts_with("https://"))
+                || reqwest::Url::parse(&w.url).is_err()
+            {
+                return Err(ConfigError::Invalid {
+                    key: format!("{}.url", key()),
+                    message: format!("{:?} is not an http:// or https:// URL", w.url),
+                });
+            }
+            if w.secret.len() < MIN_WEBHOOK_SECRET_LEN {
+                return Err(ConfigError::Invalid {
+                    key: format!("{}.secret", key()),
+                    message: format!("must be at least {MIN_WEBHOOK_SECRET_LEN} characters"),
+                });
+            }
+        }
+        let nats = match (
+            get("nats_url").or(file.nats_url),
+            get("nats_stream").or(file.nats_stream),
+        ) {
+            (None, None) => None,
+            (None, Some(_)) => {
+                return Err(invalid("nats_url", "set it to publish to nats_stream"));
+            }
+            (Some(url), stream) => {
+                if !url.starts_with("nats://") && !url.starts_with("tls://") {
+                    return Err(ConfigError::Invalid {
+                        key: "nats_url".into(),
+                        message: format!("{url:?} is not a nats:// or tls:// URL"),
+                    });
+                }
+                let stream = stream.unwrap_or_else(|| {
+                    format!("BILLING_{}", defaults.name.to_uppercase().replace('-', "_"))
+                });
+                if stream.is_empty()
+                    || !stream
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+                {
+                    return Err(invalid(
+                        "nats_stream",
+                        "must be a stream name of A-Z, a-z, 0-9, - and _",
+                    ));
+                }
+                Some(NatsConfig { url, stream })
+            }
+        };
+        let initial_ms: u64 = parse_num(
+            &env_key("events_retry_initial_ms"),
+            get("events_retry_initial_ms"),
+            file.retry_initial_ms,
+            1_000,
+        )?;
+        let max_ms: u64 = parse_num(
+            &env_key("events_retry_max_ms"),
+            get("events_retry_max_ms"),
+            file.retry_max_ms,
+            600_000,
+        )?;
+        let for_seconds: u64 = parse_num(
+            &env_key("events_retry_for_seconds"),
+            get("events_retry_for_seconds"),
+            file.retry_for_seconds,
+            DEFAULT_RETRY_FOR.as_secs(),
+        )?;
+        if initial_ms == 0 || max_ms < initial_ms {
+            return Err(invalid(
+                "events_retry_max_ms",
+                "the waits must be at least 1 ms and events_retry_max_ms at least events_retry_initial_ms",
+            ));
+        }
+        if for_seconds < DEFAULT_RETRY_FOR.as_secs() && !test_clock {
+            return Err(invalid(
+                "events_retry_for_seconds",
+                "must be at least 86400: a receiver may be down for a day (shorter only with test_clock = true, for tests)",
+            ));
+        }
+        let lease_seconds: u64 = parse_num(
+            &env_key("events_lease_seconds"),
+            get("events_lease_seconds"),
+            file.lease_seconds,
+            DEFAULT_LEASE.as_secs(),
+        )?;
+        // A webhook may take up to 10 s to answer; the lease must outlast one delivery.
+        let shortest = if test_clock { 1 } else { 15 };
+        if !(shortest..=3600).contains(&lease_seconds) {
+            return Err(invalid(
+                "events_lease_seconds",
+                "must be 15 to 3600: longer than one delivery may take (shorter only with test_clock = true, for tests)",
+            ));
+        }
+        Ok(Self {
+            webhooks,
+            nats,
+            lease: Duration::from_secs(lease_seconds),
+            retry: RetryPolicy {
+                initial: Duration::from_millis(initial_ms),
+                max: Duration::from_millis(max_ms),
+                give_up_after: Duration::from_secs(for_seconds),
+            },
+        })
+    }
+}
+
+// --- end issue 19 ---
 
 fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -1163,4 +1500,101 @@ mod tests {
             assert_eq!(redact_url(url), shown, "{url}");
         }
     }
+
+    // --- issue 19 (events out) ---
+    #[test]
+    fn webhooks_come_from_the_file_or_the_environment_and_are_validated() {
+        let file = "[[tokens]]\nname = \"ops\"\ntoken = \"secret-ops\"\nscopes = [\"admin\"]\n\
+            [[webhooks]]\nname = \"email\"\nurl = \"https://mail.example/hooks\"\n\
+            secret = \"whsec_0123456789abcdef\"\nevent_types = [\"wallet.low_balance\"]\n";
+        let cfg = ServiceConfig::from_toml(&DEFAULTS, file, &env(&[])).unwrap();
+        let w = &cfg.events.webhooks[0];
+        assert_eq!(
+            (w.name.as_str(), w.url.as_str(), w.event_types.as_slice()),
+            (
+                "email",
+                "https://mail.example/hooks",
+                &["wallet.low_balance".to_string()][..]
+            )
+        );
+        assert!(!format!("{cfg:?}").contains("whsec_0123456789abcdef"));
+        let nats = ServiceConfig::from_toml(
+            &DEFAULTS,
+            "nats_url = \"nats://billing:nats-pass-4711@nats:4222\"",
+            &env(&[("WALLET_TOKENS", "t:long-secret:read")]),
+        )
+        .unwrap();
+        assert!(!format!("{nats:?}").contains("nats-pass-4711"));
+        assert_eq!(cfg.events.retry, RetryPolicy::default());
+        assert!(cfg.events.nats.is_none());
+
+        let e = env(&[
+            ("WALLET_TOKENS", "t:long-secret:read"),
+            ("WALLET_WEBHOOKS", "crm, email-platform"),
+            ("WALLET_WEBHOOK_CRM_URL", "http://crm:8080/in"),
+            ("WALLET_WEBHOOK_CRM_SECRET", "crm-secret-0123456789"),
+            ("WALLET_WEBHOOK_EMAIL_PLATFORM_URL", "http://mail:1/h"),
+            (
+                "WALLET_WEBHOOK_EMAIL_PLATFORM_SECRET",
+                "mail-secret-0123456789",
+            ),
+            ("WALLET_WEBHOOK_EMAIL_PLATFORM_EVENT_TYPES", "a.b, c.d"),
+            ("WALLET_NATS_URL", "nats://127.0.0.1:4222"),
+        ]);
+        let cfg = ServiceConfig::from_toml(&DEFAULTS, "", &e).unwrap();
+        let names: Vec<_> = cfg
+            .events
+            .webhooks
+            .iter()
+            .map(|w| w.name.as_str())
+            .collect();
+        assert_eq!(names, ["crm", "email-platform"]);
+        assert_eq!(cfg.events.webhooks[1].event_types, ["a.b", "c.d"]);
+        let nats = cfg.events.nats.unwrap();
+        assert_eq!(nats.stream, "BILLING_CREDITS_WALLET");
+
+        let cases = [
+            ("WALLET_WEBHOOK_CRM_URL", "ftp://x", "webhooks.crm.url"),
+            ("WALLET_WEBHOOK_CRM_SECRET", "short", "webhooks.crm.secret"),
+            ("WALLET_WEBHOOK_CRM_URL", "", "WALLET_WEBHOOK_CRM_URL"),
+            ("WALLET_NATS_URL", "http://x", "nats_url"),
+            ("WALLET_NATS_STREAM", "a.b", "nats_stream"),
+            (
+                "WALLET_EVENTS_RETRY_FOR_SECONDS",
+                "60",
+                "events_retry_for_seconds",
+            ),
+            ("WALLET_EVENTS_RETRY_MAX_MS", "10", "events_retry_max_ms"),
+            ("WALLET_EVENTS_LEASE_SECONDS", "5", "events_lease_seconds"),
+        ];
+        for (key, value, named) in cases {
+            let mut e = env(&[
+                ("WALLET_TOKENS", "t:long-secret:read"),
+                ("WALLET_WEBHOOKS", "crm"),
+                ("WALLET_WEBHOOK_CRM_URL", "http://crm:8080/in"),
+                ("WALLET_WEBHOOK_CRM_SECRET", "crm-secret-0123456789"),
+            ]);
+            if value.is_empty() {
+                e.remove(key);
+            } else {
+                e.insert(key.into(), value.into());
+            }
+            let err = ServiceConfig::from_toml(&DEFAULTS, "", &e).unwrap_err();
+            assert!(err.to_string().contains(named), "{key}={value}: {err}");
+        }
+        // A short retry budget is for tests only.
+        let short = env(&[
+            ("WALLET_TOKENS", "t:long-secret:read"),
+            ("WALLET_TEST_CLOCK", "true"),
+            ("WALLET_EVENTS_RETRY_FOR_SECONDS", "1"),
+        ]);
+        let cfg = ServiceConfig::from_toml(&DEFAULTS, "", &short).unwrap();
+        assert_eq!(cfg.events.retry.give_up_after, Duration::from_secs(1));
+        let twice = "[[tokens]]\nname = \"o\"\ntoken = \"secret-ops\"\nscopes = [\"admin\"]\n\
+            [[webhooks]]\nname = \"a\"\nurl = \"http://h/\"\nsecret = \"0123456789abcdef\"\n\
+            [[webhooks]]\nname = \"a\"\nurl = \"http://h/\"\nsecret = \"0123456789abcdef\"\n";
+        let err = ServiceConfig::from_toml(&DEFAULTS, twice, &env(&[])).unwrap_err();
+        assert!(err.to_string().contains("share"), "{err}");
+    }
+    // --- end issue 19 ---
 }

@@ -9,6 +9,8 @@
 //!   migrations per service and backend.
 //! - [`idempotency`], [`outbox`]: idempotent mutations and the transactional outbox with its
 //!   resumable `WatchEvents` stream.
+//! - [`relay`]: events out to webhooks and NATS JetStream, one relay per sink over the outbox
+//!   cursor; [`event_delivery`] serves its state and dead letters.
 //! - [`clock`]: the system clock or a test clock.
 //! - [`server`]: puts it all together; [`client`]: calls another service.
 //! - [`testing`]: a fresh database per test on the backend the test run selects.
@@ -23,12 +25,14 @@ pub mod clock_service;
 pub mod config;
 pub mod convert;
 pub mod db;
+pub mod event_delivery;
 pub mod group_commit;
 pub mod health;
 pub mod idempotency;
 pub mod metrics;
 pub mod middleware;
 pub mod outbox;
+pub mod relay;
 pub mod server;
 pub mod telemetry;
 pub mod testing;

@@ -1,7 +1,8 @@
 //! Prometheus metrics, served as text on a separate HTTP port per service (`/metrics`).
 //!
 //! Per-RPC request counts by gRPC code, latency histograms, calls in flight and shed, database
-//! pool use, and outbox lag (events not yet given a delivery cursor, and the age of the oldest).
+//! pool use, and outbox lag (events not yet given a delivery cursor, and the age of the oldest);
+//! per event sink (webhook, NATS): deliveries, failures, dead letters and its cursor.
 
 use std::sync::Arc;
 
@@ -43,6 +44,13 @@ pub struct PoolLabels {
     pub state: &'static str,
 }
 
+/// Labels of an event sink's metrics (issue 19).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SinkLabels {
+    /// The sink: `webhook:<name>` or `nats`.
+    pub sink: String,
+}
+
 type HistogramFamily = Family<MethodLabels, Histogram, fn() -> Histogram>;
 
 /// One service's metrics.
@@ -70,6 +78,16 @@ pub struct Metrics {
     pub group_commit_mutations: Counter,
     /// Mutations group commit handed back to run alone (and batches that failed).
     pub group_commit_alone: Counter,
+    /// Events a sink acknowledged.
+    pub relay_delivered: Family<SinkLabels, Counter>,
+    /// Failed delivery attempts (each retried or dead-lettered).
+    pub relay_failures: Family<SinkLabels, Counter>,
+    /// Events dead-lettered after their retry budget.
+    pub relay_dead_lettered: Family<SinkLabels, Counter>,
+    /// Dead letters not delivered since (state `dead` or `retrying`).
+    pub relay_dead_letters: Family<SinkLabels, Gauge>,
+    /// The sink's acknowledged cursor (lag = `outbox_head_cursor` minus this).
+    pub relay_acked_cursor: Family<SinkLabels, Gauge>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -150,6 +168,36 @@ impl Metrics {
             "Mutations group commit handed back to run in their own transaction",
             group_commit_alone.clone(),
         );
+        let relay_delivered = Family::<SinkLabels, Counter>::default();
+        let relay_failures = Family::<SinkLabels, Counter>::default();
+        let relay_dead_lettered = Family::<SinkLabels, Counter>::default();
+        let relay_dead_letters = Family::<SinkLabels, Gauge>::default();
+        let relay_acked_cursor = Family::<SinkLabels, Gauge>::default();
+        registry.register(
+            "events_delivered",
+            "Events a sink (webhook, NATS) acknowledged",
+            relay_delivered.clone(),
+        );
+        registry.register(
+            "events_delivery_failures",
+            "Failed event delivery attempts, by sink",
+            relay_failures.clone(),
+        );
+        registry.register(
+            "events_dead_lettered",
+            "Events dead-lettered after their retry budget, by sink",
+            relay_dead_lettered.clone(),
+        );
+        registry.register(
+            "events_dead_letters",
+            "Dead-lettered events not delivered since, by sink",
+            relay_dead_letters.clone(),
+        );
+        registry.register(
+            "events_acked_cursor",
+            "The cursor up to which a sink has every event acknowledged, by sink",
+            relay_acked_cursor.clone(),
+        );
         Arc::new(Self {
             registry,
             rpc_requests,
@@ -163,6 +211,11 @@ impl Metrics {
             group_commit_batches,
             group_commit_mutations,
             group_commit_alone,
+            relay_delivered,
+            relay_failures,
+            relay_dead_lettered,
+            relay_dead_letters,
+            relay_acked_cursor,
         })
     }
 

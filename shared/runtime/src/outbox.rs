@@ -116,6 +116,11 @@ impl Outbox {
         }
     }
 
+    /// Notified after events were given cursors: event sinks ([`crate::relay`]) wake on it.
+    pub fn relayed_signal(&self) -> Arc<Notify> {
+        Arc::clone(&self.relayed)
+    }
+
     /// Tells the relay that a transaction with events committed.
     pub fn poke(&self) {
         self.committed.notify_one();

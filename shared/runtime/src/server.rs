@@ -1,4 +1,5 @@
-//! Assembles a service: storage, clock, outbox relay, key sweeper, health (with the probe of
+//! Assembles a service: storage, clock, outbox relay, event sinks ([`crate::relay`]) and
+//! `EventDelivery`, key sweeper, health (with the probe of
 //! its required peers, [`crate::health`]), reflection, the middleware stack and the metrics
 //! endpoint; serves until shutdown, then drains.
 
@@ -22,11 +23,17 @@ use crate::{
     clock_service::TestClockService,
     config::{ServiceConfig, ServiceDefaults, TlsConfig},
     db::{self, Db, Migrations},
+    // --- issue 19 (events out) ---
+    event_delivery::EventDeliveryService,
     idempotency,
     metrics::{self, Metrics},
     middleware::{LoadShedLayer, RequestContextLayer, TimeoutLayer},
     outbox::Outbox,
+    relay::{self, Relay},
+    // --- end issue 19 ---
 };
+
+pub use crate::event_delivery::EVENT_DELIVERY_SERVICE;
 
 /// The full gRPC name of the test clock service.
 pub const TEST_CLOCK_SERVICE: &str = "billing.common.v1.TestClock";
@@ -117,6 +124,23 @@ where
         ServiceClock::system()
     };
     let outbox = Outbox::new(db.clone(), clock.clone(), Arc::clone(&metrics));
+    // --- issue 19 (events out): one relay per configured sink ---
+    let sinks = relay::sinks(&config.events, spec.defaults.name)?;
+    let sink_names: Vec<String> = sinks.iter().map(|s| s.name().to_string()).collect();
+    let relays: Vec<Relay> = sinks
+        .into_iter()
+        .map(|sink| {
+            Relay::new(
+                db.clone(),
+                &outbox,
+                sink,
+                config.events.retry,
+                Arc::clone(&metrics),
+            )
+            .with_lease(config.events.lease)
+        })
+        .collect();
+    // --- end issue 19 ---
     let platform = Platform {
         config: Arc::clone(&config),
         db: db.clone(),
@@ -140,12 +164,14 @@ where
         .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .with_service_name("grpc.health.v1.Health")
-        .with_service_name(TEST_CLOCK_SERVICE);
+        .with_service_name(TEST_CLOCK_SERVICE)
+        .with_service_name(EVENT_DELIVERY_SERVICE);
     let mut reflection_v1alpha = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .with_service_name("grpc.health.v1.Health")
-        .with_service_name(TEST_CLOCK_SERVICE);
+        .with_service_name(TEST_CLOCK_SERVICE)
+        .with_service_name(EVENT_DELIVERY_SERVICE);
     for name in spec.grpc_services {
         reflection_v1 = reflection_v1.with_service_name(*name);
         reflection_v1alpha = reflection_v1alpha.with_service_name(*name);
@@ -178,11 +204,20 @@ where
             ))
             .max_decoding_message_size(max_in)
             .max_encoding_message_size(max_out),
+        )
+        .add_service(
+            proto::common::v1::event_delivery_server::EventDeliveryServer::new(
+                EventDeliveryService::new(db.clone(), clock.clone(), sink_names),
+            )
+            .max_decoding_message_size(max_in)
+            .max_encoding_message_size(max_out),
         );
 
     let scopes = (spec.scopes)()
         .require(TEST_CLOCK_SERVICE, "GetTime", Scope::Read)
-        .require(TEST_CLOCK_SERVICE, "AdvanceTime", Scope::Admin);
+        .require(TEST_CLOCK_SERVICE, "AdvanceTime", Scope::Admin)
+        .require(EVENT_DELIVERY_SERVICE, "ListDeliveries", Scope::Read)
+        .require(EVENT_DELIVERY_SERVICE, "RetryDeadLetter", Scope::Admin);
     let layers = ServiceBuilder::new()
         .layer(RequestContextLayer::new(
             spec.defaults.name,
@@ -217,6 +252,10 @@ where
         shutdown.clone(),
     );
     let relay = outbox.spawn_relay(shutdown.clone());
+    let sink_relays: Vec<_> = relays
+        .into_iter()
+        .map(|r| r.spawn(shutdown.clone()))
+        .collect();
     let sweeper = spawn_key_sweeper(&platform);
     let checkpointer = spawn_checkpointer(&platform);
     let metrics_task = metrics_listener.map(|l| {
@@ -248,6 +287,9 @@ where
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), drain)
             .await;
         let _ = relay.await;
+        for r in sink_relays {
+            let _ = r.await;
+        }
         if let Some(probe) = peer_probe {
             let _ = probe.await;
         }

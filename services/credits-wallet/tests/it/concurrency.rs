@@ -62,7 +62,7 @@ pub(crate) fn free_port() -> u16 {
 }
 
 /// A wallet service process; killed when dropped.
-pub(crate) struct Process(std::process::Child);
+pub(crate) struct Process(pub(crate) std::process::Child);
 
 impl Process {
     /// Kills the process with SIGKILL (what `Child::kill` sends on unix): no drain, no

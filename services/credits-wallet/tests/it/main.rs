@@ -8,6 +8,7 @@ mod bad_input;
 mod batch;
 mod concurrency;
 mod crash;
+mod events_out;
 mod holds;
 mod idempotency;
 mod properties;

@@ -5,6 +5,7 @@
 
 mod idempotency;
 mod outbox;
+mod relay;
 mod storage;
 
 use runtime::{
