@@ -176,6 +176,8 @@ fn card_subscribe(
 static PG_SERVER_TESTS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 #[cfg(test)]
+mod catalogue;
+#[cfg(test)]
 mod dbloss;
 #[cfg(test)]
 mod deploy;
