@@ -20,7 +20,11 @@ use std::{
 
 use serde::Deserialize;
 
-use crate::auth::Scope;
+use crate::{
+    auth::Scope,
+    payments::PaymentProvider,
+    stripe::{Secret, StripeSettings},
+};
 
 /// Default of `max_request_bytes`. The largest legitimate requests are far below it: a plan
 /// with a 1,000-band tier table is about 40 KiB, a wallet's price list of 100 tiers 4 KiB.
@@ -188,6 +192,13 @@ pub struct ServiceConfig {
     /// Serve gRPC over TLS with this identity; `None` serves plaintext HTTP/2 (behind a
     /// TLS-terminating proxy or a service mesh, or in development).
     pub tls: Option<TlsConfig>,
+    // ---- payment provider (issue 17) -------------------------------------------------------
+    /// `payment_provider`: where charges go (`simulator`, the default, or `stripe`).
+    pub payment_provider: PaymentProvider,
+    /// Stripe's settings (`stripe_api_base`, `stripe_secret_key` or `stripe_secret_key_file`);
+    /// `Some` exactly when `payment_provider` is `stripe`. The key is redacted in `Debug`.
+    pub stripe: Option<StripeSettings>,
+    // ---- end of payment provider -----------------------------------------------------------
 }
 
 impl fmt::Debug for ServiceConfig {
@@ -213,6 +224,8 @@ impl fmt::Debug for ServiceConfig {
             .field("tokens", &self.tokens)
             .field("peers", &self.peers)
             .field("tls", &self.tls)
+            .field("payment_provider", &self.payment_provider)
+            .field("stripe", &self.stripe)
             .finish()
     }
 }
@@ -311,6 +324,11 @@ struct FileConfig {
     peers: BTreeMap<String, PeerConfig>,
     tls_cert_path: Option<PathBuf>,
     tls_key_path: Option<PathBuf>,
+    // ---- payment provider (issue 17) ----
+    payment_provider: Option<String>,
+    stripe_api_base: Option<String>,
+    stripe_secret_key: Option<String>,
+    stripe_secret_key_file: Option<PathBuf>,
 }
 
 impl FileConfig {
@@ -338,6 +356,10 @@ impl FileConfig {
             peers,
             tls_cert_path,
             tls_key_path,
+            payment_provider,
+            stripe_api_base,
+            stripe_secret_key,
+            stripe_secret_key_file,
         } = self;
         let mut set: Vec<String> = [
             ("listen_addr", listen_addr.is_some()),
@@ -365,6 +387,10 @@ impl FileConfig {
             ("tokens", !tokens.is_empty()),
             ("tls_cert_path", tls_cert_path.is_some()),
             ("tls_key_path", tls_key_path.is_some()),
+            ("payment_provider", payment_provider.is_some()),
+            ("stripe_api_base", stripe_api_base.is_some()),
+            ("stripe_secret_key", stripe_secret_key.is_some()),
+            ("stripe_secret_key_file", stripe_secret_key_file.is_some()),
         ]
         .into_iter()
         .filter(|(_, set)| *set)
@@ -716,6 +742,17 @@ impl ServiceConfig {
             (Some(_), None) => return Err(invalid("tls_key_path", "set with tls_cert_path")),
             (None, Some(_)) => return Err(invalid("tls_cert_path", "set with tls_key_path")),
         };
+        let (payment_provider, stripe) = payment_settings(
+            PaymentSource {
+                provider: get("payment_provider").or(file.payment_provider),
+                api_base: get("stripe_api_base").or(file.stripe_api_base),
+                secret_key: get("stripe_secret_key").or(file.stripe_secret_key),
+                secret_key_file: get("stripe_secret_key_file")
+                    .map(PathBuf::from)
+                    .or(file.stripe_secret_key_file),
+            },
+            &env_key,
+        )?;
         Ok(Self {
             service_name: defaults.name,
             listen_addr,
@@ -737,6 +774,8 @@ impl ServiceConfig {
             tokens,
             peers,
             tls,
+            payment_provider,
+            stripe,
         })
     }
 
@@ -750,6 +789,118 @@ impl ServiceConfig {
         })
     }
 }
+
+// ---- payment provider (issue 17) ------------------------------------------------------------
+
+/// The payment settings as given (environment over file).
+struct PaymentSource {
+    provider: Option<String>,
+    api_base: Option<String>,
+    secret_key: Option<String>,
+    secret_key_file: Option<PathBuf>,
+}
+
+/// `payment_provider` and, for Stripe, its settings. The secret key comes from
+/// `stripe_secret_key` or from the file `stripe_secret_key_file` names (one of them); Stripe
+/// settings without `payment_provider = "stripe"` are refused rather than ignored. The API base
+/// is `https://`, or `http://` on a loopback host only (a local Stripe such as localstripe), so
+/// the key never crosses a network in clear.
+fn payment_settings(
+    given: PaymentSource,
+    env_key: &dyn Fn(&str) -> String,
+) -> Result<(PaymentProvider, Option<StripeSettings>), ConfigError> {
+    let provider = match given.provider.as_deref() {
+        None => PaymentProvider::default(),
+        Some(v) => v.parse().map_err(|()| ConfigError::Invalid {
+            key: "payment_provider".into(),
+            message: format!("{v:?} is not a provider: use simulator or stripe"),
+        })?,
+    };
+    if provider != PaymentProvider::Stripe {
+        for (key, set) in [
+            ("stripe_api_base", given.api_base.is_some()),
+            ("stripe_secret_key", given.secret_key.is_some()),
+            ("stripe_secret_key_file", given.secret_key_file.is_some()),
+        ] {
+            if set {
+                return Err(invalid(
+                    key,
+                    "applies to Stripe only: set payment_provider = \"stripe\" too",
+                ));
+            }
+        }
+        return Ok((provider, None));
+    }
+    let secret = match (given.secret_key, given.secret_key_file) {
+        (Some(_), Some(_)) => {
+            return Err(invalid(
+                "stripe_secret_key",
+                "set stripe_secret_key or stripe_secret_key_file, not both",
+            ));
+        }
+        (None, None) => {
+            return Err(invalid(
+                "stripe_secret_key",
+                &format!(
+                    "payment_provider = \"stripe\" needs the secret API key: set {} or {}",
+                    env_key("stripe_secret_key"),
+                    env_key("stripe_secret_key_file")
+                ),
+            ));
+        }
+        (Some(key), None) => key,
+        (None, Some(path)) => std::fs::read_to_string(&path)
+            .map_err(|e| ConfigError::Invalid {
+                key: "stripe_secret_key_file".into(),
+                message: format!("cannot read {}: {e}", path.display()),
+            })?
+            .trim()
+            .to_string(),
+    };
+    // The message never quotes the key.
+    if !(secret.starts_with("sk_") || secret.starts_with("rk_"))
+        || secret.len() < 8
+        || !secret.bytes().all(|b| b.is_ascii_graphic())
+    {
+        return Err(invalid(
+            "stripe_secret_key",
+            "is not a Stripe secret or restricted key (sk_... or rk_..., no spaces)",
+        ));
+    }
+    let api_base = given
+        .api_base
+        .unwrap_or_else(|| crate::stripe::DEFAULT_API_BASE.to_string());
+    let url = reqwest::Url::parse(&api_base).map_err(|_| ConfigError::Invalid {
+        key: "stripe_api_base".into(),
+        message: format!("{api_base:?} is not a URL like https://api.stripe.com"),
+    })?;
+    let loopback = matches!(
+        url.host_str(),
+        Some("127.0.0.1" | "localhost" | "[::1]" | "::1")
+    );
+    match url.scheme() {
+        "https" => {}
+        "http" if loopback => {}
+        _ => {
+            return Err(ConfigError::Invalid {
+                key: "stripe_api_base".into(),
+                message: format!(
+                    "{api_base:?} must be https:// (http:// only on 127.0.0.1 or localhost, for a local Stripe)"
+                ),
+            });
+        }
+    }
+    Ok((
+        provider,
+        Some(StripeSettings {
+            api_base,
+            secret_key: Secret::new(secret),
+            timeout: crate::stripe::DEFAULT_TIMEOUT,
+        }),
+    ))
+}
+
+// ---- end of payment provider -------------------------------------------------------------------
 
 fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -1138,6 +1289,121 @@ mod tests {
                 .contains("postgres://billing:<redacted>@db.internal:5432/billing?sslmode=require"),
             "{shown}"
         );
+    }
+
+    #[test]
+    fn the_payment_provider_is_the_simulator_unless_stripe_is_configured() {
+        let tokens = ("WALLET_TOKENS", "t:long-secret:read");
+        let cfg = ServiceConfig::from_toml(&DEFAULTS, "", &env(&[tokens])).unwrap();
+        assert_eq!(cfg.payment_provider, PaymentProvider::Simulator);
+        assert!(cfg.stripe.is_none());
+
+        let cfg = ServiceConfig::from_toml(
+            &DEFAULTS,
+            "payment_provider = \"stripe\"\nstripe_secret_key = \"sk_test_file\"\n",
+            &env(&[
+                tokens,
+                ("WALLET_STRIPE_SECRET_KEY", "sk_test_from_env_4711"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(cfg.payment_provider, PaymentProvider::Stripe);
+        let stripe = cfg.stripe.clone().unwrap();
+        assert_eq!(stripe.api_base, "https://api.stripe.com");
+        assert_eq!(stripe.secret_key.expose(), "sk_test_from_env_4711");
+        let shown = format!("{cfg:?}");
+        assert!(!shown.contains("from_env_4711"), "{shown}");
+        assert!(
+            shown.contains("Stripe") || shown.contains("stripe"),
+            "{shown}"
+        );
+
+        let dir = tempfile::tempdir().unwrap();
+        let key_file = dir.path().join("stripe.key");
+        std::fs::write(&key_file, "sk_test_in_a_file\n").unwrap();
+        let cfg = ServiceConfig::from_toml(
+            &DEFAULTS,
+            "",
+            &env(&[
+                tokens,
+                ("WALLET_PAYMENT_PROVIDER", "stripe"),
+                ("WALLET_STRIPE_SECRET_KEY_FILE", key_file.to_str().unwrap()),
+                ("WALLET_STRIPE_API_BASE", "http://127.0.0.1:8420"),
+            ]),
+        )
+        .unwrap();
+        let stripe = cfg.stripe.unwrap();
+        assert_eq!(stripe.secret_key.expose(), "sk_test_in_a_file");
+        assert_eq!(stripe.api_base, "http://127.0.0.1:8420");
+    }
+
+    #[test]
+    fn stripe_settings_are_checked_and_errors_name_them() {
+        let tokens = ("WALLET_TOKENS", "t:long-secret:read");
+        let stripe = ("WALLET_PAYMENT_PROVIDER", "stripe");
+        let key = ("WALLET_STRIPE_SECRET_KEY", "sk_test_4711abcd");
+        for (pairs, setting, needle) in [
+            (
+                vec![("WALLET_PAYMENT_PROVIDER", "paypal")],
+                "payment_provider",
+                "simulator or stripe",
+            ),
+            (
+                vec![stripe],
+                "stripe_secret_key",
+                "WALLET_STRIPE_SECRET_KEY_FILE",
+            ),
+            (vec![key], "stripe_secret_key", "applies to Stripe only"),
+            (
+                vec![stripe, ("WALLET_STRIPE_SECRET_KEY", "pk_test_publishable")],
+                "stripe_secret_key",
+                "sk_",
+            ),
+            (
+                vec![
+                    stripe,
+                    key,
+                    ("WALLET_STRIPE_SECRET_KEY_FILE", "/nonexistent"),
+                ],
+                "stripe_secret_key",
+                "not both",
+            ),
+            (
+                vec![
+                    stripe,
+                    ("WALLET_STRIPE_SECRET_KEY_FILE", "/nonexistent/stripe.key"),
+                ],
+                "stripe_secret_key_file",
+                "cannot read",
+            ),
+            (
+                vec![
+                    stripe,
+                    key,
+                    ("WALLET_STRIPE_API_BASE", "http://stripe.example.com"),
+                ],
+                "stripe_api_base",
+                "must be https://",
+            ),
+            (
+                vec![stripe, key, ("WALLET_STRIPE_API_BASE", "not a url")],
+                "stripe_api_base",
+                "not a URL",
+            ),
+        ] {
+            let mut pairs = pairs;
+            pairs.push(tokens);
+            let e = ServiceConfig::from_toml(&DEFAULTS, "", &env(&pairs)).unwrap_err();
+            let text = e.to_string();
+            assert!(
+                text.contains(setting) && text.contains(needle),
+                "{pairs:?}: {text}"
+            );
+            assert!(
+                !text.contains("4711abcd") && !text.contains("publishable"),
+                "{text}"
+            );
+        }
     }
 
     #[test]

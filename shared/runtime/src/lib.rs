@@ -10,6 +10,8 @@
 //! - [`idempotency`], [`outbox`]: idempotent mutations and the transactional outbox with its
 //!   resumable `WatchEvents` stream.
 //! - [`clock`]: the system clock or a test clock.
+//! - [`payments`]: the payment provider a service pays through (`payment_provider`: the
+//!   simulator or [`stripe`], the Stripe adapter over HTTP).
 //! - [`server`]: puts it all together; [`client`]: calls another service.
 //! - [`testing`]: a fresh database per test on the backend the test run selects.
 //!
@@ -29,7 +31,9 @@ pub mod idempotency;
 pub mod metrics;
 pub mod middleware;
 pub mod outbox;
+pub mod payments;
 pub mod server;
+pub mod stripe;
 pub mod telemetry;
 pub mod testing;
 
