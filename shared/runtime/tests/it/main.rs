@@ -6,6 +6,7 @@
 mod idempotency;
 mod outbox;
 mod storage;
+mod stripe;
 
 use runtime::{
     db::{Db, Migrations},
