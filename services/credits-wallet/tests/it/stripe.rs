@@ -1,0 +1,169 @@
+//! Payments through Stripe: the wallet configured with `payment_provider = "stripe"` against a
+//! local Stripe (localstripe, see `runtime::testing::localstripe`), the real adapter over HTTP.
+//! Skipped with a message when no local Stripe can be had, unless `BILLING_TEST_STRIPE=required`.
+
+use proto::wallet::v1 as pb;
+use runtime::testing::{ADMIN_TOKEN, TestDatabase, authed, localstripe};
+use tonic::Code;
+
+use crate::{Harness, rules::on_demand};
+
+async fn stripe_wallet() -> Option<(Harness, String)> {
+    let url = localstripe::url()?;
+    let h = Harness::start_with(TestDatabase::fresh(), &localstripe::settings(&url)).await;
+    Some((h, url))
+}
+
+fn customer(token: &str) -> &str {
+    token.split(':').next().unwrap_or_default()
+}
+
+fn purchase_request(key: &str, credits: u64, method: &str) -> pb::PurchaseCreditsRequest {
+    pb::PurchaseCreditsRequest {
+        idempotency_key: key.into(),
+        wallet_id: "w1".into(),
+        credits,
+        payment_method: method.into(),
+        expires_at: None,
+        expected_amount: None,
+    }
+}
+
+// rule C1
+#[tokio::test]
+async fn c1_a_purchase_paid_by_card_through_stripe_grants_at_once_and_a_retry_charges_nothing_more()
+{
+    let Some((h, url)) = stripe_wallet().await else {
+        return;
+    };
+    h.open("w1", "1.05", 500).await;
+    let card = localstripe::customer_with_card(&url, localstripe::CARD_OK).await;
+    let request = purchase_request("buy-1", 50_000, &card);
+    let p = h
+        .client
+        .clone()
+        .purchase_credits(authed(ADMIN_TOKEN, request.clone()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(p.status, pb::PurchaseStatus::Succeeded as i32, "{p:?}");
+    assert_eq!(p.amount.as_ref().unwrap().amount, "420.00");
+    assert_eq!(h.wallet("w1").await.balance, 50_500);
+
+    let again = h
+        .client
+        .clone()
+        .purchase_credits(authed(ADMIN_TOKEN, request))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again, p, "the retry replays the first answer");
+    let intents = localstripe::payment_intents_of(&url, customer(&card)).await;
+    assert_eq!(intents.len(), 1, "one PaymentIntent: {intents:?}");
+    assert_eq!(intents[0]["amount"], 42_000, "minor units of 420.00 EUR");
+    assert_eq!(intents[0]["currency"], "eur");
+    assert_eq!(intents[0]["status"], "succeeded");
+    assert_eq!(
+        intents[0]["metadata"]["billing_key"],
+        p.purchase_id.as_str()
+    );
+    assert_eq!(h.wallet("w1").await.balance, 50_500);
+    h.assert_ledger_balances("w1").await;
+}
+
+// rule C1
+#[tokio::test]
+async fn c1_a_card_declined_by_stripe_grants_nothing_and_says_why() {
+    let Some((h, url)) = stripe_wallet().await else {
+        return;
+    };
+    h.open("w1", "1", 0).await;
+    let card = localstripe::customer_with_card(&url, localstripe::CARD_DECLINED).await;
+    let p = h.purchase("w1", 1_000, &card).await;
+    assert_eq!(p.status, pb::PurchaseStatus::Failed as i32, "{p:?}");
+    assert_eq!(p.failure_reason, "the card was declined");
+    assert_eq!(h.wallet("w1").await.balance, 0);
+    assert_eq!(h.events_of("wallet.purchase_failed", 1).await.len(), 1);
+    h.assert_ledger_balances("w1").await;
+}
+
+// rule C1: credits bought by direct debit are usable only once paid
+#[tokio::test]
+async fn c1_a_sepa_debit_through_stripe_is_pending_and_grants_nothing_when_it_fails_later() {
+    let Some((h, url)) = stripe_wallet().await else {
+        return;
+    };
+    h.open("w1", "1", 0).await;
+    let mandate = localstripe::customer_with_sepa(&url, localstripe::IBAN_FAILS_LATER).await;
+    let p = h.purchase("w1", 2_000, &mandate).await;
+    assert_eq!(
+        p.status,
+        pb::PurchaseStatus::PendingSettlement as i32,
+        "{p:?}"
+    );
+    assert_eq!(
+        h.wallet("w1").await.balance,
+        0,
+        "not usable before it is paid"
+    );
+    // localstripe fails the debit half a second later; the jobs poll the PaymentIntent.
+    let returned = h.events_of("wallet.payment_returned", 1).await;
+    assert_eq!(returned.len(), 1);
+    assert_eq!(h.wallet("w1").await.balance, 0);
+    h.assert_ledger_balances("w1").await;
+}
+
+// rule C9
+#[tokio::test]
+async fn c9_on_demand_sends_are_charged_through_stripe_and_a_debit_returned_later_is_clawed_back() {
+    let Some((h, url)) = stripe_wallet().await else {
+        return;
+    };
+    h.open("w1", "1.05", 0).await;
+    let card = localstripe::customer_with_card(&url, localstripe::CARD_OK).await;
+    on_demand(&h, "w1", &card).await;
+    let charge = h.charge("w1", "m1", 5_000).await.unwrap();
+    assert_eq!((charge.credits, charge.credits_bought), (5_250, 5_250));
+    let purchase = charge.purchase.unwrap();
+    assert_eq!(purchase.status, pb::PurchaseStatus::Succeeded as i32);
+    let intents = localstripe::payment_intents_of(&url, customer(&card)).await;
+    assert_eq!(intents.len(), 1);
+    assert_eq!(intents[0]["amount"], 5_250, "5,250 credits at 0.010 EUR");
+    assert_eq!(h.wallet("w1").await.balance, 0);
+
+    let mandate = localstripe::customer_with_sepa(&url, localstripe::IBAN_FAILS_LATER).await;
+    on_demand(&h, "w1", &mandate).await;
+    let charge = h.charge("w1", "m2", 1_000).await.unwrap();
+    assert_eq!(
+        charge.purchase.unwrap().status,
+        pb::PurchaseStatus::PendingSettlement as i32
+    );
+    let w = h.wait_for("w1", |w| w.debt == 1_050).await;
+    assert_eq!(w.balance, -1_050);
+    assert_eq!(h.events_of("wallet.payment_returned", 1).await.len(), 1);
+    h.assert_ledger_balances("w1").await;
+}
+
+#[tokio::test]
+async fn with_stripe_a_simulator_token_is_refused_naming_the_form_stripe_takes() {
+    let Some((h, _url)) = stripe_wallet().await else {
+        return;
+    };
+    h.open("w1", "1", 0).await;
+    let err = h
+        .client
+        .clone()
+        .purchase_credits(authed(
+            ADMIN_TOKEN,
+            purchase_request("buy-sim", 1_000, "pm_card_ok"),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().contains("cus_<id>:pm_<id>"),
+        "{}",
+        err.message()
+    );
+    assert_eq!(h.wallet("w1").await.balance, 0);
+}
