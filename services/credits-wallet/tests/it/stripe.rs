@@ -144,6 +144,60 @@ async fn c9_on_demand_sends_are_charged_through_stripe_and_a_debit_returned_late
     h.assert_ledger_balances("w1").await;
 }
 
+// rule C5
+#[tokio::test]
+async fn c5_a_shortfall_top_up_is_charged_through_stripe_for_exactly_what_is_missing() {
+    let Some((h, url)) = stripe_wallet().await else {
+        return;
+    };
+    h.open("w1", "1", 0).await;
+    h.grant("w1", 3_000).await;
+    let card = localstripe::customer_with_card(&url, localstripe::CARD_OK).await;
+    h.auto_top_up(
+        "w1",
+        pb::AutoTopUp {
+            mode: pb::AutoTopUpMode::Shortfall as i32,
+            max_per_purchase: 10_000,
+            monthly_cap: 0,
+            ..Default::default()
+        },
+        &card,
+    )
+    .await;
+    let charge = h.charge("w1", "m1", 5_000).await.unwrap();
+    assert_eq!((charge.credits, charge.credits_bought), (5_000, 2_000));
+    let purchase = charge.purchase.unwrap();
+    assert_eq!(purchase.trigger, pb::PurchaseTrigger::AutoShortfall as i32);
+    assert_eq!(purchase.amount.unwrap().amount, "20.00");
+    let intents = localstripe::payment_intents_of(&url, customer(&card)).await;
+    assert_eq!(intents.len(), 1);
+    assert_eq!(intents[0]["amount"], 2_000);
+    assert_eq!(
+        intents[0]["metadata"]["billing_key"],
+        purchase.purchase_id.as_str()
+    );
+    assert_eq!(h.wallet("w1").await.balance, 0);
+
+    // A declined card buys nothing and the send is refused.
+    let declined = localstripe::customer_with_card(&url, localstripe::CARD_DECLINED).await;
+    h.auto_top_up(
+        "w1",
+        pb::AutoTopUp {
+            mode: pb::AutoTopUpMode::Shortfall as i32,
+            max_per_purchase: 10_000,
+            monthly_cap: 0,
+            ..Default::default()
+        },
+        &declined,
+    )
+    .await;
+    let err = h.charge("w1", "m2", 100).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(err.message().contains("declined"), "{}", err.message());
+    assert_eq!(h.wallet("w1").await.balance, 0);
+    h.assert_ledger_balances("w1").await;
+}
+
 #[tokio::test]
 async fn with_stripe_a_simulator_token_is_refused_naming_the_form_stripe_takes() {
     let Some((h, _url)) = stripe_wallet().await else {
