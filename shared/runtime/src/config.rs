@@ -329,6 +329,8 @@ struct FileConfig {
     stripe_api_base: Option<String>,
     stripe_secret_key: Option<String>,
     stripe_secret_key_file: Option<PathBuf>,
+    stripe_webhook_secret: Option<String>,
+    stripe_webhook_secret_file: Option<PathBuf>,
 }
 
 impl FileConfig {
@@ -360,6 +362,8 @@ impl FileConfig {
             stripe_api_base,
             stripe_secret_key,
             stripe_secret_key_file,
+            stripe_webhook_secret,
+            stripe_webhook_secret_file,
         } = self;
         let mut set: Vec<String> = [
             ("listen_addr", listen_addr.is_some()),
@@ -391,6 +395,11 @@ impl FileConfig {
             ("stripe_api_base", stripe_api_base.is_some()),
             ("stripe_secret_key", stripe_secret_key.is_some()),
             ("stripe_secret_key_file", stripe_secret_key_file.is_some()),
+            ("stripe_webhook_secret", stripe_webhook_secret.is_some()),
+            (
+                "stripe_webhook_secret_file",
+                stripe_webhook_secret_file.is_some(),
+            ),
         ]
         .into_iter()
         .filter(|(_, set)| *set)
@@ -750,6 +759,10 @@ impl ServiceConfig {
                 secret_key_file: get("stripe_secret_key_file")
                     .map(PathBuf::from)
                     .or(file.stripe_secret_key_file),
+                webhook_secret: get("stripe_webhook_secret").or(file.stripe_webhook_secret),
+                webhook_secret_file: get("stripe_webhook_secret_file")
+                    .map(PathBuf::from)
+                    .or(file.stripe_webhook_secret_file),
             },
             &env_key,
         )?;
@@ -798,6 +811,8 @@ struct PaymentSource {
     api_base: Option<String>,
     secret_key: Option<String>,
     secret_key_file: Option<PathBuf>,
+    webhook_secret: Option<String>,
+    webhook_secret_file: Option<PathBuf>,
 }
 
 /// `payment_provider` and, for Stripe, its settings. The secret key comes from
@@ -821,6 +836,11 @@ fn payment_settings(
             ("stripe_api_base", given.api_base.is_some()),
             ("stripe_secret_key", given.secret_key.is_some()),
             ("stripe_secret_key_file", given.secret_key_file.is_some()),
+            ("stripe_webhook_secret", given.webhook_secret.is_some()),
+            (
+                "stripe_webhook_secret_file",
+                given.webhook_secret_file.is_some(),
+            ),
         ] {
             if set {
                 return Err(invalid(
@@ -831,32 +851,31 @@ fn payment_settings(
         }
         return Ok((provider, None));
     }
-    let secret = match (given.secret_key, given.secret_key_file) {
-        (Some(_), Some(_)) => {
-            return Err(invalid(
-                "stripe_secret_key",
-                "set stripe_secret_key or stripe_secret_key_file, not both",
-            ));
-        }
-        (None, None) => {
-            return Err(invalid(
-                "stripe_secret_key",
-                &format!(
-                    "payment_provider = \"stripe\" needs the secret API key: set {} or {}",
-                    env_key("stripe_secret_key"),
-                    env_key("stripe_secret_key_file")
-                ),
-            ));
-        }
-        (Some(key), None) => key,
-        (None, Some(path)) => std::fs::read_to_string(&path)
-            .map_err(|e| ConfigError::Invalid {
-                key: "stripe_secret_key_file".into(),
-                message: format!("cannot read {}: {e}", path.display()),
-            })?
-            .trim()
-            .to_string(),
+    let Some(secret) =
+        secret_setting("stripe_secret_key", given.secret_key, given.secret_key_file)?
+    else {
+        return Err(invalid(
+            "stripe_secret_key",
+            &format!(
+                "payment_provider = \"stripe\" needs the secret API key: set {} or {}",
+                env_key("stripe_secret_key"),
+                env_key("stripe_secret_key_file")
+            ),
+        ));
     };
+    let webhook_secret = secret_setting(
+        "stripe_webhook_secret",
+        given.webhook_secret,
+        given.webhook_secret_file,
+    )?;
+    if let Some(w) = &webhook_secret
+        && !(w.starts_with("whsec_") && w.len() > 6 && w.bytes().all(|b| b.is_ascii_graphic()))
+    {
+        return Err(invalid(
+            "stripe_webhook_secret",
+            "is not a webhook signing secret (whsec_..., no spaces)",
+        ));
+    }
     // The message never quotes the key.
     if !(secret.starts_with("sk_") || secret.starts_with("rk_"))
         || secret.len() < 8
@@ -896,8 +915,31 @@ fn payment_settings(
             api_base,
             secret_key: Secret::new(secret),
             timeout: crate::stripe::DEFAULT_TIMEOUT,
+            webhook_secret: webhook_secret.map(Secret::new),
         }),
     ))
+}
+
+/// A secret given as `key` or in the file `{key}_file` (not both), trimmed.
+fn secret_setting(
+    key: &str,
+    value: Option<String>,
+    file: Option<PathBuf>,
+) -> Result<Option<String>, ConfigError> {
+    match (value, file) {
+        (Some(_), Some(_)) => Err(invalid(key, &format!("set {key} or {key}_file, not both"))),
+        (None, None) => Ok(None),
+        (Some(v), None) => Ok(Some(v)),
+        (None, Some(path)) => Ok(Some(
+            std::fs::read_to_string(&path)
+                .map_err(|e| ConfigError::Invalid {
+                    key: format!("{key}_file"),
+                    message: format!("cannot read {}: {e}", path.display()),
+                })?
+                .trim()
+                .to_string(),
+        )),
+    }
 }
 
 // ---- end of payment provider -------------------------------------------------------------------
@@ -1335,6 +1377,25 @@ mod tests {
         let stripe = cfg.stripe.unwrap();
         assert_eq!(stripe.secret_key.expose(), "sk_test_in_a_file");
         assert_eq!(stripe.api_base, "http://127.0.0.1:8420");
+        assert!(stripe.webhook_secret.is_none());
+
+        let cfg = ServiceConfig::from_toml(
+            &DEFAULTS,
+            "",
+            &env(&[
+                tokens,
+                ("WALLET_PAYMENT_PROVIDER", "stripe"),
+                ("WALLET_STRIPE_SECRET_KEY", "sk_test_4711abcd"),
+                ("WALLET_STRIPE_WEBHOOK_SECRET", "whsec_hook_4711"),
+            ]),
+        )
+        .unwrap();
+        let shown = format!("{cfg:?}");
+        assert!(!shown.contains("hook_4711"), "{shown}");
+        assert_eq!(
+            cfg.stripe.unwrap().webhook_secret.unwrap().expose(),
+            "whsec_hook_4711"
+        );
     }
 
     #[test]
@@ -1389,6 +1450,20 @@ mod tests {
                 vec![stripe, key, ("WALLET_STRIPE_API_BASE", "not a url")],
                 "stripe_api_base",
                 "not a URL",
+            ),
+            (
+                vec![
+                    stripe,
+                    key,
+                    ("WALLET_STRIPE_WEBHOOK_SECRET", "sk_test_4711abcd"),
+                ],
+                "stripe_webhook_secret",
+                "whsec_",
+            ),
+            (
+                vec![("WALLET_STRIPE_WEBHOOK_SECRET", "whsec_x")],
+                "stripe_webhook_secret",
+                "applies to Stripe only",
             ),
         ] {
             let mut pairs = pairs;

@@ -11,7 +11,8 @@
 //!   resumable `WatchEvents` stream.
 //! - [`clock`]: the system clock or a test clock.
 //! - [`payments`]: the payment provider a service pays through (`payment_provider`: the
-//!   simulator or [`stripe`], the Stripe adapter over HTTP).
+//!   simulator or [`stripe`], the Stripe adapter over HTTP) and [`stripe_webhook`], Stripe's
+//!   signed webhooks.
 //! - [`server`]: puts it all together; [`client`]: calls another service.
 //! - [`testing`]: a fresh database per test on the backend the test run selects.
 //!
@@ -34,6 +35,7 @@ pub mod outbox;
 pub mod payments;
 pub mod server;
 pub mod stripe;
+pub mod stripe_webhook;
 pub mod telemetry;
 pub mod testing;
 

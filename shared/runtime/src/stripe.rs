@@ -84,6 +84,9 @@ pub struct StripeSettings {
     pub secret_key: Secret,
     /// Per-call time limit ([`DEFAULT_TIMEOUT`]).
     pub timeout: Duration,
+    /// The signing secret of the webhook endpoint (`whsec_...`); `None`: no endpoint, outcomes
+    /// are polled only.
+    pub webhook_secret: Option<Secret>,
 }
 
 /// A saved Stripe payment method as the services store it: the token `cus_...:pm_...`.
@@ -699,6 +702,7 @@ mod tests {
             api_base: DEFAULT_API_BASE.into(),
             secret_key: Secret::new("sk_live_very_secret"),
             timeout: DEFAULT_TIMEOUT,
+            webhook_secret: Some(Secret::new("whsec_very_secret")),
         };
         let gateway = StripeGateway::new(&settings).unwrap();
         for text in [format!("{settings:?}"), format!("{gateway:?}")] {

@@ -31,6 +31,7 @@ fn gateway(url: &str, timeout: Duration) -> StripeGateway {
         api_base: url.to_string(),
         secret_key: Secret::new(localstripe::SECRET_KEY),
         timeout,
+        webhook_secret: None,
     })
     .unwrap()
 }
