@@ -3,7 +3,11 @@
 //! Skipped with a message when no local Stripe can be had, unless `BILLING_TEST_STRIPE=required`.
 
 use proto::wallet::v1 as pb;
-use runtime::testing::{ADMIN_TOKEN, TestDatabase, authed, localstripe};
+use runtime::{
+    stripe::Secret,
+    stripe_webhook,
+    testing::{ADMIN_TOKEN, TestDatabase, authed, localstripe},
+};
 use tonic::Code;
 
 use crate::{Harness, rules::on_demand};
@@ -220,4 +224,144 @@ async fn with_stripe_a_simulator_token_is_refused_naming_the_form_stripe_takes()
         err.message()
     );
     assert_eq!(h.wallet("w1").await.balance, 0);
+}
+
+// ---- webhooks ----------------------------------------------------------------------------------
+
+const WEBHOOK_SECRET: &str = "whsec_billing_suite_test";
+
+/// A wallet whose Stripe does not answer (nothing listens on port 9): every charge's outcome
+/// stays unknown, so only a webhook can settle it.
+async fn wallet_with_webhooks_and_a_silent_stripe() -> Harness {
+    let settings = format!(
+        "payment_provider = \"stripe\"\nstripe_api_base = \"http://127.0.0.1:9\"\nstripe_secret_key = \"{}\"\nstripe_webhook_secret = \"{WEBHOOK_SECRET}\"\n",
+        localstripe::SECRET_KEY
+    );
+    Harness::start_with(TestDatabase::fresh(), &settings).await
+}
+
+fn event(id: &str, kind: &str, purchase_id: &str) -> Vec<u8> {
+    serde_json::json!({
+        "id": id, "object": "event", "type": kind,
+        "data": {"object": {
+            "id": "pi_webhook", "object": "payment_intent", "metadata": {"billing_key": purchase_id},
+            "last_payment_error": {"code": "card_declined", "decline_code": "insufficient_funds"},
+        }},
+    })
+    .to_string()
+    .into_bytes()
+}
+
+/// Delivers `payload` with `signature` (or a valid one), as Stripe would.
+async fn deliver(h: &Harness, payload: &[u8], signature: Option<String>) -> (u16, String) {
+    let now = chrono::Utc::now().timestamp();
+    let signature = signature.unwrap_or_else(|| {
+        format!(
+            "t={now},v1={}",
+            stripe_webhook::sign(&Secret::new(WEBHOOK_SECRET), now, payload)
+        )
+    });
+    let url = format!(
+        "http://{}{}",
+        h.running.metrics_addr.unwrap(),
+        stripe_webhook::PATH
+    );
+    let response = reqwest::Client::new()
+        .post(url)
+        .header("Stripe-Signature", signature)
+        .header("Content-Type", "application/json")
+        .body(payload.to_vec())
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    (status, response.text().await.unwrap())
+}
+
+async fn unknown_outcome_purchase(h: &Harness) -> pb::Purchase {
+    h.open("w1", "1", 0).await;
+    let p = h.purchase("w1", 1_000, "cus_silent:pm_silent").await;
+    assert_eq!(p.status, pb::PurchaseStatus::Processing as i32, "{p:?}");
+    assert_eq!(h.wallet("w1").await.balance, 0);
+    p
+}
+
+// rule C1
+#[tokio::test]
+async fn c1_a_signed_payment_intent_succeeded_webhook_settles_a_purchase_once() {
+    let h = wallet_with_webhooks_and_a_silent_stripe().await;
+    let p = unknown_outcome_purchase(&h).await;
+    let succeeded = event("evt_1", "payment_intent.succeeded", &p.purchase_id);
+    assert_eq!(deliver(&h, &succeeded, None).await, (200, "applied".into()));
+    assert_eq!(h.wallet("w1").await.balance, 1_000);
+    assert_eq!(h.events_of("wallet.purchase_succeeded", 1).await.len(), 1);
+
+    // The same event delivered again changes nothing.
+    assert_eq!(
+        deliver(&h, &succeeded, None).await,
+        (200, "already applied".into())
+    );
+    // A later, contradicting event cannot move a settled purchase either.
+    let failed = event("evt_2", "payment_intent.payment_failed", &p.purchase_id);
+    assert_eq!(deliver(&h, &failed, None).await, (200, "applied".into()));
+    // Events about nothing of ours are recorded and ignored.
+    let other = event("evt_3", "payment_intent.succeeded", "pur_not_ours");
+    assert_eq!(deliver(&h, &other, None).await, (200, "applied".into()));
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(h.wallet("w1").await.balance, 1_000);
+    assert_eq!(h.events_of("wallet.purchase_succeeded", 1).await.len(), 1);
+    assert!(h.events_of("wallet.purchase_failed", 0).await.is_empty());
+    h.assert_ledger_balances("w1").await;
+}
+
+// rule C1
+#[tokio::test]
+async fn c1_a_payment_failed_webhook_fails_the_purchase_and_grants_nothing() {
+    let h = wallet_with_webhooks_and_a_silent_stripe().await;
+    let p = unknown_outcome_purchase(&h).await;
+    let failed = event("evt_1", "payment_intent.payment_failed", &p.purchase_id);
+    assert_eq!(deliver(&h, &failed, None).await, (200, "applied".into()));
+    let events = h.events_of("wallet.purchase_failed", 1).await;
+    assert_eq!(events.len(), 1);
+    assert!(
+        events[0].payload_json.contains("insufficient funds"),
+        "{}",
+        events[0].payload_json
+    );
+    assert_eq!(h.wallet("w1").await.balance, 0);
+}
+
+#[tokio::test]
+async fn a_webhook_with_a_bad_or_stale_signature_is_refused_and_changes_nothing() {
+    let h = wallet_with_webhooks_and_a_silent_stripe().await;
+    let p = unknown_outcome_purchase(&h).await;
+    let succeeded = event("evt_1", "payment_intent.succeeded", &p.purchase_id);
+    let now = chrono::Utc::now().timestamp();
+    let wrong_secret = stripe_webhook::sign(&Secret::new("whsec_someone_else"), now, &succeeded);
+    let stale = now - 301;
+    let stale_signature = stripe_webhook::sign(&Secret::new(WEBHOOK_SECRET), stale, &succeeded);
+    for signature in [
+        format!("t={now},v1={wrong_secret}"),
+        format!("t={stale},v1={stale_signature}"),
+        String::new(),
+    ] {
+        assert_eq!(
+            deliver(&h, &succeeded, Some(signature)).await,
+            (400, "invalid signature".into())
+        );
+    }
+    // A body changed after signing is refused too.
+    let tampered = event("evt_1", "payment_intent.succeeded", "pur_other");
+    let signature = format!(
+        "t={now},v1={}",
+        stripe_webhook::sign(&Secret::new(WEBHOOK_SECRET), now, &succeeded)
+    );
+    assert_eq!(
+        deliver(&h, &tampered, Some(signature)).await,
+        (400, "invalid signature".into())
+    );
+    assert_eq!(h.wallet("w1").await.balance, 0);
+    // Nothing was recorded: the genuine delivery of the same event is still applied.
+    assert_eq!(deliver(&h, &succeeded, None).await, (200, "applied".into()));
+    assert_eq!(h.wallet("w1").await.balance, 1_000);
 }
