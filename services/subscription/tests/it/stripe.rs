@@ -4,7 +4,11 @@
 //! `BILLING_TEST_STRIPE=required`.
 
 use proto::subscription::v1 as pb;
-use runtime::testing::{TestDatabase, localstripe};
+use runtime::{
+    stripe::Secret,
+    stripe_webhook,
+    testing::{TestDatabase, localstripe},
+};
 use tonic::Code;
 
 use crate::{Harness, card, payments::debit, plan_spec};
@@ -123,4 +127,102 @@ async fn s18_a_sepa_debit_through_stripe_that_fails_later_reopens_the_invoice() 
     let r = h.update_payment("a1", card(&token)).await.unwrap();
     assert_eq!(r.invoices[0].status, pb::InvoiceStatus::Paid as i32);
     assert!(h.check("a1", 1).await.allowed);
+}
+
+// ---- webhooks ----------------------------------------------------------------------------------
+
+const WEBHOOK_SECRET: &str = "whsec_billing_suite_test";
+
+async fn deliver(h: &Harness, payload: &[u8], secret: &str) -> (u16, String) {
+    let now = chrono::Utc::now().timestamp();
+    let signature = format!(
+        "t={now},v1={}",
+        stripe_webhook::sign(&Secret::new(secret), now, payload)
+    );
+    let response = reqwest::Client::new()
+        .post(format!(
+            "http://{}{}",
+            h.running.metrics_addr.unwrap(),
+            stripe_webhook::PATH
+        ))
+        .header("Stripe-Signature", signature)
+        .body(payload.to_vec())
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    (status, response.text().await.unwrap())
+}
+
+// rule S18
+#[tokio::test]
+async fn s18_a_payment_failed_webhook_returns_a_pending_debit_once_and_a_forged_one_changes_nothing()
+ {
+    let Some(url) = localstripe::url() else {
+        return;
+    };
+    let settings = format!(
+        "{}stripe_webhook_secret = \"{WEBHOOK_SECRET}\"\n",
+        localstripe::settings(&url)
+    );
+    let h = Harness::start_with(&settings, None, TestDatabase::fresh()).await;
+    h.publish(plan_spec("email")).await;
+    let mandate = localstripe::customer_with_sepa(&url, localstripe::IBAN_FAILS_LATER).await;
+    h.subscribe("a1", "email", 5_000, debit(&mandate))
+        .await
+        .unwrap();
+    let intents = localstripe::payment_intents_of(&url, mandate.split(':').next().unwrap()).await;
+    let key = intents[0]["metadata"]["billing_key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let event = serde_json::json!({
+        "id": format!("evt_{key}"), "object": "event", "type": "payment_intent.payment_failed",
+        "data": {"object": {
+            "id": intents[0]["id"], "object": "payment_intent", "metadata": {"billing_key": key},
+            "last_payment_error": {"code": "charge_exceeds_source_limit"},
+        }},
+    })
+    .to_string()
+    .into_bytes();
+
+    // Signed with another secret: refused, the invoice stays pending.
+    assert_eq!(
+        deliver(&h, &event, "whsec_forged").await,
+        (400, "invalid signature".into())
+    );
+    assert_eq!(
+        h.invoices("a1").await[0].status,
+        pb::InvoiceStatus::Pending as i32
+    );
+    // The genuine delivery returns the debit before answering (localstripe's own failure
+    // comes half a second later, for the jobs' polling to find nothing left to do).
+    assert_eq!(
+        deliver(&h, &event, WEBHOOK_SECRET).await,
+        (200, "applied".into())
+    );
+    assert_eq!(
+        h.invoices("a1").await[0].status,
+        pb::InvoiceStatus::Open as i32
+    );
+    assert_eq!(
+        h.get("a1").await.status,
+        pb::SubscriptionStatus::PastDue as i32
+    );
+    assert_eq!(
+        deliver(&h, &event, WEBHOOK_SECRET).await,
+        (200, "already applied".into())
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(1_500)).await;
+    let s = h.get("a1").await;
+    let returns = s
+        .history
+        .iter()
+        .filter(|e| e.action == "direct_debit_returned")
+        .count();
+    assert_eq!(returns, 1, "returned once: {:?}", s.history);
+    assert_eq!(
+        h.events_of("subscription.payment_returned", 1).await.len(),
+        1
+    );
 }
