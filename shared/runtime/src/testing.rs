@@ -161,7 +161,7 @@ pub fn authed<T>(token: &str, message: T) -> tonic::Request<T> {
 /// A local Stripe for the provider tests: [localstripe](https://pypi.org/project/localstripe/),
 /// a stateful fake of Stripe's API, on `127.0.0.1:8420` (or `BILLING_TEST_LOCALSTRIPE_URL`).
 ///
-/// [`localstripe::url`] starts `localstripe --port 8420` when nothing listens there and the
+/// [`localstripe::url`] starts `localstripe --port 8420 --from-scratch` when nothing listens there and the
 /// command is installed (`pip install localstripe`; `.ci/run` installs it). Without it the
 /// provider tests are skipped with a message on stderr, so `cargo test --workspace` still needs
 /// only Rust; `BILLING_TEST_STRIPE=required` (set by `.ci/run`) turns that into a failure.
@@ -217,7 +217,8 @@ pub mod localstripe {
         }
         let started = url == DEFAULT_URL
             && Command::new("localstripe")
-                .args(["--port", "8420"])
+                // A fresh store: the fixtures list PaymentIntents page by page.
+                .args(["--port", "8420", "--from-scratch"])
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
