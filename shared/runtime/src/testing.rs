@@ -161,10 +161,11 @@ pub fn authed<T>(token: &str, message: T) -> tonic::Request<T> {
 /// A local Stripe for the provider tests: [localstripe](https://pypi.org/project/localstripe/),
 /// a stateful fake of Stripe's API, on `127.0.0.1:8420` (or `BILLING_TEST_LOCALSTRIPE_URL`).
 ///
-/// [`localstripe::url`] starts `localstripe --port 8420 --from-scratch` when nothing listens there and the
-/// command is installed (`pip install localstripe`; `.ci/run` installs it). Without it the
-/// provider tests are skipped with a message on stderr, so `cargo test --workspace` still needs
-/// only Rust; `BILLING_TEST_STRIPE=required` (set by `.ci/run`) turns that into a failure.
+/// [`localstripe::url`] starts `localstripe --port 8420 --from-scratch` when nothing listens
+/// there and the command is installed (`pip install localstripe`; `.ci/run` installs it).
+/// Without it the provider tests are skipped with a message on stderr, so `cargo test
+/// --workspace` still needs only Rust; `BILLING_TEST_STRIPE=required` (set by `.ci/run`) turns
+/// that into a failure.
 /// The fixtures create customers and payment methods through its API, as a platform's
 /// SetupIntent flow would on real Stripe.
 pub mod localstripe {
