@@ -88,6 +88,9 @@ pub enum DeclineReason {
     Declined,
     /// Not enough funds on the account.
     InsufficientFunds,
+    /// The issuer asks the customer to authenticate (3-D Secure), which an off-session charge
+    /// cannot do: the customer must pay once on-session or save another method.
+    AuthenticationRequired,
 }
 
 impl fmt::Display for DeclineReason {
@@ -95,6 +98,9 @@ impl fmt::Display for DeclineReason {
         f.write_str(match self {
             DeclineReason::Declined => "the card was declined",
             DeclineReason::InsufficientFunds => "insufficient funds",
+            DeclineReason::AuthenticationRequired => {
+                "the card requires the customer to authenticate the payment"
+            }
         })
     }
 }
@@ -168,6 +174,10 @@ pub enum GatewayError {
     /// Same idempotency key as an earlier charge but a different amount or method.
     #[error("idempotency key reused with a different amount or payment method")]
     MismatchedRetry,
+    /// The provider refused the request itself (bad credentials, a malformed request): nothing
+    /// was charged. The message is the provider's, without secrets.
+    #[error("the payment provider refused the request: {0}")]
+    Refused(String),
 }
 
 /// A payment provider.

@@ -66,8 +66,19 @@ impl Suite {
         db: testing::TestDatabase,
         dev_token: &str,
     ) -> anyhow::Result<Suite> {
+        Self::start_as_readme_with(db, dev_token, &[]).await
+    }
+
+    /// [`Suite::start_as_readme`] with `extra` environment variables on top (e.g. the payment
+    /// provider).
+    pub async fn start_as_readme_with(
+        db: testing::TestDatabase,
+        dev_token: &str,
+        extra: &[(String, String)],
+    ) -> anyhow::Result<Suite> {
         let mut env = suite_env(&db, None, dev_token);
         env.retain(|k, _| !k.ends_with("_TEST_CLOCK"));
+        env.extend(extra.iter().cloned());
         Self::from_suite(suite::start(&env).await?, db)
     }
 

@@ -297,13 +297,34 @@ async fn every_grpcurl_example_in_the_readme_works_as_written() {
     let suite = Suite::start_as_readme(runtime::testing::TestDatabase::fresh(), "dev-admin-token")
         .await
         .unwrap();
+    play(&suite, &examples).await;
+    suite.stop().await.unwrap();
+}
+
+#[test]
+fn the_readme_parser_reads_quotes_headers_and_expected_codes() {
+    let readme = "```sh\n# Refused: Code: Unauthenticated, \"missing\"\ngrpcurl -plaintext -H 'authorization: Bearer t' -d '{\"a\": \"b c\"}' 127.0.0.1:1 x.Y/Z\ngrpcurl -plaintext 127.0.0.1:1 list\n```\n";
+    let ex = examples(readme);
+    assert_eq!(ex.len(), 2);
+    assert_eq!(
+        ex[0].headers,
+        [("authorization".to_string(), "Bearer t".to_string())]
+    );
+    assert_eq!(ex[0].data, "{\"a\": \"b c\"}");
+    assert_eq!(ex[0].expected, Code::Unauthenticated);
+    assert_eq!(ex[1].command, ["list"]);
+    assert_eq!(ex[1].expected, Code::Ok);
+}
+
+/// Runs `examples` against `suite`, each checked for its expected code.
+async fn play(suite: &Suite, examples: &[Example]) {
     let addresses: BTreeMap<&str, std::net::SocketAddr> = [
         ("127.0.0.1:50051", suite.wallet.addr),
         ("127.0.0.1:50052", suite.subscription.addr),
         ("127.0.0.1:50053", suite.reseller.addr),
     ]
     .into();
-    for ex in &examples {
+    for ex in examples {
         let addr = addresses
             .get(ex.address.as_str())
             .unwrap_or_else(|| panic!("unknown address in: {}", ex.line));
@@ -367,20 +388,70 @@ async fn every_grpcurl_example_in_the_readme_works_as_written() {
             }
         }
     }
-    suite.stop().await.unwrap();
 }
 
-#[test]
-fn the_readme_parser_reads_quotes_headers_and_expected_codes() {
-    let readme = "```sh\n# Refused: Code: Unauthenticated, \"missing\"\ngrpcurl -plaintext -H 'authorization: Bearer t' -d '{\"a\": \"b c\"}' 127.0.0.1:1 x.Y/Z\ngrpcurl -plaintext 127.0.0.1:1 list\n```\n";
-    let ex = examples(readme);
-    assert_eq!(ex.len(), 2);
+/// The README's examples again with `payment_provider = "stripe"` on the wallet and
+/// subscription (against localstripe, `runtime::testing::localstripe`): every payment the
+/// examples make (the wallet purchase, the subscription's invoice, the partner's purchase) goes
+/// to Stripe, with a Stripe customer and card in place of the simulator's `pm_card_ok`.
+#[tokio::test]
+async fn the_readme_examples_pay_through_stripe_when_it_is_the_provider() {
+    let Some(url) = runtime::testing::localstripe::url() else {
+        return;
+    };
+    let card = runtime::testing::localstripe::customer_with_card(
+        &url,
+        runtime::testing::localstripe::CARD_OK,
+    )
+    .await;
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+    let mut examples = examples(&readme);
+    let paying = examples
+        .iter()
+        .filter(|e| e.data.contains("\"pm_card_ok\""))
+        .count();
+    assert!(paying >= 3, "README examples paying by card: {paying}");
+    for e in &mut examples {
+        e.data = e.data.replace("\"pm_card_ok\"", &format!("\"{card}\""));
+    }
+    let mut extra = Vec::new();
+    for prefix in ["WALLET", "SUBSCRIPTION"] {
+        for (key, value) in [
+            ("PAYMENT_PROVIDER", "stripe"),
+            ("STRIPE_API_BASE", url.as_str()),
+            (
+                "STRIPE_SECRET_KEY",
+                runtime::testing::localstripe::SECRET_KEY,
+            ),
+        ] {
+            extra.push((format!("{prefix}_{key}"), value.to_string()));
+        }
+    }
+    let suite = Suite::start_as_readme_with(
+        runtime::testing::TestDatabase::fresh(),
+        "dev-admin-token",
+        &extra,
+    )
+    .await
+    .unwrap();
+    play(&suite, &examples).await;
+    let customer = card.split(':').next().unwrap();
+    let intents = runtime::testing::localstripe::payment_intents_of(&url, customer).await;
+    let amounts: Vec<i64> = intents
+        .iter()
+        .map(|pi| {
+            assert_eq!(pi["status"], "succeeded", "{pi}");
+            pi["amount"].as_i64().unwrap()
+        })
+        .collect();
+    // 50,000 credits for acme (420.00 EUR), the shop's first invoice, 50,000 credits for the
+    // agency's wallet (420.00 EUR).
+    assert_eq!(amounts.len(), 3, "{amounts:?}");
     assert_eq!(
-        ex[0].headers,
-        [("authorization".to_string(), "Bearer t".to_string())]
+        amounts.iter().filter(|a| **a == 42_000).count(),
+        2,
+        "{amounts:?}"
     );
-    assert_eq!(ex[0].data, "{\"a\": \"b c\"}");
-    assert_eq!(ex[0].expected, Code::Unauthenticated);
-    assert_eq!(ex[1].command, ["list"]);
-    assert_eq!(ex[1].expected, Code::Ok);
+    suite.stop().await.unwrap();
 }

@@ -7,7 +7,7 @@ use proto::{
     wallet::v1::{self as pb, credits_wallet_server::CreditsWallet},
 };
 use runtime::convert::{reply as ok, reply_decoded as decoded};
-use runtime::{Platform, idempotency::IdempotencyKey};
+use runtime::{Platform, idempotency::IdempotencyKey, payments::PaymentProvider};
 use shared::Currency;
 use shared::limits::{self, quoted};
 use tokio_stream::wrappers::ReceiverStream;
@@ -68,13 +68,20 @@ fn currency(value: &str) -> Result<Currency, WalletError> {
     })
 }
 
-fn payment_method(field: &'static str, value: &str) -> Result<(), WalletError> {
-    if !value.is_empty() && !shared::gateway::is_known_payment_method(value) {
+/// A payment-method token the configured provider can charge (`payment_provider`: the
+/// simulator's tokens, or Stripe's `cus_...:pm_...`).
+fn payment_method(
+    provider: PaymentProvider,
+    field: &'static str,
+    value: &str,
+) -> Result<(), WalletError> {
+    if !value.is_empty() && provider.method_kind(value).is_none() {
         return Err(WalletError::invalid(
             field,
             format!(
-                "{} is not a payment method the gateway knows",
-                quoted(value)
+                "{} is not a payment method the gateway knows ({})",
+                quoted(value),
+                provider.expected_tokens()
             ),
         ));
     }
@@ -159,7 +166,11 @@ impl CreditsWallet for CreditsWalletApi {
         let key = IdempotencyKey::new("PurchaseCredits", &r.idempotency_key, &r)?;
         let wallet_id = id("wallet_id", &r.wallet_id)?;
         let n = credits("credits", r.credits)?;
-        payment_method("payment_method", &r.payment_method)?;
+        payment_method(
+            self.platform.config.payment_provider,
+            "payment_method",
+            &r.payment_method,
+        )?;
         let expires_at = instant("expires_at", r.expires_at.as_ref())?;
         let expected = r
             .expected_amount
@@ -284,7 +295,11 @@ impl CreditsWallet for CreditsWalletApi {
         let key = IdempotencyKey::new("ConfigureAutoTopUp", &r.idempotency_key, &r)?;
         let wallet_id = id("wallet_id", &r.wallet_id)?;
         let top_up = convert::auto_top_up_from(r.auto_top_up.as_ref())?;
-        payment_method("payment_method", &r.payment_method)?;
+        payment_method(
+            self.platform.config.payment_provider,
+            "payment_method",
+            &r.payment_method,
+        )?;
         ok(self
             .wallets
             .configure_auto_top_up(&key, wallet_id, top_up, &r.payment_method)
@@ -318,7 +333,11 @@ impl CreditsWallet for CreditsWalletApi {
         let key = IdempotencyKey::new("SetFundingMode", &r.idempotency_key, &r)?;
         let wallet_id = id("wallet_id", &r.wallet_id)?;
         let mode = convert::funding_from(r.funding_mode)?;
-        payment_method("payment_method", &r.payment_method)?;
+        payment_method(
+            self.platform.config.payment_provider,
+            "payment_method",
+            &r.payment_method,
+        )?;
         ok(self
             .wallets
             .set_funding_mode(&key, wallet_id, mode, &r.payment_method)

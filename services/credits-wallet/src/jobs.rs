@@ -1,7 +1,8 @@
 //! Background work of the wallet, on every replica (each step is safe to run twice: purchase
 //! statuses move once under the wallet's lock, and sweeps only write what is due):
 //!
-//! - direct debits settle or come back (the simulator's bank moves with the service clock);
+//! - direct debits settle or come back (the simulator's bank moves with the service clock; with
+//!   Stripe, the reconciliation below polls each pending debit's PaymentIntent);
 //! - open purchases are reconciled with the gateway under their own idempotency key, so a
 //!   timeout or a crash never loses a paid purchase nor grants it twice;
 //! - expired lots (C7) and lapsed holds are swept, with their ledger entries and events.
@@ -20,12 +21,12 @@ pub const INTERVAL: Duration = Duration::from_millis(500);
 const BATCH: i64 = 200;
 
 /// Runs the jobs until the platform shuts down.
-pub fn spawn(platform: &Platform, wallets: Wallets, simulator: Arc<SimulatedGateway>) {
+pub fn spawn(platform: &Platform, wallets: Wallets, simulator: Option<Arc<SimulatedGateway>>) {
     let platform = platform.clone();
     tokio::spawn(async move {
         let mut clock_moves = platform.clock.subscribe();
         loop {
-            run_once(&platform, &wallets, &simulator).await;
+            run_once(&platform, &wallets, simulator.as_deref()).await;
             let moved = async {
                 match clock_moves.as_mut() {
                     Some(rx) => rx.changed().await.is_ok(),
@@ -42,9 +43,14 @@ pub fn spawn(platform: &Platform, wallets: Wallets, simulator: Arc<SimulatedGate
 }
 
 /// One pass of every job.
-pub async fn run_once(platform: &Platform, wallets: &Wallets, simulator: &SimulatedGateway) {
+/// `simulator`: the simulator when it is the gateway (its bank settles debits as the clock moves).
+pub async fn run_once(
+    platform: &Platform,
+    wallets: &Wallets,
+    simulator: Option<&SimulatedGateway>,
+) {
     let now = platform.clock.now();
-    let settled = simulator.settle_due(now);
+    let settled = simulator.map(|s| s.settle_due(now)).unwrap_or_default();
     if !settled.is_empty() {
         tracing::info!(
             count = settled.len(),

@@ -19,10 +19,6 @@ pub mod service;
 pub mod store;
 pub mod verify;
 
-use std::sync::Arc;
-
-use shared::SimulatedGateway;
-
 use runtime::{
     Platform, ServiceSpec,
     auth::{MethodScopes, Scope},
@@ -92,10 +88,10 @@ pub fn migrations() -> Migrations {
 }
 
 /// The service's gRPC routes, with its background jobs started. Payments go through the
-/// deterministic gateway simulator (the only gateway so far; real providers implement
-/// `shared::PaymentGateway`).
+/// provider `payment_provider` selects (`runtime::payments`): the deterministic simulator by
+/// default, or Stripe.
 pub fn routes(platform: &Platform) -> anyhow::Result<tonic::service::Routes> {
-    let simulator = Arc::new(SimulatedGateway::new());
+    let gateways = runtime::payments::Gateways::from_config(&platform.config)?;
     let shards = platform
         .config
         .group_commit_shards
@@ -107,9 +103,21 @@ pub fn routes(platform: &Platform) -> anyhow::Result<tonic::service::Routes> {
             // shard's queue and commit together.
             runtime::db::Backend::Postgres => 4,
         });
-    let wallets = service::Wallets::new(platform.clone(), simulator.clone())
+    let wallets = service::Wallets::new(platform.clone(), gateways.gateway)
         .with_group_commit(batch::MAX_BATCH, shards);
-    jobs::spawn(platform, wallets.clone(), simulator);
+    jobs::spawn(platform, wallets.clone(), gateways.simulator);
+    // Stripe's webhooks, on the metrics listener, when the endpoint has a signing secret.
+    if let Some(secret) = platform
+        .config
+        .stripe
+        .as_ref()
+        .and_then(|s| s.webhook_secret.clone())
+    {
+        platform.http_routes.add(runtime::stripe_webhook::router(
+            secret,
+            std::sync::Arc::new(service::StripeEvents(wallets.clone())),
+        ));
+    }
     Ok(tonic::service::Routes::new(
         proto::wallet::v1::credits_wallet_server::CreditsWalletServer::new(
             grpc::CreditsWalletApi::new(platform.clone(), wallets),

@@ -1035,6 +1035,67 @@ impl Wallets {
     }
 }
 
+impl Wallets {
+    /// Applies a verified Stripe webhook event exactly once: its id is recorded in the
+    /// transaction that applies it (`false`: delivered before, nothing changes). A
+    /// `payment_intent.succeeded` or `.payment_failed` for one of our purchases (its metadata
+    /// `billing_key` is the purchase id) moves that purchase as the reconciler would, under the
+    /// wallet's lock, each status once. Events for nothing of ours are recorded and ignored; a
+    /// purchase still being finished by its own request (a send it pays for) is left to it.
+    pub async fn apply_stripe_event(
+        &self,
+        event: &runtime::stripe_webhook::WebhookEvent,
+    ) -> Result<bool, WalletError> {
+        let mut tx = self.db.begin_write().await?;
+        let received = chrono::Utc::now();
+        if !store::record_stripe_event(&mut tx, &event.id, &event.kind, received).await? {
+            tx.rollback().await?;
+            return Ok(false);
+        }
+        let update = event.payment.as_ref();
+        let outcome = match update.map(|u| u.status) {
+            Some(ChargeStatus::Succeeded) => Some(PaymentOutcome::Paid),
+            Some(ChargeStatus::Declined(reason)) => {
+                Some(PaymentOutcome::Declined(reason.to_string()))
+            }
+            _ => None,
+        };
+        let purchase = match (update.and_then(|u| u.billing_key.as_deref()), &outcome) {
+            (Some(key), Some(_)) => store::purchase(&mut tx, key).await?,
+            _ => None,
+        };
+        let (Some(p), Some(outcome)) = (purchase, outcome) else {
+            tx.commit().await?;
+            return Ok(true);
+        };
+        if p.status == PurchaseStatus::Processing && self.left_to_its_request(&p) {
+            tracing::info!(purchase = %p.purchase_id, event = %event.id, "Stripe event for a purchase its request is finishing; left to it");
+            tx.commit().await?;
+            return Ok(true);
+        }
+        let mut acct = Account::lock(&mut tx, &self.db, &p.wallet_id, self.now()).await?;
+        acct.housekeeping(&mut tx).await?;
+        let mut p = store::purchase(&mut tx, &p.purchase_id)
+            .await?
+            .ok_or_else(|| runtime::db::DbError::Corrupt("purchase vanished".into()))?;
+        apply_outcome(&mut tx, &mut acct, &mut p, &outcome).await?;
+        acct.save(&mut tx).await?;
+        tx.commit().await?;
+        self.platform.outbox.poke();
+        Ok(true)
+    }
+}
+
+/// The wallet's side of Stripe's webhooks (`runtime::stripe_webhook`).
+pub struct StripeEvents(pub Wallets);
+
+#[tonic::async_trait]
+impl runtime::stripe_webhook::WebhookHandler for StripeEvents {
+    async fn apply(&self, event: &runtime::stripe_webhook::WebhookEvent) -> anyhow::Result<bool> {
+        Ok(self.0.apply_stripe_event(event).await?)
+    }
+}
+
 impl Spend {
     pub(crate) fn recipients(&self) -> u64 {
         match self {

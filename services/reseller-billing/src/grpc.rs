@@ -6,7 +6,7 @@ use proto::{
     reseller::v1::{self as pb, reseller_billing_server::ResellerBilling},
 };
 use runtime::convert::{reply as ok, reply_decoded as decoded};
-use runtime::{Platform, auth, idempotency::IdempotencyKey};
+use runtime::{Platform, auth, idempotency::IdempotencyKey, payments::PaymentProvider};
 use sha2::{Digest, Sha256};
 use shared::Currency;
 use tokio_stream::wrappers::ReceiverStream;
@@ -173,12 +173,17 @@ impl ResellerBilling for ResellerBillingApi {
                 .into());
             }
         };
+        // This service charges nothing itself: the partner's wallet does, through the provider
+        // the wallet is configured with, and refuses a token that provider cannot charge. So a
+        // token of either provider passes here (simulator tokens, Stripe `cus_...:pm_...`).
         if !r.payment_method.is_empty()
-            && !shared::gateway::is_known_payment_method(&r.payment_method)
+            && [PaymentProvider::Simulator, PaymentProvider::Stripe]
+                .iter()
+                .all(|p| p.method_kind(&r.payment_method).is_none())
         {
             return Err(ResellerError::invalid(
                 "payment_method",
-                "not a payment method the gateway knows",
+                "not a payment method the gateway knows (a simulator token such as pm_card_ok, or a Stripe customer and payment method as cus_<id>:pm_<id>)",
             )
             .into());
         }

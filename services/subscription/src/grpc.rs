@@ -7,7 +7,12 @@ use proto::{
     subscription::v1::{self as pb, catalog_server::Catalog, subscriptions_server::Subscriptions},
 };
 use runtime::convert::reply as ok;
-use runtime::{Platform, auth::Scope, idempotency::IdempotencyKey};
+use runtime::{
+    Platform,
+    auth::Scope,
+    idempotency::IdempotencyKey,
+    payments::{MethodKind, PaymentProvider},
+};
 use rust_decimal::Decimal;
 use shared::limits::{self, quoted};
 use tokio_stream::wrappers::ReceiverStream;
@@ -94,16 +99,29 @@ fn vat_rate(s: &str) -> Result<Decimal, SubError> {
     limits::parse_vat_rate("vat_rate", s).map_err(SubError::from)
 }
 
-/// How to pay: a card token, a direct-debit mandate token, or bank transfer.
-fn payment_choice(payment: Option<&pb::Payment>) -> Result<PaymentChoice, SubError> {
+/// How to pay: a card token, a direct-debit mandate token, or bank transfer. Which tokens are
+/// cards or mandates is the provider's (`payment_provider`): the simulator's tokens say it; a
+/// saved Stripe method (`cus_...:pm_...`) is taken for either kind, and Stripe's answer
+/// (`succeeded`, or `processing` for a SEPA debit) decides whether the invoice is paid or pending.
+fn payment_choice(
+    provider: PaymentProvider,
+    payment: Option<&pb::Payment>,
+) -> Result<PaymentChoice, SubError> {
     let payment = payment.ok_or_else(|| SubError::invalid("payment", "is required"))?;
     let token = payment.payment_method.as_str();
-    let known = shared::gateway::is_known_payment_method(token);
-    let debit = shared::gateway::is_direct_debit(token);
+    let method = provider.method_kind(token);
     let kind = match pb::PaymentKind::try_from(payment.kind) {
-        Ok(pb::PaymentKind::Card) if known && !debit => PaymentKind::Card,
-        Ok(pb::PaymentKind::DirectDebit) if debit => PaymentKind::DirectDebit,
-        Ok(pb::PaymentKind::Card) if debit => {
+        Ok(pb::PaymentKind::Card)
+            if matches!(method, Some(MethodKind::Card | MethodKind::Saved)) =>
+        {
+            PaymentKind::Card
+        }
+        Ok(pb::PaymentKind::DirectDebit)
+            if matches!(method, Some(MethodKind::DirectDebit | MethodKind::Saved)) =>
+        {
+            PaymentKind::DirectDebit
+        }
+        Ok(pb::PaymentKind::Card) if method == Some(MethodKind::DirectDebit) => {
             return Err(SubError::invalid(
                 "payment.payment_method",
                 format!(
@@ -116,8 +134,9 @@ fn payment_choice(payment: Option<&pb::Payment>) -> Result<PaymentChoice, SubErr
             return Err(SubError::invalid(
                 "payment.payment_method",
                 format!(
-                    "{} is not a payment method of this kind the gateway knows",
-                    runtime::convert::shown(token)
+                    "{} is not a payment method of this kind the gateway knows ({})",
+                    runtime::convert::shown(token),
+                    provider.expected_tokens()
                 ),
             ));
         }
@@ -277,7 +296,7 @@ impl Subscriptions for SubscriptionsApi {
         id("plan_id", &r.plan_id)?;
         let selection = domain::Selection::new(r.contacts, r.seats, r.add_ons.clone())
             .map_err(SubError::from)?;
-        let payment = payment_choice(r.payment.as_ref())?;
+        let payment = payment_choice(self.platform.config.payment_provider, r.payment.as_ref())?;
         let cmd = SubscribeCmd {
             account_id: account,
             plan_id: r.plan_id.clone(),
@@ -511,7 +530,7 @@ impl Subscriptions for SubscriptionsApi {
         let r = req.into_inner();
         let key = IdempotencyKey::new("UpdatePaymentMethod", &r.idempotency_key, &r)?;
         let account = id("account_id", &r.account_id)?;
-        let payment = payment_choice(r.payment.as_ref())?;
+        let payment = payment_choice(self.platform.config.payment_provider, r.payment.as_ref())?;
         ok(self
             .cases
             .update_payment_method(&key, &who, account, payment)

@@ -18,7 +18,7 @@ pub mod service;
 pub mod store;
 pub mod unit;
 
-use std::{sync::Arc, time::Duration};
+use std::time::Duration;
 
 use runtime::{
     Platform, ServiceSpec,
@@ -26,7 +26,6 @@ use runtime::{
     config::ServiceDefaults,
     db::Migrations,
 };
-use shared::SimulatedGateway;
 
 /// Full gRPC name of the subscriptions service.
 pub const SERVICE: &str = "billing.subscription.v1.Subscriptions";
@@ -108,7 +107,8 @@ pub fn migrations() -> Migrations {
 }
 
 /// The service's gRPC routes, with its background jobs started. Payments go through the
-/// deterministic gateway simulator (its direct debits settled by the jobs); subscription credits are granted through the wallet peer
+/// provider `payment_provider` selects (`runtime::payments`: the simulator, whose direct debits
+/// the jobs settle, or Stripe); subscription credits are granted through the wallet peer
 /// (`[peers.wallet]`) when one is configured.
 pub fn routes(platform: &Platform) -> anyhow::Result<tonic::service::Routes> {
     let wallet = match platform.config.peer("wallet") {
@@ -122,9 +122,21 @@ pub fn routes(platform: &Platform) -> anyhow::Result<tonic::service::Routes> {
             None
         }
     };
-    let simulator = Arc::new(SimulatedGateway::new());
-    let cases = service::Subscriptions::new(platform.clone(), simulator.clone(), wallet);
-    jobs::spawn(platform, cases.clone(), simulator);
+    let gateways = runtime::payments::Gateways::from_config(&platform.config)?;
+    let cases = service::Subscriptions::new(platform.clone(), gateways.gateway, wallet);
+    jobs::spawn(platform, cases.clone(), gateways.simulator);
+    // Stripe's webhooks, on the metrics listener, when the endpoint has a signing secret.
+    if let Some(secret) = platform
+        .config
+        .stripe
+        .as_ref()
+        .and_then(|s| s.webhook_secret.clone())
+    {
+        platform.http_routes.add(runtime::stripe_webhook::router(
+            secret,
+            std::sync::Arc::new(service::StripeEvents(cases.clone())),
+        ));
+    }
     Ok(tonic::service::Routes::new(
         proto::subscription::v1::subscriptions_server::SubscriptionsServer::new(
             grpc::SubscriptionsApi::new(platform.clone(), cases.clone()),

@@ -1980,13 +1980,31 @@ impl Subscriptions {
             Ok(None) | Err(_) => return Ok(()),
         };
         let mut tx = self.db.begin_write().await?;
-        let mut unit = Unit::lock(&mut tx, &self.db, &invoice.account_id, self.now()).await?;
-        let mut invoice = match store::invoice(&mut tx, &self.db, invoice_id, true).await? {
+        if self
+            .apply_debit_outcome(&mut tx, &invoice.account_id, invoice_id, outcome)
+            .await?
+        {
+            tx.commit().await?;
+            self.platform.outbox.poke();
+        } else {
+            tx.rollback().await?;
+        }
+        Ok(())
+    }
+
+    /// Applies a direct debit's settlement or return to the invoice `invoice_id` of
+    /// `account_id` in `tx`, if it is still pending (`false`: it is not, nothing changed).
+    async fn apply_debit_outcome(
+        &self,
+        tx: &mut Transaction<'static, Any>,
+        account_id: &str,
+        invoice_id: &str,
+        outcome: PaymentOutcome,
+    ) -> Result<bool, SubError> {
+        let mut unit = Unit::lock(tx, &self.db, account_id, self.now()).await?;
+        let mut invoice = match store::invoice(tx, &self.db, invoice_id, true).await? {
             Some(i) if i.status == InvoiceStatus::Pending => i,
-            _ => {
-                tx.rollback().await?;
-                return Ok(());
-            }
+            _ => return Ok(false),
         };
         let actor = system();
         let now = unit.now;
@@ -2019,13 +2037,62 @@ impl Subscriptions {
                 json!({"invoice_id": invoice.invoice_id, "number": invoice.number}),
             );
         }
-        store::update_invoice_payment(&mut tx, &invoice).await?;
-        unit.save(&mut tx).await?;
-        tx.commit().await?;
-        self.platform.outbox.poke();
-        Ok(())
+        store::update_invoice_payment(tx, &invoice).await?;
+        unit.save(tx).await?;
+        Ok(true)
     }
 
+    /// Applies a verified Stripe webhook event exactly once: its id is recorded in the
+    /// transaction that applies it (`false`: delivered before, nothing changes). A
+    /// `payment_intent.succeeded` or `.payment_failed` whose metadata `billing_key` is the
+    /// gateway key of a pending direct-debit invoice settles or returns that invoice, as the
+    /// jobs' polling would. Other events (card payments, whose outcome the paying request or
+    /// the reconciler learns from the gateway, and events for nothing of ours) are recorded
+    /// and change nothing.
+    pub async fn apply_stripe_event(
+        &self,
+        event: &runtime::stripe_webhook::WebhookEvent,
+    ) -> Result<bool, SubError> {
+        let mut tx = self.db.begin_write().await?;
+        if !store::record_stripe_event(&mut tx, &event.id, &event.kind, chrono::Utc::now()).await? {
+            tx.rollback().await?;
+            return Ok(false);
+        }
+        let update = event.payment.as_ref();
+        let outcome = match update.map(|u| u.status) {
+            Some(ChargeStatus::Succeeded) => Some(PaymentOutcome::Paid),
+            Some(ChargeStatus::Declined(reason)) => {
+                Some(PaymentOutcome::Declined(reason.to_string()))
+            }
+            _ => None,
+        };
+        let invoice = match (update.and_then(|u| u.billing_key.as_deref()), &outcome) {
+            (Some(key), Some(_)) => store::invoice_by_gateway_key(&mut tx, key).await?,
+            _ => None,
+        };
+        if let (Some(invoice), Some(outcome)) = (invoice, outcome)
+            && invoice.status == InvoiceStatus::Pending
+        {
+            self.apply_debit_outcome(&mut tx, &invoice.account_id, &invoice.invoice_id, outcome)
+                .await?;
+        }
+        tx.commit().await?;
+        self.platform.outbox.poke();
+        Ok(true)
+    }
+}
+
+/// The subscription service's side of Stripe's webhooks (`runtime::stripe_webhook`).
+pub struct StripeEvents(pub Subscriptions);
+
+#[tonic::async_trait]
+impl runtime::stripe_webhook::WebhookHandler for StripeEvents {
+    async fn apply(&self, event: &runtime::stripe_webhook::WebhookEvent) -> anyhow::Result<bool> {
+        Ok(self.0.apply_stripe_event(event).await?)
+    }
+}
+
+impl Subscriptions {
     /// UpdatePaymentMethod (S5): the new method pays from now on, open invoices included; with a
     /// card or mandate they are collected at once, so a past-due or suspended subscription is
     /// active (and sends) again as soon as it pays.

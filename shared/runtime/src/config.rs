@@ -20,7 +20,11 @@ use std::{
 
 use serde::Deserialize;
 
-use crate::auth::Scope;
+use crate::{
+    auth::Scope,
+    payments::PaymentProvider,
+    stripe::{Secret, StripeSettings},
+};
 
 /// Default of `max_request_bytes`. The largest legitimate requests are far below it: a plan
 /// with a 1,000-band tier table is about 40 KiB, a wallet's price list of 100 tiers 4 KiB.
@@ -192,6 +196,13 @@ pub struct ServiceConfig {
     /// Where the outbox's events go besides `WatchEvents`: webhooks, NATS JetStream.
     pub events: EventsConfig,
     // --- end issue 19 ---
+    // ---- payment provider (issue 17) -------------------------------------------------------
+    /// `payment_provider`: where charges go (`simulator`, the default, or `stripe`).
+    pub payment_provider: PaymentProvider,
+    /// Stripe's settings (`stripe_api_base`, `stripe_secret_key` or `stripe_secret_key_file`);
+    /// `Some` exactly when `payment_provider` is `stripe`. The key is redacted in `Debug`.
+    pub stripe: Option<StripeSettings>,
+    // ---- end of payment provider -----------------------------------------------------------
 }
 
 impl fmt::Debug for ServiceConfig {
@@ -218,6 +229,8 @@ impl fmt::Debug for ServiceConfig {
             .field("peers", &self.peers)
             .field("tls", &self.tls)
             .field("events", &self.events)
+            .field("payment_provider", &self.payment_provider)
+            .field("stripe", &self.stripe)
             .finish()
     }
 }
@@ -326,6 +339,13 @@ struct FileConfig {
     events_retry_for_seconds: Option<u64>,
     events_lease_seconds: Option<u64>,
     // --- end issue 19 ---
+    // ---- payment provider (issue 17) ----
+    payment_provider: Option<String>,
+    stripe_api_base: Option<String>,
+    stripe_secret_key: Option<String>,
+    stripe_secret_key_file: Option<PathBuf>,
+    stripe_webhook_secret: Option<String>,
+    stripe_webhook_secret_file: Option<PathBuf>,
 }
 
 impl FileConfig {
@@ -360,6 +380,12 @@ impl FileConfig {
             events_retry_max_ms,
             events_retry_for_seconds,
             events_lease_seconds,
+            payment_provider,
+            stripe_api_base,
+            stripe_secret_key,
+            stripe_secret_key_file,
+            stripe_webhook_secret,
+            stripe_webhook_secret_file,
         } = self;
         let mut set: Vec<String> = [
             ("listen_addr", listen_addr.is_some()),
@@ -397,6 +423,15 @@ impl FileConfig {
                 events_retry_for_seconds.is_some(),
             ),
             ("events_lease_seconds", events_lease_seconds.is_some()),
+            ("payment_provider", payment_provider.is_some()),
+            ("stripe_api_base", stripe_api_base.is_some()),
+            ("stripe_secret_key", stripe_secret_key.is_some()),
+            ("stripe_secret_key_file", stripe_secret_key_file.is_some()),
+            ("stripe_webhook_secret", stripe_webhook_secret.is_some()),
+            (
+                "stripe_webhook_secret_file",
+                stripe_webhook_secret_file.is_some(),
+            ),
         ]
         .into_iter()
         .filter(|(_, set)| *set)
@@ -764,6 +799,21 @@ impl ServiceConfig {
             test_clock,
         )?;
         // --- end issue 19 ---
+        let (payment_provider, stripe) = payment_settings(
+            PaymentSource {
+                provider: get("payment_provider").or(file.payment_provider),
+                api_base: get("stripe_api_base").or(file.stripe_api_base),
+                secret_key: get("stripe_secret_key").or(file.stripe_secret_key),
+                secret_key_file: get("stripe_secret_key_file")
+                    .map(PathBuf::from)
+                    .or(file.stripe_secret_key_file),
+                webhook_secret: get("stripe_webhook_secret").or(file.stripe_webhook_secret),
+                webhook_secret_file: get("stripe_webhook_secret_file")
+                    .map(PathBuf::from)
+                    .or(file.stripe_webhook_secret_file),
+            },
+            &env_key,
+        )?;
         Ok(Self {
             service_name: defaults.name,
             listen_addr,
@@ -786,6 +836,8 @@ impl ServiceConfig {
             peers,
             tls,
             events,
+            payment_provider,
+            stripe,
         })
     }
 
@@ -1087,6 +1139,146 @@ impl EventsConfig {
 }
 
 // --- end issue 19 ---
+// ---- payment provider (issue 17) ------------------------------------------------------------
+
+/// The payment settings as given (environment over file).
+struct PaymentSource {
+    provider: Option<String>,
+    api_base: Option<String>,
+    secret_key: Option<String>,
+    secret_key_file: Option<PathBuf>,
+    webhook_secret: Option<String>,
+    webhook_secret_file: Option<PathBuf>,
+}
+
+/// `payment_provider` and, for Stripe, its settings. The secret key comes from
+/// `stripe_secret_key` or from the file `stripe_secret_key_file` names (one of them); Stripe
+/// settings without `payment_provider = "stripe"` are refused rather than ignored. The API base
+/// is `https://`, or `http://` on a loopback host only (a local Stripe such as localstripe), so
+/// the key never crosses a network in clear.
+fn payment_settings(
+    given: PaymentSource,
+    env_key: &dyn Fn(&str) -> String,
+) -> Result<(PaymentProvider, Option<StripeSettings>), ConfigError> {
+    let provider = match given.provider.as_deref() {
+        None => PaymentProvider::default(),
+        Some(v) => v.parse().map_err(|()| ConfigError::Invalid {
+            key: "payment_provider".into(),
+            message: format!("{v:?} is not a provider: use simulator or stripe"),
+        })?,
+    };
+    if provider != PaymentProvider::Stripe {
+        for (key, set) in [
+            ("stripe_api_base", given.api_base.is_some()),
+            ("stripe_secret_key", given.secret_key.is_some()),
+            ("stripe_secret_key_file", given.secret_key_file.is_some()),
+            ("stripe_webhook_secret", given.webhook_secret.is_some()),
+            (
+                "stripe_webhook_secret_file",
+                given.webhook_secret_file.is_some(),
+            ),
+        ] {
+            if set {
+                return Err(invalid(
+                    key,
+                    "applies to Stripe only: set payment_provider = \"stripe\" too",
+                ));
+            }
+        }
+        return Ok((provider, None));
+    }
+    let Some(secret) =
+        secret_setting("stripe_secret_key", given.secret_key, given.secret_key_file)?
+    else {
+        return Err(invalid(
+            "stripe_secret_key",
+            &format!(
+                "payment_provider = \"stripe\" needs the secret API key: set {} or {}",
+                env_key("stripe_secret_key"),
+                env_key("stripe_secret_key_file")
+            ),
+        ));
+    };
+    let webhook_secret = secret_setting(
+        "stripe_webhook_secret",
+        given.webhook_secret,
+        given.webhook_secret_file,
+    )?;
+    if let Some(w) = &webhook_secret
+        && !(w.starts_with("whsec_") && w.len() > 6 && w.bytes().all(|b| b.is_ascii_graphic()))
+    {
+        return Err(invalid(
+            "stripe_webhook_secret",
+            "is not a webhook signing secret (whsec_..., no spaces)",
+        ));
+    }
+    // The message never quotes the key.
+    if !(secret.starts_with("sk_") || secret.starts_with("rk_"))
+        || secret.len() < 8
+        || !secret.bytes().all(|b| b.is_ascii_graphic())
+    {
+        return Err(invalid(
+            "stripe_secret_key",
+            "is not a Stripe secret or restricted key (sk_... or rk_..., no spaces)",
+        ));
+    }
+    let api_base = given
+        .api_base
+        .unwrap_or_else(|| crate::stripe::DEFAULT_API_BASE.to_string());
+    let url = reqwest::Url::parse(&api_base).map_err(|_| ConfigError::Invalid {
+        key: "stripe_api_base".into(),
+        message: format!("{api_base:?} is not a URL like https://api.stripe.com"),
+    })?;
+    let loopback = matches!(
+        url.host_str(),
+        Some("127.0.0.1" | "localhost" | "[::1]" | "::1")
+    );
+    match url.scheme() {
+        "https" => {}
+        "http" if loopback => {}
+        _ => {
+            return Err(ConfigError::Invalid {
+                key: "stripe_api_base".into(),
+                message: format!(
+                    "{api_base:?} must be https:// (http:// only on 127.0.0.1 or localhost, for a local Stripe)"
+                ),
+            });
+        }
+    }
+    Ok((
+        provider,
+        Some(StripeSettings {
+            api_base,
+            secret_key: Secret::new(secret),
+            timeout: crate::stripe::DEFAULT_TIMEOUT,
+            webhook_secret: webhook_secret.map(Secret::new),
+        }),
+    ))
+}
+
+/// A secret given as `key` or in the file `{key}_file` (not both), trimmed.
+fn secret_setting(
+    key: &str,
+    value: Option<String>,
+    file: Option<PathBuf>,
+) -> Result<Option<String>, ConfigError> {
+    match (value, file) {
+        (Some(_), Some(_)) => Err(invalid(key, &format!("set {key} or {key}_file, not both"))),
+        (None, None) => Ok(None),
+        (Some(v), None) => Ok(Some(v)),
+        (None, Some(path)) => Ok(Some(
+            std::fs::read_to_string(&path)
+                .map_err(|e| ConfigError::Invalid {
+                    key: format!("{key}_file"),
+                    message: format!("cannot read {}: {e}", path.display()),
+                })?
+                .trim()
+                .to_string(),
+        )),
+    }
+}
+
+// ---- end of payment provider -------------------------------------------------------------------
 
 fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -1475,6 +1667,154 @@ mod tests {
                 .contains("postgres://billing:<redacted>@db.internal:5432/billing?sslmode=require"),
             "{shown}"
         );
+    }
+
+    #[test]
+    fn the_payment_provider_is_the_simulator_unless_stripe_is_configured() {
+        let tokens = ("WALLET_TOKENS", "t:long-secret:read");
+        let cfg = ServiceConfig::from_toml(&DEFAULTS, "", &env(&[tokens])).unwrap();
+        assert_eq!(cfg.payment_provider, PaymentProvider::Simulator);
+        assert!(cfg.stripe.is_none());
+
+        let cfg = ServiceConfig::from_toml(
+            &DEFAULTS,
+            "payment_provider = \"stripe\"\nstripe_secret_key = \"sk_test_file\"\n",
+            &env(&[
+                tokens,
+                ("WALLET_STRIPE_SECRET_KEY", "sk_test_from_env_4711"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(cfg.payment_provider, PaymentProvider::Stripe);
+        let stripe = cfg.stripe.clone().unwrap();
+        assert_eq!(stripe.api_base, "https://api.stripe.com");
+        assert_eq!(stripe.secret_key.expose(), "sk_test_from_env_4711");
+        let shown = format!("{cfg:?}");
+        assert!(!shown.contains("from_env_4711"), "{shown}");
+        assert!(
+            shown.contains("Stripe") || shown.contains("stripe"),
+            "{shown}"
+        );
+
+        let dir = tempfile::tempdir().unwrap();
+        let key_file = dir.path().join("stripe.key");
+        std::fs::write(&key_file, "sk_test_in_a_file\n").unwrap();
+        let cfg = ServiceConfig::from_toml(
+            &DEFAULTS,
+            "",
+            &env(&[
+                tokens,
+                ("WALLET_PAYMENT_PROVIDER", "stripe"),
+                ("WALLET_STRIPE_SECRET_KEY_FILE", key_file.to_str().unwrap()),
+                ("WALLET_STRIPE_API_BASE", "http://127.0.0.1:8420"),
+            ]),
+        )
+        .unwrap();
+        let stripe = cfg.stripe.unwrap();
+        assert_eq!(stripe.secret_key.expose(), "sk_test_in_a_file");
+        assert_eq!(stripe.api_base, "http://127.0.0.1:8420");
+        assert!(stripe.webhook_secret.is_none());
+
+        let cfg = ServiceConfig::from_toml(
+            &DEFAULTS,
+            "",
+            &env(&[
+                tokens,
+                ("WALLET_PAYMENT_PROVIDER", "stripe"),
+                ("WALLET_STRIPE_SECRET_KEY", "sk_test_4711abcd"),
+                ("WALLET_STRIPE_WEBHOOK_SECRET", "whsec_hook_4711"),
+            ]),
+        )
+        .unwrap();
+        let shown = format!("{cfg:?}");
+        assert!(!shown.contains("hook_4711"), "{shown}");
+        assert_eq!(
+            cfg.stripe.unwrap().webhook_secret.unwrap().expose(),
+            "whsec_hook_4711"
+        );
+    }
+
+    #[test]
+    fn stripe_settings_are_checked_and_errors_name_them() {
+        let tokens = ("WALLET_TOKENS", "t:long-secret:read");
+        let stripe = ("WALLET_PAYMENT_PROVIDER", "stripe");
+        let key = ("WALLET_STRIPE_SECRET_KEY", "sk_test_4711abcd");
+        for (pairs, setting, needle) in [
+            (
+                vec![("WALLET_PAYMENT_PROVIDER", "paypal")],
+                "payment_provider",
+                "simulator or stripe",
+            ),
+            (
+                vec![stripe],
+                "stripe_secret_key",
+                "WALLET_STRIPE_SECRET_KEY_FILE",
+            ),
+            (vec![key], "stripe_secret_key", "applies to Stripe only"),
+            (
+                vec![stripe, ("WALLET_STRIPE_SECRET_KEY", "pk_test_publishable")],
+                "stripe_secret_key",
+                "sk_",
+            ),
+            (
+                vec![
+                    stripe,
+                    key,
+                    ("WALLET_STRIPE_SECRET_KEY_FILE", "/nonexistent"),
+                ],
+                "stripe_secret_key",
+                "not both",
+            ),
+            (
+                vec![
+                    stripe,
+                    ("WALLET_STRIPE_SECRET_KEY_FILE", "/nonexistent/stripe.key"),
+                ],
+                "stripe_secret_key_file",
+                "cannot read",
+            ),
+            (
+                vec![
+                    stripe,
+                    key,
+                    ("WALLET_STRIPE_API_BASE", "http://stripe.example.com"),
+                ],
+                "stripe_api_base",
+                "must be https://",
+            ),
+            (
+                vec![stripe, key, ("WALLET_STRIPE_API_BASE", "not a url")],
+                "stripe_api_base",
+                "not a URL",
+            ),
+            (
+                vec![
+                    stripe,
+                    key,
+                    ("WALLET_STRIPE_WEBHOOK_SECRET", "sk_test_4711abcd"),
+                ],
+                "stripe_webhook_secret",
+                "whsec_",
+            ),
+            (
+                vec![("WALLET_STRIPE_WEBHOOK_SECRET", "whsec_x")],
+                "stripe_webhook_secret",
+                "applies to Stripe only",
+            ),
+        ] {
+            let mut pairs = pairs;
+            pairs.push(tokens);
+            let e = ServiceConfig::from_toml(&DEFAULTS, "", &env(&pairs)).unwrap_err();
+            let text = e.to_string();
+            assert!(
+                text.contains(setting) && text.contains(needle),
+                "{pairs:?}: {text}"
+            );
+            assert!(
+                !text.contains("4711abcd") && !text.contains("publishable"),
+                "{text}"
+            );
+        }
     }
 
     #[test]

@@ -12,6 +12,9 @@
 //! - [`relay`]: events out to webhooks and NATS JetStream, one relay per sink over the outbox
 //!   cursor; [`event_delivery`] serves its state and dead letters.
 //! - [`clock`]: the system clock or a test clock.
+//! - [`payments`]: the payment provider a service pays through (`payment_provider`: the
+//!   simulator or [`stripe`], the Stripe adapter over HTTP) and [`stripe_webhook`], Stripe's
+//!   signed webhooks.
 //! - [`server`]: puts it all together; [`client`]: calls another service.
 //! - [`testing`]: a fresh database per test on the backend the test run selects.
 //!
@@ -32,8 +35,11 @@ pub mod idempotency;
 pub mod metrics;
 pub mod middleware;
 pub mod outbox;
+pub mod payments;
 pub mod relay;
 pub mod server;
+pub mod stripe;
+pub mod stripe_webhook;
 pub mod telemetry;
 pub mod testing;
 

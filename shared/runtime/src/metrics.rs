@@ -254,16 +254,21 @@ async fn scrape(State(s): State<Scrape>) -> impl IntoResponse {
     )
 }
 
-/// Serves `/metrics` on `listener` until `shutdown` is cancelled.
+/// Serves `/metrics` (and the service's `extra` HTTP routes) on `listener` until `shutdown` is
+/// cancelled.
 pub async fn serve_metrics(
     listener: tokio::net::TcpListener,
     metrics: Arc<Metrics>,
     db: Db,
     shutdown: CancellationToken,
+    extra: Option<Router>,
 ) -> std::io::Result<()> {
-    let app = Router::new()
+    let mut app = Router::new()
         .route("/metrics", get(scrape))
         .with_state(Scrape { metrics, db });
+    if let Some(extra) = extra {
+        app = app.merge(extra);
+    }
     axum::serve(listener, app)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await

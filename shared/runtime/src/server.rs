@@ -65,6 +65,35 @@ pub struct Platform {
     pub metrics: Arc<Metrics>,
     /// Cancelled when the service begins to shut down; long-running work stops on it.
     pub shutdown: CancellationToken,
+    /// Plain HTTP routes the service adds to its metrics listener while it builds its gRPC
+    /// routes (Stripe's webhooks, `crate::stripe_webhook`).
+    pub http_routes: HttpRoutes,
+}
+
+/// HTTP routes served next to `/metrics` on the metrics listener.
+#[derive(Clone, Default)]
+pub struct HttpRoutes(Arc<std::sync::Mutex<Option<axum::Router>>>);
+
+impl HttpRoutes {
+    /// Adds `router`'s routes.
+    pub fn add(&self, router: axum::Router) {
+        let mut slot = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *slot = Some(match slot.take() {
+            Some(existing) => existing.merge(router),
+            None => router,
+        });
+    }
+
+    /// The routes added so far, leaving none.
+    pub fn take(&self) -> Option<axum::Router> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+    }
 }
 
 /// A service that is serving, as returned by [`start`].
@@ -148,6 +177,7 @@ where
         outbox: outbox.clone(),
         metrics: Arc::clone(&metrics),
         shutdown: shutdown.clone(),
+        http_routes: HttpRoutes::default(),
     };
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
@@ -237,6 +267,11 @@ where
         Some(a) => Some(TcpListener::bind(a).await?),
         None => None,
     };
+    let http_routes = platform.http_routes.take();
+    anyhow::ensure!(
+        http_routes.is_none() || metrics_listener.is_some(),
+        "Stripe's webhook endpoint is served on the metrics listener: set metrics_addr (it is off)"
+    );
     let metrics_addr = metrics_listener
         .as_ref()
         .map(TcpListener::local_addr)
@@ -264,6 +299,7 @@ where
             Arc::clone(&metrics),
             db.clone(),
             shutdown.clone(),
+            http_routes,
         ))
     });
 

@@ -13,6 +13,7 @@ mod holds;
 mod idempotency;
 mod properties;
 mod rules;
+mod stripe;
 mod verify;
 
 use std::time::Duration;
@@ -47,9 +48,14 @@ impl Harness {
     }
 
     pub async fn start_on(db: TestDatabase) -> Harness {
+        Self::start_with(db, "").await
+    }
+
+    /// With extra TOML settings (e.g. the payment provider).
+    pub async fn start_with(db: TestDatabase, extra_toml: &str) -> Harness {
         let running = runtime::server::start(
             &credits_wallet::SPEC,
-            testing::config(&credits_wallet::DEFAULTS, &db),
+            testing::config_with(&credits_wallet::DEFAULTS, &db, extra_toml),
             credits_wallet::routes,
         )
         .await

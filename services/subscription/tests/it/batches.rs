@@ -51,6 +51,7 @@ async fn replica(db: &TestDatabase, now: DateTime<Utc>, wallet: Option<&str>) ->
         clock,
         metrics,
         shutdown: CancellationToken::new(),
+        http_routes: Default::default(),
     };
     Subscriptions::new(platform, Arc::new(SimulatedGateway::new()), wallet)
 }

@@ -11,6 +11,7 @@ mod crash;
 mod payments;
 mod replicas;
 mod rules;
+mod stripe;
 mod wallet_grants;
 mod wire;
 

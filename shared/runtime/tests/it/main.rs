@@ -7,6 +7,7 @@ mod idempotency;
 mod outbox;
 mod relay;
 mod storage;
+mod stripe;
 
 use runtime::{
     db::{Db, Migrations},

@@ -1,0 +1,367 @@
+//! Payments through Stripe: the wallet configured with `payment_provider = "stripe"` against a
+//! local Stripe (localstripe, see `runtime::testing::localstripe`), the real adapter over HTTP.
+//! Skipped with a message when no local Stripe can be had, unless `BILLING_TEST_STRIPE=required`.
+
+use proto::wallet::v1 as pb;
+use runtime::{
+    stripe::Secret,
+    stripe_webhook,
+    testing::{ADMIN_TOKEN, TestDatabase, authed, localstripe},
+};
+use tonic::Code;
+
+use crate::{Harness, rules::on_demand};
+
+async fn stripe_wallet() -> Option<(Harness, String)> {
+    let url = localstripe::url()?;
+    let h = Harness::start_with(TestDatabase::fresh(), &localstripe::settings(&url)).await;
+    Some((h, url))
+}
+
+fn customer(token: &str) -> &str {
+    token.split(':').next().unwrap_or_default()
+}
+
+fn purchase_request(key: &str, credits: u64, method: &str) -> pb::PurchaseCreditsRequest {
+    pb::PurchaseCreditsRequest {
+        idempotency_key: key.into(),
+        wallet_id: "w1".into(),
+        credits,
+        payment_method: method.into(),
+        expires_at: None,
+        expected_amount: None,
+    }
+}
+
+// rule C1
+#[tokio::test]
+async fn c1_a_purchase_paid_by_card_through_stripe_grants_at_once_and_a_retry_charges_nothing_more()
+{
+    let Some((h, url)) = stripe_wallet().await else {
+        return;
+    };
+    h.open("w1", "1.05", 500).await;
+    let card = localstripe::customer_with_card(&url, localstripe::CARD_OK).await;
+    let request = purchase_request("buy-1", 50_000, &card);
+    let p = h
+        .client
+        .clone()
+        .purchase_credits(authed(ADMIN_TOKEN, request.clone()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(p.status, pb::PurchaseStatus::Succeeded as i32, "{p:?}");
+    assert_eq!(p.amount.as_ref().unwrap().amount, "420.00");
+    assert_eq!(h.wallet("w1").await.balance, 50_500);
+
+    let again = h
+        .client
+        .clone()
+        .purchase_credits(authed(ADMIN_TOKEN, request))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again, p, "the retry replays the first answer");
+    let intents = localstripe::payment_intents_of(&url, customer(&card)).await;
+    assert_eq!(intents.len(), 1, "one PaymentIntent: {intents:?}");
+    assert_eq!(intents[0]["amount"], 42_000, "minor units of 420.00 EUR");
+    assert_eq!(intents[0]["currency"], "eur");
+    assert_eq!(intents[0]["status"], "succeeded");
+    assert_eq!(
+        intents[0]["metadata"]["billing_key"],
+        p.purchase_id.as_str()
+    );
+    assert_eq!(h.wallet("w1").await.balance, 50_500);
+    h.assert_ledger_balances("w1").await;
+}
+
+// rule C1
+#[tokio::test]
+async fn c1_a_card_declined_by_stripe_grants_nothing_and_says_why() {
+    let Some((h, url)) = stripe_wallet().await else {
+        return;
+    };
+    h.open("w1", "1", 0).await;
+    let card = localstripe::customer_with_card(&url, localstripe::CARD_DECLINED).await;
+    let p = h.purchase("w1", 1_000, &card).await;
+    assert_eq!(p.status, pb::PurchaseStatus::Failed as i32, "{p:?}");
+    assert_eq!(p.failure_reason, "the card was declined");
+    assert_eq!(h.wallet("w1").await.balance, 0);
+    assert_eq!(h.events_of("wallet.purchase_failed", 1).await.len(), 1);
+    h.assert_ledger_balances("w1").await;
+}
+
+// rule C1: credits bought by direct debit are usable only once paid
+#[tokio::test]
+async fn c1_a_sepa_debit_through_stripe_is_pending_and_grants_nothing_when_it_fails_later() {
+    let Some((h, url)) = stripe_wallet().await else {
+        return;
+    };
+    h.open("w1", "1", 0).await;
+    let mandate = localstripe::customer_with_sepa(&url, localstripe::IBAN_FAILS_LATER).await;
+    let p = h.purchase("w1", 2_000, &mandate).await;
+    assert_eq!(
+        p.status,
+        pb::PurchaseStatus::PendingSettlement as i32,
+        "{p:?}"
+    );
+    assert_eq!(
+        h.wallet("w1").await.balance,
+        0,
+        "not usable before it is paid"
+    );
+    // localstripe fails the debit half a second later; the jobs poll the PaymentIntent.
+    let returned = h.events_of("wallet.payment_returned", 1).await;
+    assert_eq!(returned.len(), 1);
+    assert_eq!(h.wallet("w1").await.balance, 0);
+    h.assert_ledger_balances("w1").await;
+}
+
+// rule C9
+#[tokio::test]
+async fn c9_on_demand_sends_are_charged_through_stripe_and_a_debit_returned_later_is_clawed_back() {
+    let Some((h, url)) = stripe_wallet().await else {
+        return;
+    };
+    h.open("w1", "1.05", 0).await;
+    let card = localstripe::customer_with_card(&url, localstripe::CARD_OK).await;
+    on_demand(&h, "w1", &card).await;
+    let charge = h.charge("w1", "m1", 5_000).await.unwrap();
+    assert_eq!((charge.credits, charge.credits_bought), (5_250, 5_250));
+    let purchase = charge.purchase.unwrap();
+    assert_eq!(purchase.status, pb::PurchaseStatus::Succeeded as i32);
+    let intents = localstripe::payment_intents_of(&url, customer(&card)).await;
+    assert_eq!(intents.len(), 1);
+    assert_eq!(intents[0]["amount"], 5_250, "5,250 credits at 0.010 EUR");
+    assert_eq!(h.wallet("w1").await.balance, 0);
+
+    let mandate = localstripe::customer_with_sepa(&url, localstripe::IBAN_FAILS_LATER).await;
+    on_demand(&h, "w1", &mandate).await;
+    let charge = h.charge("w1", "m2", 1_000).await.unwrap();
+    assert_eq!(
+        charge.purchase.unwrap().status,
+        pb::PurchaseStatus::PendingSettlement as i32
+    );
+    let w = h.wait_for("w1", |w| w.debt == 1_050).await;
+    assert_eq!(w.balance, -1_050);
+    assert_eq!(h.events_of("wallet.payment_returned", 1).await.len(), 1);
+    h.assert_ledger_balances("w1").await;
+}
+
+// rule C5
+#[tokio::test]
+async fn c5_a_shortfall_top_up_is_charged_through_stripe_for_exactly_what_is_missing() {
+    let Some((h, url)) = stripe_wallet().await else {
+        return;
+    };
+    h.open("w1", "1", 0).await;
+    h.grant("w1", 3_000).await;
+    let card = localstripe::customer_with_card(&url, localstripe::CARD_OK).await;
+    h.auto_top_up(
+        "w1",
+        pb::AutoTopUp {
+            mode: pb::AutoTopUpMode::Shortfall as i32,
+            max_per_purchase: 10_000,
+            monthly_cap: 0,
+            ..Default::default()
+        },
+        &card,
+    )
+    .await;
+    let charge = h.charge("w1", "m1", 5_000).await.unwrap();
+    assert_eq!((charge.credits, charge.credits_bought), (5_000, 2_000));
+    let purchase = charge.purchase.unwrap();
+    assert_eq!(purchase.trigger, pb::PurchaseTrigger::AutoShortfall as i32);
+    assert_eq!(purchase.amount.unwrap().amount, "20.00");
+    let intents = localstripe::payment_intents_of(&url, customer(&card)).await;
+    assert_eq!(intents.len(), 1);
+    assert_eq!(intents[0]["amount"], 2_000);
+    assert_eq!(
+        intents[0]["metadata"]["billing_key"],
+        purchase.purchase_id.as_str()
+    );
+    assert_eq!(h.wallet("w1").await.balance, 0);
+
+    // A declined card buys nothing and the send is refused.
+    let declined = localstripe::customer_with_card(&url, localstripe::CARD_DECLINED).await;
+    h.auto_top_up(
+        "w1",
+        pb::AutoTopUp {
+            mode: pb::AutoTopUpMode::Shortfall as i32,
+            max_per_purchase: 10_000,
+            monthly_cap: 0,
+            ..Default::default()
+        },
+        &declined,
+    )
+    .await;
+    let err = h.charge("w1", "m2", 100).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(err.message().contains("declined"), "{}", err.message());
+    assert_eq!(h.wallet("w1").await.balance, 0);
+    h.assert_ledger_balances("w1").await;
+}
+
+#[tokio::test]
+async fn with_stripe_a_simulator_token_is_refused_naming_the_form_stripe_takes() {
+    let Some((h, _url)) = stripe_wallet().await else {
+        return;
+    };
+    h.open("w1", "1", 0).await;
+    let err = h
+        .client
+        .clone()
+        .purchase_credits(authed(
+            ADMIN_TOKEN,
+            purchase_request("buy-sim", 1_000, "pm_card_ok"),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().contains("cus_<id>:pm_<id>"),
+        "{}",
+        err.message()
+    );
+    assert_eq!(h.wallet("w1").await.balance, 0);
+}
+
+// ---- webhooks ----------------------------------------------------------------------------------
+
+const WEBHOOK_SECRET: &str = "whsec_billing_suite_test";
+
+/// A wallet whose Stripe does not answer (nothing listens on port 9): every charge's outcome
+/// stays unknown, so only a webhook can settle it.
+async fn wallet_with_webhooks_and_a_silent_stripe() -> Harness {
+    let settings = format!(
+        "payment_provider = \"stripe\"\nstripe_api_base = \"http://127.0.0.1:9\"\nstripe_secret_key = \"{}\"\nstripe_webhook_secret = \"{WEBHOOK_SECRET}\"\n",
+        localstripe::SECRET_KEY
+    );
+    Harness::start_with(TestDatabase::fresh(), &settings).await
+}
+
+fn event(id: &str, kind: &str, purchase_id: &str) -> Vec<u8> {
+    serde_json::json!({
+        "id": id, "object": "event", "type": kind,
+        "data": {"object": {
+            "id": "pi_webhook", "object": "payment_intent", "metadata": {"billing_key": purchase_id},
+            "last_payment_error": {"code": "card_declined", "decline_code": "insufficient_funds"},
+        }},
+    })
+    .to_string()
+    .into_bytes()
+}
+
+/// Delivers `payload` with `signature` (or a valid one), as Stripe would.
+async fn deliver(h: &Harness, payload: &[u8], signature: Option<String>) -> (u16, String) {
+    let now = chrono::Utc::now().timestamp();
+    let signature = signature.unwrap_or_else(|| {
+        format!(
+            "t={now},v1={}",
+            stripe_webhook::sign(&Secret::new(WEBHOOK_SECRET), now, payload)
+        )
+    });
+    let url = format!(
+        "http://{}{}",
+        h.running.metrics_addr.unwrap(),
+        stripe_webhook::PATH
+    );
+    let response = reqwest::Client::new()
+        .post(url)
+        .header("Stripe-Signature", signature)
+        .header("Content-Type", "application/json")
+        .body(payload.to_vec())
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    (status, response.text().await.unwrap())
+}
+
+async fn unknown_outcome_purchase(h: &Harness) -> pb::Purchase {
+    h.open("w1", "1", 0).await;
+    let p = h.purchase("w1", 1_000, "cus_silent:pm_silent").await;
+    assert_eq!(p.status, pb::PurchaseStatus::Processing as i32, "{p:?}");
+    assert_eq!(h.wallet("w1").await.balance, 0);
+    p
+}
+
+// rule C1
+#[tokio::test]
+async fn c1_a_signed_payment_intent_succeeded_webhook_settles_a_purchase_once() {
+    let h = wallet_with_webhooks_and_a_silent_stripe().await;
+    let p = unknown_outcome_purchase(&h).await;
+    let succeeded = event("evt_1", "payment_intent.succeeded", &p.purchase_id);
+    assert_eq!(deliver(&h, &succeeded, None).await, (200, "applied".into()));
+    assert_eq!(h.wallet("w1").await.balance, 1_000);
+    assert_eq!(h.events_of("wallet.purchase_succeeded", 1).await.len(), 1);
+
+    // The same event delivered again changes nothing.
+    assert_eq!(
+        deliver(&h, &succeeded, None).await,
+        (200, "already applied".into())
+    );
+    // A later, contradicting event cannot move a settled purchase either.
+    let failed = event("evt_2", "payment_intent.payment_failed", &p.purchase_id);
+    assert_eq!(deliver(&h, &failed, None).await, (200, "applied".into()));
+    // Events about nothing of ours are recorded and ignored.
+    let other = event("evt_3", "payment_intent.succeeded", "pur_not_ours");
+    assert_eq!(deliver(&h, &other, None).await, (200, "applied".into()));
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(h.wallet("w1").await.balance, 1_000);
+    assert_eq!(h.events_of("wallet.purchase_succeeded", 1).await.len(), 1);
+    assert!(h.events_of("wallet.purchase_failed", 0).await.is_empty());
+    h.assert_ledger_balances("w1").await;
+}
+
+// rule C1
+#[tokio::test]
+async fn c1_a_payment_failed_webhook_fails_the_purchase_and_grants_nothing() {
+    let h = wallet_with_webhooks_and_a_silent_stripe().await;
+    let p = unknown_outcome_purchase(&h).await;
+    let failed = event("evt_1", "payment_intent.payment_failed", &p.purchase_id);
+    assert_eq!(deliver(&h, &failed, None).await, (200, "applied".into()));
+    let events = h.events_of("wallet.purchase_failed", 1).await;
+    assert_eq!(events.len(), 1);
+    assert!(
+        events[0].payload_json.contains("insufficient funds"),
+        "{}",
+        events[0].payload_json
+    );
+    assert_eq!(h.wallet("w1").await.balance, 0);
+}
+
+#[tokio::test]
+async fn a_webhook_with_a_bad_or_stale_signature_is_refused_and_changes_nothing() {
+    let h = wallet_with_webhooks_and_a_silent_stripe().await;
+    let p = unknown_outcome_purchase(&h).await;
+    let succeeded = event("evt_1", "payment_intent.succeeded", &p.purchase_id);
+    let now = chrono::Utc::now().timestamp();
+    let wrong_secret = stripe_webhook::sign(&Secret::new("whsec_someone_else"), now, &succeeded);
+    let stale = now - 301;
+    let stale_signature = stripe_webhook::sign(&Secret::new(WEBHOOK_SECRET), stale, &succeeded);
+    for signature in [
+        format!("t={now},v1={wrong_secret}"),
+        format!("t={stale},v1={stale_signature}"),
+        String::new(),
+    ] {
+        assert_eq!(
+            deliver(&h, &succeeded, Some(signature)).await,
+            (400, "invalid signature".into())
+        );
+    }
+    // A body changed after signing is refused too.
+    let tampered = event("evt_1", "payment_intent.succeeded", "pur_other");
+    let signature = format!(
+        "t={now},v1={}",
+        stripe_webhook::sign(&Secret::new(WEBHOOK_SECRET), now, &succeeded)
+    );
+    assert_eq!(
+        deliver(&h, &tampered, Some(signature)).await,
+        (400, "invalid signature".into())
+    );
+    assert_eq!(h.wallet("w1").await.balance, 0);
+    // Nothing was recorded: the genuine delivery of the same event is still applied.
+    assert_eq!(deliver(&h, &succeeded, None).await, (200, "applied".into()));
+    assert_eq!(h.wallet("w1").await.balance, 1_000);
+}

@@ -1,0 +1,228 @@
+//! Invoices paid through Stripe: the service configured with `payment_provider = "stripe"`
+//! against a local Stripe (localstripe, see `runtime::testing::localstripe`), the real adapter
+//! over HTTP. Skipped with a message when no local Stripe can be had, unless
+//! `BILLING_TEST_STRIPE=required`.
+
+use proto::subscription::v1 as pb;
+use runtime::{
+    stripe::Secret,
+    stripe_webhook,
+    testing::{TestDatabase, localstripe},
+};
+use tonic::Code;
+
+use crate::{Harness, card, payments::debit, plan_spec};
+
+async fn stripe_service() -> Option<(Harness, String)> {
+    let url = localstripe::url()?;
+    let h = Harness::start_with(&localstripe::settings(&url), None, TestDatabase::fresh()).await;
+    Some((h, url))
+}
+
+fn minor_units(m: Option<&proto::common::v1::Money>) -> i64 {
+    m.unwrap().amount.replace('.', "").parse().unwrap()
+}
+
+// rule S18: paying by card gives access and sending at once
+#[tokio::test]
+async fn s18_a_card_subscription_invoice_is_paid_through_stripe_for_its_exact_total() {
+    let Some((h, url)) = stripe_service().await else {
+        return;
+    };
+    h.publish(plan_spec("email")).await;
+    let token = localstripe::customer_with_card(&url, localstripe::CARD_OK).await;
+    let s = h
+        .subscribe("a1", "email", 5_000, card(&token))
+        .await
+        .unwrap();
+    assert_eq!(s.status, pb::SubscriptionStatus::Active as i32);
+    let invoice = h.invoices("a1").await.remove(0);
+    assert_eq!(
+        invoice.status,
+        pb::InvoiceStatus::Paid as i32,
+        "{invoice:?}"
+    );
+    assert!(h.check("a1", 1_000).await.allowed);
+    let customer = token.split(':').next().unwrap();
+    let intents = localstripe::payment_intents_of(&url, customer).await;
+    assert_eq!(intents.len(), 1, "{intents:?}");
+    assert_eq!(intents[0]["amount"], minor_units(invoice.total.as_ref()));
+    assert_eq!(intents[0]["currency"], "eur");
+    assert_eq!(intents[0]["status"], "succeeded");
+    assert_eq!(h.events_of("subscription.invoice_paid", 1).await.len(), 1);
+}
+
+// rule S18
+#[tokio::test]
+async fn s18_a_card_declined_by_stripe_is_refused_and_subscribes_nothing() {
+    let Some((h, url)) = stripe_service().await else {
+        return;
+    };
+    h.publish(plan_spec("email")).await;
+    let token = localstripe::customer_with_card(&url, localstripe::CARD_DECLINED).await;
+    let err = h
+        .subscribe("a1", "email", 5_000, card(&token))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("declined"), "{}", err.message());
+    assert_eq!(
+        h.check("a1", 1).await.refusal,
+        pb::SendingRefusal::NoSubscription as i32
+    );
+    for invoice in h.invoices("a1").await {
+        assert_ne!(
+            invoice.status,
+            pb::InvoiceStatus::Paid as i32,
+            "{invoice:?}"
+        );
+    }
+}
+
+// rule S18: by bank (direct debit), sending waits for nothing, but a returned debit stops it
+#[tokio::test]
+async fn s18_a_sepa_debit_through_stripe_that_fails_later_reopens_the_invoice() {
+    let Some((h, url)) = stripe_service().await else {
+        return;
+    };
+    h.publish(plan_spec("email")).await;
+    // A simulator token is not a Stripe payment method.
+    let err = h
+        .subscribe("a1", "email", 5_000, debit("pm_sepa_ok"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().contains("cus_<id>:pm_<id>"),
+        "{}",
+        err.message()
+    );
+
+    let mandate = localstripe::customer_with_sepa(&url, localstripe::IBAN_FAILS_LATER).await;
+    let s = h
+        .subscribe("a1", "email", 5_000, debit(&mandate))
+        .await
+        .unwrap();
+    assert_eq!(s.status, pb::SubscriptionStatus::Active as i32);
+    assert_eq!(
+        h.invoices("a1").await[0].status,
+        pb::InvoiceStatus::Pending as i32
+    );
+    // localstripe fails the debit half a second later; the jobs poll the PaymentIntent.
+    let s = h
+        .wait_for("a1", |s| s.status == pb::SubscriptionStatus::PastDue as i32)
+        .await;
+    assert!(
+        s.history
+            .iter()
+            .any(|e| e.action == "direct_debit_returned")
+    );
+    assert_eq!(
+        h.invoices("a1").await[0].status,
+        pb::InvoiceStatus::Open as i32
+    );
+    assert!(!h.check("a1", 1).await.allowed);
+    // A card saved on Stripe then pays the open invoice.
+    let token = localstripe::customer_with_card(&url, localstripe::CARD_OK).await;
+    let r = h.update_payment("a1", card(&token)).await.unwrap();
+    assert_eq!(r.invoices[0].status, pb::InvoiceStatus::Paid as i32);
+    assert!(h.check("a1", 1).await.allowed);
+}
+
+// ---- webhooks ----------------------------------------------------------------------------------
+
+const WEBHOOK_SECRET: &str = "whsec_billing_suite_test";
+
+async fn deliver(h: &Harness, payload: &[u8], secret: &str) -> (u16, String) {
+    let now = chrono::Utc::now().timestamp();
+    let signature = format!(
+        "t={now},v1={}",
+        stripe_webhook::sign(&Secret::new(secret), now, payload)
+    );
+    let response = reqwest::Client::new()
+        .post(format!(
+            "http://{}{}",
+            h.running.metrics_addr.unwrap(),
+            stripe_webhook::PATH
+        ))
+        .header("Stripe-Signature", signature)
+        .body(payload.to_vec())
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    (status, response.text().await.unwrap())
+}
+
+// rule S18
+#[tokio::test]
+async fn s18_a_payment_failed_webhook_returns_a_pending_debit_once_and_a_forged_one_changes_nothing()
+ {
+    let Some(url) = localstripe::url() else {
+        return;
+    };
+    let settings = format!(
+        "{}stripe_webhook_secret = \"{WEBHOOK_SECRET}\"\n",
+        localstripe::settings(&url)
+    );
+    let h = Harness::start_with(&settings, None, TestDatabase::fresh()).await;
+    h.publish(plan_spec("email")).await;
+    let mandate = localstripe::customer_with_sepa(&url, localstripe::IBAN_FAILS_LATER).await;
+    h.subscribe("a1", "email", 5_000, debit(&mandate))
+        .await
+        .unwrap();
+    let intents = localstripe::payment_intents_of(&url, mandate.split(':').next().unwrap()).await;
+    let key = intents[0]["metadata"]["billing_key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let event = serde_json::json!({
+        "id": format!("evt_{key}"), "object": "event", "type": "payment_intent.payment_failed",
+        "data": {"object": {
+            "id": intents[0]["id"], "object": "payment_intent", "metadata": {"billing_key": key},
+            "last_payment_error": {"code": "charge_exceeds_source_limit"},
+        }},
+    })
+    .to_string()
+    .into_bytes();
+
+    // Signed with another secret: refused, the invoice stays pending.
+    assert_eq!(
+        deliver(&h, &event, "whsec_forged").await,
+        (400, "invalid signature".into())
+    );
+    assert_eq!(
+        h.invoices("a1").await[0].status,
+        pb::InvoiceStatus::Pending as i32
+    );
+    // The genuine delivery returns the debit before answering (localstripe's own failure
+    // comes half a second later, for the jobs' polling to find nothing left to do).
+    assert_eq!(
+        deliver(&h, &event, WEBHOOK_SECRET).await,
+        (200, "applied".into())
+    );
+    assert_eq!(
+        h.invoices("a1").await[0].status,
+        pb::InvoiceStatus::Open as i32
+    );
+    assert_eq!(
+        h.get("a1").await.status,
+        pb::SubscriptionStatus::PastDue as i32
+    );
+    assert_eq!(
+        deliver(&h, &event, WEBHOOK_SECRET).await,
+        (200, "already applied".into())
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(1_500)).await;
+    let s = h.get("a1").await;
+    let returns = s
+        .history
+        .iter()
+        .filter(|e| e.action == "direct_debit_returned")
+        .count();
+    assert_eq!(returns, 1, "returned once: {:?}", s.history);
+    assert_eq!(
+        h.events_of("subscription.payment_returned", 1).await.len(),
+        1
+    );
+}

@@ -1,0 +1,305 @@
+//! Stripe's webhooks: `POST /webhooks/stripe` on the metrics listener of a service that pays
+//! through Stripe with `stripe_webhook_secret` set.
+//!
+//! 1. The `Stripe-Signature` header (`t=<unix seconds>,v1=<hex>[,v1=...]`) must carry an
+//!    HMAC-SHA256, keyed with the endpoint's signing secret, of `<t>.<raw body>`, and `t` must
+//!    be within [`TOLERANCE`] (5 minutes, Stripe's default) of the system clock (Stripe signs
+//!    with real time, so never the service's test clock). Otherwise: `400`, nothing read further.
+//! 2. The event is handed to the service's [`WebhookHandler`], which records the event id and
+//!    applies it in one transaction: a delivery seen before changes nothing.
+//! 3. `200` only after that commit; a failure answers `500` and Stripe delivers again.
+
+use std::{sync::Arc, time::Duration};
+
+use async_trait::async_trait;
+use axum::{
+    Router,
+    body::Bytes,
+    extract::State,
+    http::{HeaderMap, StatusCode},
+    routing::post,
+};
+use hmac::{Hmac, Mac};
+use serde::Deserialize;
+use sha2::Sha256;
+use shared::{ChargeStatus, DeclineReason};
+use subtle::ConstantTimeEq;
+
+use crate::stripe::{METADATA_KEY, Secret};
+
+/// Where the endpoint answers.
+pub const PATH: &str = "/webhooks/stripe";
+/// Largest age (or advance) of a signature's timestamp.
+pub const TOLERANCE: Duration = Duration::from_secs(300);
+
+/// Why a delivery was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SignatureError {
+    /// No `Stripe-Signature` header, or not `t=...,v1=...`.
+    #[error("missing or malformed Stripe-Signature header")]
+    Malformed,
+    /// The timestamp is outside the tolerance.
+    #[error("signature timestamp outside the {}-second tolerance", TOLERANCE.as_secs())]
+    Stale,
+    /// No `v1` signature matches.
+    #[error("no signature matches the payload")]
+    Mismatch,
+}
+
+/// The `v1` signature Stripe computes for `payload` signed at `timestamp`.
+pub fn sign(secret: &Secret, timestamp: i64, payload: &[u8]) -> String {
+    // HMAC takes keys of any length: `new_from_slice` cannot fail for it.
+    let mut mac = match Hmac::<Sha256>::new_from_slice(secret.expose().as_bytes()) {
+        Ok(m) => m,
+        Err(_) => return String::new(),
+    };
+    mac.update(timestamp.to_string().as_bytes());
+    mac.update(b".");
+    mac.update(payload);
+    format!("{:x}", mac.finalize().into_bytes())
+}
+
+/// Checks `header` (`Stripe-Signature`) for `payload` at `now` (unix seconds).
+pub fn verify(
+    secret: &Secret,
+    header: &str,
+    payload: &[u8],
+    now: i64,
+) -> Result<(), SignatureError> {
+    let mut timestamp = None;
+    let mut signatures = Vec::new();
+    for part in header.split(',') {
+        match part.trim().split_once('=') {
+            Some(("t", t)) => timestamp = t.parse::<i64>().ok(),
+            Some(("v1", v)) => signatures.push(v),
+            _ => {}
+        }
+    }
+    let timestamp = timestamp.ok_or(SignatureError::Malformed)?;
+    if signatures.is_empty() {
+        return Err(SignatureError::Malformed);
+    }
+    let tolerance = i64::try_from(TOLERANCE.as_secs()).unwrap_or(i64::MAX);
+    if now.abs_diff(timestamp) > tolerance.unsigned_abs() {
+        return Err(SignatureError::Stale);
+    }
+    let expected = sign(secret, timestamp, payload);
+    if signatures
+        .iter()
+        .any(|s| bool::from(s.as_bytes().ct_eq(expected.as_bytes())))
+    {
+        Ok(())
+    } else {
+        Err(SignatureError::Mismatch)
+    }
+}
+
+/// One verified event, as far as the services read it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WebhookEvent {
+    /// `evt_...`: deliveries of one event share it.
+    pub id: String,
+    /// e.g. `payment_intent.succeeded`.
+    pub kind: String,
+    /// For `payment_intent.*` events: the PaymentIntent's id, our key and what it says.
+    pub payment: Option<PaymentUpdate>,
+}
+
+/// What a `payment_intent.succeeded` or `payment_intent.payment_failed` event tells.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PaymentUpdate {
+    /// `pi_...`.
+    pub payment_intent: String,
+    /// Our idempotency key (the PaymentIntent's metadata `billing_key`); `None` for a
+    /// PaymentIntent the suite did not create.
+    pub billing_key: Option<String>,
+    /// `Succeeded`, or `Declined` with the reason of its last error.
+    pub status: ChargeStatus,
+}
+
+#[derive(Deserialize)]
+struct RawEvent {
+    id: String,
+    #[serde(rename = "type")]
+    kind: String,
+    data: RawData,
+}
+
+#[derive(Deserialize)]
+struct RawData {
+    object: serde_json::Value,
+}
+
+/// Reads a verified payload; `None` if it is not a Stripe event.
+pub fn parse(payload: &[u8]) -> Option<WebhookEvent> {
+    let raw: RawEvent = serde_json::from_slice(payload).ok()?;
+    let object = &raw.data.object;
+    let status = match raw.kind.as_str() {
+        "payment_intent.succeeded" => Some(ChargeStatus::Succeeded),
+        "payment_intent.payment_failed" => {
+            let error = &object["last_payment_error"];
+            let codes = [error["code"].as_str(), error["decline_code"].as_str()];
+            Some(ChargeStatus::Declined(
+                if codes.iter().any(|c| {
+                    matches!(
+                        c,
+                        Some("authentication_required" | "payment_intent_authentication_failure")
+                    )
+                }) {
+                    DeclineReason::AuthenticationRequired
+                } else if codes.contains(&Some("insufficient_funds")) {
+                    DeclineReason::InsufficientFunds
+                } else {
+                    DeclineReason::Declined
+                },
+            ))
+        }
+        _ => None,
+    };
+    let payment = match (status, object["id"].as_str()) {
+        (Some(status), Some(id)) => Some(PaymentUpdate {
+            payment_intent: id.to_string(),
+            billing_key: object["metadata"][METADATA_KEY]
+                .as_str()
+                .map(str::to_string),
+            status,
+        }),
+        _ => None,
+    };
+    Some(WebhookEvent {
+        id: raw.id,
+        kind: raw.kind,
+        payment,
+    })
+}
+
+/// A service's side of the webhooks.
+#[async_trait]
+pub trait WebhookHandler: Send + Sync + 'static {
+    /// Records `event.id` and applies the event in one transaction; `Ok(false)` when the id was
+    /// recorded before (a repeated delivery: nothing changes). An event the service has nothing
+    /// to do for is recorded all the same.
+    async fn apply(&self, event: &WebhookEvent) -> anyhow::Result<bool>;
+}
+
+#[derive(Clone)]
+struct Endpoint {
+    secret: Secret,
+    handler: Arc<dyn WebhookHandler>,
+}
+
+async fn receive(
+    State(endpoint): State<Endpoint>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> (StatusCode, &'static str) {
+    let header = headers
+        .get("stripe-signature")
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or_default();
+    let now = chrono::Utc::now().timestamp();
+    if let Err(e) = verify(&endpoint.secret, header, &body, now) {
+        tracing::warn!(error = %e, "refused a Stripe webhook delivery");
+        return (StatusCode::BAD_REQUEST, "invalid signature");
+    }
+    let Some(event) = parse(&body) else {
+        tracing::warn!("a signed Stripe webhook is not an event");
+        return (StatusCode::BAD_REQUEST, "not a Stripe event");
+    };
+    match endpoint.handler.apply(&event).await {
+        Ok(true) => {
+            tracing::info!(event = %event.id, kind = %event.kind, "Stripe event applied");
+            (StatusCode::OK, "applied")
+        }
+        Ok(false) => (StatusCode::OK, "already applied"),
+        Err(e) => {
+            tracing::error!(event = %event.id, error = ?e, "applying a Stripe event failed; Stripe will deliver it again");
+            (StatusCode::INTERNAL_SERVER_ERROR, "not applied")
+        }
+    }
+}
+
+/// The endpoint's route, verifying with `secret` and applying through `handler`.
+pub fn router(secret: Secret, handler: Arc<dyn WebhookHandler>) -> Router {
+    Router::new()
+        .route(PATH, post(receive))
+        .with_state(Endpoint { secret, handler })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_signature_is_checked_against_payload_secret_and_time() {
+        let secret = Secret::new("whsec_test");
+        let payload = br#"{"id":"evt_1"}"#;
+        let t = 1_767_225_600;
+        let header = format!("t={t},v1={}", sign(&secret, t, payload));
+        assert_eq!(verify(&secret, &header, payload, t + 299), Ok(()));
+        assert_eq!(verify(&secret, &header, payload, t - 299), Ok(()));
+        assert_eq!(
+            verify(&secret, &header, payload, t + 301),
+            Err(SignatureError::Stale)
+        );
+        assert_eq!(
+            verify(&secret, &header, br#"{"id":"evt_2"}"#, t),
+            Err(SignatureError::Mismatch)
+        );
+        assert_eq!(
+            verify(&Secret::new("whsec_other"), &header, payload, t),
+            Err(SignatureError::Mismatch)
+        );
+        // Several v1 signatures (a secret being rolled): one match suffices.
+        let rolled = format!("t={t},v1=00ff,v1={}", sign(&secret, t, payload));
+        assert_eq!(verify(&secret, &rolled, payload, t), Ok(()));
+        for bad in ["", "t=1", "v1=abc", "t=x,v1=abc"] {
+            assert_eq!(
+                verify(&secret, bad, payload, t),
+                Err(SignatureError::Malformed),
+                "{bad}"
+            );
+        }
+        // Stripe's documented scheme: HMAC-SHA256 of "<t>.<payload>", hex.
+        assert_eq!(
+            sign(&Secret::new("key"), 1, b"x"),
+            format!(
+                "{:x}",
+                Hmac::<Sha256>::new_from_slice(b"key")
+                    .unwrap()
+                    .chain_update(b"1.x")
+                    .finalize()
+                    .into_bytes()
+            )
+        );
+    }
+
+    #[test]
+    fn payment_intent_events_carry_our_key_and_outcome() {
+        let ok = parse(br#"{"id":"evt_1","type":"payment_intent.succeeded","data":{"object":{"id":"pi_1","metadata":{"billing_key":"pur_1"}}}}"#).unwrap();
+        assert_eq!(
+            ok.payment,
+            Some(PaymentUpdate {
+                payment_intent: "pi_1".into(),
+                billing_key: Some("pur_1".into()),
+                status: ChargeStatus::Succeeded
+            })
+        );
+        let failed = parse(br#"{"id":"evt_2","type":"payment_intent.payment_failed","data":{"object":{"id":"pi_1","metadata":{},"last_payment_error":{"code":"card_declined","decline_code":"insufficient_funds"}}}}"#).unwrap();
+        let update = failed.payment.unwrap();
+        assert_eq!(update.billing_key, None);
+        assert_eq!(
+            update.status,
+            ChargeStatus::Declined(DeclineReason::InsufficientFunds)
+        );
+        let other =
+            parse(br#"{"id":"evt_3","type":"customer.created","data":{"object":{"id":"cus_1"}}}"#)
+                .unwrap();
+        assert_eq!(
+            (other.kind.as_str(), other.payment),
+            ("customer.created", None)
+        );
+        assert_eq!(parse(b"not json"), None);
+    }
+}
