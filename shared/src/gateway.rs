@@ -194,6 +194,14 @@ pub trait PaymentGateway: Send + Sync + 'static {
         &self,
         idempotency_key: &str,
     ) -> Result<Option<ChargeRecord>, GatewayError>;
+
+    /// The idempotency key a charge was made with, from the id the provider gave it (a Stripe
+    /// PaymentIntent's `pi_...`): how a later notice about the charge (a refund, a dispute)
+    /// finds the purchase it is about. `Ok(None)`: the provider has no such charge, or it
+    /// carries no key of ours. Providers that send no such notices keep this default.
+    async fn key_of_charge(&self, _charge_id: &str) -> Result<Option<String>, GatewayError> {
+        Ok(None)
+    }
 }
 
 /// One charge as the simulator keeps it, in 40 bytes: its key's digest ([`KeyDigest`]), the

@@ -229,19 +229,15 @@ impl Account {
         (lot_id, entry)
     }
 
-    /// Takes back the credits of a returned direct debit (C9): from its own lot first, then
-    /// the others; what was already spent becomes debt, and sends stop until it is paid.
-    pub fn claw_back(&mut self, own_lot: Option<&str>, credits: i64, reference: String) {
+    /// Takes back the credits of a returned direct debit (C9), or of a payment refunded or
+    /// disputed in full: from its own lot first, then the others; what was already spent
+    /// becomes debt, and sends stop until it is paid. `why` describes the ledger entry.
+    pub fn claw_back(&mut self, own_lot: Option<&str>, credits: i64, reference: String, why: &str) {
         let (takes, debt_added) =
             domain::plan_clawback(&self.plain_lots(), own_lot, credits, self.now);
         self.take_from_lots(&takes);
         self.wallet.debt += debt_added;
-        self.entry(
-            EntryKind::Clawback,
-            -credits,
-            reference.clone(),
-            "returned direct debit".into(),
-        );
+        self.entry(EntryKind::Clawback, -credits, reference.clone(), why.into());
         if debt_added > 0 {
             self.event(
                 "wallet.debt_recorded",

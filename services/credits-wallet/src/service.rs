@@ -1037,15 +1037,33 @@ impl Wallets {
 
 impl Wallets {
     /// Applies a verified Stripe webhook event exactly once: its id is recorded in the
-    /// transaction that applies it (`false`: delivered before, nothing changes). A
-    /// `payment_intent.succeeded` or `.payment_failed` for one of our purchases (its metadata
-    /// `billing_key` is the purchase id) moves that purchase as the reconciler would, under the
-    /// wallet's lock, each status once. Events for nothing of ours are recorded and ignored; a
-    /// purchase still being finished by its own request (a send it pays for) is left to it.
+    /// transaction that applies it (`false`: delivered before, nothing changes).
+    ///
+    /// - `payment_intent.succeeded` / `.payment_failed` for one of our purchases (the
+    ///   PaymentIntent's metadata `billing_key` is the purchase id) move that purchase as the
+    ///   reconciler would, under the wallet's lock, each status once; a purchase still being
+    ///   finished by its own request (a send it pays for) is left to it.
+    /// - `charge.refunded` / `charge.dispute.created` carry a Charge or a Dispute, which do not
+    ///   carry the PaymentIntent's metadata and the wallet does not store Stripe's ids: the
+    ///   PaymentIntent they name is retrieved from the gateway (one `GET`, before the
+    ///   transaction; a failure answers an error and Stripe delivers again) for its
+    ///   `billing_key`. A succeeded purchase whose whole price came back
+    ///   ([`domain::reversal_is_whole`]) is `returned`: its credits clawed back exactly as for a
+    ///   returned direct debit (C9: own lot first, debt for what was spent), with
+    ///   `wallet.payment_returned` whose reason is `refunded` or `disputed`. A part of the price
+    ///   coming back moves no credits and emits `wallet.payment_partly_reversed` for an operator.
+    ///   A purchase already returned or failed is left as it is (a dispute after a full refund
+    ///   takes nothing twice); one with no outcome yet is not applied (an error, so Stripe
+    ///   delivers again once the reconciler has finished it).
+    ///
+    /// Events for nothing of ours are recorded and ignored.
     pub async fn apply_stripe_event(
         &self,
         event: &runtime::stripe_webhook::WebhookEvent,
-    ) -> Result<bool, WalletError> {
+    ) -> anyhow::Result<bool> {
+        if let Some(reversal) = &event.reversal {
+            return self.apply_reversal(event, reversal).await;
+        }
         let mut tx = self.db.begin_write().await?;
         let received = chrono::Utc::now();
         if !store::record_stripe_event(&mut tx, &event.id, &event.kind, received).await? {
@@ -1084,6 +1102,62 @@ impl Wallets {
         self.platform.outbox.poke();
         Ok(true)
     }
+
+    /// `charge.refunded` and `charge.dispute.created` (see [`Wallets::apply_stripe_event`]).
+    async fn apply_reversal(
+        &self,
+        event: &runtime::stripe_webhook::WebhookEvent,
+        reversal: &runtime::stripe_webhook::Reversal,
+    ) -> anyhow::Result<bool> {
+        // Outside any transaction: the write lock is not held across a call to Stripe.
+        let key = match reversal.payment_intent.as_deref() {
+            Some(pi) => self.gateway.key_of_charge(pi).await.map_err(|e| {
+                anyhow::anyhow!("retrieving PaymentIntent {pi} for {}: {e}", event.id)
+            })?,
+            None => None,
+        };
+        let mut tx = self.db.begin_write().await?;
+        let received = chrono::Utc::now();
+        if !store::record_stripe_event(&mut tx, &event.id, &event.kind, received).await? {
+            tx.rollback().await?;
+            return Ok(false);
+        }
+        let purchase = match &key {
+            Some(key) => store::purchase(&mut tx, key).await?,
+            None => None,
+        };
+        let Some(p) = purchase else {
+            tracing::info!(event = %event.id, payment_intent = ?reversal.payment_intent, "Stripe refund or dispute for no purchase of this wallet; recorded and ignored");
+            tx.commit().await?;
+            return Ok(true);
+        };
+        match p.status {
+            PurchaseStatus::Succeeded => {}
+            PurchaseStatus::Returned | PurchaseStatus::Failed => {
+                tracing::info!(purchase = %p.purchase_id, event = %event.id, status = p.status.as_str(), "Stripe refund or dispute for a purchase whose credits are already gone; nothing to take back");
+                tx.commit().await?;
+                return Ok(true);
+            }
+            PurchaseStatus::Processing | PurchaseStatus::PendingSettlement => {
+                tx.rollback().await?;
+                anyhow::bail!(
+                    "purchase {} has no final outcome yet; {} is applied once it has",
+                    p.purchase_id,
+                    event.id
+                );
+            }
+        }
+        let mut acct = Account::lock(&mut tx, &self.db, &p.wallet_id, self.now()).await?;
+        acct.housekeeping(&mut tx).await?;
+        let mut p = store::purchase(&mut tx, &p.purchase_id)
+            .await?
+            .ok_or_else(|| runtime::db::DbError::Corrupt("purchase vanished".into()))?;
+        apply_reversal(&mut tx, &mut acct, &mut p, reversal).await?;
+        acct.save(&mut tx).await?;
+        tx.commit().await?;
+        self.platform.outbox.poke();
+        Ok(true)
+    }
 }
 
 /// The wallet's side of Stripe's webhooks (`runtime::stripe_webhook`).
@@ -1092,7 +1166,7 @@ pub struct StripeEvents(pub Wallets);
 #[tonic::async_trait]
 impl runtime::stripe_webhook::WebhookHandler for StripeEvents {
     async fn apply(&self, event: &runtime::stripe_webhook::WebhookEvent) -> anyhow::Result<bool> {
-        Ok(self.0.apply_stripe_event(event).await?)
+        self.0.apply_stripe_event(event).await
     }
 }
 
@@ -1382,12 +1456,66 @@ async fn apply_outcome(
                     p.lot_id.as_deref(),
                     p.credits,
                     format!("purchase:{}", p.purchase_id),
+                    "returned direct debit",
                 );
             }
             acct.event("wallet.payment_returned", payload(p));
         }
         _ => return Ok(()),
     }
+    store::update_purchase(tx, p, acct.now).await?;
+    Ok(())
+}
+
+/// Applies a refund or dispute to a succeeded purchase under the wallet's lock: all its
+/// credits back when the whole price came back, only an event otherwise
+/// ([`domain::reversal_is_whole`]). A purchase that is not `succeeded` is left as it is.
+async fn apply_reversal(
+    tx: &mut Transaction<'static, Any>,
+    acct: &mut Account,
+    p: &mut PurchaseRecord,
+    reversal: &runtime::stripe_webhook::Reversal,
+) -> Result<(), WalletError> {
+    if p.status != PurchaseStatus::Succeeded {
+        return Ok(());
+    }
+    let reason = reversal.kind.as_str();
+    let price = p
+        .amount
+        .to_minor_units()
+        .map_err(|e| runtime::db::DbError::Corrupt(format!("purchase amount: {e}")))?;
+    if !domain::reversal_is_whole(price, reversal.amount, reversal.complete) {
+        let reversed = Money::from_minor_units(reversal.amount, p.amount.currency());
+        acct.event(
+            "wallet.payment_partly_reversed",
+            json!({
+                "wallet_id": p.wallet_id, "purchase_id": p.purchase_id, "credits": p.credits,
+                "amount": p.amount.amount_text(), "currency": p.amount.currency().code(),
+                "trigger": p.trigger.as_str(), "reason": reason,
+                "reversed_amount": reversed.amount_text(),
+            }),
+        );
+        return Ok(());
+    }
+    p.status = PurchaseStatus::Returned;
+    p.failure_reason = reason.to_string();
+    acct.claw_back(
+        p.lot_id.as_deref(),
+        p.credits,
+        format!("purchase:{}", p.purchase_id),
+        match reversal.kind {
+            runtime::stripe_webhook::ReversalKind::Refunded => "payment refunded",
+            runtime::stripe_webhook::ReversalKind::Disputed => "payment disputed",
+        },
+    );
+    acct.event(
+        "wallet.payment_returned",
+        json!({
+            "wallet_id": p.wallet_id, "purchase_id": p.purchase_id, "credits": p.credits,
+            "amount": p.amount.amount_text(), "currency": p.amount.currency().code(),
+            "trigger": p.trigger.as_str(), "reason": reason,
+        }),
+    );
     store::update_purchase(tx, p, acct.now).await?;
     Ok(())
 }

@@ -23,6 +23,8 @@
 //! - The PaymentIntent ids of direct debits still `processing` are kept in memory (one entry
 //!   per open debit, dropped once it settles), so polling them is one `GET` by id; after a
 //!   restart the search finds them.
+//! - A refund or dispute webhook names only the PaymentIntent: [`PaymentGateway::key_of_charge`]
+//!   retrieves it by id for its `billing_key`.
 //!
 //! The secret key is sent only as the bearer token and never logged; [`Secret`]'s `Debug`
 //! output is `<redacted>`.
@@ -557,6 +559,20 @@ impl PaymentGateway for StripeGateway {
             self.pending().remove(idempotency_key);
         }
         Ok(Some(record))
+    }
+
+    /// Retrieves the PaymentIntent `charge_id` (`GET /v1/payment_intents/{id}`) and answers its
+    /// metadata `billing_key`. A refund's Charge or a dispute names the PaymentIntent but does
+    /// not carry its metadata, so this is how such an event finds our purchase.
+    async fn key_of_charge(&self, charge_id: &str) -> Result<Option<String>, GatewayError> {
+        // The id goes into the URL's path: anything but a PaymentIntent id is none of ours.
+        if !stripe_id(charge_id, "pi_") {
+            return Ok(None);
+        }
+        Ok(self
+            .retrieve(charge_id)
+            .await?
+            .and_then(|mut pi| pi.metadata.remove(METADATA_KEY)))
     }
 }
 

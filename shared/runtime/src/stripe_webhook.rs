@@ -8,6 +8,12 @@
 //! 2. The event is handed to the service's [`WebhookHandler`], which records the event id and
 //!    applies it in one transaction: a delivery seen before changes nothing.
 //! 3. `200` only after that commit; a failure answers `500` and Stripe delivers again.
+//!
+//! [`parse`] reads `payment_intent.succeeded` / `.payment_failed` into a [`PaymentUpdate`]
+//! (the PaymentIntent carries our `billing_key`), and `charge.refunded` /
+//! `charge.dispute.created` into a [`Reversal`] (a Charge or a Dispute: they name the
+//! PaymentIntent but carry none of its metadata, so a service asks the gateway for the key,
+//! [`shared::PaymentGateway::key_of_charge`]).
 
 use std::{sync::Arc, time::Duration};
 
@@ -103,6 +109,43 @@ pub struct WebhookEvent {
     pub kind: String,
     /// For `payment_intent.*` events: the PaymentIntent's id, our key and what it says.
     pub payment: Option<PaymentUpdate>,
+    /// For `charge.refunded` and `charge.dispute.created`: money taken back from a charge.
+    pub reversal: Option<Reversal>,
+}
+
+/// How money paid came back out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReversalKind {
+    /// `charge.refunded`: refunded (in the dashboard or through the API).
+    Refunded,
+    /// `charge.dispute.created`: the customer disputed the charge with their bank.
+    Disputed,
+}
+
+impl ReversalKind {
+    /// `refunded` or `disputed`: the reason the services record.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReversalKind::Refunded => "refunded",
+            ReversalKind::Disputed => "disputed",
+        }
+    }
+}
+
+/// What a `charge.refunded` (its object a Charge) or `charge.dispute.created` (a Dispute) event
+/// tells. Neither carries the PaymentIntent's metadata: the PaymentIntent's id is how a service
+/// finds what was paid.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reversal {
+    /// Refund or dispute.
+    pub kind: ReversalKind,
+    /// `pi_...` of the charge; `None` for a charge not made through a PaymentIntent.
+    pub payment_intent: Option<String>,
+    /// Minor units taken back: the Charge's `amount_refunded` (all refunds so far, cumulative),
+    /// or the Dispute's `amount`.
+    pub amount: i64,
+    /// The Charge's `refunded`: refunded in full (`false` for a dispute).
+    pub complete: bool,
 }
 
 /// What a `payment_intent.succeeded` or `payment_intent.payment_failed` event tells.
@@ -166,10 +209,26 @@ pub fn parse(payload: &[u8]) -> Option<WebhookEvent> {
         }),
         _ => None,
     };
+    let kind = match raw.kind.as_str() {
+        "charge.refunded" => Some(ReversalKind::Refunded),
+        "charge.dispute.created" => Some(ReversalKind::Disputed),
+        _ => None,
+    };
+    let reversal = kind.map(|kind| Reversal {
+        kind,
+        payment_intent: object["payment_intent"].as_str().map(str::to_string),
+        amount: match kind {
+            ReversalKind::Refunded => object["amount_refunded"].as_i64(),
+            ReversalKind::Disputed => object["amount"].as_i64(),
+        }
+        .unwrap_or(0),
+        complete: kind == ReversalKind::Refunded && object["refunded"].as_bool() == Some(true),
+    });
     Some(WebhookEvent {
         id: raw.id,
         kind: raw.kind,
         payment,
+        reversal,
     })
 }
 
@@ -301,5 +360,37 @@ mod tests {
             ("customer.created", None)
         );
         assert_eq!(parse(b"not json"), None);
+    }
+
+    #[test]
+    fn refunds_and_disputes_name_the_payment_intent_and_the_amount_taken_back() {
+        let refund = parse(br#"{"id":"evt_4","type":"charge.refunded","data":{"object":{"id":"ch_1","object":"charge","payment_intent":"pi_1","amount":42000,"amount_refunded":10000,"refunded":false}}}"#).unwrap();
+        assert_eq!(refund.payment, None);
+        assert_eq!(
+            refund.reversal,
+            Some(Reversal {
+                kind: ReversalKind::Refunded,
+                payment_intent: Some("pi_1".into()),
+                amount: 10_000,
+                complete: false
+            })
+        );
+        let dispute = parse(br#"{"id":"evt_5","type":"charge.dispute.created","data":{"object":{"id":"dp_1","object":"dispute","charge":"ch_1","payment_intent":"pi_1","amount":42000,"status":"needs_response"}}}"#).unwrap();
+        assert_eq!(
+            dispute.reversal,
+            Some(Reversal {
+                kind: ReversalKind::Disputed,
+                payment_intent: Some("pi_1".into()),
+                amount: 42_000,
+                complete: false
+            })
+        );
+        let bare = parse(br#"{"id":"evt_6","type":"charge.refunded","data":{"object":{"id":"ch_2","payment_intent":null,"amount":100,"amount_refunded":100,"refunded":true}}}"#).unwrap();
+        let bare = bare.reversal.unwrap();
+        assert_eq!((bare.payment_intent, bare.complete), (None, true));
+        let other =
+            parse(br#"{"id":"evt_7","type":"charge.succeeded","data":{"object":{"id":"ch_3"}}}"#)
+                .unwrap();
+        assert_eq!(other.reversal, None);
     }
 }

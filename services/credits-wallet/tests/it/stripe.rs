@@ -365,3 +365,184 @@ async fn a_webhook_with_a_bad_or_stale_signature_is_refused_and_changes_nothing(
     assert_eq!(deliver(&h, &succeeded, None).await, (200, "applied".into()));
     assert_eq!(h.wallet("w1").await.balance, 1_000);
 }
+
+// ---- refunds and disputes ----------------------------------------------------------------------
+
+/// A wallet paying through localstripe with the webhook endpoint served, and a purchase of
+/// 1,000 credits (10.00 EUR) paid by card: (harness, the purchase, its PaymentIntent's id).
+async fn paid_purchase_with_webhooks() -> Option<(Harness, pb::Purchase, String)> {
+    let url = localstripe::url()?;
+    let settings = format!(
+        "{}stripe_webhook_secret = \"{WEBHOOK_SECRET}\"\n",
+        localstripe::settings(&url)
+    );
+    let h = Harness::start_with(TestDatabase::fresh(), &settings).await;
+    h.open("w1", "1", 0).await;
+    let card = localstripe::customer_with_card(&url, localstripe::CARD_OK).await;
+    let p = h.purchase("w1", 1_000, &card).await;
+    assert_eq!(p.status, pb::PurchaseStatus::Succeeded as i32, "{p:?}");
+    assert_eq!(p.amount.as_ref().unwrap().amount, "10.00");
+    let intents = localstripe::payment_intents_of(&url, customer(&card)).await;
+    assert_eq!(intents.len(), 1, "{intents:?}");
+    let pi = intents[0]["id"].as_str().unwrap().to_string();
+    assert_eq!(h.wallet("w1").await.balance, 1_000);
+    Some((h, p, pi))
+}
+
+/// A `charge.refunded` event: the Charge of `payment_intent` (1,000 minor units) with
+/// `amount_refunded` refunded so far.
+fn refund_event(id: &str, payment_intent: &str, amount_refunded: i64) -> Vec<u8> {
+    serde_json::json!({
+        "id": id, "object": "event", "type": "charge.refunded",
+        "data": {"object": {
+            "id": "ch_refunded", "object": "charge", "payment_intent": payment_intent,
+            "amount": 1_000, "amount_refunded": amount_refunded,
+            "refunded": amount_refunded == 1_000, "currency": "eur",
+        }},
+    })
+    .to_string()
+    .into_bytes()
+}
+
+/// A `charge.dispute.created` event for `amount` minor units of `payment_intent`'s charge.
+fn dispute_event(id: &str, payment_intent: &str, amount: i64) -> Vec<u8> {
+    serde_json::json!({
+        "id": id, "object": "event", "type": "charge.dispute.created",
+        "data": {"object": {
+            "id": "dp_1", "object": "dispute", "charge": "ch_disputed",
+            "payment_intent": payment_intent, "amount": amount, "currency": "eur",
+            "status": "needs_response", "reason": "fraudulent",
+        }},
+    })
+    .to_string()
+    .into_bytes()
+}
+
+/// `VerifyLedger` over the whole database finds nothing wrong.
+async fn assert_books_verify(h: &Harness) {
+    let report = h
+        .client
+        .clone()
+        .verify_ledger(authed(ADMIN_TOKEN, pb::VerifyLedgerRequest::default()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(report.violations, [], "VerifyLedger");
+    h.assert_ledger_balances("w1").await;
+}
+
+// rule C9: a payment taken back claws its credits back like a returned direct debit
+#[tokio::test]
+async fn c9_a_full_refund_webhook_claws_the_credits_back_once_and_spent_credits_become_debt() {
+    let Some((h, p, pi)) = paid_purchase_with_webhooks().await else {
+        return;
+    };
+    h.charge("w1", "m1", 400).await.unwrap();
+    assert_eq!(h.wallet("w1").await.balance, 600);
+
+    let refund = refund_event("evt_refund_1", &pi, 1_000);
+    assert_eq!(deliver(&h, &refund, None).await, (200, "applied".into()));
+    let w = h.wallet("w1").await;
+    assert_eq!((w.balance, w.debt), (-400, 400), "600 left taken, 400 owed");
+    let returned = h.events_of("wallet.payment_returned", 1).await;
+    assert_eq!(returned.len(), 1);
+    let payload: serde_json::Value = serde_json::from_str(&returned[0].payload_json).unwrap();
+    assert_eq!(payload["purchase_id"], p.purchase_id.as_str());
+    assert_eq!(payload["reason"], "refunded");
+    assert_eq!(h.events_of("wallet.debt_recorded", 1).await.len(), 1);
+
+    // The same event delivered again changes nothing.
+    assert_eq!(
+        deliver(&h, &refund, None).await,
+        (200, "already applied".into())
+    );
+    let again = h.wallet("w1").await;
+    assert_eq!((again.balance, again.debt), (-400, 400));
+    assert_eq!(h.events_of("wallet.payment_returned", 1).await.len(), 1);
+    // The debt blocks sends as after a returned debit.
+    assert_eq!(
+        h.charge("w1", "m2", 1).await.unwrap_err().code(),
+        Code::FailedPrecondition
+    );
+    assert_books_verify(&h).await;
+}
+
+// rule C9
+#[tokio::test]
+async fn c9_a_dispute_webhook_claws_the_credits_back_and_a_refund_after_it_takes_nothing_more() {
+    let Some((h, p, pi)) = paid_purchase_with_webhooks().await else {
+        return;
+    };
+    let dispute = dispute_event("evt_dispute_1", &pi, 1_000);
+    assert_eq!(deliver(&h, &dispute, None).await, (200, "applied".into()));
+    let w = h.wallet("w1").await;
+    assert_eq!(
+        (w.balance, w.debt),
+        (0, 0),
+        "the unspent credits, all taken back"
+    );
+    let returned = h.events_of("wallet.payment_returned", 1).await;
+    assert_eq!(returned.len(), 1);
+    assert!(
+        returned[0].payload_json.contains(r#""reason":"disputed""#),
+        "{}",
+        returned[0].payload_json
+    );
+    assert!(returned[0].payload_json.contains(&p.purchase_id));
+
+    // Refunding the disputed charge later (another event) cannot take the credits twice.
+    let refund = refund_event("evt_refund_after_dispute", &pi, 1_000);
+    assert_eq!(deliver(&h, &refund, None).await, (200, "applied".into()));
+    let w = h.wallet("w1").await;
+    assert_eq!((w.balance, w.debt), (0, 0));
+    assert_eq!(h.events_of("wallet.payment_returned", 1).await.len(), 1);
+    assert_books_verify(&h).await;
+}
+
+// rule C1: a part of a volume-priced purchase refunded moves no credits; an operator decides
+#[tokio::test]
+async fn a_partial_refund_moves_no_credits_and_asks_for_review_until_the_whole_price_is_refunded() {
+    let Some((h, p, pi)) = paid_purchase_with_webhooks().await else {
+        return;
+    };
+    let partial = refund_event("evt_refund_part", &pi, 300);
+    assert_eq!(deliver(&h, &partial, None).await, (200, "applied".into()));
+    assert_eq!(h.wallet("w1").await.balance, 1_000, "no credits moved");
+    let review = h.events_of("wallet.payment_partly_reversed", 1).await;
+    assert_eq!(review.len(), 1);
+    let payload: serde_json::Value = serde_json::from_str(&review[0].payload_json).unwrap();
+    assert_eq!(payload["purchase_id"], p.purchase_id.as_str());
+    assert_eq!(payload["reversed_amount"], "3.00");
+    assert_eq!(payload["amount"], "10.00");
+    assert_eq!(payload["reason"], "refunded");
+    assert!(h.events_of("wallet.payment_returned", 0).await.is_empty());
+    assert_books_verify(&h).await;
+
+    // The rest refunded later (Stripe's `amount_refunded` is cumulative): all credits back.
+    let rest = refund_event("evt_refund_rest", &pi, 1_000);
+    assert_eq!(deliver(&h, &rest, None).await, (200, "applied".into()));
+    assert_eq!(h.wallet("w1").await.balance, 0);
+    assert_eq!(h.events_of("wallet.payment_returned", 1).await.len(), 1);
+    assert_books_verify(&h).await;
+}
+
+#[tokio::test]
+async fn a_refund_for_an_unknown_payment_intent_is_recorded_and_ignored() {
+    let Some((h, _p, _pi)) = paid_purchase_with_webhooks().await else {
+        return;
+    };
+    for (id, pi) in [
+        ("evt_unknown_pi", "pi_not_at_stripe"),
+        ("evt_not_an_id", "../v1/customers"),
+    ] {
+        let refund = refund_event(id, pi, 1_000);
+        assert_eq!(deliver(&h, &refund, None).await, (200, "applied".into()));
+        assert_eq!(
+            deliver(&h, &refund, None).await,
+            (200, "already applied".into())
+        );
+    }
+    assert_eq!(h.wallet("w1").await.balance, 1_000);
+    assert!(h.events_of("wallet.payment_returned", 0).await.is_empty());
+    assert_books_verify(&h).await;
+}
