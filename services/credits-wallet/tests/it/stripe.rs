@@ -546,3 +546,24 @@ async fn a_refund_for_an_unknown_payment_intent_is_recorded_and_ignored() {
     assert!(h.events_of("wallet.payment_returned", 0).await.is_empty());
     assert_books_verify(&h).await;
 }
+
+#[tokio::test]
+async fn a_refund_whose_payment_intent_cannot_be_retrieved_is_not_recorded_so_stripe_delivers_again()
+ {
+    let h = wallet_with_webhooks_and_a_silent_stripe().await;
+    unknown_outcome_purchase(&h).await;
+    let refund = refund_event("evt_refund_silent", "pi_somewhere", 1_000);
+    for _ in 0..2 {
+        assert_eq!(
+            deliver(&h, &refund, None).await,
+            (500, "not applied".into()),
+            "not `already applied`: the first failure recorded nothing"
+        );
+    }
+    let recorded: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM stripe_events")
+        .fetch_one(h.running.platform.db.pool())
+        .await
+        .unwrap();
+    assert_eq!(recorded, 0);
+    assert_eq!(h.wallet("w1").await.balance, 0);
+}
