@@ -303,14 +303,17 @@ async fn a_webhook_gets_every_event_in_cursor_order_signed_and_filtered_by_type(
         "odd positions (even i) are a.one, skipped; the cursor moves past them"
     );
     assert_eq!(*all.bad_signatures.lock().unwrap(), 0);
-    let delivered = ev
-        .metrics
-        .relay_delivered
-        .get_or_create(&SinkLabels {
-            sink: "webhook:all".into(),
-        })
-        .get();
-    assert_eq!(delivered, 30);
+    // The counter moves just after the commit that acknowledges: wait for it, do not race it.
+    until("30 delivered in the metrics", || async {
+        ev.metrics
+            .relay_delivered
+            .get_or_create(&SinkLabels {
+                sink: "webhook:all".into(),
+            })
+            .get()
+            == 30
+    })
+    .await;
     stop.cancel();
     r1.await.unwrap();
     r2.await.unwrap();
@@ -457,14 +460,12 @@ async fn past_its_retry_budget_an_event_is_dead_lettered_and_can_be_retried_once
     let labels = SinkLabels {
         sink: "webhook:platform".into(),
     };
-    assert_eq!(
-        ev.metrics.relay_dead_lettered.get_or_create(&labels).get(),
-        3
-    );
-    assert_eq!(
-        ev.metrics.relay_dead_letters.get_or_create(&labels).get(),
-        3
-    );
+    // The metrics move just after the commits: wait for them, do not race them.
+    until("three dead-lettered in the metrics", || async {
+        ev.metrics.relay_dead_lettered.get_or_create(&labels).get() == 3
+            && ev.metrics.relay_dead_letters.get_or_create(&labels).get() == 3
+    })
+    .await;
     assert!(ev.metrics.render().contains(
         "billing_events_dead_lettered_total{service=\"test\",sink=\"webhook:platform\"} 3"
     ));
@@ -526,10 +527,10 @@ async fn past_its_retry_budget_an_event_is_dead_lettered_and_can_be_retried_once
             == "delivered"
     })
     .await;
-    assert_eq!(
-        ev.metrics.relay_dead_letters.get_or_create(&labels).get(),
-        2
-    );
+    until("two dead letters left in the gauge", || async {
+        ev.metrics.relay_dead_letters.get_or_create(&labels).get() == 2
+    })
+    .await;
     let done = service
         .retry_dead_letter(ask("k4", "webhook:platform", 2))
         .await
@@ -850,18 +851,20 @@ async fn every_service_relays_its_configured_webhooks_serves_event_delivery_and_
         .await
         .unwrap_err();
     assert_eq!(none.code(), Code::NotFound);
-    let metrics = reqwest::get(format!("http://{}/metrics", running.metrics_addr.unwrap()))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert!(
-        metrics.contains(
-            "billing_events_delivered_total{service=\"relay-test\",sink=\"webhook:platform\"} 5"
-        ),
-        "{metrics}"
-    );
+    // The counter moves just after the acknowledging commit: wait for it, do not race it.
+    let metrics_url = format!("http://{}/metrics", running.metrics_addr.unwrap());
+    until("5 delivered in /metrics", || async {
+        reqwest::get(&metrics_url)
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+            .contains(
+                "billing_events_delivered_total{service=\"relay-test\",sink=\"webhook:platform\"} 5",
+            )
+    })
+    .await;
     running.stop().await.unwrap();
 
     // Stopped: events written meanwhile by another replica wait in the outbox.
