@@ -3,6 +3,7 @@
 //! ```sh
 //! cargo build --release -p bench -p credits-wallet -p reseller-billing -p subscription
 //! cargo run --release -p bench -- [--backend sqlite|postgres|both] [--seconds N] [--scenario NAME]
+//! cargo run --release -p bench -- --webhook --scenario opens   # events out: delivery lag
 //! ```
 //!
 //! Starts the three service binaries next to this one as child processes (fresh database each,
@@ -11,6 +12,7 @@
 //! code, throughput, latency percentiles, each service's memory, pgbench ratios on PostgreSQL,
 //! and a correctness check of the ledgers. Everything runs on 127.0.0.1.
 
+mod events;
 mod load;
 mod pgbench;
 mod pgstats;
@@ -27,12 +29,12 @@ use stack::Backend;
 const USAGE: &str = "\
 usage: bench [--backend sqlite|postgres|both] [--seconds N] [--scenario NAME|all]
              [--wallets N] [--customers N] [--renewals N] [--tasks N] [--no-half-rate]
-             [--rate N]
+             [--rate N] [--webhook]
 
   --backend    where the services keep their data (default sqlite); postgres uses
                BILLING_TEST_POSTGRES_URL (default postgres://postgres@127.0.0.1:5432/billing_test)
   --seconds    timed load per scenario, 1..=120 (default 10)
-  --scenario   spread, hot, reseller-hot, reserve-capture, renewals or all (default all)
+  --scenario   spread, hot, reseller-hot, reserve-capture, opens, renewals or all (default all)
   --wallets    wallets of spread and reserve-capture (default 10000)
   --customers  partner-pays customers of reseller-hot (default 1000)
   --renewals   subscriptions renewed by the renewals scenario (default 2000)
@@ -41,7 +43,11 @@ usage: bench [--backend sqlite|postgres|both] [--seconds N] [--scenario NAME|all
   --no-half-rate  skip the second, open-loop run of each load scenario at half its
                measured throughput (the latency-at-half-rate figure)
   --rate       offer the open-loop run at N steps/s instead of half the measured throughput
-               (compares two builds' latency at the same load; reported as the same column)";
+               (compares two builds' latency at the same load; reported as the same column)
+  --webhook    the wallet delivers its events to a webhook receiver in the harness; each load
+               scenario also reports the events its full-speed run produced and delivered,
+               their delivery lag (arrival - created_at) and how long the backlog took to drain
+               after the load (the setup's events are drained before the load starts)";
 
 struct Args {
     backends: Vec<Backend>,
@@ -61,6 +67,7 @@ fn parse_args() -> anyhow::Result<Args> {
         tasks: None,
         half_rate: true,
         rate: None,
+        webhook: false,
     };
     let number = |flag: &str, v: Option<String>, max: usize| -> anyhow::Result<usize> {
         let n: usize = v
@@ -98,6 +105,7 @@ fn parse_args() -> anyhow::Result<Args> {
             "--renewals" => settings.renewals = number("--renewals", args.next(), 100_000)?,
             "--tasks" => settings.tasks = Some(number("--tasks", args.next(), 4096)?),
             "--no-half-rate" => settings.half_rate = false,
+            "--webhook" => settings.webhook = true,
             "--rate" => settings.rate = Some(number("--rate", args.next(), 1_000_000)? as u64),
             "-h" | "--help" => {
                 println!("{USAGE}");

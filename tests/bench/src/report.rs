@@ -128,6 +128,47 @@ pub fn outcome(o: &Outcome) {
             Err(e) => format!("FAILED: {e}"),
         }
     );
+    match &o.events {
+        Some(Ok(f)) => println!("{}", events_line(f)),
+        Some(Err(e)) => println!("webhook: FAILED: {e}"),
+        None => {}
+    }
+}
+
+/// The `--webhook` figures of one full-speed load.
+fn events_line(f: &crate::events::Figures) -> String {
+    let micros = f.load.as_micros().max(1);
+    let per_s = |n: u64| u128::from(n) * 1_000_000 / micros;
+    format!(
+        "webhook (wallet, sink webhook:bench; setup's events drained in {} s before the load): {} events produced in {} s ({}/s), {} delivered during the load ({}/s), {} in all; lag (arrival - created_at) p50 {} ms, p99 {} ms, max {} ms; backlog drained {} s after the load ended; {} duplicates, {} refused",
+        seconds(f.setup_drain),
+        f.produced,
+        seconds(f.load),
+        per_s(f.produced),
+        f.delivered_during,
+        per_s(f.delivered_during),
+        f.delivered,
+        ms_i(f.lag_p50_us),
+        ms_i(f.lag_p99_us),
+        ms_i(f.lag_max_us),
+        seconds(f.drain),
+        f.duplicates,
+        f.refused,
+    ) + &format!(
+        "\n  every 0.5 s of the load, events with a cursor / acknowledged by the webhook: {}",
+        f.samples
+            .iter()
+            .map(|(h, a)| format!("{h}/{a}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    )
+}
+
+/// Signed microseconds as milliseconds with one decimal.
+fn ms_i(us: i64) -> String {
+    let sign = if us < 0 { "-" } else { "" };
+    let abs = us.unsigned_abs();
+    format!("{sign}{}.{}", abs / 1000, (abs % 1000) / 100)
 }
 
 fn baseline_for<'a>(scenario: &str, baselines: Option<&'a Baselines>) -> Option<&'a Baseline> {
@@ -178,6 +219,41 @@ pub fn summary(outcomes: &[Outcome], baselines: Option<&Baselines>, settings: &S
             memory,
             if o.check.is_ok() { "ok" } else { "FAILED" }
         );
+    }
+    let with_events: Vec<_> = outcomes
+        .iter()
+        .filter_map(|o| Some((o, o.events.as_ref()?)))
+        .collect();
+    if !with_events.is_empty() {
+        println!(
+            "\nWebhook (--webhook): the wallet's events of each full-speed load, delivered to the harness's receiver\n\n| scenario | backend | events produced | produced/s | delivered during the load | delivered/s | lag p50 ms | lag p99 ms | lag max ms | drained after the load, s |\n|---|---|--:|--:|--:|--:|--:|--:|--:|--:|"
+        );
+        for (o, figures) in with_events {
+            match figures {
+                Ok(f) => {
+                    let micros = f.load.as_micros().max(1);
+                    let per_s = |n: u64| u128::from(n) * 1_000_000 / micros;
+                    println!(
+                        "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                        o.scenario,
+                        o.backend.name(),
+                        f.produced,
+                        per_s(f.produced),
+                        f.delivered_during,
+                        per_s(f.delivered_during),
+                        ms_i(f.lag_p50_us),
+                        ms_i(f.lag_p99_us),
+                        ms_i(f.lag_max_us),
+                        seconds(f.drain),
+                    );
+                }
+                Err(e) => println!(
+                    "| {} | {} | FAILED: {e} | | | | | | | |",
+                    o.scenario,
+                    o.backend.name()
+                ),
+            }
+        }
     }
     match baselines {
         Some(Baselines::Ran { hot, spread }) => {

@@ -20,17 +20,19 @@ use tonic::transport::Channel;
 use w::credits_wallet_client::CreditsWalletClient;
 
 use crate::{
+    events,
     load::{self, Operation, Tally, pick, timed},
     pgstats,
     stack::{Auth, Backend, Memory, Stack, channels},
 };
 
 /// The scenarios, in the order they run.
-pub const ALL: [&str; 5] = [
+pub const ALL: [&str; 6] = [
     "spread",
     "hot",
     "reseller-hot",
     "reserve-capture",
+    "opens",
     "renewals",
 ];
 
@@ -50,6 +52,8 @@ pub struct Settings {
     pub half_rate: bool,
     /// Offers that second run at this many steps per second instead.
     pub rate: Option<u64>,
+    /// The wallet delivers its events to a webhook receiver in the harness (`--webhook`).
+    pub webhook: bool,
 }
 
 /// The result of one scenario on one backend.
@@ -69,6 +73,8 @@ pub struct Outcome {
     pub postgres: Option<pgstats::Activity>,
     /// The correctness check: Ok(summary) or Err(what is wrong).
     pub check: Result<String, String>,
+    /// With `--webhook`: the wallet's events of the timed load, as the receiver saw them.
+    pub events: Option<Result<events::Figures, String>>,
 }
 
 /// Each service's memory, and on PostgreSQL the server's counters, at one moment.
@@ -99,8 +105,12 @@ const CHANNELS: usize = 4;
 const SETUP_CONCURRENCY: usize = 64;
 
 pub async fn run(name: &str, backend: Backend, settings: &Settings) -> anyhow::Result<Outcome> {
-    let stack = Stack::start(backend).await?;
-    let result = run_on(name, backend, settings, &stack).await;
+    let receiver = match settings.webhook {
+        true => Some(events::Receiver::start().await?),
+        false => None,
+    };
+    let stack = Stack::start(backend, receiver.as_ref()).await?;
+    let result = run_on(name, backend, settings, &stack, receiver.as_ref()).await;
     if let Err(e) = stack.stop().await {
         // A failed clean-up leaves a schema behind; it does not change what was measured.
         eprintln!(
@@ -116,15 +126,38 @@ async fn run_on(
     backend: Backend,
     settings: &Settings,
     stack: &Stack,
+    receiver: Option<&events::Receiver>,
 ) -> anyhow::Result<Outcome> {
     let auth = Auth::new(&stack.secret)?;
     let wallet_chans = channels(&stack.wallet.url(), CHANNELS).await?;
     let setup_started = Instant::now();
     let secs = Duration::from_secs(settings.seconds);
     let tasks = |default: usize| settings.tasks.unwrap_or(default);
+    // The timed load at full speed; with a webhook, after the setup's events are delivered,
+    // and followed by the wait for the load's own.
+    let full = |n: usize, op: Operation| {
+        let (chan, auth) = (wallet_chans[0].clone(), auth.clone());
+        async move {
+            let Some(rx) = receiver else {
+                return (load::drive(n, secs, MAX_STEPS, op).await, None);
+            };
+            let mark = match events::before_load(&chan, &auth).await {
+                Ok(m) => m,
+                Err(e) => {
+                    let tally = load::drive(n, secs, MAX_STEPS, op).await;
+                    return (tally, Some(Err(format!("{e:#}"))));
+                }
+            };
+            let tally = load::drive(n, secs, MAX_STEPS, op).await;
+            let figures = events::after_load(&chan, &auth, rx, &mark)
+                .await
+                .map_err(|e| format!("{e:#}"));
+            (tally, Some(figures))
+        }
+    };
 
     // Each arm: setup, then (idle memory, timed load, check).
-    let (scenario, what, idle, tally, half, setup, check) = match name {
+    let (scenario, what, idle, tally, half, setup, check, events) = match name {
         "spread" => {
             let ids = wallet_ids("spread", settings.wallets);
             open_wallets(&wallet_chans[0], &auth, &ids).await?;
@@ -132,7 +165,7 @@ async fn run_on(
             let idle = sample(stack, backend).await;
             let n = tasks(128);
             let op = charge_op("spread", wallet_chans.clone(), auth.clone(), ids.clone());
-            let tally = load::drive(n, secs, MAX_STEPS, op.clone()).await;
+            let (tally, events) = full(n, op.clone()).await;
             let half = half_rate(settings, &tally, 1, op).await;
             let counts = tally.counts_with(half.as_ref().map(|h| &h.1));
             let check = check_wallets(&wallet_chans[0], &auth, &ids, &counts).await;
@@ -140,7 +173,7 @@ async fn run_on(
                 "ChargeMailing over {} wallets, {n} callers",
                 settings.wallets
             );
-            ("spread", what, idle, tally, half, setup, check)
+            ("spread", what, idle, tally, half, setup, check, events)
         }
         "hot" => {
             let ids = Arc::new(vec!["hot".to_string()]);
@@ -149,12 +182,12 @@ async fn run_on(
             let idle = sample(stack, backend).await;
             let n = tasks(256);
             let op = charge_op("hot", wallet_chans.clone(), auth.clone(), ids.clone());
-            let tally = load::drive(n, secs, MAX_STEPS, op.clone()).await;
+            let (tally, events) = full(n, op.clone()).await;
             let half = half_rate(settings, &tally, 1, op).await;
             let counts = tally.counts_with(half.as_ref().map(|h| &h.1));
             let check = check_wallets(&wallet_chans[0], &auth, &ids, &counts).await;
             let what = format!("ChargeMailing on one wallet, {n} callers");
-            ("hot", what, idle, tally, half, setup, check)
+            ("hot", what, idle, tally, half, setup, check, events)
         }
         "reseller-hot" => {
             let reseller_chans = channels(&stack.reseller.url(), CHANNELS).await?;
@@ -171,7 +204,7 @@ async fn run_on(
             let idle = sample(stack, backend).await;
             let n = tasks(256);
             let op = reseller_op(reseller_chans, auth.clone(), partner, settings.customers);
-            let tally = load::drive(n, secs, MAX_STEPS, op.clone()).await;
+            let (tally, events) = full(n, op.clone()).await;
             let half = half_rate(settings, &tally, 1, op).await;
             let counts = tally.counts_with(half.as_ref().map(|h| &h.1));
             let ids = Arc::new(vec![format!("partner:{partner}")]);
@@ -180,7 +213,16 @@ async fn run_on(
                 "reseller ChargeMailing, {} partner-pays customers of one partner, {n} callers",
                 settings.customers
             );
-            ("reseller-hot", what, idle, tally, half, setup, check)
+            (
+                "reseller-hot",
+                what,
+                idle,
+                tally,
+                half,
+                setup,
+                check,
+                events,
+            )
         }
         "reserve-capture" => {
             let ids = wallet_ids("rc", settings.wallets);
@@ -189,7 +231,7 @@ async fn run_on(
             let idle = sample(stack, backend).await;
             let n = tasks(128);
             let op = reserve_capture_op(wallet_chans.clone(), auth.clone(), ids.clone());
-            let tally = load::drive(n, secs, MAX_STEPS, op.clone()).await;
+            let (tally, events) = full(n, op.clone()).await;
             let half = half_rate(settings, &tally, 2, op).await;
             let counts = tally.counts_with(half.as_ref().map(|h| &h.1));
             let check = check_wallets(&wallet_chans[0], &auth, &ids, &counts).await;
@@ -197,7 +239,30 @@ async fn run_on(
                 "ReserveCredits + CaptureReservation over {} wallets, {n} callers (each call counted)",
                 settings.wallets
             );
-            ("reserve-capture", what, idle, tally, half, setup, check)
+            (
+                "reserve-capture",
+                what,
+                idle,
+                tally,
+                half,
+                setup,
+                check,
+                events,
+            )
+        }
+        "opens" => {
+            let setup = setup_started.elapsed();
+            let before = events::head(&wallet_chans[0], &auth).await?;
+            let idle = sample(stack, backend).await;
+            let n = tasks(128);
+            let op = open_op(wallet_chans.clone(), auth.clone());
+            let (tally, events) = full(n, op.clone()).await;
+            let half = half_rate(settings, &tally, 1, op).await;
+            let counts = tally.counts_with(half.as_ref().map(|h| &h.1));
+            let check = check_opens(&wallet_chans[0], &auth, before, &counts).await;
+            let what =
+                format!("OpenWallet of new wallets (one wallet.opened event each), {n} callers");
+            ("opens", what, idle, tally, half, setup, check, events)
         }
         "renewals" => {
             let sub_chans = channels(&stack.subscription.url(), 1).await?;
@@ -215,7 +280,7 @@ async fn run_on(
                 "renewal run of {} card subscriptions ({MONTHLY_CREDITS} credits a month) after one AdvanceTime (latency: clock move to the last of the renewal's invoice, its payment and its credits)",
                 settings.renewals
             );
-            ("renewals", what, idle, tally, None, setup, check)
+            ("renewals", what, idle, tally, None, setup, check, None)
         }
         other => bail!("unknown scenario {other:?}; one of {}", ALL.join(", ")),
     };
@@ -240,6 +305,7 @@ async fn run_on(
         memory,
         postgres,
         check,
+        events,
     })
 }
 
@@ -322,6 +388,48 @@ async fn open_wallets(ch: &Channel, auth: &Auth, ids: &[String]) -> anyhow::Resu
         }
     })
     .await
+}
+
+/// Opens a new wallet per step (no signup credits): one `wallet.opened` event each.
+fn open_op(chans: Vec<Channel>, auth: Auth) -> Operation {
+    Arc::new(move |task, seq| {
+        let mut client = CreditsWalletClient::new(chans[task % chans.len()].clone());
+        let req = auth.req(w::OpenWalletRequest {
+            idempotency_key: format!("opens-{task}-{seq}"),
+            wallet_id: format!("opens-{task}-{seq}"),
+            currency: "EUR".into(),
+            pricing: Some(pricing()),
+            rating: Some(one_credit_per_recipient()),
+            ..Default::default()
+        });
+        Box::pin(async move {
+            let (call, _) = timed("OpenWallet", client.open_wallet(req)).await;
+            vec![call]
+        })
+    })
+}
+
+/// The wallet's outbox grew by one event per wallet opened: between the successful calls and
+/// those plus the calls of unknown outcome.
+async fn check_opens(
+    ch: &Channel,
+    auth: &Auth,
+    before: u64,
+    counts: &BTreeMap<&'static str, (u64, u64)>,
+) -> Result<String, String> {
+    let (ok, unsure) = counts.get("OpenWallet").copied().unwrap_or_default();
+    // Committed events get their cursor within the outbox relay's poll (200 ms).
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after = events::head(ch, auth).await.map_err(|e| format!("{e:#}"))?;
+    let written = after.saturating_sub(before);
+    if written < ok || written > ok + unsure {
+        return Err(format!(
+            "{written} events written for {ok} wallets opened ({unsure} calls of unknown outcome)"
+        ));
+    }
+    Ok(format!(
+        "{written} wallet.opened events in the outbox for {ok} successful OpenWallet calls"
+    ))
 }
 
 fn charge_op(

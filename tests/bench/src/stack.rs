@@ -157,8 +157,12 @@ fn binary(dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
 
 impl Stack {
     /// Starts wallet, then reseller-billing and subscription pointed at it, and waits until
-    /// each answers health SERVING.
-    pub async fn start(backend: Backend) -> anyhow::Result<Stack> {
+    /// each answers health SERVING. With `webhook`, the wallet delivers its events to it (the
+    /// sink `webhook:bench`, every event type).
+    pub async fn start(
+        backend: Backend,
+        webhook: Option<&crate::events::Receiver>,
+    ) -> anyhow::Result<Stack> {
         let exe = std::env::current_exe()?;
         let bin_dir = exe
             .parent()
@@ -228,6 +232,13 @@ impl Stack {
                 for (key, value) in &peer {
                     cmd.env(format!("{prefix}_{key}"), value);
                 }
+            }
+            if let (Some(rx), "WALLET") = (webhook, prefix) {
+                let name = crate::events::NAME;
+                let var = format!("{prefix}_WEBHOOK_{}", name.to_uppercase());
+                cmd.env(format!("{prefix}_WEBHOOKS"), name)
+                    .env(format!("{var}_URL"), rx.url(file))
+                    .env(format!("{var}_SECRET"), &rx.secret);
             }
             if prefix == "SUBSCRIPTION" {
                 // The renewal scenario moves the subscription clock; nothing else reads it.
