@@ -350,6 +350,7 @@ pub fn invoice(i: &InvoiceRecord) -> pb::Invoice {
             InvoiceStatus::Paid => pb::InvoiceStatus::Paid,
             InvoiceStatus::Void => pb::InvoiceStatus::Void,
             InvoiceStatus::Pending => pb::InvoiceStatus::Pending,
+            InvoiceStatus::Refunded => pb::InvoiceStatus::Refunded,
         } as i32,
         payment_kind: payment_kind(i.payment_kind) as i32,
         issued_at: ts(i.issued_at),

@@ -40,6 +40,9 @@ pub enum InvoiceStatus {
     Void,
     /// A direct debit was submitted and has not settled: not paid yet.
     Pending,
+    /// Paid, then refunded in full through the payment provider (Stripe's `charge.refunded`):
+    /// the money went back by the platform's own decision; the subscription is not touched.
+    Refunded,
 }
 
 /// Where a change request stands (S10).
@@ -69,7 +72,7 @@ macro_rules! text_enum {
 }
 
 text_enum!(PaymentKind { None => "none", Card => "card", BankTransfer => "bank_transfer", DirectDebit => "direct_debit" });
-text_enum!(InvoiceStatus { Open => "open", Paid => "paid", Void => "void", Pending => "pending" });
+text_enum!(InvoiceStatus { Open => "open", Paid => "paid", Void => "void", Pending => "pending", Refunded => "refunded" });
 text_enum!(RequestStatus { Open => "open", Approved => "approved", Rejected => "rejected" });
 
 /// An account's review state (S16).

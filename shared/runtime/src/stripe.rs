@@ -13,7 +13,8 @@
 //!   is [`ChargeOutcome::Pending`], polled later by the services' reconcilers through
 //!   `charge_status`; a decline (HTTP 402, or a PaymentIntent that needs a new payment method or
 //!   an authentication) is [`ChargeOutcome::Declined`] with its reason. A network error, a
-//!   timeout, HTTP 429 or 5xx, or an answer that cannot be read leave the outcome unknown:
+//!   timeout, HTTP 409 (a request under the same key still in progress), 429 or 5xx, or an
+//!   answer that cannot be read leave the outcome unknown:
 //!   [`GatewayError::Timeout`], reconciled with the same key. Anything else Stripe refuses
 //!   (bad key, malformed request) is [`GatewayError::Refused`] and charged nothing.
 //! - Stripe honours `Idempotency-Key` for 24 hours. For a key whose earlier attempt timed out in
@@ -484,6 +485,13 @@ impl StripeGateway {
                     Err(GatewayError::Timeout)
                 }
             },
+            // 409: another request with this key is still in progress at Stripe (a reconciler
+            // racing the request that made the charge). Nothing is known yet: it is not a
+            // refusal, and the next attempt gets the first request's answer.
+            Answer::Refused(reqwest::StatusCode::CONFLICT, _) => {
+                tracing::warn!(key = %key, "Stripe is still processing another request with this key; outcome unknown, will reconcile");
+                Err(GatewayError::Timeout)
+            }
             Answer::Refused(status, e) if e.kind.as_deref() == Some("idempotency_error") => {
                 tracing::warn!(key = %key, %status, "Stripe refused a retry that differs from the first request");
                 Err(GatewayError::MismatchedRetry)

@@ -148,6 +148,17 @@ pub struct Reversal {
     pub complete: bool,
 }
 
+impl Reversal {
+    /// Whether this takes back the whole of a payment of `price_minor`: all refunds so far (or
+    /// the disputed amount) reach the price, or Stripe says the charge is refunded in full.
+    /// The services take back what a payment bought only then (all or nothing): how much of a
+    /// volume-priced purchase or of an invoice's period a part stands for is a business
+    /// decision, left to an operator.
+    pub fn is_whole(&self, price_minor: i64) -> bool {
+        self.complete || self.amount >= price_minor
+    }
+}
+
 /// What a `payment_intent.succeeded` or `payment_intent.payment_failed` event tells.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PaymentUpdate {
@@ -289,6 +300,22 @@ pub fn router(secret: Secret, handler: Arc<dyn WebhookHandler>) -> Router {
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_whole_price_coming_back_is_a_whole_reversal() {
+        let r = |amount, complete| Reversal {
+            kind: ReversalKind::Refunded,
+            payment_intent: None,
+            amount,
+            complete,
+        };
+        assert!(r(42_000, false).is_whole(42_000));
+        assert!(r(42_000, true).is_whole(42_000));
+        assert!(r(50_000, false).is_whole(42_000));
+        assert!(r(0, true).is_whole(42_000), "Stripe's `refunded` decides");
+        assert!(!r(41_999, false).is_whole(42_000));
+        assert!(!r(0, false).is_whole(42_000));
+    }
 
     #[test]
     fn a_signature_is_checked_against_payload_secret_and_time() {

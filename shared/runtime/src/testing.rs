@@ -170,10 +170,20 @@ pub fn authed<T>(token: &str, message: T) -> tonic::Request<T> {
 /// SetupIntent flow would on real Stripe.
 pub mod localstripe {
     use std::{
+        collections::HashMap,
         net::{SocketAddr, TcpStream, ToSocketAddrs},
         process::{Command, Stdio},
-        sync::Mutex,
+        sync::{
+            Arc, Mutex,
+            atomic::{AtomicUsize, Ordering},
+        },
         time::{Duration, Instant},
+    };
+
+    use axum::{
+        body::Bytes,
+        extract::State,
+        http::{HeaderMap, Method, StatusCode, Uri},
     };
 
     /// Overrides the local Stripe's URL.
@@ -305,6 +315,13 @@ pub mod localstripe {
     /// The PaymentIntents of `customer` (`cus_...`), oldest first: localstripe has no filter, so
     /// every page is read.
     pub async fn payment_intents_of(url: &str, customer: &str) -> Vec<serde_json::Value> {
+        let mut found = all_payment_intents(url).await;
+        found.retain(|pi| pi["customer"].as_str() == Some(customer));
+        found
+    }
+
+    /// Every PaymentIntent localstripe holds, oldest first.
+    async fn all_payment_intents(url: &str) -> Vec<serde_json::Value> {
         let client = reqwest::Client::new();
         let mut found = Vec::new();
         let mut after: Option<String> = None;
@@ -326,15 +343,229 @@ pub mod localstripe {
                 .unwrap_or_else(|e| panic!("listing PaymentIntents: {e}"));
             let data = page["data"].as_array().cloned().unwrap_or_default();
             after = data.last().map(id);
-            found.extend(
-                data.into_iter()
-                    .filter(|pi| pi["customer"].as_str() == Some(customer)),
-            );
+            found.extend(data);
             if page["has_more"].as_bool() != Some(true) || after.is_none() {
                 break;
             }
         }
         found.sort_by_key(|pi| pi["created"].as_i64());
         found
+    }
+
+    /// A front for localstripe that adds the two behaviours of Stripe it lacks, so a service
+    /// can be tested against a payment that times out in the middle: it honours
+    /// `Idempotency-Key` on `POST /v1/payment_intents` (a second create under a key gets the
+    /// first one's answer, as Stripe does for 24 hours, or `409` with an `idempotency_error`
+    /// while the first is still in progress; unlike Stripe it does not compare the
+    /// parameters), and answers `GET /v1/payment_intents/search` for the one query the adapter
+    /// makes (`metadata['billing_key']:'<key>'`) from localstripe's list. Everything else is
+    /// passed through. [`Front::hold_next_create`] makes the next create reach localstripe (and
+    /// charge) but answer only after a delay: longer than the adapter waits, it is a timeout
+    /// after the charge was made.
+    pub struct Front {
+        /// The front's base URL, for `stripe_api_base`.
+        pub url: String,
+        state: Arc<FrontState>,
+    }
+
+    struct FrontState {
+        upstream: String,
+        http: reqwest::Client,
+        /// Idempotency-Key -> the first create's answer (status, body); `None` while that
+        /// create is still in progress.
+        answers: Mutex<HashMap<String, Option<(u16, String)>>>,
+        /// The delay before the next create's answer, once.
+        hold: Mutex<Option<Duration>>,
+        creates: AtomicUsize,
+    }
+
+    impl Front {
+        /// Starts a front for the localstripe at `upstream` on a free local port.
+        pub async fn start(upstream: &str) -> Front {
+            let state = Arc::new(FrontState {
+                upstream: upstream.trim_end_matches('/').to_string(),
+                http: reqwest::Client::new(),
+                answers: Mutex::default(),
+                hold: Mutex::default(),
+                creates: AtomicUsize::new(0),
+            });
+            let app = axum::Router::new()
+                .fallback(axum::routing::any(front_pass))
+                .with_state(state.clone());
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .unwrap_or_else(|e| panic!("binding the Stripe front: {e}"));
+            let addr = listener
+                .local_addr()
+                .unwrap_or_else(|e| panic!("the Stripe front's address: {e}"));
+            tokio::spawn(async move { axum::serve(listener, app).await });
+            Front {
+                url: format!("http://{addr}"),
+                state,
+            }
+        }
+
+        /// The next `POST /v1/payment_intents` is made at localstripe at once but answered
+        /// only after `delay`.
+        pub fn hold_next_create(&self, delay: Duration) {
+            *self.state.hold.lock().unwrap_or_else(|e| e.into_inner()) = Some(delay);
+        }
+
+        /// How many creates reached localstripe (a replayed key is not one).
+        pub fn creates(&self) -> usize {
+            self.state.creates.load(Ordering::SeqCst)
+        }
+    }
+
+    /// The value of the adapter's search query `metadata['billing_key']:'<value>'`.
+    fn searched_key(query: &str) -> Option<String> {
+        let literal = query.split_once(':')?.1;
+        let inner = literal.strip_prefix('\'')?.strip_suffix('\'')?;
+        Some(inner.replace("\\'", "'").replace("\\\\", "\\"))
+    }
+
+    async fn front_pass(
+        State(s): State<Arc<FrontState>>,
+        method: Method,
+        uri: Uri,
+        headers: HeaderMap,
+        body: Bytes,
+    ) -> (StatusCode, String) {
+        let path = uri.path();
+        if method == Method::GET && path == "/v1/payment_intents/search" {
+            let key = reqwest::Url::parse(&format!("http://front{uri}"))
+                .ok()
+                .and_then(|u| {
+                    u.query_pairs()
+                        .find(|(k, _)| k == "query")
+                        .and_then(|(_, q)| searched_key(&q))
+                });
+            let data: Vec<serde_json::Value> = all_payment_intents(&s.upstream)
+                .await
+                .into_iter()
+                .filter(|pi| {
+                    key.is_some() && pi["metadata"]["billing_key"].as_str() == key.as_deref()
+                })
+                .collect();
+            let body = serde_json::json!({"object": "search_result", "data": data});
+            return (StatusCode::OK, body.to_string());
+        }
+        let status = |code: u16| StatusCode::from_u16(code).unwrap_or(StatusCode::BAD_GATEWAY);
+        let create = method == Method::POST && path == "/v1/payment_intents";
+        let key = headers
+            .get("idempotency-key")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        if create && let Some(key) = &key {
+            let mut answers = s.answers.lock().unwrap_or_else(|e| e.into_inner());
+            match answers.get(key) {
+                Some(Some((code, body))) => return (status(*code), body.clone()),
+                Some(None) => {
+                    let body = serde_json::json!({"error": {
+                        "type": "idempotency_error",
+                        "message": "There is currently another in-progress request using this Idempotent Key",
+                    }});
+                    return (StatusCode::CONFLICT, body.to_string());
+                }
+                None => {
+                    answers.insert(key.clone(), None);
+                }
+            }
+        }
+        let mut request = s
+            .http
+            .request(method.clone(), format!("{}{uri}", s.upstream))
+            .body(body.to_vec());
+        for name in ["authorization", "content-type"] {
+            if let Some(v) = headers.get(name) {
+                request = request.header(name, v.as_bytes());
+            }
+        }
+        let (code, text) = match request.send().await {
+            Ok(r) => (r.status().as_u16(), r.text().await.unwrap_or_default()),
+            Err(e) => (
+                502,
+                serde_json::json!({"error": {"message": e.to_string()}}).to_string(),
+            ),
+        };
+        if create {
+            s.creates.fetch_add(1, Ordering::SeqCst);
+            let hold = s.hold.lock().unwrap_or_else(|e| e.into_inner()).take();
+            if let Some(delay) = hold {
+                tokio::time::sleep(delay).await;
+            }
+            if let Some(key) = key {
+                s.answers
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(key, Some((code, text.clone())));
+            }
+        }
+        (status(code), text)
+    }
+}
+
+/// Stripe webhook deliveries as Stripe makes them, for the services' webhook tests: events
+/// built the way Stripe shapes them, signed with the endpoint's secret and POSTed to
+/// [`crate::stripe_webhook::PATH`].
+pub mod stripe_events {
+    use std::net::SocketAddr;
+
+    use crate::{stripe::Secret, stripe_webhook};
+
+    /// A `charge.refunded` event: the Charge of `payment_intent` (`amount` minor units of EUR)
+    /// with `amount_refunded` refunded so far (in full when they are equal).
+    pub fn refund(id: &str, payment_intent: &str, amount: i64, amount_refunded: i64) -> Vec<u8> {
+        serde_json::json!({
+            "id": id, "object": "event", "type": "charge.refunded",
+            "data": {"object": {
+                "id": "ch_refunded", "object": "charge", "payment_intent": payment_intent,
+                "amount": amount, "amount_refunded": amount_refunded,
+                "refunded": amount_refunded == amount, "currency": "eur",
+            }},
+        })
+        .to_string()
+        .into_bytes()
+    }
+
+    /// A `charge.dispute.created` event for `amount` minor units of `payment_intent`'s charge.
+    pub fn dispute(id: &str, payment_intent: &str, amount: i64) -> Vec<u8> {
+        serde_json::json!({
+            "id": id, "object": "event", "type": "charge.dispute.created",
+            "data": {"object": {
+                "id": "dp_1", "object": "dispute", "charge": "ch_disputed",
+                "payment_intent": payment_intent, "amount": amount, "currency": "eur",
+                "status": "needs_response", "reason": "fraudulent",
+            }},
+        })
+        .to_string()
+        .into_bytes()
+    }
+
+    /// POSTs `payload` to the webhook endpoint on `metrics_addr` with `signature`, or with a
+    /// valid signature under `secret` made now: (HTTP status, body).
+    pub async fn deliver(
+        metrics_addr: SocketAddr,
+        payload: &[u8],
+        secret: &str,
+        signature: Option<String>,
+    ) -> (u16, String) {
+        let signature = signature.unwrap_or_else(|| {
+            let now = chrono::Utc::now().timestamp();
+            format!(
+                "t={now},v1={}",
+                stripe_webhook::sign(&Secret::new(secret), now, payload)
+            )
+        });
+        let response = reqwest::Client::new()
+            .post(format!("http://{metrics_addr}{}", stripe_webhook::PATH))
+            .header("Stripe-Signature", signature)
+            .header("Content-Type", "application/json")
+            .body(payload.to_vec())
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("delivering a webhook: {e}"));
+        let status = response.status().as_u16();
+        (status, response.text().await.unwrap_or_default())
     }
 }

@@ -6,7 +6,7 @@ use proto::wallet::v1 as pb;
 use runtime::{
     stripe::Secret,
     stripe_webhook,
-    testing::{ADMIN_TOKEN, TestDatabase, authed, localstripe},
+    testing::{ADMIN_TOKEN, TestDatabase, authed, localstripe, stripe_events},
 };
 use tonic::Code;
 
@@ -226,6 +226,71 @@ async fn with_stripe_a_simulator_token_is_refused_naming_the_form_stripe_takes()
     assert_eq!(h.wallet("w1").await.balance, 0);
 }
 
+// rule C1: a timeout in the middle: Stripe charged, the answer was lost; reconciled, charged once
+#[tokio::test]
+async fn c1_a_purchase_whose_answer_from_stripe_times_out_after_the_charge_is_reconciled_and_charged_once()
+ {
+    let Some(url) = localstripe::url() else {
+        return;
+    };
+    // localstripe ignores Idempotency-Key and has no search: the front adds both, as Stripe has.
+    let front = localstripe::Front::start(&url).await;
+    let h = Harness::start_with(TestDatabase::fresh(), &localstripe::settings(&front.url)).await;
+    h.open("w1", "1", 0).await;
+    let card = localstripe::customer_with_card(&url, localstripe::CARD_OK).await;
+    // The charge is made at once; its answer comes after the adapter's 8-second limit.
+    front.hold_next_create(std::time::Duration::from_secs(10));
+    let request = purchase_request("buy-timeout", 1_000, &card);
+    let first = h
+        .client
+        .clone()
+        .purchase_credits(authed(ADMIN_TOKEN, request.clone()))
+        .await
+        .unwrap()
+        .into_inner();
+    // The request's own attempt timed out: it answers `processing`, or `succeeded` when the
+    // reconciler (which searches Stripe by our key as soon as an outcome is unknown) finished
+    // the purchase before the request took the wallet's lock again.
+    assert!(
+        [
+            pb::PurchaseStatus::Processing as i32,
+            pb::PurchaseStatus::Succeeded as i32
+        ]
+        .contains(&first.status),
+        "{first:?}"
+    );
+
+    // Meanwhile the reconciler's attempts under the same key got Stripe's 409 (the first
+    // request still in progress): unknown, not declined. Once Stripe has answered, the
+    // reconciler's next attempt finds the charge made (by the key, or by the search).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while h.wallet("w1").await.balance == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the purchase was not reconciled"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    assert_eq!(h.wallet("w1").await.balance, 1_000);
+    // The client's retry gets the settled purchase, and charges nothing.
+    let again = h
+        .client
+        .clone()
+        .purchase_credits(authed(ADMIN_TOKEN, request))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.purchase_id, first.purchase_id);
+    assert_eq!(again.status, pb::PurchaseStatus::Succeeded as i32);
+    let intents = localstripe::payment_intents_of(&url, customer(&card)).await;
+    assert_eq!(intents.len(), 1, "charged once: {intents:?}");
+    assert_eq!(intents[0]["amount"], 1_000);
+    assert_eq!(front.creates(), 1);
+    assert_eq!(h.wallet("w1").await.balance, 1_000);
+    assert_eq!(h.events_of("wallet.purchase_succeeded", 1).await.len(), 1);
+    h.assert_ledger_balances("w1").await;
+}
+
 // ---- webhooks ----------------------------------------------------------------------------------
 
 const WEBHOOK_SECRET: &str = "whsec_billing_suite_test";
@@ -254,28 +319,13 @@ fn event(id: &str, kind: &str, purchase_id: &str) -> Vec<u8> {
 
 /// Delivers `payload` with `signature` (or a valid one), as Stripe would.
 async fn deliver(h: &Harness, payload: &[u8], signature: Option<String>) -> (u16, String) {
-    let now = chrono::Utc::now().timestamp();
-    let signature = signature.unwrap_or_else(|| {
-        format!(
-            "t={now},v1={}",
-            stripe_webhook::sign(&Secret::new(WEBHOOK_SECRET), now, payload)
-        )
-    });
-    let url = format!(
-        "http://{}{}",
+    stripe_events::deliver(
         h.running.metrics_addr.unwrap(),
-        stripe_webhook::PATH
-    );
-    let response = reqwest::Client::new()
-        .post(url)
-        .header("Stripe-Signature", signature)
-        .header("Content-Type", "application/json")
-        .body(payload.to_vec())
-        .send()
-        .await
-        .unwrap();
-    let status = response.status().as_u16();
-    (status, response.text().await.unwrap())
+        payload,
+        WEBHOOK_SECRET,
+        signature,
+    )
+    .await
 }
 
 async fn unknown_outcome_purchase(h: &Harness) -> pb::Purchase {
@@ -389,33 +439,9 @@ async fn paid_purchase_with_webhooks() -> Option<(Harness, pb::Purchase, String)
     Some((h, p, pi))
 }
 
-/// A `charge.refunded` event: the Charge of `payment_intent` (1,000 minor units) with
-/// `amount_refunded` refunded so far.
+/// A `charge.refunded` event for the 1,000-minor-unit charge of `payment_intent`.
 fn refund_event(id: &str, payment_intent: &str, amount_refunded: i64) -> Vec<u8> {
-    serde_json::json!({
-        "id": id, "object": "event", "type": "charge.refunded",
-        "data": {"object": {
-            "id": "ch_refunded", "object": "charge", "payment_intent": payment_intent,
-            "amount": 1_000, "amount_refunded": amount_refunded,
-            "refunded": amount_refunded == 1_000, "currency": "eur",
-        }},
-    })
-    .to_string()
-    .into_bytes()
-}
-
-/// A `charge.dispute.created` event for `amount` minor units of `payment_intent`'s charge.
-fn dispute_event(id: &str, payment_intent: &str, amount: i64) -> Vec<u8> {
-    serde_json::json!({
-        "id": id, "object": "event", "type": "charge.dispute.created",
-        "data": {"object": {
-            "id": "dp_1", "object": "dispute", "charge": "ch_disputed",
-            "payment_intent": payment_intent, "amount": amount, "currency": "eur",
-            "status": "needs_response", "reason": "fraudulent",
-        }},
-    })
-    .to_string()
-    .into_bytes()
+    stripe_events::refund(id, payment_intent, 1_000, amount_refunded)
 }
 
 /// `VerifyLedger` over the whole database finds nothing wrong.
@@ -473,7 +499,7 @@ async fn c9_a_dispute_webhook_claws_the_credits_back_and_a_refund_after_it_takes
     let Some((h, p, pi)) = paid_purchase_with_webhooks().await else {
         return;
     };
-    let dispute = dispute_event("evt_dispute_1", &pi, 1_000);
+    let dispute = stripe_events::dispute("evt_dispute_1", &pi, 1_000);
     assert_eq!(deliver(&h, &dispute, None).await, (200, "applied".into()));
     let w = h.wallet("w1").await;
     assert_eq!(

@@ -4,11 +4,7 @@
 //! `BILLING_TEST_STRIPE=required`.
 
 use proto::subscription::v1 as pb;
-use runtime::{
-    stripe::Secret,
-    stripe_webhook,
-    testing::{TestDatabase, localstripe},
-};
+use runtime::testing::{TestDatabase, localstripe, stripe_events};
 use tonic::Code;
 
 use crate::{Harness, card, payments::debit, plan_spec};
@@ -134,24 +130,7 @@ async fn s18_a_sepa_debit_through_stripe_that_fails_later_reopens_the_invoice() 
 const WEBHOOK_SECRET: &str = "whsec_billing_suite_test";
 
 async fn deliver(h: &Harness, payload: &[u8], secret: &str) -> (u16, String) {
-    let now = chrono::Utc::now().timestamp();
-    let signature = format!(
-        "t={now},v1={}",
-        stripe_webhook::sign(&Secret::new(secret), now, payload)
-    );
-    let response = reqwest::Client::new()
-        .post(format!(
-            "http://{}{}",
-            h.running.metrics_addr.unwrap(),
-            stripe_webhook::PATH
-        ))
-        .header("Stripe-Signature", signature)
-        .body(payload.to_vec())
-        .send()
-        .await
-        .unwrap();
-    let status = response.status().as_u16();
-    (status, response.text().await.unwrap())
+    stripe_events::deliver(h.running.metrics_addr.unwrap(), payload, secret, None).await
 }
 
 // rule S18
@@ -224,5 +203,169 @@ async fn s18_a_payment_failed_webhook_returns_a_pending_debit_once_and_a_forged_
     assert_eq!(
         h.events_of("subscription.payment_returned", 1).await.len(),
         1
+    );
+}
+
+// ---- refunds and disputes ----------------------------------------------------------------------
+
+/// A service paying through localstripe with the webhook endpoint served, and account `a1`
+/// subscribed by card: (harness, localstripe's URL, the first invoice, its PaymentIntent's id).
+async fn paid_by_card_with_webhooks() -> Option<(Harness, String, pb::Invoice, String)> {
+    let url = localstripe::url()?;
+    let settings = format!(
+        "{}stripe_webhook_secret = \"{WEBHOOK_SECRET}\"\n",
+        localstripe::settings(&url)
+    );
+    let h = Harness::start_with(&settings, None, TestDatabase::fresh()).await;
+    h.publish(plan_spec("email")).await;
+    let token = localstripe::customer_with_card(&url, localstripe::CARD_OK).await;
+    h.subscribe("a1", "email", 5_000, card(&token))
+        .await
+        .unwrap();
+    let invoice = h.invoices("a1").await.remove(0);
+    assert_eq!(invoice.status, pb::InvoiceStatus::Paid as i32);
+    let intents = localstripe::payment_intents_of(&url, token.split(':').next().unwrap()).await;
+    assert_eq!(intents.len(), 1, "{intents:?}");
+    let pi = intents[0]["id"].as_str().unwrap().to_string();
+    Some((h, url, invoice, pi))
+}
+
+// rule S18: a refund is the platform's decision: the invoice says so, the subscription goes on
+#[tokio::test]
+async fn s18_a_full_refund_webhook_marks_the_invoice_refunded_once_and_leaves_the_subscription_alone()
+ {
+    let Some((h, _, invoice, pi)) = paid_by_card_with_webhooks().await else {
+        return;
+    };
+    let total = minor_units(invoice.total.as_ref());
+    let refund = stripe_events::refund("evt_refund_1", &pi, total, total);
+    assert_eq!(
+        deliver(&h, &refund, WEBHOOK_SECRET).await,
+        (200, "applied".into())
+    );
+    assert_eq!(
+        h.invoices("a1").await[0].status,
+        pb::InvoiceStatus::Refunded as i32
+    );
+    let s = h.get("a1").await;
+    assert_eq!(s.status, pb::SubscriptionStatus::Active as i32);
+    assert!(h.check("a1", 1_000).await.allowed);
+    let events = h.events_of("subscription.invoice_refunded", 1).await;
+    assert_eq!(events.len(), 1);
+    let payload: serde_json::Value = serde_json::from_str(&events[0].payload_json).unwrap();
+    assert_eq!(payload["invoice_id"], invoice.invoice_id);
+    assert_eq!(payload["amount"], invoice.total.as_ref().unwrap().amount);
+
+    // Delivered again: recorded once, applied once.
+    assert_eq!(
+        deliver(&h, &refund, WEBHOOK_SECRET).await,
+        (200, "already applied".into())
+    );
+    // A dispute after the refund has nothing left to take back.
+    let dispute = stripe_events::dispute("evt_dispute_1", &pi, total);
+    assert_eq!(
+        deliver(&h, &dispute, WEBHOOK_SECRET).await,
+        (200, "applied".into())
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(
+        h.invoices("a1").await[0].status,
+        pb::InvoiceStatus::Refunded as i32
+    );
+    assert_eq!(
+        h.get("a1").await.status,
+        pb::SubscriptionStatus::Active as i32
+    );
+    assert_eq!(
+        h.events_of("subscription.invoice_refunded", 1).await.len(),
+        1
+    );
+    assert!(
+        h.events_of("subscription.payment_returned", 0)
+            .await
+            .is_empty()
+    );
+}
+
+// rule S18: a disputed card payment is money taken back, as a returned direct debit
+#[tokio::test]
+async fn s18_a_dispute_reopens_the_invoice_and_stops_sending_until_a_new_card_pays_it() {
+    let Some((h, url, invoice, pi)) = paid_by_card_with_webhooks().await else {
+        return;
+    };
+    let total = minor_units(invoice.total.as_ref());
+    let dispute = stripe_events::dispute("evt_dispute_1", &pi, total);
+    assert_eq!(
+        deliver(&h, &dispute, WEBHOOK_SECRET).await,
+        (200, "applied".into())
+    );
+    let reopened = h.invoices("a1").await.remove(0);
+    assert_eq!(reopened.status, pb::InvoiceStatus::Open as i32);
+    assert!(reopened.returned_at.is_some());
+    let s = h.get("a1").await;
+    assert_eq!(s.status, pb::SubscriptionStatus::PastDue as i32);
+    assert!(s.history.iter().any(|e| e.action == "payment_disputed"));
+    assert!(!h.check("a1", 1).await.allowed);
+    let events = h.events_of("subscription.payment_returned", 1).await;
+    assert!(
+        events[0].payload_json.contains(r#""reason":"disputed""#),
+        "{}",
+        events[0].payload_json
+    );
+    assert_eq!(
+        deliver(&h, &dispute, WEBHOOK_SECRET).await,
+        (200, "already applied".into())
+    );
+
+    // A new card pays the reopened invoice: one new PaymentIntent for its total.
+    let token = localstripe::customer_with_card(&url, localstripe::CARD_OK).await;
+    let r = h.update_payment("a1", card(&token)).await.unwrap();
+    assert_eq!(r.invoices[0].status, pb::InvoiceStatus::Paid as i32);
+    assert!(h.check("a1", 1).await.allowed);
+    let intents = localstripe::payment_intents_of(&url, token.split(':').next().unwrap()).await;
+    assert_eq!(intents.len(), 1, "{intents:?}");
+    assert_eq!(intents[0]["amount"], total);
+
+    // A late refund of the first, disputed PaymentIntent does not touch the invoice the new
+    // card paid.
+    let refund = stripe_events::refund("evt_refund_1", &pi, total, total);
+    assert_eq!(
+        deliver(&h, &refund, WEBHOOK_SECRET).await,
+        (200, "applied".into())
+    );
+    assert_eq!(
+        h.invoices("a1").await[0].status,
+        pb::InvoiceStatus::Paid as i32
+    );
+    assert!(
+        h.events_of("subscription.invoice_refunded", 0)
+            .await
+            .is_empty()
+    );
+}
+
+// rule S18
+#[tokio::test]
+async fn s18_a_partial_refund_changes_no_invoice_and_says_how_much_came_back() {
+    let Some((h, _, invoice, pi)) = paid_by_card_with_webhooks().await else {
+        return;
+    };
+    let total = minor_units(invoice.total.as_ref());
+    let refund = stripe_events::refund("evt_refund_1", &pi, total, 100);
+    assert_eq!(
+        deliver(&h, &refund, WEBHOOK_SECRET).await,
+        (200, "applied".into())
+    );
+    let events = h.events_of("subscription.payment_partly_reversed", 1).await;
+    let payload: serde_json::Value = serde_json::from_str(&events[0].payload_json).unwrap();
+    assert_eq!(payload["reversed_amount"], "1.00");
+    assert_eq!(payload["reason"], "refunded");
+    assert_eq!(
+        h.invoices("a1").await[0].status,
+        pb::InvoiceStatus::Paid as i32
+    );
+    assert_eq!(
+        h.get("a1").await.status,
+        pb::SubscriptionStatus::Active as i32
     );
 }

@@ -230,6 +230,25 @@ async fn a_timeout_leaves_the_outcome_unknown_and_the_retry_finds_the_first_char
     );
 }
 
+// Stripe answers 409 to a request whose key another request still holds in progress.
+#[tokio::test]
+async fn a_conflict_with_a_request_in_progress_leaves_the_outcome_unknown_not_refused() {
+    let key = fresh_key();
+    let script = Arc::new(Script {
+        seen: Seen::default(),
+        create_delay: Duration::ZERO,
+        create_status: StatusCode::CONFLICT,
+        searchable: false,
+        key: key.clone(),
+    });
+    let url = scripted(script.clone()).await;
+    let g = gateway(&url, Duration::from_secs(5));
+    assert_eq!(
+        g.charge(&request(&key, "cus_1:pm_1", 1_000)).await,
+        Err(GatewayError::Timeout)
+    );
+}
+
 #[tokio::test]
 async fn a_server_error_leaves_the_outcome_unknown_and_retries_send_the_same_idempotency_key() {
     let key = fresh_key();
