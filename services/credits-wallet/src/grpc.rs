@@ -17,7 +17,10 @@ use crate::{
     convert,
     domain::{self, MAX_CREDITS},
     error::WalletError,
-    service::{DEFAULT_HOLD_TTL_SECONDS, MAX_HOLD_TTL_SECONDS, OpenWallet, Spend, Wallets},
+    service::{
+        DEFAULT_HOLD_TTL_SECONDS, MAX_HOLD_TTL_SECONDS, OpenWallet, Spend, Wallets,
+        group_commit::GroupCommit,
+    },
     verify,
 };
 
@@ -25,12 +28,18 @@ use crate::{
 pub struct CreditsWalletApi {
     platform: Platform,
     wallets: Wallets,
+    /// What sends and captures try first (`None`: each runs alone).
+    group_commit: Option<GroupCommit>,
 }
 
 impl CreditsWalletApi {
-    /// Serves `wallets` on `platform`.
-    pub fn new(platform: Platform, wallets: Wallets) -> Self {
-        Self { platform, wallets }
+    /// Serves `wallets` on `platform`, sends and captures through `group_commit` when given.
+    pub fn new(platform: Platform, wallets: Wallets, group_commit: Option<GroupCommit>) -> Self {
+        Self {
+            platform,
+            wallets,
+            group_commit,
+        }
     }
 }
 
@@ -224,7 +233,11 @@ impl CreditsWallet for CreditsWalletApi {
             mailing_id: id("mailing_id", &r.mailing_id)?.to_string(),
             recipients: recipients(r.recipients)?,
         };
-        decoded(self.wallets.spend(&key, wallet_id, spend).await)
+        decoded(
+            self.wallets
+                .spend(self.group_commit.as_ref(), &key, wallet_id, spend)
+                .await,
+        )
     }
 
     #[tracing::instrument(skip_all, fields(wallet = %req.get_ref().wallet_id, mailing = %req.get_ref().mailing_id))]
@@ -249,7 +262,11 @@ impl CreditsWallet for CreditsWalletApi {
             recipients: recipients(r.recipients)?,
             ttl_seconds,
         };
-        decoded(self.wallets.spend(&key, wallet_id, spend).await)
+        decoded(
+            self.wallets
+                .spend(self.group_commit.as_ref(), &key, wallet_id, spend)
+                .await,
+        )
     }
 
     #[tracing::instrument(skip_all, fields(wallet = %req.get_ref().wallet_id, reservation = %req.get_ref().reservation_id))]
@@ -270,7 +287,13 @@ impl CreditsWallet for CreditsWalletApi {
         }
         ok(self
             .wallets
-            .capture(&key, wallet_id, reservation_id, r.recipients_sent)
+            .capture(
+                self.group_commit.as_ref(),
+                &key,
+                wallet_id,
+                reservation_id,
+                r.recipients_sent,
+            )
             .await)
     }
 

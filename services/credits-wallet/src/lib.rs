@@ -2,13 +2,13 @@
 //!
 //! Layers: `domain` (rules, no IO) and `model` (records); `store` (SQL, both backends);
 //! `account` (one locked wallet: rules applied, invariant checked, saved with events);
-//! `service` (use cases, gateway calls between transactions); `jobs` (settlement,
+//! `service` (use cases by family, gateway calls between transactions, the send rules and the
+//! group-commit front the send use cases try first); `jobs` (settlement,
 //! reconciliation, sweeps); `verify` (the books re-derived from the rows: `VerifyLedger` and
 //! the `verify-ledger` command); `convert` and `grpc` (messages and status codes). The runtime
 //! (`shared/runtime`) brings storage, idempotency keys, the outbox and the middleware.
 
 pub mod account;
-pub mod batch;
 pub mod convert;
 pub mod domain;
 pub mod error;
@@ -103,8 +103,14 @@ pub fn routes(platform: &Platform) -> anyhow::Result<tonic::service::Routes> {
             // shard's queue and commit together.
             runtime::db::Backend::Postgres => 4,
         });
-    let wallets = service::Wallets::new(platform.clone(), gateways.gateway)
-        .with_group_commit(batch::MAX_BATCH, shards);
+    let wallets = service::Wallets::new(platform.clone(), gateways.gateway);
+    // Group commit for sends paid from the balance and captures: up to `MAX_BATCH` per
+    // transaction, at most `shards` transactions at a time, a wallet's always in the same shard.
+    let group_commit = service::group_commit::GroupCommit::start(
+        wallets.clone(),
+        service::group_commit::MAX_BATCH,
+        shards,
+    );
     jobs::spawn(platform, wallets.clone(), gateways.simulator);
     // Stripe's webhooks, on the metrics listener, when the endpoint has a signing secret.
     if let Some(secret) = platform
@@ -120,7 +126,7 @@ pub fn routes(platform: &Platform) -> anyhow::Result<tonic::service::Routes> {
     }
     Ok(tonic::service::Routes::new(
         proto::wallet::v1::credits_wallet_server::CreditsWalletServer::new(
-            grpc::CreditsWalletApi::new(platform.clone(), wallets),
+            grpc::CreditsWalletApi::new(platform.clone(), wallets, Some(group_commit)),
         )
         .max_decoding_message_size(platform.config.max_request_bytes)
         .max_encoding_message_size(platform.config.max_response_bytes),

@@ -602,8 +602,9 @@ pub async fn wallets_with_due_work(
     rows.iter().map(|r| Ok(r.try_get(0)?)).collect()
 }
 
-// Group commit (`crate::batch`): the same reads and writes as above, for many wallets in one
-// statement each. Every list is cut into chunks far below either backend's parameter limit.
+// Group commit (`crate::service::group_commit`): the same reads and writes as above, for many
+// wallets in one statement each. Every list is cut into chunks far below either backend's
+// parameter limit.
 
 /// Rows per statement of the many-wallet writes below (half a full batch, at most 1,024 bound
 /// parameters): one prepared statement for each power of two up to it ([`row_chunks`]).

@@ -33,21 +33,20 @@ use tonic::Status;
 
 use crate::{
     account::Account,
-    batch::{Batched, GroupCommit, Op},
     convert,
-    domain::{self, AutoTopUp, LotKind, Reminder, TopUpPlan},
+    domain::{self, AutoTopUp, LotKind, Reminder},
     error::WalletError,
     model::{
-        EntryKind, FundingMode, PurchaseRecord, PurchaseStatus, PurchaseTrigger, ReservationRecord,
-        ReservationStatus, WalletRecord,
+        EntryKind, FundingMode, PurchaseRecord, PurchaseStatus, PurchaseTrigger, WalletRecord,
     },
     store,
 };
 
-/// Default lifetime of a hold.
-pub const DEFAULT_HOLD_TTL_SECONDS: u32 = 24 * 3600;
-/// Longest lifetime of a hold.
-pub const MAX_HOLD_TTL_SECONDS: u32 = 30 * 24 * 3600;
+pub mod group_commit;
+pub mod send_rules;
+pub mod sends;
+
+pub use send_rules::{DEFAULT_HOLD_TTL_SECONDS, MAX_HOLD_TTL_SECONDS, Spend};
 
 /// The wallet service's use cases.
 #[derive(Clone)]
@@ -55,7 +54,6 @@ pub struct Wallets {
     pub(crate) db: Db,
     pub(crate) platform: Platform,
     gateway: Arc<dyn PaymentGateway>,
-    group_commit: Option<GroupCommit>,
 }
 
 /// What a gateway call came to.
@@ -98,27 +96,6 @@ pub struct OpenWallet {
     pub signup_expires_at: Option<DateTime<Utc>>,
 }
 
-/// Something a send needs credits for.
-#[derive(Debug, Clone)]
-pub enum Spend {
-    /// Debit at once (ChargeMailing).
-    Charge {
-        /// The mailing.
-        mailing_id: String,
-        /// Its recipients.
-        recipients: u64,
-    },
-    /// Hold (ReserveCredits).
-    Hold {
-        /// The mailing.
-        mailing_id: String,
-        /// Its recipients.
-        recipients: u64,
-        /// Lifetime of the hold.
-        ttl_seconds: u32,
-    },
-}
-
 impl Wallets {
     /// The use cases on `platform`, paying through `gateway`.
     pub fn new(platform: Platform, gateway: Arc<dyn PaymentGateway>) -> Self {
@@ -126,17 +103,7 @@ impl Wallets {
             db: platform.db.clone(),
             platform,
             gateway,
-            group_commit: None,
         }
-    }
-
-    /// The same use cases with group commit for sends paid from the balance and captures: up
-    /// to `max_batch` per transaction, at most `shards` transactions at a time, a wallet's
-    /// always in the same shard (see [`crate::batch`]). Starts the collectors on the current
-    /// runtime.
-    pub fn with_group_commit(mut self, max_batch: usize, shards: usize) -> Self {
-        self.group_commit = Some(GroupCommit::start(self.clone(), max_batch, shards));
-        self
     }
 
     pub(crate) fn now(&self) -> DateTime<Utc> {
@@ -346,7 +313,7 @@ impl Wallets {
         recipients: u64,
     ) -> Result<pb::MailingRating, WalletError> {
         let acct = self.read_account(wallet_id).await?;
-        let credits = rate(&acct.wallet.rating, recipients)?;
+        let credits = send_rules::rate(&acct.wallet.rating, recipients)?;
         let available = acct.available();
         Ok(pb::MailingRating {
             recipients,
@@ -663,278 +630,6 @@ impl Wallets {
         self.finish(tx, acct, key, response).await
     }
 
-    /// ChargeMailing (C2, C5, C9) and ReserveCredits: the credits a send needs, paid from the
-    /// wallet, bought for the shortfall, or bought on demand.
-    ///
-    /// With group commit on, the send first joins a batch ([`crate::batch`]): sends paid from
-    /// the balance commit together. A send the batch does not take (one that must buy credits,
-    /// a duplicate key, a failed batch) runs here alone, as it would without batching.
-    pub async fn spend(
-        &self,
-        key: &IdempotencyKey,
-        wallet_id: &str,
-        spend: Spend,
-    ) -> Result<Vec<u8>, WalletError> {
-        if let Some(group) = &self.group_commit {
-            match group.submit(key, wallet_id, Op::Spend(spend.clone())).await {
-                Batched::Done(answer) => return answer,
-                Batched::Alone => {}
-            }
-        }
-        self.spend_alone(key, wallet_id, spend).await
-    }
-
-    pub(crate) async fn spend_alone(
-        &self,
-        key: &IdempotencyKey,
-        wallet_id: &str,
-        spend: Spend,
-    ) -> Result<Vec<u8>, WalletError> {
-        // Phase 1: pay from the wallet, refuse, or record the purchase the send needs.
-        let mut tx = match self.begin_bytes(key).await? {
-            Begun::Replay(r) => return Self::replayed(r),
-            Begun::Fresh(tx) => tx,
-        };
-        let mut acct = Account::lock(&mut tx, &self.db, wallet_id, self.now()).await?;
-        acct.housekeeping(&mut tx).await?;
-        let needed = rate(&acct.wallet.rating, spend.recipients())?;
-        let before = acct.clone();
-        if let Some(err) = refuse_send(&acct, &spend) {
-            return self.refuse(tx, before, key, err).await;
-        }
-        let purchase = match store::purchase_by_origin(&mut tx, key.key()).await? {
-            Some(p) => Some(p),
-            None => {
-                let plan = top_up_plan(&acct, needed);
-                match plan {
-                    TopUpPlan::NotNeeded => None,
-                    TopUpPlan::Refused { shortfall, reason } => {
-                        let err = WalletError::Insufficient {
-                            shortfall,
-                            top_up: Some(reason),
-                        };
-                        return self.refuse(tx, before, key, err).await;
-                    }
-                    TopUpPlan::Buy(credits) => {
-                        let trigger = match (acct.wallet.funding, acct.wallet.top_up.mode) {
-                            (FundingMode::OnDemand, _) => PurchaseTrigger::OnDemand,
-                            (_, domain::AutoTopUpMode::Fixed { .. }) => PurchaseTrigger::AutoFixed,
-                            _ => PurchaseTrigger::AutoShortfall,
-                        };
-                        if acct.wallet.payment_method.is_empty() {
-                            return self
-                                .refuse(
-                                    tx,
-                                    before,
-                                    key,
-                                    WalletError::Precondition(
-                                        "credits must be bought for this send but no payment method is on file".into(),
-                                    ),
-                                )
-                                .await;
-                        }
-                        let amount = price(&acct.wallet.pricing, credits)?;
-                        let method = acct.wallet.payment_method.clone();
-                        let p = new_purchase(
-                            &acct,
-                            Some(key.key()),
-                            trigger,
-                            credits,
-                            amount,
-                            method,
-                            None,
-                        );
-                        store::insert_purchase(&mut tx, &p, acct.now).await?;
-                        Some(p)
-                    }
-                }
-            }
-        };
-
-        let Some(purchase) = purchase else {
-            return self
-                .complete_spend(tx, acct, key, &spend, needed, None)
-                .await;
-        };
-        if purchase.status != PurchaseStatus::Processing {
-            // Finished earlier (by the reconciler, or before a crash): spend with it.
-            return self
-                .complete_spend(tx, acct, key, &spend, needed, Some(purchase))
-                .await;
-        }
-        acct.save(&mut tx).await?;
-        tx.commit().await?;
-
-        // Phase 2: the gateway, outside any transaction.
-        let outcome = self.pay(&purchase).await;
-
-        // Phase 3: apply the outcome and spend, under the wallet's lock again.
-        let mut tx = match self.begin_bytes(key).await? {
-            Begun::Replay(r) => return Self::replayed(r),
-            Begun::Fresh(tx) => tx,
-        };
-        let mut acct = Account::lock(&mut tx, &self.db, wallet_id, self.now()).await?;
-        acct.housekeeping(&mut tx).await?;
-        let mut p = store::purchase(&mut tx, &purchase.purchase_id)
-            .await?
-            .ok_or_else(|| runtime::db::DbError::Corrupt("purchase vanished".into()))?;
-        apply_outcome(&mut tx, &mut acct, &mut p, &outcome).await?;
-        self.complete_spend(tx, acct, key, &spend, needed, Some(p))
-            .await
-    }
-
-    async fn complete_spend(
-        &self,
-        mut tx: Transaction<'static, Any>,
-        mut acct: Account,
-        key: &IdempotencyKey,
-        spend: &Spend,
-        needed: i64,
-        purchase: Option<PurchaseRecord>,
-    ) -> Result<Vec<u8>, WalletError> {
-        match purchase.as_ref().map(|p| p.status) {
-            Some(PurchaseStatus::Failed | PurchaseStatus::Returned) => {
-                let reason = purchase.map(|p| p.failure_reason).unwrap_or_default();
-                return self
-                    .refuse(tx, acct.clone(), key, WalletError::PaymentDeclined(reason))
-                    .await;
-            }
-            Some(PurchaseStatus::Processing) => {
-                acct.save(&mut tx).await?;
-                tx.commit().await?;
-                self.platform.outbox.poke();
-                return Err(WalletError::PaymentOutcomeUnknown);
-            }
-            _ => {}
-        }
-        let before = acct.clone();
-        let response = match apply_send(&mut acct, spend, needed, purchase.as_ref()) {
-            Ok(response) => response,
-            Err(err) => return self.refuse(tx, before, key, err).await,
-        };
-        let follow_up = match spend {
-            Spend::Charge { .. } => self.fixed_top_up_after(&mut tx, &mut acct).await?,
-            Spend::Hold { .. } => None,
-        };
-        let response = self.finish_bytes(tx, acct, key, response).await?;
-        if let Some(p) = follow_up {
-            self.drive_in_background(p);
-        }
-        Ok(response)
-    }
-
-    /// C4: after a debit leaves the available balance at or below the threshold, record one
-    /// automatic purchase (driven after commit; the reconciler finishes it after a crash).
-    pub(crate) async fn fixed_top_up_after(
-        &self,
-        tx: &mut Transaction<'static, Any>,
-        acct: &mut Account,
-    ) -> Result<Option<PurchaseRecord>, WalletError> {
-        if acct.wallet.funding != FundingMode::Prepaid || acct.wallet.payment_method.is_empty() {
-            return Ok(None);
-        }
-        let in_flight = store::auto_fixed_in_flight(tx, &acct.wallet.wallet_id).await?;
-        let Some(credits) = domain::plan_top_up_after_debit(
-            &acct.wallet.top_up,
-            acct.available(),
-            acct.auto_bought_this_month,
-            in_flight,
-        ) else {
-            return Ok(None);
-        };
-        let amount = price(&acct.wallet.pricing, credits)?;
-        let method = acct.wallet.payment_method.clone();
-        let p = new_purchase(
-            acct,
-            None,
-            PurchaseTrigger::AutoFixed,
-            credits,
-            amount,
-            method,
-            None,
-        );
-        store::insert_purchase(tx, &p, acct.now).await?;
-        acct.auto_bought_this_month += credits;
-        Ok(Some(p))
-    }
-
-    /// CaptureReservation: debit what was sent, release the rest.
-    ///
-    /// With group commit on, the capture joins a batch like a send ([`crate::batch`]).
-    pub async fn capture(
-        &self,
-        key: &IdempotencyKey,
-        wallet_id: &str,
-        reservation_id: &str,
-        recipients_sent: u64,
-    ) -> Result<pb::Reservation, WalletError> {
-        if let Some(group) = &self.group_commit {
-            let op = Op::Capture {
-                reservation_id: reservation_id.to_string(),
-                recipients_sent,
-            };
-            if let Batched::Done(answer) = group.submit(key, wallet_id, op).await {
-                return answer.and_then(|bytes| {
-                    pb::Reservation::decode(bytes.as_slice()).map_err(|_| {
-                        runtime::db::DbError::Corrupt("stored capture answer".into()).into()
-                    })
-                });
-            }
-        }
-        self.capture_alone(key, wallet_id, reservation_id, recipients_sent)
-            .await
-    }
-
-    pub(crate) async fn capture_alone(
-        &self,
-        key: &IdempotencyKey,
-        wallet_id: &str,
-        reservation_id: &str,
-        recipients_sent: u64,
-    ) -> Result<pb::Reservation, WalletError> {
-        let (mut tx, mut acct) = match self.begin_on::<pb::Reservation>(key, wallet_id).await? {
-            Locked::Replay(r) => return Self::replayed(r),
-            Locked::Fresh(tx, acct) => (tx, *acct),
-        };
-        let held = store::reservation(&mut tx, wallet_id, reservation_id).await?;
-        let r = active_hold(held, reservation_id, acct.now)?;
-        let before = acct.clone();
-        let r = match capture_hold(&mut acct, r, recipients_sent) {
-            Ok(r) => r,
-            Err(err) if err.is_recorded_refusal() => {
-                return self.refuse(tx, before, key, err).await;
-            }
-            Err(err) => return Err(err),
-        };
-        let follow_up = self.fixed_top_up_after(&mut tx, &mut acct).await?;
-        let response = convert::reservation(&r, &acct);
-        let response = self.finish(tx, acct, key, response).await?;
-        if let Some(p) = follow_up {
-            self.drive_in_background(p);
-        }
-        Ok(response)
-    }
-
-    /// ReleaseReservation.
-    pub async fn release(
-        &self,
-        key: &IdempotencyKey,
-        wallet_id: &str,
-        reservation_id: &str,
-    ) -> Result<pb::Reservation, WalletError> {
-        let (mut tx, mut acct) = match self.begin_on::<pb::Reservation>(key, wallet_id).await? {
-            Locked::Replay(r) => return Self::replayed(r),
-            Locked::Fresh(tx, acct) => (tx, *acct),
-        };
-        let held = store::reservation(&mut tx, wallet_id, reservation_id).await?;
-        let mut r = active_hold(held, reservation_id, acct.now)?;
-        acct.wallet.held -= r.credits;
-        r.status = ReservationStatus::Released;
-        acct.update_reservation(r.clone());
-        let response = convert::reservation(&r, &acct);
-        self.finish(tx, acct, key, response).await
-    }
-
     /// Calls the gateway for `p` (its id is the gateway's idempotency key).
     async fn pay(&self, p: &PurchaseRecord) -> PaymentOutcome {
         let request = ChargeRequest {
@@ -1170,14 +865,6 @@ impl runtime::stripe_webhook::WebhookHandler for StripeEvents {
     }
 }
 
-impl Spend {
-    pub(crate) fn recipients(&self) -> u64 {
-        match self {
-            Spend::Charge { recipients, .. } | Spend::Hold { recipients, .. } => *recipients,
-        }
-    }
-}
-
 fn new_purchase(
     acct: &Account,
     origin_key: Option<&str>,
@@ -1213,172 +900,6 @@ fn price(pricing: &TierTable, credits: i64) -> Result<Money, WalletError> {
         .map_err(|e| WalletError::invalid("credits", e.to_string()))
 }
 
-/// The credits a mailing needs (C2).
-pub(crate) fn rate(rule: &RatingRule, recipients: u64) -> Result<i64, WalletError> {
-    rule.credits_for(recipients)
-        .map(|c| c.get())
-        .map_err(|e| WalletError::invalid("recipients", e.to_string()))
-}
-
-/// The hold `reservation_id` as read from its wallet, if it can still be captured or released.
-/// A hold lapsed by this transaction's housekeeping is still 'active' in the table: its expiry
-/// decides.
-pub(crate) fn active_hold(
-    held: Option<ReservationRecord>,
-    reservation_id: &str,
-    now: DateTime<Utc>,
-) -> Result<ReservationRecord, WalletError> {
-    let r = held.ok_or_else(|| WalletError::ReservationNotFound(reservation_id.to_string()))?;
-    if r.status != ReservationStatus::Active || r.expires_at <= now {
-        let status = if r.status == ReservationStatus::Active {
-            ReservationStatus::Expired
-        } else {
-            r.status
-        };
-        return Err(WalletError::Precondition(format!(
-            "reservation {} is {}, not active",
-            shared::limits::quoted(reservation_id),
-            status.as_str()
-        )));
-    }
-    Ok(r)
-}
-
-/// Captures hold `r` on its locked account: releases what it held and debits what was sent
-/// (which may be more or less). A refusal changes nothing.
-pub(crate) fn capture_hold(
-    acct: &mut Account,
-    mut r: ReservationRecord,
-    recipients_sent: u64,
-) -> Result<ReservationRecord, WalletError> {
-    let credits = if recipients_sent == 0 {
-        0
-    } else {
-        rate(&acct.wallet.rating, recipients_sent)?
-    };
-    let before_held = acct.wallet.held;
-    acct.wallet.held -= r.credits;
-    if credits > 0
-        && let Err(shortfall) = acct.debit(
-            credits,
-            EntryKind::ReservationCapture,
-            format!("reservation:{}", r.reservation_id),
-            format!(
-                "mailing {}: {recipients_sent} recipients sent",
-                r.mailing_id
-            ),
-        )
-    {
-        acct.wallet.held = before_held;
-        return Err(WalletError::Insufficient {
-            shortfall,
-            top_up: None,
-        });
-    }
-    r.status = ReservationStatus::Captured;
-    r.captured_credits = credits;
-    acct.update_reservation(r.clone());
-    Ok(r)
-}
-
-/// A refusal of `spend` that does not depend on the credits it needs, if any.
-pub(crate) fn refuse_send(acct: &Account, spend: &Spend) -> Option<WalletError> {
-    if let Spend::Hold { .. } = spend
-        && acct.wallet.funding == FundingMode::OnDemand
-    {
-        return Some(WalletError::Precondition(
-            "on-demand wallets are charged when the mailing is sent: use ChargeMailing".into(),
-        ));
-    }
-    (acct.wallet.debt > 0).then(|| WalletError::Debt(acct.wallet.debt))
-}
-
-/// What a send of `needed` credits must buy first: the shortfall by auto top-up (C5, C6) on a
-/// prepaid wallet, or the whole shortfall on demand (C9).
-pub(crate) fn top_up_plan(acct: &Account, needed: i64) -> TopUpPlan {
-    let available = acct.available();
-    match acct.wallet.funding {
-        FundingMode::Prepaid => domain::plan_top_up_for_send(
-            &acct.wallet.top_up,
-            available,
-            needed,
-            acct.auto_bought_this_month,
-        ),
-        FundingMode::OnDemand if needed <= available => TopUpPlan::NotNeeded,
-        FundingMode::OnDemand => TopUpPlan::Buy(needed - available),
-    }
-}
-
-/// Debits a charge (C2) or places a hold of `needed` credits on the locked account, and
-/// returns the encoded response; a refusal changes nothing. `purchase` is what bought credits
-/// for this send, if anything did.
-pub(crate) fn apply_send(
-    acct: &mut Account,
-    spend: &Spend,
-    needed: i64,
-    purchase: Option<&PurchaseRecord>,
-) -> Result<Vec<u8>, WalletError> {
-    match spend {
-        Spend::Charge {
-            mailing_id,
-            recipients,
-        } => {
-            let entry = acct
-                .debit(
-                    needed,
-                    EntryKind::Mailing,
-                    format!("mailing:{mailing_id}"),
-                    format!("{recipients} recipients"),
-                )
-                .map_err(|shortfall| WalletError::Insufficient {
-                    shortfall,
-                    top_up: None,
-                })?;
-            let bought = purchase.map_or(0, |p| p.credits);
-            Ok(pb::MailingCharge {
-                charge_id: format!("{}:{}", acct.wallet.wallet_id, entry.seq),
-                wallet_id: acct.wallet.wallet_id.clone(),
-                mailing_id: mailing_id.clone(),
-                recipients: *recipients,
-                credits: u64::try_from(needed).unwrap_or(0),
-                credits_bought: u64::try_from(bought).unwrap_or(0),
-                purchase: purchase.map(convert::purchase),
-                balance_after: acct.wallet.balance,
-                available_after: u64::try_from(acct.available()).unwrap_or(0),
-            }
-            .encode_to_vec())
-        }
-        Spend::Hold {
-            mailing_id,
-            ttl_seconds,
-            ..
-        } => {
-            let available = acct.available();
-            if available < needed {
-                return Err(WalletError::Insufficient {
-                    shortfall: domain::Shortfall {
-                        available,
-                        needed,
-                        shortfall: needed - available,
-                    },
-                    top_up: None,
-                });
-            }
-            let r = ReservationRecord {
-                reservation_id: format!("res_{}", uuid::Uuid::now_v7().simple()),
-                wallet_id: acct.wallet.wallet_id.clone(),
-                mailing_id: mailing_id.clone(),
-                credits: needed,
-                status: ReservationStatus::Active,
-                expires_at: acct.now + Duration::seconds(i64::from(*ttl_seconds)),
-                captured_credits: 0,
-            };
-            acct.add_reservation(r.clone());
-            Ok(convert::reservation(&r, acct).encode_to_vec())
-        }
-    }
-}
-
 /// Whether a purchase pays for a send now (see [`PurchaseTrigger::funds_a_send`]).
 fn funds_a_send(p: &PurchaseRecord) -> bool {
     p.trigger.funds_a_send(p.origin_key.is_some())
@@ -1386,7 +907,7 @@ fn funds_a_send(p: &PurchaseRecord) -> bool {
 
 /// Applies a gateway outcome to a purchase under the wallet's lock. Each status moves once:
 /// an outcome for a purchase that already moved is ignored.
-async fn apply_outcome(
+pub(crate) async fn apply_outcome(
     tx: &mut Transaction<'static, Any>,
     acct: &mut Account,
     p: &mut PurchaseRecord,
@@ -1533,4 +1054,38 @@ impl WalletError {
             other => WalletError::Precondition(other.to_string()),
         }
     }
+}
+
+/// C4: after a debit leaves the available balance at or below the threshold, record one
+/// automatic purchase (driven after commit; the reconciler finishes it after a crash).
+pub(crate) async fn fixed_top_up_after(
+    tx: &mut Transaction<'static, Any>,
+    acct: &mut Account,
+) -> Result<Option<PurchaseRecord>, WalletError> {
+    if acct.wallet.funding != FundingMode::Prepaid || acct.wallet.payment_method.is_empty() {
+        return Ok(None);
+    }
+    let in_flight = store::auto_fixed_in_flight(tx, &acct.wallet.wallet_id).await?;
+    let Some(credits) = domain::plan_top_up_after_debit(
+        &acct.wallet.top_up,
+        acct.available(),
+        acct.auto_bought_this_month,
+        in_flight,
+    ) else {
+        return Ok(None);
+    };
+    let amount = price(&acct.wallet.pricing, credits)?;
+    let method = acct.wallet.payment_method.clone();
+    let p = new_purchase(
+        acct,
+        None,
+        PurchaseTrigger::AutoFixed,
+        credits,
+        amount,
+        method,
+        None,
+    );
+    store::insert_purchase(tx, &p, acct.now).await?;
+    acct.auto_bought_this_month += credits;
+    Ok(Some(p))
 }
