@@ -18,8 +18,10 @@ use crate::{
     domain::{self, MAX_CREDITS},
     error::WalletError,
     service::{
-        DEFAULT_HOLD_TTL_SECONDS, MAX_HOLD_TTL_SECONDS, OpenWallet, Spend, Wallets,
+        Wallets,
         group_commit::GroupCommit,
+        send_rules::{DEFAULT_HOLD_TTL_SECONDS, MAX_HOLD_TTL_SECONDS, Spend},
+        wallets::OpenWallet,
     },
     verify,
 };

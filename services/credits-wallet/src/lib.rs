@@ -121,7 +121,7 @@ pub fn routes(platform: &Platform) -> anyhow::Result<tonic::service::Routes> {
     {
         platform.http_routes.add(runtime::stripe_webhook::router(
             secret,
-            std::sync::Arc::new(service::StripeEvents(wallets.clone())),
+            std::sync::Arc::new(service::purchases::StripeEvents(wallets.clone())),
         ));
     }
     Ok(tonic::service::Routes::new(

@@ -40,7 +40,8 @@ use tokio::sync::oneshot;
 use tonic::Status;
 
 use super::{
-    Wallets, fixed_top_up_after,
+    Wallets,
+    purchases::fixed_top_up_after,
     send_rules::{Spend, active_hold, apply_send, capture_hold, rate, refuse_send, top_up_plan},
 };
 use crate::{

@@ -1,5 +1,5 @@
-//! The send use cases: ChargeMailing and ReserveCredits (C2, C5, C9), CaptureReservation and
-//! ReleaseReservation. A send or a capture first tries group commit when the caller has one
+//! The send use cases: RateMailing (C2), ChargeMailing and ReserveCredits (C2, C5, C9),
+//! CaptureReservation and ReleaseReservation. A send or a capture first tries group commit when the caller has one
 //! ([`GroupCommit`]: try the batch, else alone); alone, it runs here in its own transactions,
 //! with a payment between them when it must buy credits. Both paths apply [`super::send_rules`].
 
@@ -9,9 +9,9 @@ use runtime::idempotency::IdempotencyKey;
 use sqlx::{Any, Transaction};
 
 use super::{
-    Begun, Locked, Wallets, apply_outcome, fixed_top_up_after,
+    Begun, Locked, Wallets,
     group_commit::{self, Batched, GroupCommit, Op},
-    new_purchase, price,
+    purchases::{apply_outcome, fixed_top_up_after, new_purchase, price},
     send_rules::{Spend, active_hold, apply_send, capture_hold, rate, refuse_send, top_up_plan},
 };
 use crate::{
@@ -24,6 +24,23 @@ use crate::{
 };
 
 impl Wallets {
+    /// RateMailing (C2).
+    pub async fn rate(
+        &self,
+        wallet_id: &str,
+        recipients: u64,
+    ) -> Result<pb::MailingRating, WalletError> {
+        let acct = self.read_account(wallet_id).await?;
+        let credits = rate(&acct.wallet.rating, recipients)?;
+        let available = acct.available();
+        Ok(pb::MailingRating {
+            recipients,
+            credits: u64::try_from(credits).unwrap_or(0),
+            covered: credits <= available && acct.wallet.debt == 0,
+            available: u64::try_from(available).unwrap_or(0),
+        })
+    }
+
     /// ChargeMailing (C2, C5, C9) and ReserveCredits: the credits a send needs, paid from the
     /// wallet, bought for the shortfall, or bought on demand.
     ///

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use credits_wallet::service::Spend;
+use credits_wallet::service::send_rules::Spend;
 use prost::Message;
 use proto::wallet::v1 as pb;
 use runtime::{
