@@ -219,6 +219,8 @@ impl Account {
         if repaid > 0 {
             self.wallet.debt -= repaid;
             if self.wallet.debt == 0 {
+                // The debt is repaid in full. "Settled" in the event's type (a published name)
+                // means repaid; elsewhere in the wallet, settlement is a direct debit clearing.
                 self.event(
                     "wallet.debt_settled",
                     json!({"wallet_id": self.wallet.wallet_id, "repaid": repaid}),
@@ -318,7 +320,7 @@ impl Account {
 
     /// Saves every change in the caller's transaction, after checking the ledger invariant.
     pub async fn save(mut self, conn: &mut AnyConnection) -> Result<(), WalletError> {
-        self.settle()?;
+        self.check_before_save()?;
         let wallet_id = self.wallet.wallet_id.clone();
         for (lot, granted) in &self.lots {
             if self.new_lots.contains(&lot.lot_id) {
@@ -344,7 +346,7 @@ impl Account {
         mut accounts: Vec<Account>,
     ) -> Result<(), WalletError> {
         for a in &mut accounts {
-            a.settle()?;
+            a.check_before_save()?;
         }
         let mut lots = Vec::new();
         let mut entries = Vec::new();
@@ -375,7 +377,7 @@ impl Account {
     }
 
     /// Observes the reminder (C3) and checks the ledger invariant: the last step before saving.
-    fn settle(&mut self) -> Result<(), WalletError> {
+    fn check_before_save(&mut self) -> Result<(), WalletError> {
         self.observe_reminder();
         let lot_sum: i64 = self.lots.iter().map(|(l, _)| l.remaining).sum();
         if self.wallet.balance != lot_sum - self.wallet.debt

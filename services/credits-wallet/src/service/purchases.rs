@@ -44,7 +44,7 @@ impl Wallets {
     ) -> Result<pb::CreditQuote, WalletError> {
         let acct = self.read_account(wallet_id).await?;
         let amount = price(&acct.wallet.pricing, credits)?;
-        let unit = acct
+        let unit_price = acct
             .wallet
             .pricing
             .unit_price_at(u64::try_from(credits).unwrap_or(0))
@@ -52,7 +52,7 @@ impl Wallets {
         Ok(pb::CreditQuote {
             credits: u64::try_from(credits).unwrap_or(0),
             amount: Some(convert::money(&amount)),
-            unit_price: unit.to_string(),
+            unit_price: unit_price.to_string(),
         })
     }
 

@@ -272,7 +272,7 @@ async fn c1_a_purchase_whose_answer_from_stripe_times_out_after_the_charge_is_re
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
     assert_eq!(h.wallet("w1").await.balance, 1_000);
-    // The client's retry gets the settled purchase, and charges nothing.
+    // The client's retry gets the finished purchase, and charges nothing.
     let again = h
         .client
         .clone()
@@ -296,7 +296,7 @@ async fn c1_a_purchase_whose_answer_from_stripe_times_out_after_the_charge_is_re
 const WEBHOOK_SECRET: &str = "whsec_billing_suite_test";
 
 /// A wallet whose Stripe does not answer (nothing listens on port 9): every charge's outcome
-/// stays unknown, so only a webhook can settle it.
+/// stays unknown, so only a webhook can decide it.
 async fn wallet_with_webhooks_and_a_silent_stripe() -> Harness {
     let settings = format!(
         "payment_provider = \"stripe\"\nstripe_api_base = \"http://127.0.0.1:9\"\nstripe_secret_key = \"{}\"\nstripe_webhook_secret = \"{WEBHOOK_SECRET}\"\n",
@@ -338,7 +338,7 @@ async fn unknown_outcome_purchase(h: &Harness) -> pb::Purchase {
 
 // rule C1
 #[tokio::test]
-async fn c1_a_signed_payment_intent_succeeded_webhook_settles_a_purchase_once() {
+async fn c1_a_signed_payment_intent_succeeded_webhook_finishes_a_purchase_once() {
     let h = wallet_with_webhooks_and_a_silent_stripe().await;
     let p = unknown_outcome_purchase(&h).await;
     let succeeded = event("evt_1", "payment_intent.succeeded", &p.purchase_id);
@@ -351,7 +351,7 @@ async fn c1_a_signed_payment_intent_succeeded_webhook_settles_a_purchase_once() 
         deliver(&h, &succeeded, None).await,
         (200, "already applied".into())
     );
-    // A later, contradicting event cannot move a settled purchase either.
+    // A later, contradicting event cannot move a decided purchase either.
     let failed = event("evt_2", "payment_intent.payment_failed", &p.purchase_id);
     assert_eq!(deliver(&h, &failed, None).await, (200, "applied".into()));
     // Events about nothing of ours are recorded and ignored.
