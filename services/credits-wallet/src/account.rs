@@ -17,7 +17,9 @@ use sqlx::AnyConnection;
 use crate::{
     domain::{self, Lot, LotKind, Reminder, Shortfall},
     error::WalletError,
-    model::{EntryKind, EntryRecord, ReservationRecord, ReservationStatus, WalletRecord},
+    model::{
+        EntryKind, EntryRecord, HoldChanged, ReservationRecord, ReservationStatus, WalletRecord,
+    },
     store,
 };
 
@@ -395,6 +397,15 @@ impl Account {
             .into());
         }
         Ok(())
+    }
+
+    /// Hold `r` with this wallet's balances as they stand now: the answer of a send or a capture.
+    pub fn hold_changed(&self, r: ReservationRecord) -> HoldChanged {
+        HoldChanged {
+            reservation: r,
+            balance_after: self.wallet.balance,
+            available_after: self.available(),
+        }
     }
 
     /// Whether saving appends outbox events.

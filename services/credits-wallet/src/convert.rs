@@ -1,5 +1,6 @@
 //! Conversions between the wallet's records and its protobuf messages, by hand.
 
+use prost::Message;
 use proto::{common::v1::Money as PbMoney, wallet::v1 as pb};
 use runtime::convert::timestamp;
 use rust_decimal::Decimal;
@@ -10,8 +11,9 @@ use crate::{
     domain::{AutoTopUp, AutoTopUpMode, Lot, LotKind},
     error::WalletError,
     model::{
-        EntryKind, EntryRecord, FundingMode, PurchaseRecord, PurchaseStatus, PurchaseTrigger,
-        ReservationRecord, ReservationStatus,
+        EntryKind, EntryRecord, FundingMode, HoldChanged, MailingCharged, PurchaseRecord,
+        PurchaseStatus, PurchaseTrigger, ReservationRecord, ReservationStatus, SendAnswer,
+        SendDone,
     },
 };
 
@@ -250,6 +252,12 @@ pub fn purchase(p: &PurchaseRecord) -> pb::Purchase {
 
 /// A hold as its message, with the wallet's balances after the change.
 pub fn reservation(r: &ReservationRecord, acct: &Account) -> pb::Reservation {
+    hold(&acct.hold_changed(r.clone()))
+}
+
+/// A hold a send or a capture left, as its message.
+pub fn hold(h: &HoldChanged) -> pb::Reservation {
+    let r = &h.reservation;
     let status = match r.status {
         ReservationStatus::Active => pb::ReservationStatus::Active,
         ReservationStatus::Captured => pb::ReservationStatus::Captured,
@@ -264,9 +272,66 @@ pub fn reservation(r: &ReservationRecord, acct: &Account) -> pb::Reservation {
         status: status as i32,
         expires_at: Some(timestamp(r.expires_at)),
         captured_credits: u(r.captured_credits),
-        balance_after: acct.wallet.balance,
-        available_after: u(acct.available()),
+        balance_after: h.balance_after,
+        available_after: u(h.available_after),
     }
+}
+
+/// A mailing charged, as its message.
+pub fn mailing_charge(c: &MailingCharged) -> pb::MailingCharge {
+    pb::MailingCharge {
+        charge_id: c.charge_id.clone(),
+        wallet_id: c.wallet_id.clone(),
+        mailing_id: c.mailing_id.clone(),
+        recipients: c.recipients,
+        credits: u(c.credits),
+        credits_bought: u(c.purchase.as_ref().map_or(0, |p| p.credits)),
+        purchase: c.purchase.as_ref().map(purchase),
+        balance_after: c.balance_after,
+        available_after: u(c.available_after),
+    }
+}
+
+/// What a send did, encoded: the answer recorded under its idempotency key.
+pub fn send_done_bytes(d: &SendDone) -> Vec<u8> {
+    match d {
+        SendDone::Charged(c) => mailing_charge(c).encode_to_vec(),
+        SendDone::Hold(h) => hold(h).encode_to_vec(),
+    }
+}
+
+/// A send's answer encoded, as it is (or was) recorded under its key.
+pub fn send_answer_bytes(a: SendAnswer) -> Vec<u8> {
+    match a {
+        SendAnswer::Done(d) => send_done_bytes(&d),
+        SendAnswer::Replayed(bytes) => bytes,
+    }
+}
+
+/// The answer of a ChargeMailing as its message.
+pub fn mailing_charge_answer(a: SendAnswer) -> Result<pb::MailingCharge, WalletError> {
+    match a {
+        SendAnswer::Done(SendDone::Charged(c)) => Ok(mailing_charge(&c)),
+        SendAnswer::Done(SendDone::Hold(_)) => Err(mismatch("a charge answered with a hold")),
+        SendAnswer::Replayed(bytes) => decode(&bytes),
+    }
+}
+
+/// The answer of a ReserveCredits or a CaptureReservation as its message.
+pub fn reservation_answer(a: SendAnswer) -> Result<pb::Reservation, WalletError> {
+    match a {
+        SendAnswer::Done(SendDone::Hold(h)) => Ok(hold(&h)),
+        SendAnswer::Done(SendDone::Charged(_)) => Err(mismatch("a hold answered with a charge")),
+        SendAnswer::Replayed(bytes) => decode(&bytes),
+    }
+}
+
+fn mismatch(what: &str) -> WalletError {
+    runtime::db::DbError::Corrupt(what.into()).into()
+}
+
+fn decode<T: Message + Default>(bytes: &[u8]) -> Result<T, WalletError> {
+    T::decode(bytes).map_err(|_| mismatch("stored send answer"))
 }
 
 /// A verification report as its message.

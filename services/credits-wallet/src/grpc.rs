@@ -6,7 +6,7 @@ use proto::{
     common::v1::{Event, WatchEventsRequest},
     wallet::v1::{self as pb, credits_wallet_server::CreditsWallet},
 };
-use runtime::convert::{reply as ok, reply_decoded as decoded};
+use runtime::convert::reply as ok;
 use runtime::{Platform, idempotency::IdempotencyKey, payments::PaymentProvider};
 use shared::Currency;
 use shared::limits::{self, quoted};
@@ -235,11 +235,11 @@ impl CreditsWallet for CreditsWalletApi {
             mailing_id: id("mailing_id", &r.mailing_id)?.to_string(),
             recipients: recipients(r.recipients)?,
         };
-        decoded(
-            self.wallets
-                .spend(self.group_commit.as_ref(), &key, wallet_id, spend)
-                .await,
-        )
+        ok(self
+            .wallets
+            .spend(self.group_commit.as_ref(), &key, wallet_id, spend)
+            .await
+            .and_then(convert::mailing_charge_answer))
     }
 
     #[tracing::instrument(skip_all, fields(wallet = %req.get_ref().wallet_id, mailing = %req.get_ref().mailing_id))]
@@ -264,11 +264,11 @@ impl CreditsWallet for CreditsWalletApi {
             recipients: recipients(r.recipients)?,
             ttl_seconds,
         };
-        decoded(
-            self.wallets
-                .spend(self.group_commit.as_ref(), &key, wallet_id, spend)
-                .await,
-        )
+        ok(self
+            .wallets
+            .spend(self.group_commit.as_ref(), &key, wallet_id, spend)
+            .await
+            .and_then(convert::reservation_answer))
     }
 
     #[tracing::instrument(skip_all, fields(wallet = %req.get_ref().wallet_id, reservation = %req.get_ref().reservation_id))]
@@ -296,7 +296,8 @@ impl CreditsWallet for CreditsWalletApi {
                 reservation_id,
                 r.recipients_sent,
             )
-            .await)
+            .await
+            .and_then(convert::reservation_answer))
     }
 
     #[tracing::instrument(skip_all, fields(wallet = %req.get_ref().wallet_id, reservation = %req.get_ref().reservation_id))]

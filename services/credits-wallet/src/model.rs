@@ -228,3 +228,55 @@ pub struct EntryRecord {
     /// When.
     pub created_at: DateTime<Utc>,
 }
+
+/// What a send or a capture did to its wallet: its answer, before it is encoded (by
+/// `convert`, for the caller and for the idempotency key).
+#[derive(Debug, Clone)]
+pub enum SendDone {
+    /// ChargeMailing debited the mailing.
+    Charged(Box<MailingCharged>),
+    /// ReserveCredits placed a hold, or CaptureReservation captured one.
+    Hold(HoldChanged),
+}
+
+/// A mailing charged (C2), with what was bought for it (C5, C9).
+#[derive(Debug, Clone)]
+pub struct MailingCharged {
+    /// `<wallet_id>:<ledger sequence>` of the debit.
+    pub charge_id: String,
+    /// The wallet.
+    pub wallet_id: String,
+    /// The mailing.
+    pub mailing_id: String,
+    /// Its recipients.
+    pub recipients: u64,
+    /// Credits debited.
+    pub credits: i64,
+    /// The purchase that bought credits for this send, if one did.
+    pub purchase: Option<PurchaseRecord>,
+    /// The wallet's balance after the debit.
+    pub balance_after: i64,
+    /// Its available credits after the debit.
+    pub available_after: i64,
+}
+
+/// A hold as a send or a capture left it, with the wallet's balances after.
+#[derive(Debug, Clone)]
+pub struct HoldChanged {
+    /// The hold.
+    pub reservation: ReservationRecord,
+    /// The wallet's balance after the change.
+    pub balance_after: i64,
+    /// Its available credits after the change.
+    pub available_after: i64,
+}
+
+/// A send use case's answer: what it did, or the first answer to its idempotency key, replayed
+/// as it was recorded (encoded).
+#[derive(Debug, Clone)]
+pub enum SendAnswer {
+    /// Done by this call.
+    Done(SendDone),
+    /// The recorded answer of an earlier call with the same key.
+    Replayed(Vec<u8>),
+}

@@ -30,7 +30,6 @@
 
 use std::collections::HashMap;
 
-use prost::Message;
 use runtime::{
     group_commit,
     idempotency::{Claimed, IdempotencyKey},
@@ -49,8 +48,7 @@ use crate::{
     convert,
     domain::{AutoTopUpMode, TopUpPlan},
     error::WalletError,
-    model::PurchaseRecord,
-    model::ReservationRecord,
+    model::{PurchaseRecord, ReservationRecord, SendAnswer, SendDone},
     store,
 };
 
@@ -58,9 +56,8 @@ use crate::{
 /// still short enough that no caller waits long for its commit.
 pub const MAX_BATCH: usize = 256;
 
-/// What became of a mutation handed to group commit: its encoded answer (or refusal), or
-/// `Alone`.
-pub type Batched = group_commit::Batched<Result<Vec<u8>, WalletError>>;
+/// What became of a mutation handed to group commit: its answer (or refusal), or `Alone`.
+pub type Batched = group_commit::Batched<Result<SendAnswer, WalletError>>;
 
 /// A mutation group commit takes.
 #[derive(Debug, Clone)]
@@ -118,8 +115,8 @@ impl GroupCommit {
 
 /// One send's fate inside the batch transaction.
 enum InBatch {
-    /// Applied: its encoded response.
-    Applied(Vec<u8>),
+    /// Applied: what it did.
+    Applied(SendDone),
     /// Refused; recorded under its key when the refusal is one that is replayed.
     Refused(WalletError),
     /// Run alone after the batch.
@@ -140,7 +137,7 @@ fn capture_in_batch(
     };
     match capture_hold(acct, r, recipients_sent) {
         Ok(r) => (
-            InBatch::Applied(convert::reservation(&r, acct).encode_to_vec()),
+            InBatch::Applied(SendDone::Hold(acct.hold_changed(r.clone()))),
             Some(r),
         ),
         Err(e) => (InBatch::Refused(e), None),
@@ -209,7 +206,8 @@ async fn commit_batch(wallets: &Wallets, jobs: &[SendJob]) -> Result<Committed, 
         match claim {
             Ok(Claimed::New) => fresh.push(i),
             Ok(Claimed::Replay(r)) => {
-                answers[i] = Some(Batched::Done(r.map_err(WalletError::Replayed)));
+                let replayed = r.map(SendAnswer::Replayed);
+                answers[i] = Some(Batched::Done(replayed.map_err(WalletError::Replayed)));
             }
             Err(e) => answers[i] = Some(Batched::Done(Err(e.into()))),
         }
@@ -279,10 +277,10 @@ async fn commit_batch(wallets: &Wallets, jobs: &[SendJob]) -> Result<Committed, 
         };
         let applied = apply_in_batch(&mut tx, acct, &job.wallet_id, &job.op, &mut holds).await?;
         answers[i] = Some(match applied {
-            (InBatch::Applied(response), follow_up) => {
-                recorded.push((&job.key, Ok(response.clone())));
+            (InBatch::Applied(done), follow_up) => {
+                recorded.push((&job.key, Ok(convert::send_done_bytes(&done))));
                 follow_ups.extend(follow_up);
-                Batched::Done(Ok(response))
+                Batched::Done(Ok(SendAnswer::Done(done)))
             }
             (InBatch::Refused(err), _) => {
                 if err.is_recorded_refusal() {
@@ -370,7 +368,7 @@ fn send_in_batch(acct: &mut Account, spend: &Spend) -> InBatch {
         TopUpPlan::Buy(_) => return InBatch::Alone,
     }
     match apply_send(acct, spend, needed, None) {
-        Ok(response) => InBatch::Applied(response),
+        Ok(done) => InBatch::Applied(done),
         Err(err) => InBatch::Refused(err),
     }
 }

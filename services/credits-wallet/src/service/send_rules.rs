@@ -4,16 +4,16 @@
 //! same rules.
 
 use chrono::{DateTime, Duration, Utc};
-use prost::Message;
-use proto::wallet::v1 as pb;
 use shared::RatingRule;
 
 use crate::{
     account::Account,
-    convert,
     domain::{self, TopUpPlan},
     error::WalletError,
-    model::{EntryKind, FundingMode, PurchaseRecord, ReservationRecord, ReservationStatus},
+    model::{
+        EntryKind, FundingMode, MailingCharged, PurchaseRecord, ReservationRecord,
+        ReservationStatus, SendDone,
+    },
 };
 
 /// Default lifetime of a hold.
@@ -147,14 +147,14 @@ pub(crate) fn top_up_plan(acct: &Account, needed: i64) -> TopUpPlan {
 }
 
 /// Debits a charge (C2) or places a hold of `needed` credits on the locked account, and
-/// returns the encoded response; a refusal changes nothing. `purchase` is what bought credits
+/// returns what it did; a refusal changes nothing. `purchase` is what bought credits
 /// for this send, if anything did.
 pub(crate) fn apply_send(
     acct: &mut Account,
     spend: &Spend,
     needed: i64,
     purchase: Option<&PurchaseRecord>,
-) -> Result<Vec<u8>, WalletError> {
+) -> Result<SendDone, WalletError> {
     match spend {
         Spend::Charge {
             mailing_id,
@@ -171,19 +171,16 @@ pub(crate) fn apply_send(
                     shortfall,
                     top_up: None,
                 })?;
-            let bought = purchase.map_or(0, |p| p.credits);
-            Ok(pb::MailingCharge {
+            Ok(SendDone::Charged(Box::new(MailingCharged {
                 charge_id: format!("{}:{}", acct.wallet.wallet_id, entry.seq),
                 wallet_id: acct.wallet.wallet_id.clone(),
                 mailing_id: mailing_id.clone(),
                 recipients: *recipients,
-                credits: u64::try_from(needed).unwrap_or(0),
-                credits_bought: u64::try_from(bought).unwrap_or(0),
-                purchase: purchase.map(convert::purchase),
+                credits: needed,
+                purchase: purchase.cloned(),
                 balance_after: acct.wallet.balance,
-                available_after: u64::try_from(acct.available()).unwrap_or(0),
-            }
-            .encode_to_vec())
+                available_after: acct.available(),
+            })))
         }
         Spend::Hold {
             mailing_id,
@@ -211,7 +208,7 @@ pub(crate) fn apply_send(
                 captured_credits: 0,
             };
             acct.add_reservation(r.clone());
-            Ok(convert::reservation(&r, acct).encode_to_vec())
+            Ok(SendDone::Hold(acct.hold_changed(r)))
         }
     }
 }

@@ -3,7 +3,6 @@
 //! ([`GroupCommit`]: try the batch, else alone); alone, it runs here in its own transactions,
 //! with a payment between them when it must buy credits. Both paths apply [`super::send_rules`].
 
-use prost::Message;
 use proto::wallet::v1 as pb;
 use runtime::idempotency::IdempotencyKey;
 use sqlx::{Any, Transaction};
@@ -19,7 +18,10 @@ use crate::{
     convert,
     domain::{self, TopUpPlan},
     error::WalletError,
-    model::{FundingMode, PurchaseRecord, PurchaseStatus, PurchaseTrigger, ReservationStatus},
+    model::{
+        FundingMode, PurchaseRecord, PurchaseStatus, PurchaseTrigger, ReservationStatus,
+        SendAnswer, SendDone,
+    },
     store,
 };
 
@@ -53,7 +55,7 @@ impl Wallets {
         key: &IdempotencyKey,
         wallet_id: &str,
         spend: Spend,
-    ) -> Result<Vec<u8>, WalletError> {
+    ) -> Result<SendAnswer, WalletError> {
         if let Some(group) = group {
             match group.submit(key, wallet_id, Op::Spend(spend.clone())).await {
                 Batched::Done(answer) => return answer,
@@ -64,7 +66,8 @@ impl Wallets {
     }
 
     /// Runs `sends` as one batch (what a group-commit collector does with the sends it finds
-    /// waiting), then each send the batch did not take alone; one answer per send, in order.
+    /// waiting), then each send the batch did not take alone; one answer per send, in order,
+    /// encoded as it is recorded under its key.
     pub async fn spend_together(
         &self,
         sends: Vec<(IdempotencyKey, String, Spend)>,
@@ -78,10 +81,11 @@ impl Wallets {
         let answers = group_commit::run_now(self, ops).await;
         let mut out = Vec::with_capacity(answers.len());
         for ((key, wallet_id, spend), answer) in sends.into_iter().zip(answers) {
-            out.push(match answer {
+            let answer = match answer {
                 Batched::Done(r) => r,
                 Batched::Alone => self.spend_alone(&key, &wallet_id, spend).await,
-            });
+            };
+            out.push(answer.map(convert::send_answer_bytes));
         }
         out
     }
@@ -91,10 +95,10 @@ impl Wallets {
         key: &IdempotencyKey,
         wallet_id: &str,
         spend: Spend,
-    ) -> Result<Vec<u8>, WalletError> {
+    ) -> Result<SendAnswer, WalletError> {
         // Phase 1: pay from the wallet, refuse, or record the purchase the send needs.
         let mut tx = match self.begin_bytes(key).await? {
-            Begun::Replay(r) => return Self::replayed(r),
+            Begun::Replay(r) => return Self::replayed(r).map(SendAnswer::Replayed),
             Begun::Fresh(tx) => tx,
         };
         let mut acct = Account::lock(&mut tx, &self.db, wallet_id, self.now()).await?;
@@ -172,7 +176,7 @@ impl Wallets {
 
         // Phase 3: apply the outcome and spend, under the wallet's lock again.
         let mut tx = match self.begin_bytes(key).await? {
-            Begun::Replay(r) => return Self::replayed(r),
+            Begun::Replay(r) => return Self::replayed(r).map(SendAnswer::Replayed),
             Begun::Fresh(tx) => tx,
         };
         let mut acct = Account::lock(&mut tx, &self.db, wallet_id, self.now()).await?;
@@ -193,7 +197,7 @@ impl Wallets {
         spend: &Spend,
         needed: i64,
         purchase: Option<PurchaseRecord>,
-    ) -> Result<Vec<u8>, WalletError> {
+    ) -> Result<SendAnswer, WalletError> {
         match purchase.as_ref().map(|p| p.status) {
             Some(PurchaseStatus::Failed | PurchaseStatus::Returned) => {
                 let reason = purchase.map(|p| p.failure_reason).unwrap_or_default();
@@ -210,19 +214,20 @@ impl Wallets {
             _ => {}
         }
         let before = acct.clone();
-        let response = match apply_send(&mut acct, spend, needed, purchase.as_ref()) {
-            Ok(response) => response,
+        let done = match apply_send(&mut acct, spend, needed, purchase.as_ref()) {
+            Ok(done) => done,
             Err(err) => return self.refuse(tx, before, key, err).await,
         };
         let follow_up = match spend {
             Spend::Charge { .. } => fixed_top_up_after(&mut tx, &mut acct).await?,
             Spend::Hold { .. } => None,
         };
-        let response = self.finish_bytes(tx, acct, key, response).await?;
+        self.finish_bytes(tx, acct, key, convert::send_done_bytes(&done))
+            .await?;
         if let Some(p) = follow_up {
             self.drive_in_background(p);
         }
-        Ok(response)
+        Ok(SendAnswer::Done(done))
     }
 
     /// CaptureReservation: debit what was sent, release the rest.
@@ -235,18 +240,14 @@ impl Wallets {
         wallet_id: &str,
         reservation_id: &str,
         recipients_sent: u64,
-    ) -> Result<pb::Reservation, WalletError> {
+    ) -> Result<SendAnswer, WalletError> {
         if let Some(group) = group {
             let op = Op::Capture {
                 reservation_id: reservation_id.to_string(),
                 recipients_sent,
             };
             if let Batched::Done(answer) = group.submit(key, wallet_id, op).await {
-                return answer.and_then(|bytes| {
-                    pb::Reservation::decode(bytes.as_slice()).map_err(|_| {
-                        runtime::db::DbError::Corrupt("stored capture answer".into()).into()
-                    })
-                });
+                return answer;
             }
         }
         self.capture_alone(key, wallet_id, reservation_id, recipients_sent)
@@ -259,11 +260,13 @@ impl Wallets {
         wallet_id: &str,
         reservation_id: &str,
         recipients_sent: u64,
-    ) -> Result<pb::Reservation, WalletError> {
-        let (mut tx, mut acct) = match self.begin_on::<pb::Reservation>(key, wallet_id).await? {
-            Locked::Replay(r) => return Self::replayed(r),
-            Locked::Fresh(tx, acct) => (tx, *acct),
+    ) -> Result<SendAnswer, WalletError> {
+        let mut tx = match self.begin_bytes(key).await? {
+            Begun::Replay(r) => return Self::replayed(r).map(SendAnswer::Replayed),
+            Begun::Fresh(tx) => tx,
         };
+        let mut acct = Account::lock(&mut tx, &self.db, wallet_id, self.now()).await?;
+        acct.housekeeping(&mut tx).await?;
         let held = store::reservation(&mut tx, wallet_id, reservation_id).await?;
         let r = active_hold(held, reservation_id, acct.now)?;
         let before = acct.clone();
@@ -275,12 +278,13 @@ impl Wallets {
             Err(err) => return Err(err),
         };
         let follow_up = fixed_top_up_after(&mut tx, &mut acct).await?;
-        let response = convert::reservation(&r, &acct);
-        let response = self.finish(tx, acct, key, response).await?;
+        let done = SendDone::Hold(acct.hold_changed(r));
+        self.finish_bytes(tx, acct, key, convert::send_done_bytes(&done))
+            .await?;
         if let Some(p) = follow_up {
             self.drive_in_background(p);
         }
-        Ok(response)
+        Ok(SendAnswer::Done(done))
     }
 
     /// ReleaseReservation.
