@@ -22,7 +22,11 @@
 //! Dependencies only point down this list: `sends` -> `group_commit` -> `send_rules`,
 //! `purchases` -> this module; none points back.
 
-use std::sync::Arc;
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex, PoisonError},
+    time::Instant,
+};
 
 use chrono::{DateTime, Utc};
 use prost::Message;
@@ -51,6 +55,51 @@ pub struct Wallets {
     pub(crate) db: Db,
     pub(crate) platform: Platform,
     gateway: Arc<dyn PaymentGateway>,
+    paying_now: PayingNow,
+}
+
+/// The purchases a request of this process is paying right now (its gateway call under way),
+/// each with the instant it began. Shared by every clone of a [`Wallets`].
+#[derive(Clone, Default)]
+struct PayingNow(Arc<Mutex<HashMap<String, Instant>>>);
+
+/// Removes its purchase from [`PayingNow`] when the request's gateway call ends, however it
+/// ends (an answer, an error, or the request dropped at its deadline).
+pub(super) struct Paying {
+    paying_now: PayingNow,
+    purchase_id: String,
+}
+
+impl PayingNow {
+    fn start(&self, purchase_id: &str) -> Paying {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(purchase_id.to_string(), Instant::now());
+        Paying {
+            paying_now: self.clone(),
+            purchase_id: purchase_id.to_string(),
+        }
+    }
+
+    /// Whether a request began paying `purchase_id` less than `budget` ago and is still at it.
+    fn within(&self, purchase_id: &str, budget: std::time::Duration) -> bool {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(purchase_id)
+            .is_some_and(|began| began.elapsed() < budget)
+    }
+}
+
+impl Drop for Paying {
+    fn drop(&mut self) {
+        self.paying_now
+            .0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&self.purchase_id);
+    }
 }
 
 enum Begun<R> {
@@ -71,6 +120,7 @@ impl Wallets {
             db: platform.db.clone(),
             platform,
             gateway,
+            paying_now: PayingNow::default(),
         }
     }
 

@@ -7,12 +7,12 @@
 
 use chrono::{DateTime, Duration, Utc};
 use proto::wallet::v1 as pb;
-use runtime::idempotency::IdempotencyKey;
+use runtime::{idempotency::IdempotencyKey, payments::PaymentProvider};
 use serde_json::json;
 use shared::{ChargeOutcome, ChargeRequest, ChargeStatus, GatewayError, Money, TierTable};
 use sqlx::{Any, Transaction};
 
-use super::{Locked, Wallets};
+use super::{Locked, Paying, Wallets};
 use crate::{
     account::Account,
     convert,
@@ -34,6 +34,9 @@ pub enum PaymentOutcome {
     /// Not known (timeout): left `processing` for a retry or the reconciler.
     Unknown,
 }
+
+/// What a request may need, beyond the gateway's own limit, to apply a payment's outcome.
+const PAYMENT_MARGIN: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl Wallets {
     /// QuoteCreditPurchase (C1).
@@ -109,10 +112,13 @@ impl Wallets {
                 p
             }
         };
+        // From before the commit that shows the purchase to the reconciler.
+        let paying = self.paying_for_request(&purchase);
         acct.save(&mut tx).await?;
         tx.commit().await?;
 
         let outcome = self.pay(&purchase).await;
+        drop(paying);
 
         let (mut tx, mut acct) = match self.begin_on::<pb::Purchase>(key, wallet_id).await? {
             Locked::Replay(r) => return Self::replayed(r),
@@ -152,6 +158,38 @@ impl Wallets {
             }
             Err(e) => PaymentOutcome::Declined(e.to_string()),
         }
+    }
+
+    /// Marks `p` as being paid by the request that recorded it (PurchaseCredits, or a send that
+    /// buys credits) until the returned guard is dropped: meanwhile the reconciler leaves `p` to
+    /// this request ([`Wallets::being_paid_by_its_request`]). Taken before the commit that
+    /// records `p` and dropped once the request's gateway call has ended.
+    pub(super) fn paying_for_request(&self, p: &PurchaseRecord) -> Paying {
+        self.paying_now.start(&p.purchase_id)
+    }
+
+    /// How long a request may take to pay one purchase: the gateway's time limit (Stripe's
+    /// per-call limit; with the simulator, which answers at once, the request deadline) plus a
+    /// margin.
+    fn payment_budget(&self) -> std::time::Duration {
+        let config = &self.platform.config;
+        let gateway = match (config.payment_provider, &config.stripe) {
+            (PaymentProvider::Stripe, Some(stripe)) => stripe.timeout,
+            _ => config.request_timeout,
+        };
+        gateway + PAYMENT_MARGIN
+    }
+
+    /// Whether a request of this process is still paying `p` (its gateway call began less than
+    /// [`Wallets::payment_budget`] ago and has not ended). The reconciler leaves such a purchase
+    /// to its request rather than call the gateway a second time for it: a provider that
+    /// ignored the idempotency key (localstripe does) would charge twice; the first outcome is
+    /// the request's to apply, and if it stays unknown (a timeout) the reconciler finishes the
+    /// purchase once the call has ended. A request of another replica is not seen: there the
+    /// provider's idempotency key is what keeps the charge single, as it always did.
+    fn being_paid_by_its_request(&self, p: &PurchaseRecord) -> bool {
+        self.paying_now
+            .within(&p.purchase_id, self.payment_budget())
     }
 
     /// Drives an automatic purchase to its outcome after the request that recorded it.
@@ -194,7 +232,11 @@ impl Wallets {
             }
         };
         let outcome = match p.status {
-            PurchaseStatus::Processing if self.left_to_its_request(&p) => return Ok(()),
+            PurchaseStatus::Processing
+                if self.left_to_its_request(&p) || self.being_paid_by_its_request(&p) =>
+            {
+                return Ok(());
+            }
             PurchaseStatus::Processing => self.pay(&p).await,
             PurchaseStatus::PendingSettlement => {
                 match self.gateway.charge_status(&p.purchase_id).await {

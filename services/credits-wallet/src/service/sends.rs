@@ -168,11 +168,14 @@ impl Wallets {
                 .complete_spend(tx, acct, key, &spend, needed, Some(purchase))
                 .await;
         }
+        // From before the commit that shows the purchase to the reconciler.
+        let paying = self.paying_for_request(&purchase);
         acct.save(&mut tx).await?;
         tx.commit().await?;
 
         // Phase 2: the gateway, outside any transaction.
         let outcome = self.pay(&purchase).await;
+        drop(paying);
 
         // Phase 3: apply the outcome and spend, under the wallet's lock again.
         let mut tx = match self.begin_bytes(key).await? {

@@ -184,3 +184,100 @@ async fn a_gateway_timeout_is_reconciled_in_the_background_when_nobody_retries()
     assert_eq!(h.wallet("w1").await.balance, 0);
     h.assert_ledger_balances("w1").await;
 }
+
+/// A gateway whose first charge is answered only when the test says so (the request is still
+/// paying), every later one at once; it counts the charges it is asked for.
+struct HeldGateway {
+    charges: std::sync::Mutex<Vec<String>>,
+    entered: tokio::sync::Notify,
+    release: tokio::sync::Notify,
+}
+
+#[tonic::async_trait]
+impl shared::PaymentGateway for HeldGateway {
+    async fn charge(
+        &self,
+        request: &shared::ChargeRequest,
+    ) -> Result<shared::ChargeOutcome, shared::GatewayError> {
+        let first = {
+            let mut charges = self.charges.lock().unwrap();
+            charges.push(request.idempotency_key.clone());
+            charges.len() == 1
+        };
+        if first {
+            self.entered.notify_one();
+            self.release.notified().await;
+        }
+        Ok(shared::ChargeOutcome::Succeeded {
+            charge_id: format!("ch_{}", request.idempotency_key),
+        })
+    }
+
+    async fn charge_status(
+        &self,
+        _idempotency_key: &str,
+    ) -> Result<Option<shared::ChargeRecord>, shared::GatewayError> {
+        Ok(None)
+    }
+}
+
+// rule C1: a card purchase still being paid by its request is left to that request: the
+// reconciler does not ask the gateway again meanwhile (a provider that ignored the purchase's
+// idempotency key, as localstripe does, would charge twice).
+#[tokio::test]
+async fn the_reconciler_leaves_a_purchase_to_the_request_still_paying_it() {
+    let h = Harness::start().await;
+    h.open("w1", "1", 0).await;
+    let gateway = std::sync::Arc::new(HeldGateway {
+        charges: std::sync::Mutex::default(),
+        entered: tokio::sync::Notify::new(),
+        release: tokio::sync::Notify::new(),
+    });
+    let wallets =
+        credits_wallet::service::Wallets::new(h.running.platform.clone(), gateway.clone());
+    let request = pb::PurchaseCreditsRequest {
+        idempotency_key: "buy-held".into(),
+        wallet_id: "w1".into(),
+        credits: 1_000,
+        // The service's own reconciler (the simulator behind it) finishes nothing of this
+        // purchase while the test runs: its first call for a key times out.
+        payment_method: "pm_card_timeout".into(),
+        expires_at: None,
+        expected_amount: None,
+    };
+    let key = runtime::idempotency::IdempotencyKey::new(
+        "PurchaseCredits",
+        &request.idempotency_key,
+        &request,
+    )
+    .unwrap();
+    let buying = tokio::spawn({
+        let wallets = wallets.clone();
+        async move {
+            wallets
+                .purchase(&key, "w1", 1_000, "pm_card_timeout", None, None)
+                .await
+        }
+    });
+    // The request is at the gateway now, its purchase `processing`.
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        gateway.entered.notified(),
+    )
+    .await
+    .expect("the request never reached the gateway");
+    let purchase_id = gateway.charges.lock().unwrap()[0].clone();
+    wallets.reconcile_purchase(&purchase_id).await.unwrap();
+    assert_eq!(
+        gateway.charges.lock().unwrap().len(),
+        1,
+        "the reconciler charged a purchase its request was still paying"
+    );
+    gateway.release.notify_one();
+    let bought = buying.await.unwrap().unwrap();
+    assert_eq!(bought.purchase_id, purchase_id);
+    assert_eq!(bought.status, pb::PurchaseStatus::Succeeded as i32);
+    assert_eq!(gateway.charges.lock().unwrap().len(), 1, "charged once");
+    assert_eq!(h.wallet("w1").await.balance, 1_000);
+    h.assert_ledger_balances("w1").await;
+}
