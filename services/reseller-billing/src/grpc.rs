@@ -15,7 +15,8 @@ use tonic::{Request, Response, Status};
 use crate::{
     domain::{self, BillingMode, Funding},
     error::ResellerError,
-    service::{CustomerChange, NewPartner, Resellers, Send},
+    routing::Send,
+    service::{CustomerChange, NewPartner, Resellers},
 };
 
 /// The gRPC face of the service.

@@ -18,18 +18,19 @@ use proto::{
 use runtime::{
     Platform,
     db::Db,
-    idempotency::{Claimed, IdempotencyError, IdempotencyKey},
+    idempotency::{Claimed, IdempotencyKey},
     outbox,
 };
 use serde_json::json;
-use shared::{Currency, RatingRule, TierTable};
+use shared::{Currency, TierTable};
 use sqlx::{Any, Transaction};
-use tonic::Status;
 
 use crate::{
-    batch::{Batched, GroupCommit},
+    batch::SendSteps,
+    convert::{decode_stored as decode, hex},
     domain::{self, BillingMode, Funding, Payer},
     error::ResellerError,
+    routing::{Outcome, Route, Send, SendRequest, settle},
     store::{self, CustomerRecord, PartnerRecord, RoutedRecord},
     wallet::{Wallet, wallet_key},
 };
@@ -37,10 +38,10 @@ use crate::{
 /// The reseller's use cases.
 #[derive(Clone)]
 pub struct Resellers {
-    pub(crate) db: Db,
-    pub(crate) platform: Platform,
+    db: Db,
+    platform: Platform,
     wallet: Wallet,
-    group_commit: Option<GroupCommit>,
+    sends: SendSteps,
 }
 
 /// A new partner.
@@ -59,55 +60,19 @@ pub struct NewPartner {
     pub rating: wpb::RatingRule,
 }
 
-/// Which routed operation.
-#[derive(Debug, Clone)]
-pub enum Send {
-    /// ChargeMailing.
-    Charge,
-    /// ReserveMailing with a hold lifetime.
-    Hold {
-        /// Seconds (0 = the wallet's default).
-        ttl_seconds: u32,
-    },
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn unhex(s: &str) -> Option<Vec<u8>> {
-    (0..s.len())
-        .step_by(2)
-        .map(|i| s.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok()))
-        .collect()
-}
-
-fn decode<M: Message + Default>(hex_text: &str) -> Result<M, ResellerError> {
-    unhex(hex_text)
-        .and_then(|b| M::decode(b.as_slice()).ok())
-        .ok_or_else(|| runtime::db::DbError::Corrupt("stored protobuf".into()).into())
-}
-
 impl Resellers {
-    /// The use cases on `platform`, calling `wallet`.
-    pub fn new(platform: Platform, wallet: Wallet) -> Self {
+    /// The use cases on `platform`, calling `wallet`; steps 1 and 3 of routed sends run by
+    /// `sends` (alone, or with group commit: [`crate::batch`]).
+    pub fn new(platform: Platform, wallet: Wallet, sends: SendSteps) -> Self {
         Self {
             db: platform.db.clone(),
             platform,
             wallet,
-            group_commit: None,
+            sends,
         }
     }
 
-    /// The same use cases with group commit for steps 1 and 3 of routed sends: up to
-    /// `max_batch` sends per transaction, `shards` transactions at a time per step
-    /// ([`crate::batch`]).
-    pub fn with_group_commit(mut self, max_batch: usize, shards: usize) -> Self {
-        self.group_commit = Some(GroupCommit::start(self.clone(), max_batch, shards));
-        self
-    }
-
-    pub(crate) fn now(&self) -> DateTime<Utc> {
+    fn now(&self) -> DateTime<Utc> {
         self.platform.clock.now()
     }
 
@@ -136,7 +101,7 @@ impl Resellers {
         Ok(response)
     }
 
-    pub(crate) async fn event(
+    async fn event(
         &self,
         tx: &mut Transaction<'static, Any>,
         event_type: &str,
@@ -500,8 +465,8 @@ impl Resellers {
 
     /// ChargeMailing and ReserveMailing (W2, W3, W5): route, then debit or hold at the payer.
     ///
-    /// With group commit on ([`crate::batch`]), steps 1 and 3 of sends arriving together share
-    /// their transactions; a send a batch does not take runs the step alone, as here.
+    /// Steps 1 and 3 run in [`SendSteps`]: with group commit on ([`crate::batch`]), those of
+    /// sends arriving together share their transactions.
     pub async fn route_send(
         &self,
         key: &IdempotencyKey,
@@ -520,16 +485,9 @@ impl Resellers {
             send,
         };
         // Step 1: decide and record who pays (or find the decision of an earlier attempt).
-        let routed = match &self.group_commit {
-            Some(g) => match g.route(&request).await {
-                Batched::Done(r) => r?,
-                Batched::Alone => self.route_alone(&request).await?,
-            },
-            None => self.route_alone(&request).await?,
-        };
-        let routed = match routed {
-            Routing::Answered(bytes) => return Ok(bytes),
-            Routing::Routed(r) => *r,
+        let routed = match self.sends.route(&request).await? {
+            Route::Answered(bytes) => return Ok(bytes),
+            Route::Routed(r) => *r,
         };
 
         // Step 2: the wallet, with a key derived from the caller's.
@@ -540,56 +498,9 @@ impl Resellers {
         };
 
         // Step 3: record the outcome under the caller's key.
-        let settled = settle(routed, recipients, outcome);
-        match &self.group_commit {
-            Some(g) => match g.record(&request.key, &settled).await {
-                Batched::Done(r) => r,
-                Batched::Alone => self.record_alone(&request.key, settled).await,
-            },
-            None => self.record_alone(&request.key, settled).await,
-        }
-    }
-
-    /// Step 1 of a send in its own transaction.
-    pub(crate) async fn route_alone(&self, r: &SendRequest) -> Result<Routing, ResellerError> {
-        let mut tx = self.db.begin_write().await?;
-        match r.key.claim_bytes(&mut tx).await? {
-            Claimed::Replay(Ok(bytes)) => return Ok(Routing::Answered(bytes)),
-            Claimed::Replay(Err(status)) => return Err(ResellerError::Replayed(status)),
-            Claimed::New => {}
-        }
-        if let Some(routed) = store::routed(&mut tx, r.key.key()).await? {
-            return r.resume(routed);
-        }
-        let customer = self
-            .own_customer(&mut tx, &r.partner_id, &r.customer_id)
-            .await?;
-        let partner = self.partner_record(&mut tx, &r.partner_id).await?;
-        let (start, _) = domain::month_of(self.now());
-        let used = if customer.monthly_limit > 0 {
-            store::partner_credits_used_since(&mut tx, &r.partner_id, &r.customer_id, start).await?
-        } else {
-            0
-        };
-        match decide(r, &customer, &partner, used)? {
-            Decision::Route(routed) => {
-                store::insert_routed(&mut tx, &routed, self.now()).await?;
-                tx.commit().await?;
-                Ok(Routing::Routed(routed))
-            }
-            Decision::Limit(reached) => {
-                let (event_type, payload) = limit_event(r, reached);
-                self.event(&mut tx, event_type, &r.partner_id, payload)
-                    .await?;
-                let status = Status::from(ResellerError::Limit(reached));
-                r.key
-                    .record_status(&mut tx, &status, self.now().timestamp_micros())
-                    .await?;
-                tx.commit().await?;
-                self.platform.outbox.poke();
-                Err(ResellerError::Limit(reached))
-            }
-        }
+        self.sends
+            .record(&request.key, settle(routed, recipients, outcome))
+            .await
     }
 
     async fn call_wallet(
@@ -624,28 +535,6 @@ impl Resellers {
                 .await
                 .map(Outcome::Held),
         }
-    }
-
-    /// Step 3 of a send in its own transaction.
-    pub(crate) async fn record_alone(
-        &self,
-        key: &IdempotencyKey,
-        settled: Settled,
-    ) -> Result<Vec<u8>, ResellerError> {
-        let mut tx = self.db.begin_write().await?;
-        match key.claim_bytes(&mut tx).await? {
-            Claimed::Replay(Ok(bytes)) => return Ok(bytes),
-            Claimed::Replay(Err(status)) => return Err(ResellerError::Replayed(status)),
-            Claimed::New => {}
-        }
-        store::update_routed(&mut tx, &settled.routed).await?;
-        let now = self.now().timestamp_micros();
-        match &settled.answer {
-            Ok(bytes) => key.record_bytes(&mut tx, bytes.clone(), now).await?,
-            Err(status) => key.record_status(&mut tx, status, now).await?,
-        }
-        tx.commit().await?;
-        settled.answer.map_err(ResellerError::Replayed)
     }
 
     /// CaptureMailing / ReleaseMailing: the hold's own wallet, whatever the billing mode is now.
@@ -981,198 +870,4 @@ pub enum CustomerChange {
     BillingMode(BillingMode),
     /// Monthly cap of partner credits (0 = none).
     Limit(i64),
-}
-
-pub(crate) enum Outcome {
-    Charged(wpb::MailingCharge),
-    Held(wpb::Reservation),
-}
-
-/// One routed send as the caller asked for it.
-#[derive(Clone)]
-pub(crate) struct SendRequest {
-    pub key: IdempotencyKey,
-    pub partner_id: String,
-    pub customer_id: String,
-    pub mailing_id: String,
-    pub recipients: u64,
-    pub send: Send,
-}
-
-impl SendRequest {
-    /// The routing an earlier attempt under this key recorded (still pending), taken up again
-    /// only if it was this very send; the key used for another send is refused
-    /// (`ALREADY_EXISTS`), never completed with the other send's routing.
-    pub(crate) fn resume(&self, routed: RoutedRecord) -> Result<Routing, ResellerError> {
-        let kind = match self.send {
-            Send::Charge => "charge",
-            Send::Hold { .. } => "hold",
-        };
-        let same = routed.kind == kind
-            && routed.partner_id == self.partner_id
-            && routed.customer_id == self.customer_id
-            && routed.mailing_id == self.mailing_id
-            && u64::try_from(routed.recipients).ok() == Some(self.recipients);
-        if same {
-            return Ok(Routing::Routed(Box::new(routed)));
-        }
-        Err(ResellerError::Idempotency(IdempotencyError::Mismatch {
-            key: self.key.key().to_string(),
-            operation: match routed.kind.as_str() {
-                "hold" => "ReserveMailing",
-                _ => "ChargeMailing",
-            }
-            .to_string(),
-        }))
-    }
-}
-
-/// What step 1 came to for a send that goes on.
-pub(crate) enum Routing {
-    /// The first answer of an earlier attempt.
-    Answered(Vec<u8>),
-    /// Who pays, recorded (now or by an earlier attempt): call the wallet.
-    Routed(Box<RoutedRecord>),
-}
-
-/// Step 1's decision for a new send, from the rows it depends on.
-pub(crate) enum Decision {
-    /// Record this routing.
-    Route(Box<RoutedRecord>),
-    /// The partner's monthly cap on the customer refuses it (recorded under the key).
-    Limit(domain::LimitReached),
-}
-
-/// Who pays for `r` (W1) and whether the partner's cap on the customer allows it, given the
-/// partner credits the customer `used` this month. Refusals that change nothing are `Err`.
-pub(crate) fn decide(
-    r: &SendRequest,
-    customer: &CustomerRecord,
-    partner: &PartnerRecord,
-    used: i64,
-) -> Result<Decision, ResellerError> {
-    if customer.suspended {
-        return Err(ResellerError::Suspended(r.customer_id.clone()));
-    }
-    let rating: wpb::RatingRule = decode(&partner.rating)?;
-    let credits = rate(&rating, r.recipients)?;
-    let (payer, payer_wallet_id) = domain::route(
-        customer.billing_mode,
-        &r.partner_id,
-        &r.customer_id,
-        &customer.wallet_id,
-    );
-    if payer == Payer::Partner
-        && let Err(reached) = domain::check_limit(customer.monthly_limit, used, credits)
-    {
-        return Ok(Decision::Limit(reached));
-    }
-    Ok(Decision::Route(Box::new(RoutedRecord {
-        idempotency_key: r.key.key().to_string(),
-        kind: match r.send {
-            Send::Charge => "charge",
-            Send::Hold { .. } => "hold",
-        }
-        .into(),
-        partner_id: r.partner_id.clone(),
-        customer_id: r.customer_id.clone(),
-        payer,
-        payer_wallet_id,
-        mailing_id: r.mailing_id.clone(),
-        recipients: i64::try_from(r.recipients).unwrap_or(i64::MAX),
-        credits,
-        status: "pending".into(),
-        reservation_id: None,
-        reservation_status: None,
-        former_wallet_key: None,
-    })))
-}
-
-/// The event of a send refused by the cap.
-pub(crate) fn limit_event(
-    r: &SendRequest,
-    reached: domain::LimitReached,
-) -> (&'static str, serde_json::Value) {
-    (
-        "reseller.customer_limit_reached",
-        json!({"partner_id": r.partner_id, "customer_id": r.customer_id, "limit": reached.limit, "used": reached.used, "needed": reached.needed}),
-    )
-}
-
-/// A routing with the wallet's outcome applied, and the answer to record under the key.
-#[derive(Clone)]
-pub(crate) struct Settled {
-    pub routed: RoutedRecord,
-    pub answer: Result<Vec<u8>, Status>,
-}
-
-/// Step 3's result for a wallet outcome that is known (not an unreachable wallet): the routing
-/// `done` with the wallet's answer, or `failed` with its refusal.
-pub(crate) fn settle(
-    mut routed: RoutedRecord,
-    recipients: u64,
-    outcome: Result<Outcome, ResellerError>,
-) -> Settled {
-    let outcome = match outcome {
-        Ok(o) => o,
-        Err(e) => {
-            routed.status = "failed".into();
-            return Settled {
-                routed,
-                answer: Err(Status::from(e)),
-            };
-        }
-    };
-    routed.status = "done".into();
-    let payer = match routed.payer {
-        Payer::Partner => pb::Payer::Partner,
-        Payer::Customer => pb::Payer::Customer,
-    } as i32;
-    let bytes = match outcome {
-        Outcome::Charged(charge) => {
-            routed.credits = i64::try_from(charge.credits).unwrap_or(routed.credits);
-            pb::RoutedCharge {
-                payer,
-                payer_wallet_id: routed.payer_wallet_id.clone(),
-                customer_id: routed.customer_id.clone(),
-                mailing_id: routed.mailing_id.clone(),
-                recipients,
-                credits: charge.credits,
-                payer_balance_after: charge.balance_after,
-                charge: Some(charge),
-            }
-            .encode_to_vec()
-        }
-        Outcome::Held(reservation) => {
-            routed.credits = i64::try_from(reservation.credits).unwrap_or(routed.credits);
-            routed.reservation_id = Some(reservation.reservation_id.clone());
-            routed.reservation_status = Some("active".into());
-            pb::RoutedReservation {
-                payer,
-                payer_wallet_id: routed.payer_wallet_id.clone(),
-                customer_id: routed.customer_id.clone(),
-                reservation: Some(reservation),
-            }
-            .encode_to_vec()
-        }
-    };
-    Settled {
-        routed,
-        answer: Ok(bytes),
-    }
-}
-
-/// The credits a mailing needs under the partner's rating rule (C2), checked here to apply the
-/// customer's cap before the wallet is asked.
-fn rate(rule: &wpb::RatingRule, recipients: u64) -> Result<i64, ResellerError> {
-    let cpr = runtime::convert::decimal("rating", &rule.credits_per_recipient)
-        .map_err(|(_, m)| runtime::db::DbError::Corrupt(m))?;
-    let surcharge =
-        shared::Credits::new(i64::try_from(rule.per_mailing_surcharge).unwrap_or(i64::MAX))
-            .map_err(|e| runtime::db::DbError::Corrupt(e.to_string()))?;
-    let rule = RatingRule::new(cpr, surcharge)
-        .map_err(|e| runtime::db::DbError::Corrupt(e.to_string()))?;
-    rule.credits_for(recipients)
-        .map(|c| c.get())
-        .map_err(|e| ResellerError::invalid("recipients", e.to_string()))
 }
