@@ -13,7 +13,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::{
-    domain::{self, BillingMode, Funding},
+    convert,
+    domain::{self, Funding},
     error::ResellerError,
     routing::Send,
     service::{CustomerChange, NewPartner, Resellers},
@@ -118,17 +119,6 @@ fn scoped_key<M: prost::Message>(
     Ok(IdempotencyKey::new(operation, &scoped, request)?.formerly(key))
 }
 
-fn billing_mode(v: i32) -> Result<BillingMode, ResellerError> {
-    match pb::BillingMode::try_from(v) {
-        Ok(pb::BillingMode::PartnerPays) => Ok(BillingMode::PartnerPays),
-        Ok(pb::BillingMode::CustomerPays) => Ok(BillingMode::CustomerPays),
-        _ => Err(ResellerError::invalid(
-            "billing_mode",
-            "must be BILLING_MODE_PARTNER_PAYS or BILLING_MODE_CUSTOMER_PAYS",
-        )),
-    }
-}
-
 fn recipients(field: &'static str, n: u64, allow_zero: bool) -> Result<u64, ResellerError> {
     if n == 0 && !allow_zero {
         return Err(ResellerError::invalid(field, "must be at least 1"));
@@ -163,17 +153,7 @@ impl ResellerBilling for ResellerBillingApi {
                 ),
             )
         })?;
-        let funding = match pb::PartnerFunding::try_from(r.funding) {
-            Ok(pb::PartnerFunding::Prepaid) => Funding::Prepaid,
-            Ok(pb::PartnerFunding::OnDemand) => Funding::OnDemand,
-            _ => {
-                return Err(ResellerError::invalid(
-                    "funding",
-                    "must be PARTNER_FUNDING_PREPAID or _ON_DEMAND",
-                )
-                .into());
-            }
-        };
+        let funding = convert::funding_from(r.funding)?;
         // This service charges nothing itself: the partner's wallet does, through the provider
         // the wallet is configured with, and refuses a token that provider cannot charge. So a
         // token of either provider passes here (simulator tokens, Stripe `cus_...:pm_...`).
@@ -240,7 +220,7 @@ impl ResellerBilling for ResellerBillingApi {
         let key = scoped_key("AddCustomer", &partner_id, &r.idempotency_key, &r)?;
         // A new customer's id is bounded further, so that its wallet's id fits.
         let customer_id = id_of("customer_id", &r.customer_id, domain::MAX_CUSTOMER_ID_LEN)?;
-        let mode = billing_mode(r.billing_mode)?;
+        let mode = convert::billing_mode_from(r.billing_mode)?;
         ok(self
             .resellers
             .add_customer(&key, &partner_id, customer_id, mode)
@@ -312,7 +292,7 @@ impl ResellerBilling for ResellerBillingApi {
         let r = req.into_inner();
         let key = scoped_key("SetBillingMode", &partner_id, &r.idempotency_key, &r)?;
         let customer_id = id("customer_id", &r.customer_id)?;
-        let mode = billing_mode(r.billing_mode)?;
+        let mode = convert::billing_mode_from(r.billing_mode)?;
         ok(self
             .resellers
             .change_customer(

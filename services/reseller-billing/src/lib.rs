@@ -1,6 +1,7 @@
 //! The reseller-billing service: partners, their sub-accounts, and who pays each customer's sends (rules W1-W5).
 //!
-//! Layers: `domain` (who pays, caps, resale amounts; no IO); `store` (SQL, both backends);
+//! Layers: `domain` (who pays, caps, resale amounts; no IO); `model` (stored records, statuses
+//! as enums); `store` (SQL, both backends); `convert` (records <-> protobuf messages);
 //! `routing` (one locked customer a send is routed on); `batch` (steps 1 and 3 of a send, alone
 //! or with group commit); `wallet` (the credits-wallet client, keys derived from the caller's);
 //! `service` (use cases);
@@ -13,6 +14,7 @@ pub mod domain;
 pub mod error;
 pub mod grpc;
 pub mod jobs;
+pub mod model;
 pub mod routing;
 pub mod service;
 pub mod store;

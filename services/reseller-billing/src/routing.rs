@@ -9,7 +9,7 @@
 
 use chrono::{DateTime, Utc};
 use prost::Message;
-use proto::{reseller::v1 as pb, wallet::v1 as wpb};
+use proto::wallet::v1 as wpb;
 use runtime::{db::Db, idempotency::IdempotencyError, idempotency::IdempotencyKey};
 use serde_json::json;
 use shared::RatingRule;
@@ -17,10 +17,11 @@ use sqlx::AnyConnection;
 use tonic::Status;
 
 use crate::{
-    convert::decode_stored,
+    convert::{self, decode_stored},
     domain::{self, Payer},
     error::ResellerError,
-    store::{self, CustomerRecord, PartnerRecord, RoutedRecord},
+    model::{CustomerRecord, HoldStatus, PartnerRecord, RoutedRecord, SendKind, SendStatus},
+    store,
 };
 
 /// Which routed operation.
@@ -33,6 +34,16 @@ pub enum Send {
         /// Seconds (0 = the wallet's default).
         ttl_seconds: u32,
     },
+}
+
+impl Send {
+    /// The kind recorded with its routing.
+    pub fn kind(&self) -> SendKind {
+        match self {
+            Send::Charge => SendKind::Charge,
+            Send::Hold { .. } => SendKind::Hold,
+        }
+    }
 }
 
 /// One routed send as the caller asked for it.
@@ -57,11 +68,7 @@ impl SendRequest {
     /// only if it was this very send; the key used for another send is refused
     /// (`ALREADY_EXISTS`), never completed with the other send's routing.
     pub fn resume(&self, routed: RoutedRecord) -> Result<Route, ResellerError> {
-        let kind = match self.send {
-            Send::Charge => "charge",
-            Send::Hold { .. } => "hold",
-        };
-        let same = routed.kind == kind
+        let same = routed.kind == self.send.kind()
             && routed.partner_id == self.partner_id
             && routed.customer_id == self.customer_id
             && routed.mailing_id == self.mailing_id
@@ -71,9 +78,9 @@ impl SendRequest {
         }
         Err(ResellerError::Idempotency(IdempotencyError::Mismatch {
             key: self.key.key().to_string(),
-            operation: match routed.kind.as_str() {
-                "hold" => "ReserveMailing",
-                _ => "ChargeMailing",
+            operation: match routed.kind {
+                SendKind::Hold => "ReserveMailing",
+                SendKind::Charge => "ChargeMailing",
             }
             .to_string(),
         }))
@@ -177,11 +184,7 @@ impl Routing {
         }
         Ok(Decision::Route(Box::new(RoutedRecord {
             idempotency_key: r.key.key().to_string(),
-            kind: match r.send {
-                Send::Charge => "charge",
-                Send::Hold { .. } => "hold",
-            }
-            .into(),
+            kind: r.send.kind(),
             partner_id: r.partner_id.clone(),
             customer_id: r.customer_id.clone(),
             payer,
@@ -189,7 +192,7 @@ impl Routing {
             mailing_id: r.mailing_id.clone(),
             recipients: i64::try_from(r.recipients).unwrap_or(i64::MAX),
             credits,
-            status: "pending".into(),
+            status: SendStatus::Pending,
             reservation_id: None,
             reservation_status: None,
             former_wallet_key: None,
@@ -235,44 +238,24 @@ pub fn settle(
     let outcome = match outcome {
         Ok(o) => o,
         Err(e) => {
-            routed.status = "failed".into();
+            routed.status = SendStatus::Failed;
             return Settled {
                 routed,
                 answer: Err(Status::from(e)),
             };
         }
     };
-    routed.status = "done".into();
-    let payer = match routed.payer {
-        Payer::Partner => pb::Payer::Partner,
-        Payer::Customer => pb::Payer::Customer,
-    } as i32;
+    routed.status = SendStatus::Done;
     let bytes = match outcome {
         Outcome::Charged(charge) => {
             routed.credits = i64::try_from(charge.credits).unwrap_or(routed.credits);
-            pb::RoutedCharge {
-                payer,
-                payer_wallet_id: routed.payer_wallet_id.clone(),
-                customer_id: routed.customer_id.clone(),
-                mailing_id: routed.mailing_id.clone(),
-                recipients,
-                credits: charge.credits,
-                payer_balance_after: charge.balance_after,
-                charge: Some(charge),
-            }
-            .encode_to_vec()
+            convert::routed_charge(&routed, recipients, charge).encode_to_vec()
         }
         Outcome::Held(reservation) => {
             routed.credits = i64::try_from(reservation.credits).unwrap_or(routed.credits);
             routed.reservation_id = Some(reservation.reservation_id.clone());
-            routed.reservation_status = Some("active".into());
-            pb::RoutedReservation {
-                payer,
-                payer_wallet_id: routed.payer_wallet_id.clone(),
-                customer_id: routed.customer_id.clone(),
-                reservation: Some(reservation),
-            }
-            .encode_to_vec()
+            routed.reservation_status = Some(HoldStatus::Active);
+            convert::routed_reservation(&routed, reservation).encode_to_vec()
         }
     };
     Settled {

@@ -11,10 +11,11 @@ use sqlx::{Any, Transaction};
 
 use super::Resellers;
 use crate::{
-    convert::decode_stored,
+    convert::{self, decode_stored},
     domain::{self, BillingMode},
     error::ResellerError,
-    store::{self, CustomerRecord, PartnerRecord},
+    model::{CustomerRecord, PartnerRecord},
+    store,
     wallet::wallet_key,
 };
 
@@ -45,7 +46,7 @@ impl Resellers {
             .open(wpb::OpenWalletRequest {
                 idempotency_key: wallet_key(key.key(), "open-customer"),
                 wallet_id: wallet_id.clone(),
-                currency: partner.currency.clone(),
+                currency: partner.currency.code().into(),
                 pricing: Some(decode_stored(&partner.pricing)?),
                 rating: Some(decode_stored(&partner.rating)?),
                 signup_credits: 0,
@@ -85,18 +86,7 @@ impl Resellers {
         let (start, _) = domain::month_of(self.now());
         let used =
             store::partner_credits_used_since(conn, &c.partner_id, &c.customer_id, start).await?;
-        Ok(pb::Customer {
-            partner_id: c.partner_id.clone(),
-            customer_id: c.customer_id.clone(),
-            billing_mode: match c.billing_mode {
-                BillingMode::PartnerPays => pb::BillingMode::PartnerPays,
-                BillingMode::CustomerPays => pb::BillingMode::CustomerPays,
-            } as i32,
-            suspended: c.suspended,
-            monthly_credit_limit: u64::try_from(c.monthly_limit).unwrap_or(0),
-            credits_used_this_month: u64::try_from(used).unwrap_or(0),
-            wallet_id: c.wallet_id.clone(),
-        })
+        Ok(convert::customer(c, used))
     }
 
     /// AddCustomer (W1).

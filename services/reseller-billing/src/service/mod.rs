@@ -12,12 +12,7 @@ use runtime::{
 };
 use sqlx::{Any, Transaction};
 
-use crate::{
-    batch::SendSteps,
-    error::ResellerError,
-    store::{self, PartnerRecord},
-    wallet::Wallet,
-};
+use crate::{batch::SendSteps, error::ResellerError, model::PartnerRecord, store, wallet::Wallet};
 
 mod customers;
 mod partners;

@@ -8,14 +8,15 @@ use proto::{
 };
 use runtime::idempotency::IdempotencyKey;
 use serde_json::json;
-use shared::{Currency, TierTable};
+use shared::Currency;
 
 use super::Resellers;
 use crate::{
-    convert::hex,
+    convert::{self, hex},
     domain::{self, Funding},
     error::ResellerError,
-    store::{self, PartnerRecord},
+    model::PartnerRecord,
+    store,
     wallet::{Wallet, wallet_key},
 };
 
@@ -38,25 +39,8 @@ pub struct NewPartner {
 impl Resellers {
     async fn partner_message(&self, p: &PartnerRecord) -> Result<pb::Partner, ResellerError> {
         let wallet = self.wallet.get(&p.wallet_id).await?;
-        let resale_prices = if p.resale_prices.is_empty() {
-            None
-        } else {
-            let table: TierTable = serde_json::from_str(&p.resale_prices)
-                .map_err(|_| runtime::db::DbError::Corrupt("resale prices".into()))?;
-            Some(runtime::convert::tier_table_message(&table))
-        };
-        Ok(pb::Partner {
-            partner_id: p.partner_id.clone(),
-            currency: p.currency.clone(),
-            funding: match p.funding {
-                Funding::Prepaid => pb::PartnerFunding::Prepaid,
-                Funding::OnDemand => pb::PartnerFunding::OnDemand,
-            } as i32,
-            payment_method: p.payment_method.clone(),
-            wallet_id: p.wallet_id.clone(),
-            wallet: Some(wallet),
-            resale_prices,
-        })
+        let resale = p.resale_table()?;
+        Ok(convert::partner(p, wallet, resale.as_ref()))
     }
 
     /// RegisterPartner (W3, W5): its main wallet first, then the partner.
@@ -96,17 +80,14 @@ impl Resellers {
                 .set_funding(wpb::SetFundingModeRequest {
                     idempotency_key: wallet_key(key.key(), "funding"),
                     wallet_id: wallet_id.clone(),
-                    funding_mode: match cmd.funding {
-                        Funding::Prepaid => wpb::FundingMode::Prepaid,
-                        Funding::OnDemand => wpb::FundingMode::OnDemand,
-                    } as i32,
+                    funding_mode: convert::wallet_funding(cmd.funding) as i32,
                     payment_method: cmd.payment_method.clone(),
                 })
                 .await?;
         }
         let record = PartnerRecord {
             partner_id: cmd.partner_id.clone(),
-            currency: cmd.currency.code().into(),
+            currency: cmd.currency,
             funding: cmd.funding,
             payment_method: cmd.payment_method,
             wallet_id,
@@ -158,11 +139,7 @@ impl Resellers {
             Err(replay) => return Ok(replay),
         };
         let mut partner = self.partner_record(&mut tx, partner_id).await?;
-        let currency: Currency = partner
-            .currency
-            .parse()
-            .map_err(|_| runtime::db::DbError::Corrupt("partner currency".into()))?;
-        let table = runtime::convert::tier_table(prices, currency)
+        let table = runtime::convert::tier_table(prices, partner.currency)
             .map_err(|(f, m)| ResellerError::invalid(f, m))?;
         partner.resale_prices = serde_json::to_string(&table)
             .map_err(|e| runtime::db::DbError::Corrupt(e.to_string()))?;

@@ -18,10 +18,11 @@ use runtime::idempotency::IdempotencyKey;
 
 use super::Resellers;
 use crate::{
-    domain::Payer,
+    convert,
     error::ResellerError,
+    model::{HoldStatus, RoutedRecord},
     routing::{Outcome, Route, Send, SendRequest, settle},
-    store::{self, RoutedRecord},
+    store,
     wallet::wallet_key,
 };
 
@@ -146,22 +147,14 @@ impl Resellers {
         };
         let mut routed = routed;
         if capture.is_some() {
-            routed.reservation_status = Some("captured".into());
+            routed.reservation_status = Some(HoldStatus::Captured);
             routed.credits = i64::try_from(reservation.captured_credits).unwrap_or(0);
             routed.recipients = i64::try_from(capture.unwrap_or(0)).unwrap_or(0);
         } else {
-            routed.reservation_status = Some("released".into());
+            routed.reservation_status = Some(HoldStatus::Released);
         }
         store::update_routed(&mut tx, &routed).await?;
-        let response = pb::RoutedReservation {
-            payer: match routed.payer {
-                Payer::Partner => pb::Payer::Partner,
-                Payer::Customer => pb::Payer::Customer,
-            } as i32,
-            payer_wallet_id: routed.payer_wallet_id.clone(),
-            customer_id: routed.customer_id.clone(),
-            reservation: Some(reservation),
-        };
+        let response = convert::routed_reservation(&routed, reservation);
         self.finish(tx, key, response).await
     }
 }

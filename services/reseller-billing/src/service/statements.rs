@@ -1,10 +1,9 @@
 //! What a partner bills its customers for a month (W1).
 
 use proto::reseller::v1 as pb;
-use shared::TierTable;
 
 use super::Resellers;
-use crate::{domain, error::ResellerError, store};
+use crate::{convert, domain, error::ResellerError, store};
 
 impl Resellers {
     /// GetUsageStatement (W1): per customer, what was sent and what the partner bills.
@@ -25,14 +24,7 @@ impl Resellers {
             .map_err(runtime::db::DbError::from)?;
         let partner = self.partner_record(&mut conn, partner_id).await?;
         drop(conn);
-        let prices: Option<TierTable> = if partner.resale_prices.is_empty() {
-            None
-        } else {
-            Some(
-                serde_json::from_str(&partner.resale_prices)
-                    .map_err(|_| runtime::db::DbError::Corrupt("resale prices".into()))?,
-            )
-        };
+        let prices = partner.resale_table()?;
         let mut total: Option<shared::Money> = None;
         let mut customers = Vec::new();
         for (customer_id, usage) in store::usage(&self.db, partner_id, from, to).await? {
@@ -52,23 +44,18 @@ impl Resellers {
                     None => a,
                 });
             }
-            let u = |v: i64| u64::try_from(v).unwrap_or(0);
-            customers.push(pb::CustomerUsage {
+            customers.push(convert::customer_usage(
                 customer_id,
-                mailings: u(usage.mailings),
-                recipients: u(usage.recipients),
-                credits_used: u(usage.credits()),
-                partner_paid_credits: u(usage.partner_paid),
-                customer_paid_credits: u(usage.customer_paid),
-                amount: amount.map(|a| runtime::convert::money(&a)),
-            });
+                &usage,
+                amount.as_ref(),
+            ));
         }
         Ok(pb::UsageStatement {
             partner_id: partner_id.to_string(),
             year,
             month,
             customers,
-            total: total.map(|t| runtime::convert::money(&t)),
+            total: total.map(|t| convert::money(&t)),
         })
     }
 }
