@@ -7,8 +7,84 @@ use shared::{Money, TierTable};
 use crate::{
     domain::{BillingMode, Funding, Payer, Usage},
     error::ResellerError,
-    model::{CustomerRecord, PartnerRecord, RoutedRecord},
+    model::{
+        Allocation, CustomerPage, CustomerRecord, CustomerView, Outcome, PartnerRecord,
+        PartnerView, RoutedHold, RoutedRecord, Statement,
+    },
 };
+
+/// A use case's result as its response message: the one encoding of what is sent, and of what
+/// is recorded under an idempotency key for a retry.
+pub trait Reply {
+    /// The response message.
+    type Message: Message + Default;
+    /// The message.
+    fn message(&self) -> Self::Message;
+}
+
+impl Reply for PartnerView {
+    type Message = pb::Partner;
+    fn message(&self) -> pb::Partner {
+        partner(
+            &self.partner,
+            self.wallet.clone(),
+            self.resale_prices.as_ref(),
+        )
+    }
+}
+
+impl Reply for CustomerView {
+    type Message = pb::Customer;
+    fn message(&self) -> pb::Customer {
+        customer(&self.customer, self.used_this_month)
+    }
+}
+
+impl Reply for CustomerPage {
+    type Message = pb::ListCustomersResponse;
+    fn message(&self) -> pb::ListCustomersResponse {
+        pb::ListCustomersResponse {
+            customers: self.customers.iter().map(Reply::message).collect(),
+            next_page_token: self.next_page_token.clone(),
+        }
+    }
+}
+
+impl Reply for Allocation {
+    type Message = pb::Allocation;
+    fn message(&self) -> pb::Allocation {
+        pb::Allocation {
+            customer_id: self.customer_id.clone(),
+            credits: self.transfer.credits,
+            partner_wallet: self.transfer.from_wallet.clone(),
+            customer_wallet: self.transfer.to_wallet.clone(),
+        }
+    }
+}
+
+impl Reply for RoutedHold {
+    type Message = pb::RoutedReservation;
+    fn message(&self) -> pb::RoutedReservation {
+        routed_reservation(&self.routed, self.reservation.clone())
+    }
+}
+
+impl Reply for Statement {
+    type Message = pb::UsageStatement;
+    fn message(&self) -> pb::UsageStatement {
+        pb::UsageStatement {
+            partner_id: self.partner_id.clone(),
+            year: self.year,
+            month: self.month,
+            customers: self
+                .customers
+                .iter()
+                .map(|l| customer_usage(l.customer_id.clone(), &l.usage, l.amount.as_ref()))
+                .collect(),
+            total: self.total.as_ref().map(money),
+        }
+    }
+}
 
 /// A message as stored in a text column: its protobuf encoding in lowercase hex.
 pub fn hex(bytes: &[u8]) -> String {
@@ -92,7 +168,7 @@ fn payer(p: Payer) -> pb::Payer {
 }
 
 /// A partner with its main wallet as the wallet service shows it.
-pub fn partner(p: &PartnerRecord, wallet: wpb::Wallet, resale: Option<&TierTable>) -> pb::Partner {
+fn partner(p: &PartnerRecord, wallet: wpb::Wallet, resale: Option<&TierTable>) -> pb::Partner {
     pb::Partner {
         partner_id: p.partner_id.clone(),
         currency: p.currency.code().into(),
@@ -105,7 +181,7 @@ pub fn partner(p: &PartnerRecord, wallet: wpb::Wallet, resale: Option<&TierTable
 }
 
 /// A customer, with the partner credits it `used` this month.
-pub fn customer(c: &CustomerRecord, used: i64) -> pb::Customer {
+fn customer(c: &CustomerRecord, used: i64) -> pb::Customer {
     pb::Customer {
         partner_id: c.partner_id.clone(),
         customer_id: c.customer_id.clone(),
@@ -117,8 +193,17 @@ pub fn customer(c: &CustomerRecord, used: i64) -> pb::Customer {
     }
 }
 
+/// The answer of a routed send the wallet carried out (`routed` as completed): a
+/// `RoutedCharge` or a `RoutedReservation`, encoded as it is sent and recorded under the key.
+pub fn send_answer(routed: &RoutedRecord, recipients: u64, outcome: Outcome) -> Vec<u8> {
+    match outcome {
+        Outcome::Charged(charge) => routed_charge(routed, recipients, charge).encode_to_vec(),
+        Outcome::Held(reservation) => routed_reservation(routed, reservation).encode_to_vec(),
+    }
+}
+
 /// A routed charge's answer, the wallet's `charge` of `recipients` inside.
-pub fn routed_charge(
+fn routed_charge(
     routed: &RoutedRecord,
     recipients: u64,
     charge: wpb::MailingCharge,
@@ -136,7 +221,7 @@ pub fn routed_charge(
 }
 
 /// A routed hold's answer, the wallet's `reservation` inside.
-pub fn routed_reservation(
+fn routed_reservation(
     routed: &RoutedRecord,
     reservation: wpb::Reservation,
 ) -> pb::RoutedReservation {
@@ -149,11 +234,7 @@ pub fn routed_reservation(
 }
 
 /// One customer's line of a usage statement.
-pub fn customer_usage(
-    customer_id: String,
-    usage: &Usage,
-    amount: Option<&Money>,
-) -> pb::CustomerUsage {
+fn customer_usage(customer_id: String, usage: &Usage, amount: Option<&Money>) -> pb::CustomerUsage {
     pb::CustomerUsage {
         customer_id,
         mailings: u(usage.mailings),

@@ -5,7 +5,7 @@ use proto::{
     common::v1::{Event, WatchEventsRequest},
     reseller::v1::{self as pb, reseller_billing_server::ResellerBilling},
 };
-use runtime::convert::{reply as ok, reply_decoded as decoded};
+use runtime::convert::reply_decoded as decoded;
 use runtime::{Platform, auth, idempotency::IdempotencyKey, payments::PaymentProvider};
 use sha2::{Digest, Sha256};
 use shared::Currency;
@@ -13,11 +13,11 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::{
-    convert,
+    convert::{self, Reply},
     domain::{self, Funding},
     error::ResellerError,
     routing::Send,
-    service::{CustomerChange, NewPartner, Resellers},
+    service::{Answer, CustomerChange, NewPartner, Resellers},
 };
 
 /// The gRPC face of the service.
@@ -33,6 +33,19 @@ impl ResellerBillingApi {
             platform,
             resellers,
         }
+    }
+}
+
+/// A read's result as its response.
+fn view<T: Reply>(r: Result<T, ResellerError>) -> Result<Response<T::Message>, Status> {
+    Ok(Response::new(r?.message()))
+}
+
+/// A mutation's answer as its response: what it did, or the first attempt's recorded answer.
+fn answer<T: Reply>(r: Result<Answer<T>, ResellerError>) -> Result<Response<T::Message>, Status> {
+    match r? {
+        Answer::Done(result) => Ok(Response::new(result.message())),
+        Answer::Replayed(bytes) => decoded::<T::Message, Status>(Ok(bytes)),
     }
 }
 
@@ -185,20 +198,21 @@ impl ResellerBilling for ResellerBillingApi {
             .rating
             .clone()
             .ok_or_else(|| ResellerError::invalid("rating", "is required"))?;
-        ok(self
-            .resellers
-            .register_partner(
-                &key,
-                NewPartner {
-                    partner_id,
-                    currency,
-                    funding,
-                    payment_method: r.payment_method.clone(),
-                    pricing,
-                    rating,
-                },
-            )
-            .await)
+        answer(
+            self.resellers
+                .register_partner(
+                    &key,
+                    NewPartner {
+                        partner_id,
+                        currency,
+                        funding,
+                        payment_method: r.payment_method.clone(),
+                        pricing,
+                        rating,
+                    },
+                )
+                .await,
+        )
     }
 
     #[tracing::instrument(skip_all, fields(partner = %req.get_ref().partner_id))]
@@ -207,7 +221,7 @@ impl ResellerBilling for ResellerBillingApi {
         req: Request<pb::GetPartnerRequest>,
     ) -> Result<Response<pb::Partner>, Status> {
         let partner_id = partner(&req, &req.get_ref().partner_id)?;
-        ok(self.resellers.get_partner(partner_id).await)
+        view(self.resellers.get_partner(partner_id).await)
     }
 
     #[tracing::instrument(skip_all, fields(partner = %req.get_ref().partner_id, customer = %req.get_ref().customer_id))]
@@ -221,10 +235,11 @@ impl ResellerBilling for ResellerBillingApi {
         // A new customer's id is bounded further, so that its wallet's id fits.
         let customer_id = id_of("customer_id", &r.customer_id, domain::MAX_CUSTOMER_ID_LEN)?;
         let mode = convert::billing_mode_from(r.billing_mode)?;
-        ok(self
-            .resellers
-            .add_customer(&key, &partner_id, customer_id, mode)
-            .await)
+        answer(
+            self.resellers
+                .add_customer(&key, &partner_id, customer_id, mode)
+                .await,
+        )
     }
 
     #[tracing::instrument(skip_all, fields(partner = %req.get_ref().partner_id))]
@@ -247,10 +262,11 @@ impl ResellerBilling for ResellerBillingApi {
                 domain::MAX_EXISTING_CUSTOMER_ID_LEN,
             )?;
         }
-        ok(self
-            .resellers
-            .list_customers(partner_id, &r.page_token, page_size)
-            .await)
+        view(
+            self.resellers
+                .list_customers(partner_id, &r.page_token, page_size)
+                .await,
+        )
     }
 
     #[tracing::instrument(skip_all, fields(partner = %req.get_ref().partner_id, customer = %req.get_ref().customer_id))]
@@ -260,7 +276,7 @@ impl ResellerBilling for ResellerBillingApi {
     ) -> Result<Response<pb::Customer>, Status> {
         let partner_id = partner(&req, &req.get_ref().partner_id)?;
         let customer_id = id("customer_id", &req.get_ref().customer_id)?;
-        ok(self.resellers.get_customer(partner_id, customer_id).await)
+        view(self.resellers.get_customer(partner_id, customer_id).await)
     }
 
     #[tracing::instrument(skip_all, fields(partner = %req.get_ref().partner_id, customer = %req.get_ref().customer_id))]
@@ -272,15 +288,16 @@ impl ResellerBilling for ResellerBillingApi {
         let r = req.into_inner();
         let key = scoped_key("SuspendCustomer", &partner_id, &r.idempotency_key, &r)?;
         let customer_id = id("customer_id", &r.customer_id)?;
-        ok(self
-            .resellers
-            .change_customer(
-                &key,
-                &partner_id,
-                customer_id,
-                CustomerChange::Suspended(r.suspended),
-            )
-            .await)
+        answer(
+            self.resellers
+                .change_customer(
+                    &key,
+                    &partner_id,
+                    customer_id,
+                    CustomerChange::Suspended(r.suspended),
+                )
+                .await,
+        )
     }
 
     #[tracing::instrument(skip_all, fields(partner = %req.get_ref().partner_id, customer = %req.get_ref().customer_id))]
@@ -293,15 +310,16 @@ impl ResellerBilling for ResellerBillingApi {
         let key = scoped_key("SetBillingMode", &partner_id, &r.idempotency_key, &r)?;
         let customer_id = id("customer_id", &r.customer_id)?;
         let mode = convert::billing_mode_from(r.billing_mode)?;
-        ok(self
-            .resellers
-            .change_customer(
-                &key,
-                &partner_id,
-                customer_id,
-                CustomerChange::BillingMode(mode),
-            )
-            .await)
+        answer(
+            self.resellers
+                .change_customer(
+                    &key,
+                    &partner_id,
+                    customer_id,
+                    CustomerChange::BillingMode(mode),
+                )
+                .await,
+        )
     }
 
     #[tracing::instrument(skip_all, fields(partner = %req.get_ref().partner_id, customer = %req.get_ref().customer_id))]
@@ -360,10 +378,11 @@ impl ResellerBilling for ResellerBillingApi {
         let customer_id = id("customer_id", &r.customer_id)?;
         let reservation_id = id("reservation_id", &r.reservation_id)?;
         let sent = recipients("recipients_sent", r.recipients_sent, true)?;
-        ok(self
-            .resellers
-            .settle_hold(&key, &partner_id, customer_id, reservation_id, Some(sent))
-            .await)
+        answer(
+            self.resellers
+                .settle_hold(&key, &partner_id, customer_id, reservation_id, Some(sent))
+                .await,
+        )
     }
 
     #[tracing::instrument(skip_all, fields(partner = %req.get_ref().partner_id, reservation = %req.get_ref().reservation_id))]
@@ -376,10 +395,11 @@ impl ResellerBilling for ResellerBillingApi {
         let key = scoped_key("ReleaseMailing", &partner_id, &r.idempotency_key, &r)?;
         let customer_id = id("customer_id", &r.customer_id)?;
         let reservation_id = id("reservation_id", &r.reservation_id)?;
-        ok(self
-            .resellers
-            .settle_hold(&key, &partner_id, customer_id, reservation_id, None)
-            .await)
+        answer(
+            self.resellers
+                .settle_hold(&key, &partner_id, customer_id, reservation_id, None)
+                .await,
+        )
     }
 
     #[tracing::instrument(skip_all, fields(partner = %req.get_ref().partner_id, customer = %req.get_ref().customer_id))]
@@ -400,10 +420,11 @@ impl ResellerBilling for ResellerBillingApi {
                     format!("at most {} credits", domain::MAX_CREDITS),
                 )
             })?;
-        ok(self
-            .resellers
-            .change_customer(&key, &partner_id, customer_id, CustomerChange::Limit(limit))
-            .await)
+        answer(
+            self.resellers
+                .change_customer(&key, &partner_id, customer_id, CustomerChange::Limit(limit))
+                .await,
+        )
     }
 
     #[tracing::instrument(skip_all, fields(partner = %req.get_ref().partner_id, customer = %req.get_ref().customer_id))]
@@ -422,10 +443,11 @@ impl ResellerBilling for ResellerBillingApi {
             )
             .into());
         }
-        ok(self
-            .resellers
-            .allocate(&key, &partner_id, customer_id, r.credits)
-            .await)
+        answer(
+            self.resellers
+                .allocate(&key, &partner_id, customer_id, r.credits)
+                .await,
+        )
     }
 
     #[tracing::instrument(skip_all, fields(partner = %req.get_ref().partner_id))]
@@ -440,10 +462,11 @@ impl ResellerBilling for ResellerBillingApi {
             .resale_prices
             .as_ref()
             .ok_or_else(|| ResellerError::invalid("resale_prices", "is required"))?;
-        ok(self
-            .resellers
-            .set_resale_prices(&key, &partner_id, prices)
-            .await)
+        answer(
+            self.resellers
+                .set_resale_prices(&key, &partner_id, prices)
+                .await,
+        )
     }
 
     #[tracing::instrument(skip_all, fields(partner = %req.get_ref().partner_id))]
@@ -453,7 +476,7 @@ impl ResellerBilling for ResellerBillingApi {
     ) -> Result<Response<pb::UsageStatement>, Status> {
         let partner_id = partner(&req, &req.get_ref().partner_id)?;
         let r = req.get_ref();
-        ok(self.resellers.statement(partner_id, r.year, r.month).await)
+        view(self.resellers.statement(partner_id, r.year, r.month).await)
     }
 
     #[tracing::instrument(skip_all, fields(partner = %req.get_ref().partner_id))]
@@ -476,10 +499,11 @@ impl ResellerBilling for ResellerBillingApi {
             )
             .into());
         }
-        ok(self
-            .resellers
-            .partner_reminder(&key, &partner_id, r.threshold)
-            .await)
+        answer(
+            self.resellers
+                .partner_reminder(&key, &partner_id, r.threshold)
+                .await,
+        )
     }
 
     #[tracing::instrument(skip_all, fields(partner = %req.get_ref().partner_id))]
@@ -498,10 +522,11 @@ impl ResellerBilling for ResellerBillingApi {
         let top_up = r
             .auto_top_up
             .ok_or_else(|| ResellerError::invalid("auto_top_up", "is required"))?;
-        ok(self
-            .resellers
-            .partner_auto_top_up(&key, &partner_id, top_up, r.payment_method)
-            .await)
+        answer(
+            self.resellers
+                .partner_auto_top_up(&key, &partner_id, top_up, r.payment_method)
+                .await,
+        )
     }
 
     type WatchEventsStream = ReceiverStream<Result<Event, Status>>;

@@ -2,9 +2,10 @@
 //! enumeration is stored as.
 
 use chrono::{DateTime, Utc};
-use shared::{Currency, TierTable};
+use proto::wallet::v1 as wpb;
+use shared::{Currency, Money, TierTable};
 
-use crate::domain::{BillingMode, Funding, Payer};
+use crate::domain::{BillingMode, Funding, Payer, Usage};
 
 /// Which routed operation a send is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -142,4 +143,88 @@ impl PartnerRecord {
             .map(Some)
             .map_err(|_| runtime::db::DbError::Corrupt("resale prices".into()))
     }
+}
+
+// What the use cases answer (`convert` turns each into its response message). The wallet
+// service's own answers are passed through as its messages.
+
+/// A partner with its main wallet.
+#[derive(Debug, Clone)]
+pub struct PartnerView {
+    /// The partner.
+    pub partner: PartnerRecord,
+    /// Its main wallet, as the wallet service shows it now.
+    pub wallet: wpb::Wallet,
+    /// Its resale price list, if it set one.
+    pub resale_prices: Option<TierTable>,
+}
+
+/// A customer with the partner credits it used this month.
+#[derive(Debug, Clone)]
+pub struct CustomerView {
+    /// The customer.
+    pub customer: CustomerRecord,
+    /// Partner credits used (or routed, pending or held) this month: what its cap counts.
+    pub used_this_month: i64,
+}
+
+/// One page of a partner's customers.
+#[derive(Debug, Clone)]
+pub struct CustomerPage {
+    /// The customers, by id.
+    pub customers: Vec<CustomerView>,
+    /// The last id of this page when there are more ("" = the last page).
+    pub next_page_token: String,
+}
+
+/// Partner credits moved into a customer's own wallet.
+#[derive(Debug, Clone)]
+pub struct Allocation {
+    /// The customer.
+    pub customer_id: String,
+    /// The wallet service's transfer.
+    pub transfer: wpb::CreditTransfer,
+}
+
+/// What the wallet did for a routed send (step 2).
+pub enum Outcome {
+    /// ChargeMailing went through.
+    Charged(wpb::MailingCharge),
+    /// ReserveCredits went through.
+    Held(wpb::Reservation),
+}
+
+/// A routed hold after CaptureMailing or ReleaseMailing.
+#[derive(Debug, Clone)]
+pub struct RoutedHold {
+    /// The routing, as saved.
+    pub routed: RoutedRecord,
+    /// The wallet service's hold.
+    pub reservation: wpb::Reservation,
+}
+
+/// One customer's line of a usage statement.
+#[derive(Debug, Clone)]
+pub struct StatementLine {
+    /// The customer.
+    pub customer_id: String,
+    /// What it sent and who paid.
+    pub usage: Usage,
+    /// What the partner bills it (none without resale prices).
+    pub amount: Option<Money>,
+}
+
+/// What a partner bills its customers for a month (W1).
+#[derive(Debug, Clone)]
+pub struct Statement {
+    /// The partner.
+    pub partner_id: String,
+    /// The year.
+    pub year: i32,
+    /// The month, 1 to 12.
+    pub month: u32,
+    /// Per customer that sent.
+    pub customers: Vec<StatementLine>,
+    /// The sum of the amounts (none without resale prices).
+    pub total: Option<Money>,
 }

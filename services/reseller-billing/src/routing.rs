@@ -8,7 +8,6 @@
 //! customer's sends count against its cap one after another ([`Routing::decide`]).
 
 use chrono::{DateTime, Utc};
-use prost::Message;
 use proto::wallet::v1 as wpb;
 use runtime::{db::Db, idempotency::IdempotencyError, idempotency::IdempotencyKey};
 use serde_json::json;
@@ -20,7 +19,9 @@ use crate::{
     convert::{self, decode_stored},
     domain::{self, Payer},
     error::ResellerError,
-    model::{CustomerRecord, HoldStatus, PartnerRecord, RoutedRecord, SendKind, SendStatus},
+    model::{
+        CustomerRecord, HoldStatus, Outcome, PartnerRecord, RoutedRecord, SendKind, SendStatus,
+    },
     store,
 };
 
@@ -211,14 +212,6 @@ pub fn limit_event(
     )
 }
 
-/// What the wallet did for a routed send (step 2).
-pub enum Outcome {
-    /// ChargeMailing went through.
-    Charged(wpb::MailingCharge),
-    /// ReserveCredits went through.
-    Held(wpb::Reservation),
-}
-
 /// A routing with the wallet's outcome applied, and the answer to record under the key.
 #[derive(Clone)]
 pub struct Settled {
@@ -246,18 +239,17 @@ pub fn settle(
         }
     };
     routed.status = SendStatus::Done;
-    let bytes = match outcome {
+    match &outcome {
         Outcome::Charged(charge) => {
             routed.credits = i64::try_from(charge.credits).unwrap_or(routed.credits);
-            convert::routed_charge(&routed, recipients, charge).encode_to_vec()
         }
         Outcome::Held(reservation) => {
             routed.credits = i64::try_from(reservation.credits).unwrap_or(routed.credits);
             routed.reservation_id = Some(reservation.reservation_id.clone());
             routed.reservation_status = Some(HoldStatus::Active);
-            convert::routed_reservation(&routed, reservation).encode_to_vec()
         }
-    };
+    }
+    let bytes = convert::send_answer(&routed, recipients, outcome);
     Settled {
         routed,
         answer: Ok(bytes),

@@ -1,20 +1,17 @@
 //! A partner's customers: adding, reading, listing and changing them (W1), their own wallets,
 //! and credits allocated to them.
 
-use proto::{
-    reseller::v1 as pb,
-    wallet::v1::{self as wpb},
-};
+use proto::wallet::v1::{self as wpb};
 use runtime::idempotency::IdempotencyKey;
 use serde_json::json;
 use sqlx::{Any, Transaction};
 
-use super::Resellers;
+use super::{Answer, Resellers};
 use crate::{
-    convert::{self, decode_stored},
+    convert::decode_stored,
     domain::{self, BillingMode},
     error::ResellerError,
-    model::{CustomerRecord, PartnerRecord},
+    model::{Allocation, CustomerPage, CustomerRecord, CustomerView, PartnerRecord},
     store,
     wallet::wallet_key,
 };
@@ -78,15 +75,23 @@ impl Resellers {
             })
     }
 
-    async fn customer_message(
+    async fn customer_view(
         &self,
         conn: &mut sqlx::AnyConnection,
-        c: &CustomerRecord,
-    ) -> Result<pb::Customer, ResellerError> {
+        customer: CustomerRecord,
+    ) -> Result<CustomerView, ResellerError> {
         let (start, _) = domain::month_of(self.now());
-        let used =
-            store::partner_credits_used_since(conn, &c.partner_id, &c.customer_id, start).await?;
-        Ok(convert::customer(c, used))
+        let used_this_month = store::partner_credits_used_since(
+            conn,
+            &customer.partner_id,
+            &customer.customer_id,
+            start,
+        )
+        .await?;
+        Ok(CustomerView {
+            customer,
+            used_this_month,
+        })
     }
 
     /// AddCustomer (W1).
@@ -96,10 +101,10 @@ impl Resellers {
         partner_id: &str,
         customer_id: &str,
         mode: BillingMode,
-    ) -> Result<pb::Customer, ResellerError> {
-        let mut tx = match self.claim::<pb::Customer>(key).await? {
+    ) -> Result<Answer<CustomerView>, ResellerError> {
+        let mut tx = match self.claim(key).await? {
             Ok(tx) => tx,
-            Err(replay) => return Ok(replay),
+            Err(replay) => return Ok(Answer::Replayed(replay)),
         };
         let partner = self.partner_record(&mut tx, partner_id).await?;
         if store::lock_customer(&mut tx, &self.db, partner_id, customer_id)
@@ -115,9 +120,9 @@ impl Resellers {
         } else {
             String::new()
         };
-        let mut tx = match self.claim::<pb::Customer>(key).await? {
+        let mut tx = match self.claim(key).await? {
             Ok(tx) => tx,
-            Err(replay) => return Ok(replay),
+            Err(replay) => return Ok(Answer::Replayed(replay)),
         };
         let record = CustomerRecord {
             customer_id: customer_id.to_string(),
@@ -137,7 +142,7 @@ impl Resellers {
             json!({"partner_id": partner_id, "customer_id": customer_id, "billing_mode": mode.as_str()}),
         )
         .await?;
-        let response = self.customer_message(&mut tx, &record).await?;
+        let response = self.customer_view(&mut tx, record).await?;
         self.finish(tx, key, response).await
     }
 
@@ -146,10 +151,10 @@ impl Resellers {
         &self,
         partner_id: &str,
         customer_id: &str,
-    ) -> Result<pb::Customer, ResellerError> {
+    ) -> Result<CustomerView, ResellerError> {
         let mut tx = self.db.begin_write().await?;
         let c = self.own_customer(&mut tx, partner_id, customer_id).await?;
-        let response = self.customer_message(&mut tx, &c).await?;
+        let response = self.customer_view(&mut tx, c).await?;
         tx.rollback().await?;
         Ok(response)
     }
@@ -160,7 +165,7 @@ impl Resellers {
         partner_id: &str,
         after: &str,
         page_size: i64,
-    ) -> Result<pb::ListCustomersResponse, ResellerError> {
+    ) -> Result<CustomerPage, ResellerError> {
         let mut conn = self
             .db
             .pool()
@@ -171,19 +176,20 @@ impl Resellers {
         let mut rows = store::customers(&self.db, partner_id, after, page_size + 1).await?;
         let more = rows.len() as i64 > page_size;
         rows.truncate(usize::try_from(page_size).unwrap_or(0));
+        let next_page_token = if more {
+            rows.last()
+                .map(|c| c.customer_id.clone())
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
         let mut customers = Vec::with_capacity(rows.len());
-        for c in &rows {
-            customers.push(self.customer_message(&mut conn, c).await?);
+        for c in rows {
+            customers.push(self.customer_view(&mut conn, c).await?);
         }
-        Ok(pb::ListCustomersResponse {
-            next_page_token: if more {
-                rows.last()
-                    .map(|c| c.customer_id.clone())
-                    .unwrap_or_default()
-            } else {
-                String::new()
-            },
+        Ok(CustomerPage {
             customers,
+            next_page_token,
         })
     }
 
@@ -194,13 +200,13 @@ impl Resellers {
         partner_id: &str,
         customer_id: &str,
         change: CustomerChange,
-    ) -> Result<pb::Customer, ResellerError> {
+    ) -> Result<Answer<CustomerView>, ResellerError> {
         // A refusal changes nothing anywhere: the key and the customer are checked first, and
         // only then is the customer's own wallet opened (customer-pays needs it before the
         // change commits).
-        let mut tx = match self.claim::<pb::Customer>(key).await? {
+        let mut tx = match self.claim(key).await? {
             Ok(tx) => tx,
-            Err(replay) => return Ok(replay),
+            Err(replay) => return Ok(Answer::Replayed(replay)),
         };
         let mut c = self.own_customer(&mut tx, partner_id, customer_id).await?;
         let mut opened_wallet = None;
@@ -213,9 +219,9 @@ impl Resellers {
                 self.open_customer_wallet(key, &partner, customer_id)
                     .await?,
             );
-            tx = match self.claim::<pb::Customer>(key).await? {
+            tx = match self.claim(key).await? {
                 Ok(tx) => tx,
-                Err(replay) => return Ok(replay),
+                Err(replay) => return Ok(Answer::Replayed(replay)),
             };
             c = self.own_customer(&mut tx, partner_id, customer_id).await?;
         }
@@ -240,7 +246,7 @@ impl Resellers {
             }
         }
         store::update_customer(&mut tx, &c).await?;
-        let response = self.customer_message(&mut tx, &c).await?;
+        let response = self.customer_view(&mut tx, c).await?;
         self.finish(tx, key, response).await
     }
 
@@ -251,10 +257,10 @@ impl Resellers {
         partner_id: &str,
         customer_id: &str,
         credits: u64,
-    ) -> Result<pb::Allocation, ResellerError> {
-        let mut tx = match self.claim::<pb::Allocation>(key).await? {
+    ) -> Result<Answer<Allocation>, ResellerError> {
+        let mut tx = match self.claim(key).await? {
             Ok(tx) => tx,
-            Err(replay) => return Ok(replay),
+            Err(replay) => return Ok(Answer::Replayed(replay)),
         };
         let customer = self.own_customer(&mut tx, partner_id, customer_id).await?;
         let partner = self.partner_record(&mut tx, partner_id).await?;
@@ -275,20 +281,18 @@ impl Resellers {
                 reason: format!("allocated by partner {partner_id} to customer {customer_id}"),
             })
             .await?;
-        let mut tx = match self.claim::<pb::Allocation>(key).await? {
+        let mut tx = match self.claim(key).await? {
             Ok(tx) => tx,
-            Err(replay) => return Ok(replay),
+            Err(replay) => return Ok(Answer::Replayed(replay)),
         };
         let mut customer = self.own_customer(&mut tx, partner_id, customer_id).await?;
         if customer.wallet_id.is_empty() {
             customer.wallet_id = customer_wallet;
             store::update_customer(&mut tx, &customer).await?;
         }
-        let response = pb::Allocation {
+        let response = Allocation {
             customer_id: customer_id.to_string(),
-            credits: transfer.credits,
-            partner_wallet: transfer.from_wallet,
-            customer_wallet: transfer.to_wallet,
+            transfer,
         };
         self.finish(tx, key, response).await
     }

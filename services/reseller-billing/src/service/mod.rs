@@ -12,7 +12,10 @@ use runtime::{
 };
 use sqlx::{Any, Transaction};
 
-use crate::{batch::SendSteps, error::ResellerError, model::PartnerRecord, store, wallet::Wallet};
+use crate::{
+    batch::SendSteps, convert::Reply, error::ResellerError, model::PartnerRecord, store,
+    wallet::Wallet,
+};
 
 mod customers;
 mod partners;
@@ -21,6 +24,15 @@ mod statements;
 
 pub use customers::CustomerChange;
 pub use partners::NewPartner;
+
+/// What a mutating use case answers.
+#[derive(Debug)]
+pub enum Answer<T> {
+    /// What it did now.
+    Done(T),
+    /// A retry: the answer its first attempt got, as recorded under its idempotency key.
+    Replayed(Vec<u8>),
+}
 
 /// The reseller's use cases.
 #[derive(Clone)]
@@ -47,29 +59,32 @@ impl Resellers {
         self.platform.clock.now()
     }
 
-    async fn claim<R: Message + Default>(
+    /// A write transaction for the request with `key`, or the answer its first attempt got.
+    async fn claim(
         &self,
         key: &IdempotencyKey,
-    ) -> Result<Result<Transaction<'static, Any>, R>, ResellerError> {
+    ) -> Result<Result<Transaction<'static, Any>, Vec<u8>>, ResellerError> {
         let mut tx = self.db.begin_write().await?;
-        match key.claim::<R>(&mut tx).await? {
+        match key.claim_bytes(&mut tx).await? {
             Claimed::New => Ok(Ok(tx)),
             Claimed::Replay(Ok(r)) => Ok(Err(r)),
             Claimed::Replay(Err(status)) => Err(ResellerError::Replayed(status)),
         }
     }
 
-    async fn finish<R: Message>(
+    /// Records `result`'s message under `key` and commits.
+    async fn finish<T: Reply>(
         &self,
         mut tx: Transaction<'static, Any>,
         key: &IdempotencyKey,
-        response: R,
-    ) -> Result<R, ResellerError> {
-        key.record(&mut tx, &response, self.now().timestamp_micros())
+        result: T,
+    ) -> Result<Answer<T>, ResellerError> {
+        let bytes = result.message().encode_to_vec();
+        key.record_bytes(&mut tx, bytes, self.now().timestamp_micros())
             .await?;
         tx.commit().await?;
         self.platform.outbox.poke();
-        Ok(response)
+        Ok(Answer::Done(result))
     }
 
     async fn event(

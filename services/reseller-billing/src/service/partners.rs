@@ -2,20 +2,17 @@
 //! its main wallet's reminder and automatic top-up (W4), and the relay of that wallet's events.
 
 use prost::Message;
-use proto::{
-    reseller::v1 as pb,
-    wallet::v1::{self as wpb},
-};
+use proto::wallet::v1::{self as wpb};
 use runtime::idempotency::IdempotencyKey;
 use serde_json::json;
 use shared::Currency;
 
-use super::Resellers;
+use super::{Answer, Resellers};
 use crate::{
     convert::{self, hex},
     domain::{self, Funding},
     error::ResellerError,
-    model::PartnerRecord,
+    model::{PartnerRecord, PartnerView},
     store,
     wallet::{Wallet, wallet_key},
 };
@@ -37,10 +34,14 @@ pub struct NewPartner {
 }
 
 impl Resellers {
-    async fn partner_message(&self, p: &PartnerRecord) -> Result<pb::Partner, ResellerError> {
-        let wallet = self.wallet.get(&p.wallet_id).await?;
-        let resale = p.resale_table()?;
-        Ok(convert::partner(p, wallet, resale.as_ref()))
+    async fn partner_view(&self, partner: PartnerRecord) -> Result<PartnerView, ResellerError> {
+        let wallet = self.wallet.get(&partner.wallet_id).await?;
+        let resale_prices = partner.resale_table()?;
+        Ok(PartnerView {
+            partner,
+            wallet,
+            resale_prices,
+        })
     }
 
     /// RegisterPartner (W3, W5): its main wallet first, then the partner.
@@ -48,9 +49,9 @@ impl Resellers {
         &self,
         key: &IdempotencyKey,
         cmd: NewPartner,
-    ) -> Result<pb::Partner, ResellerError> {
-        if let Err(replay) = self.claim::<pb::Partner>(key).await? {
-            return Ok(replay);
+    ) -> Result<Answer<PartnerView>, ResellerError> {
+        if let Err(replay) = self.claim(key).await? {
+            return Ok(Answer::Replayed(replay));
         }
         let wallet_id = domain::partner_wallet_id(&cmd.partner_id);
         let opened = self
@@ -96,10 +97,10 @@ impl Resellers {
             resale_prices: String::new(),
             created_at: self.now(),
         };
-        let response = self.partner_message(&record).await?;
-        let mut tx = match self.claim::<pb::Partner>(key).await? {
+        let response = self.partner_view(record.clone()).await?;
+        let mut tx = match self.claim(key).await? {
             Ok(tx) => tx,
-            Err(replay) => return Ok(replay),
+            Err(replay) => return Ok(Answer::Replayed(replay)),
         };
         if !store::insert_partner(&mut tx, &record).await? {
             return Err(ResellerError::PartnerExists(record.partner_id));
@@ -115,7 +116,7 @@ impl Resellers {
     }
 
     /// GetPartner.
-    pub async fn get_partner(&self, partner_id: &str) -> Result<pb::Partner, ResellerError> {
+    pub async fn get_partner(&self, partner_id: &str) -> Result<PartnerView, ResellerError> {
         let mut conn = self
             .db
             .pool()
@@ -124,7 +125,7 @@ impl Resellers {
             .map_err(runtime::db::DbError::from)?;
         let p = self.partner_record(&mut conn, partner_id).await?;
         drop(conn);
-        self.partner_message(&p).await
+        self.partner_view(p).await
     }
 
     /// SetResalePrices.
@@ -133,10 +134,10 @@ impl Resellers {
         key: &IdempotencyKey,
         partner_id: &str,
         prices: &wpb::CreditPricing,
-    ) -> Result<pb::Partner, ResellerError> {
-        let mut tx = match self.claim::<pb::Partner>(key).await? {
+    ) -> Result<Answer<PartnerView>, ResellerError> {
+        let mut tx = match self.claim(key).await? {
             Ok(tx) => tx,
-            Err(replay) => return Ok(replay),
+            Err(replay) => return Ok(Answer::Replayed(replay)),
         };
         let mut partner = self.partner_record(&mut tx, partner_id).await?;
         let table = runtime::convert::tier_table(prices, partner.currency)
@@ -144,7 +145,7 @@ impl Resellers {
         partner.resale_prices = serde_json::to_string(&table)
             .map_err(|e| runtime::db::DbError::Corrupt(e.to_string()))?;
         store::set_resale_prices(&mut tx, partner_id, &partner.resale_prices).await?;
-        let response = self.partner_message(&partner).await?;
+        let response = self.partner_view(partner).await?;
         self.finish(tx, key, response).await
     }
 
@@ -154,7 +155,7 @@ impl Resellers {
         key: &IdempotencyKey,
         partner_id: &str,
         threshold: u64,
-    ) -> Result<pb::Partner, ResellerError> {
+    ) -> Result<Answer<PartnerView>, ResellerError> {
         self.partner_wallet_setting(key, partner_id, |wallet, wallet_id, k| async move {
             wallet
                 .reminder(wpb::ConfigureLowBalanceReminderRequest {
@@ -174,7 +175,7 @@ impl Resellers {
         partner_id: &str,
         top_up: wpb::AutoTopUp,
         payment_method: String,
-    ) -> Result<pb::Partner, ResellerError> {
+    ) -> Result<Answer<PartnerView>, ResellerError> {
         self.partner_wallet_setting(key, partner_id, |wallet, wallet_id, k| async move {
             wallet
                 .auto_top_up(wpb::ConfigureAutoTopUpRequest {
@@ -193,14 +194,14 @@ impl Resellers {
         key: &IdempotencyKey,
         partner_id: &str,
         call: F,
-    ) -> Result<pb::Partner, ResellerError>
+    ) -> Result<Answer<PartnerView>, ResellerError>
     where
         F: FnOnce(Wallet, String, String) -> Fut,
         Fut: std::future::Future<Output = Result<wpb::Wallet, ResellerError>>,
     {
-        let tx = match self.claim::<pb::Partner>(key).await? {
+        let tx = match self.claim(key).await? {
             Ok(tx) => tx,
-            Err(replay) => return Ok(replay),
+            Err(replay) => return Ok(Answer::Replayed(replay)),
         };
         tx.rollback().await?;
         let mut conn = self
@@ -223,10 +224,10 @@ impl Resellers {
             }
             other => other,
         })?;
-        let response = self.partner_message(&partner).await?;
-        let tx = match self.claim::<pb::Partner>(key).await? {
+        let response = self.partner_view(partner).await?;
+        let tx = match self.claim(key).await? {
             Ok(tx) => tx,
-            Err(replay) => return Ok(replay),
+            Err(replay) => return Ok(Answer::Replayed(replay)),
         };
         self.finish(tx, key, response).await
     }

@@ -10,18 +10,14 @@
 //! A crash or an unreachable wallet between the steps leaves the routing `pending`: a retry
 //! with the same key goes to the same wallet with the same wallet key and completes.
 
-use proto::{
-    reseller::v1 as pb,
-    wallet::v1::{self as wpb},
-};
+use proto::wallet::v1::{self as wpb};
 use runtime::idempotency::IdempotencyKey;
 
-use super::Resellers;
+use super::{Answer, Resellers};
 use crate::{
-    convert,
     error::ResellerError,
-    model::{HoldStatus, RoutedRecord},
-    routing::{Outcome, Route, Send, SendRequest, settle},
+    model::{HoldStatus, Outcome, RoutedHold, RoutedRecord},
+    routing::{Route, Send, SendRequest, settle},
     store,
     wallet::wallet_key,
 };
@@ -29,8 +25,12 @@ use crate::{
 impl Resellers {
     /// ChargeMailing and ReserveMailing (W2, W3, W5): route, then debit or hold at the payer.
     ///
-    /// Steps 1 and 3 run in [`crate::batch::SendSteps`]: with group commit on ([`crate::batch`]), those of
-    /// sends arriving together share their transactions.
+    /// Steps 1 and 3 run in [`crate::batch::SendSteps`]: with group commit on
+    /// ([`crate::batch`]), those of sends arriving together share their transactions.
+    ///
+    /// The answer is the response as recorded under the key (a `RoutedCharge` or a
+    /// `RoutedReservation`, encoded once by [`crate::convert::send_answer`]), for the first
+    /// attempt and every retry alike.
     pub async fn route_send(
         &self,
         key: &IdempotencyKey,
@@ -109,10 +109,10 @@ impl Resellers {
         customer_id: &str,
         reservation_id: &str,
         capture: Option<u64>,
-    ) -> Result<pb::RoutedReservation, ResellerError> {
-        let mut tx = match self.claim::<pb::RoutedReservation>(key).await? {
+    ) -> Result<Answer<RoutedHold>, ResellerError> {
+        let mut tx = match self.claim(key).await? {
             Ok(tx) => tx,
-            Err(replay) => return Ok(replay),
+            Err(replay) => return Ok(Answer::Replayed(replay)),
         };
         let routed = store::routed_by_reservation(&mut tx, reservation_id)
             .await?
@@ -141,9 +141,9 @@ impl Resellers {
                     .await?
             }
         };
-        let mut tx = match self.claim::<pb::RoutedReservation>(key).await? {
+        let mut tx = match self.claim(key).await? {
             Ok(tx) => tx,
-            Err(replay) => return Ok(replay),
+            Err(replay) => return Ok(Answer::Replayed(replay)),
         };
         let mut routed = routed;
         if capture.is_some() {
@@ -154,7 +154,10 @@ impl Resellers {
             routed.reservation_status = Some(HoldStatus::Released);
         }
         store::update_routed(&mut tx, &routed).await?;
-        let response = convert::routed_reservation(&routed, reservation);
+        let response = RoutedHold {
+            routed,
+            reservation,
+        };
         self.finish(tx, key, response).await
     }
 }

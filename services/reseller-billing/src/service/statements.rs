@@ -1,9 +1,12 @@
 //! What a partner bills its customers for a month (W1).
 
-use proto::reseller::v1 as pb;
-
 use super::Resellers;
-use crate::{convert, domain, error::ResellerError, store};
+use crate::{
+    domain,
+    error::ResellerError,
+    model::{Statement, StatementLine},
+    store,
+};
 
 impl Resellers {
     /// GetUsageStatement (W1): per customer, what was sent and what the partner bills.
@@ -12,7 +15,7 @@ impl Resellers {
         partner_id: &str,
         year: i32,
         month: u32,
-    ) -> Result<pb::UsageStatement, ResellerError> {
+    ) -> Result<Statement, ResellerError> {
         let (from, to) = domain::month(year, month).ok_or_else(|| {
             ResellerError::invalid("month", "must be a calendar month (year, 1..12)")
         })?;
@@ -44,18 +47,18 @@ impl Resellers {
                     None => a,
                 });
             }
-            customers.push(convert::customer_usage(
+            customers.push(StatementLine {
                 customer_id,
-                &usage,
-                amount.as_ref(),
-            ));
+                usage,
+                amount,
+            });
         }
-        Ok(pb::UsageStatement {
+        Ok(Statement {
             partner_id: partner_id.to_string(),
             year,
             month,
             customers,
-            total: total.map(|t| convert::money(&t)),
+            total,
         })
     }
 }
