@@ -12,7 +12,7 @@
 //! [`Routing`] and applies [`Routing::decide`] to each send in arrival order (a customer's sends
 //! in one batch count against its cap one after another, as they would alone); and writes the
 //! routings, events and refusals with one statement per chunk. For step 3 it writes every outcome
-//! ([`crate::routing::settle`]) and answer likewise.
+//! ([`crate::routing::complete`]) and answer likewise.
 //!
 //! Exclusion still comes from the database (row locks, the unique key index), so replicas stay
 //! exact. A step a batch does not take runs alone ([`Batched::Alone`]): a second step with a key
@@ -34,7 +34,7 @@ use tonic::Status;
 use crate::{
     domain,
     error::ResellerError,
-    routing::{Decision, Route, Routing, SendRequest, Settled, limit_event},
+    routing::{Completed, Decision, Route, Routing, SendRequest, limit_event},
     store,
 };
 
@@ -46,7 +46,7 @@ use runtime::group_commit::Batched;
 /// What claiming a step's key came to.
 type Claim = Result<Claimed<Vec<u8>>, IdempotencyError>;
 type RouteAnswer = Batched<Result<Route, ResellerError>>;
-type RecordAnswer = Batched<Result<Vec<u8>, ResellerError>>;
+type CompleteAnswer = Batched<Result<Vec<u8>, ResellerError>>;
 
 /// A step of a send waiting for the next batch.
 enum Step {
@@ -55,11 +55,11 @@ enum Step {
         request: SendRequest,
         reply: oneshot::Sender<RouteAnswer>,
     },
-    /// Step 3: record the wallet's outcome.
-    Record {
+    /// Step 3: complete the routing with the wallet's outcome.
+    Complete {
         key: IdempotencyKey,
-        settled: Settled,
-        reply: oneshot::Sender<RecordAnswer>,
+        completed: Completed,
+        reply: oneshot::Sender<CompleteAnswer>,
     },
 }
 
@@ -67,15 +67,15 @@ impl Step {
     fn idempotency_key(&self) -> &IdempotencyKey {
         match self {
             Step::Route { request, .. } => &request.key,
-            Step::Record { key, .. } => key,
+            Step::Complete { key, .. } => key,
         }
     }
 }
 
 /// What a committed batch answers one step.
-enum Done {
+enum StepAnswer {
     Routed(Result<Route, ResellerError>),
-    Recorded(Result<Vec<u8>, ResellerError>),
+    Completed(Result<Vec<u8>, ResellerError>),
 }
 
 /// Steps 1 and 3 of routed sends: in the next batch when group commit is on, else (or when the
@@ -116,18 +116,18 @@ impl SendSteps {
         self.steps.route_alone(request).await
     }
 
-    /// Step 3: record the outcome under the caller's key; the answer.
-    pub async fn record(
+    /// Step 3: complete the routing and record the answer under the caller's key; the answer.
+    pub async fn complete(
         &self,
         key: &IdempotencyKey,
-        settled: Settled,
+        completed: Completed,
     ) -> Result<Vec<u8>, ResellerError> {
         if let Some(g) = &self.group
-            && let Batched::Done(r) = g.record(key, &settled).await
+            && let Batched::Done(r) = g.complete(key, &completed).await
         {
             return r;
         }
-        self.steps.record_alone(key, settled).await
+        self.steps.complete_alone(key, completed).await
     }
 }
 
@@ -161,10 +161,10 @@ impl GroupCommit {
     }
 
     /// Step 3 of the send with `key` in the next batch.
-    async fn record(&self, key: &IdempotencyKey, settled: &Settled) -> RecordAnswer {
-        group_commit::submit(self.steps.queue(key.key()), |reply| Step::Record {
+    async fn complete(&self, key: &IdempotencyKey, completed: &Completed) -> CompleteAnswer {
+        group_commit::submit(self.steps.queue(key.key()), |reply| Step::Complete {
             key: key.clone(),
-            settled: settled.clone(),
+            completed: completed.clone(),
             reply,
         })
         .await
@@ -228,10 +228,10 @@ impl Steps {
     }
 
     /// Step 3 of a send in its own transaction.
-    async fn record_alone(
+    async fn complete_alone(
         &self,
         key: &IdempotencyKey,
-        settled: Settled,
+        completed: Completed,
     ) -> Result<Vec<u8>, ResellerError> {
         let mut tx = self.platform.db.begin_write().await?;
         match key.claim_bytes(&mut tx).await? {
@@ -239,14 +239,14 @@ impl Steps {
             Claimed::Replay(Err(status)) => return Err(ResellerError::Replayed(status)),
             Claimed::New => {}
         }
-        store::update_routed(&mut tx, &settled.routed).await?;
+        store::update_routed(&mut tx, &completed.routed).await?;
         let now = self.now().timestamp_micros();
-        match &settled.answer {
+        match &completed.answer {
             Ok(bytes) => key.record_bytes(&mut tx, bytes.clone(), now).await?,
             Err(status) => key.record_status(&mut tx, status, now).await?,
         }
         tx.commit().await?;
-        settled.answer.map_err(ResellerError::Replayed)
+        completed.answer.map_err(ResellerError::Replayed)
     }
 
     async fn event(
@@ -272,16 +272,16 @@ impl Steps {
         let done = self.commit_steps(&jobs).await;
         group_commit::deliver(&self.platform.metrics, jobs, twins, done, |job, a| {
             match (job, a) {
-                (Step::Route { reply, .. }, Batched::Done(Done::Routed(r))) => {
+                (Step::Route { reply, .. }, Batched::Done(StepAnswer::Routed(r))) => {
                     let _ = reply.send(Batched::Done(r));
                 }
-                (Step::Record { reply, .. }, Batched::Done(Done::Recorded(r))) => {
+                (Step::Complete { reply, .. }, Batched::Done(StepAnswer::Completed(r))) => {
                     let _ = reply.send(Batched::Done(r));
                 }
                 (Step::Route { reply, .. }, _) => {
                     let _ = reply.send(Batched::Alone);
                 }
-                (Step::Record { reply, .. }, _) => {
+                (Step::Complete { reply, .. }, _) => {
                     let _ = reply.send(Batched::Alone);
                 }
             }
@@ -289,22 +289,25 @@ impl Steps {
     }
 
     /// Both steps of a batch in one transaction: one answer per job, in order.
-    async fn commit_steps(&self, jobs: &[Step]) -> Result<Vec<Batched<Done>>, ResellerError> {
+    async fn commit_steps(&self, jobs: &[Step]) -> Result<Vec<Batched<StepAnswer>>, ResellerError> {
         let now = self.now();
         let mut tx = self.platform.db.begin_write().await?;
         let keys: Vec<&IdempotencyKey> = jobs.iter().map(Step::idempotency_key).collect();
         let claims = IdempotencyKey::claim_many(&mut tx, &keys).await?;
         let mut routes = Vec::new();
-        let mut records = Vec::new();
+        let mut completions = Vec::new();
         for (i, (job, claim)) in jobs.iter().zip(claims).enumerate() {
             match job {
                 Step::Route { request, .. } => routes.push((i, request, claim)),
-                Step::Record { key, settled, .. } => records.push((i, (key, settled), claim)),
+                Step::Complete { key, completed, .. } => {
+                    completions.push((i, (key, completed), claim))
+                }
             }
         }
-        let mut answers: Vec<Option<Batched<Done>>> = jobs.iter().map(|_| None).collect();
+        let mut answers: Vec<Option<Batched<StepAnswer>>> = jobs.iter().map(|_| None).collect();
         let events = self.routes_in(&mut tx, now, routes, &mut answers).await?;
-        self.records_in(&mut tx, now, records, &mut answers).await?;
+        self.completions_in(&mut tx, now, completions, &mut answers)
+            .await?;
         tx.commit().await?;
         if events {
             self.platform.outbox.poke();
@@ -322,7 +325,7 @@ impl Steps {
         tx: &mut Transaction<'static, Any>,
         now: DateTime<Utc>,
         routes: Vec<(usize, &SendRequest, Claim)>,
-        answers: &mut [Option<Batched<Done>>],
+        answers: &mut [Option<Batched<StepAnswer>>],
     ) -> Result<bool, ResellerError> {
         let mut fresh: Vec<(usize, &SendRequest)> = Vec::with_capacity(routes.len());
         for (i, request, claim) in routes {
@@ -335,13 +338,13 @@ impl Steps {
                 Ok(Claimed::Replay(Err(status))) => Err(ResellerError::Replayed(status)),
                 Err(e) => Err(e.into()),
             };
-            answers[i] = Some(Batched::Done(Done::Routed(answer)));
+            answers[i] = Some(Batched::Done(StepAnswer::Routed(answer)));
         }
         let fresh_keys: Vec<&str> = fresh.iter().map(|(_, r)| r.key.key()).collect();
         let mut earlier = store::routed_many(tx, &fresh_keys).await?;
         fresh.retain(|&(i, r)| match earlier.remove(r.key.key()) {
             Some(routed) => {
-                answers[i] = Some(Batched::Done(Done::Routed(r.resume(routed))));
+                answers[i] = Some(Batched::Done(StepAnswer::Routed(r.resume(routed))));
                 false
             }
             None => true,
@@ -387,7 +390,7 @@ impl Steps {
                     partner: r.partner_id.clone(),
                     customer: r.customer_id.clone(),
                 };
-                answers[i] = Some(Batched::Done(Done::Routed(Err(missing))));
+                answers[i] = Some(Batched::Done(StepAnswer::Routed(Err(missing))));
                 continue;
             };
             let answer = match routing.decide(r) {
@@ -404,7 +407,7 @@ impl Steps {
                 }
                 Err(e) => Err(e),
             };
-            answers[i] = Some(Batched::Done(Done::Routed(answer)));
+            answers[i] = Some(Batched::Done(StepAnswer::Routed(answer)));
         }
         store::insert_routed_many(tx, &routings, now).await?;
         IdempotencyKey::record_many(tx, &refusals, now.timestamp_micros()).await?;
@@ -412,19 +415,19 @@ impl Steps {
     }
 
     /// Step 3 of the batch's outcomes, their answers put in `answers` at their positions.
-    async fn records_in(
+    async fn completions_in(
         &self,
         tx: &mut Transaction<'static, Any>,
         now: DateTime<Utc>,
-        records: Vec<(usize, (&IdempotencyKey, &Settled), Claim)>,
-        answers: &mut [Option<Batched<Done>>],
+        completions: Vec<(usize, (&IdempotencyKey, &Completed), Claim)>,
+        answers: &mut [Option<Batched<StepAnswer>>],
     ) -> Result<(), ResellerError> {
-        let mut settled = Vec::new();
+        let mut completed = Vec::new();
         let mut recorded: Vec<(&IdempotencyKey, Result<Vec<u8>, Status>)> = Vec::new();
-        for (i, (key, outcome), claim) in records {
+        for (i, (key, outcome), claim) in completions {
             let answer = match claim {
                 Ok(Claimed::New) => {
-                    settled.push(&outcome.routed);
+                    completed.push(&outcome.routed);
                     recorded.push((key, outcome.answer.clone()));
                     outcome.answer.clone().map_err(ResellerError::Replayed)
                 }
@@ -432,9 +435,9 @@ impl Steps {
                 Ok(Claimed::Replay(Err(status))) => Err(ResellerError::Replayed(status)),
                 Err(e) => Err(e.into()),
             };
-            answers[i] = Some(Batched::Done(Done::Recorded(answer)));
+            answers[i] = Some(Batched::Done(StepAnswer::Completed(answer)));
         }
-        store::update_routed_many(tx, &settled).await?;
+        store::update_routed_many(tx, &completed).await?;
         IdempotencyKey::record_many(tx, &recorded, now.timestamp_micros()).await?;
         Ok(())
     }

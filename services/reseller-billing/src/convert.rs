@@ -25,7 +25,7 @@ pub trait Reply {
 impl Reply for PartnerView {
     type Message = pb::Partner;
     fn message(&self) -> pb::Partner {
-        partner(
+        partner_message(
             &self.partner,
             self.wallet.clone(),
             self.resale_prices.as_ref(),
@@ -36,7 +36,7 @@ impl Reply for PartnerView {
 impl Reply for CustomerView {
     type Message = pb::Customer;
     fn message(&self) -> pb::Customer {
-        customer(&self.customer, self.used_this_month)
+        customer_message(&self.customer, self.used_this_month)
     }
 }
 
@@ -168,7 +168,11 @@ fn payer(p: Payer) -> pb::Payer {
 }
 
 /// A partner with its main wallet as the wallet service shows it.
-fn partner(p: &PartnerRecord, wallet: wpb::Wallet, resale: Option<&TierTable>) -> pb::Partner {
+fn partner_message(
+    p: &PartnerRecord,
+    wallet: wpb::Wallet,
+    resale: Option<&TierTable>,
+) -> pb::Partner {
     pb::Partner {
         partner_id: p.partner_id.clone(),
         currency: p.currency.code().into(),
@@ -181,7 +185,7 @@ fn partner(p: &PartnerRecord, wallet: wpb::Wallet, resale: Option<&TierTable>) -
 }
 
 /// A customer, with the partner credits it `used` this month.
-fn customer(c: &CustomerRecord, used: i64) -> pb::Customer {
+fn customer_message(c: &CustomerRecord, used: i64) -> pb::Customer {
     pb::Customer {
         partner_id: c.partner_id.clone(),
         customer_id: c.customer_id.clone(),

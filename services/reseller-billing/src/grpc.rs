@@ -16,7 +16,7 @@ use crate::{
     convert::{self, Reply},
     domain::{self, Funding},
     error::ResellerError,
-    routing::Send,
+    routing::SendOp,
     service::{Answer, CustomerChange, NewPartner, Resellers},
 };
 
@@ -335,7 +335,14 @@ impl ResellerBilling for ResellerBillingApi {
         let n = recipients("recipients", r.recipients, false)?;
         decoded(
             self.resellers
-                .route_send(&key, &partner_id, customer_id, mailing_id, n, Send::Charge)
+                .route_send(
+                    &key,
+                    &partner_id,
+                    customer_id,
+                    mailing_id,
+                    n,
+                    SendOp::Charge,
+                )
                 .await,
         )
     }
@@ -359,7 +366,7 @@ impl ResellerBilling for ResellerBillingApi {
                     customer_id,
                     mailing_id,
                     n,
-                    Send::Hold {
+                    SendOp::Hold {
                         ttl_seconds: r.ttl_seconds,
                     },
                 )

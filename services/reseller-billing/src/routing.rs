@@ -27,7 +27,7 @@ use crate::{
 
 /// Which routed operation.
 #[derive(Debug, Clone)]
-pub enum Send {
+pub enum SendOp {
     /// ChargeMailing.
     Charge,
     /// ReserveMailing with a hold lifetime.
@@ -37,12 +37,12 @@ pub enum Send {
     },
 }
 
-impl Send {
+impl SendOp {
     /// The kind recorded with its routing.
     pub fn kind(&self) -> SendKind {
         match self {
-            Send::Charge => SendKind::Charge,
-            Send::Hold { .. } => SendKind::Hold,
+            SendOp::Charge => SendKind::Charge,
+            SendOp::Hold { .. } => SendKind::Hold,
         }
     }
 }
@@ -61,7 +61,7 @@ pub struct SendRequest {
     /// Recipients.
     pub recipients: u64,
     /// Charge or hold.
-    pub send: Send,
+    pub send: SendOp,
 }
 
 impl SendRequest {
@@ -214,7 +214,7 @@ pub fn limit_event(
 
 /// A routing with the wallet's outcome applied, and the answer to record under the key.
 #[derive(Clone)]
-pub struct Settled {
+pub struct Completed {
     /// The routing as it will be saved.
     pub routed: RoutedRecord,
     /// The answer recorded under the caller's key.
@@ -223,16 +223,16 @@ pub struct Settled {
 
 /// Step 3's result for a wallet outcome that is known (not an unreachable wallet): the routing
 /// `done` with the wallet's answer, or `failed` with its refusal.
-pub fn settle(
+pub fn complete(
     mut routed: RoutedRecord,
     recipients: u64,
     outcome: Result<Outcome, ResellerError>,
-) -> Settled {
+) -> Completed {
     let outcome = match outcome {
         Ok(o) => o,
         Err(e) => {
             routed.status = SendStatus::Failed;
-            return Settled {
+            return Completed {
                 routed,
                 answer: Err(Status::from(e)),
             };
@@ -250,7 +250,7 @@ pub fn settle(
         }
     }
     let bytes = convert::send_answer(&routed, recipients, outcome);
-    Settled {
+    Completed {
         routed,
         answer: Ok(bytes),
     }

@@ -17,7 +17,7 @@ use super::{Answer, Resellers};
 use crate::{
     error::ResellerError,
     model::{HoldStatus, Outcome, RoutedHold, RoutedRecord},
-    routing::{Route, Send, SendRequest, settle},
+    routing::{Route, SendOp, SendRequest, complete},
     store,
     wallet::wallet_key,
 };
@@ -38,7 +38,7 @@ impl Resellers {
         customer_id: &str,
         mailing_id: &str,
         recipients: u64,
-        send: Send,
+        send: SendOp,
     ) -> Result<Vec<u8>, ResellerError> {
         let request = SendRequest {
             key: key.clone(),
@@ -61,9 +61,9 @@ impl Resellers {
             known => known,
         };
 
-        // Step 3: record the outcome under the caller's key.
+        // Step 3: complete the routing and record the answer under the caller's key.
         self.sends
-            .record(&request.key, settle(routed, recipients, outcome))
+            .complete(&request.key, complete(routed, recipients, outcome))
             .await
     }
 
@@ -77,7 +77,7 @@ impl Resellers {
             .clone()
             .unwrap_or_else(|| wallet_key(r.key.key(), "send"));
         match r.send {
-            Send::Charge => self
+            SendOp::Charge => self
                 .wallet
                 .charge(wpb::ChargeMailingRequest {
                     idempotency_key: wallet_key,
@@ -87,7 +87,7 @@ impl Resellers {
                 })
                 .await
                 .map(Outcome::Charged),
-            Send::Hold { ttl_seconds } => self
+            SendOp::Hold { ttl_seconds } => self
                 .wallet
                 .reserve(wpb::ReserveCreditsRequest {
                     idempotency_key: wallet_key,
