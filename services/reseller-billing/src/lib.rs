@@ -1,12 +1,12 @@
 //! The reseller-billing service: partners, their sub-accounts, and who pays each customer's sends (rules W1-W5).
 //!
-//! Layers: `domain` (who pays, caps, resale amounts; no IO); `model` (stored records, statuses
-//! as enums); `store` (SQL, both backends); `convert` (records <-> protobuf messages);
-//! `routing` (one locked customer a send is routed on); `batch` (steps 1 and 3 of a send, alone
-//! or with group commit); `wallet` (the credits-wallet client, keys derived from the caller's);
-//! `service` (use cases);
-//! `jobs` (relay of the partner wallets' events); `grpc` (validation, partner-bound tokens,
-//! status codes).
+//! Layers, each importing only those before it: `domain` (who pays, caps, resale amounts; no
+//! IO); `model` (stored records, statuses as enums, what use cases answer); `store` (SQL, both
+//! backends); `convert` (records and results <-> protobuf messages); `routing` (the customer a
+//! send is routed on, locked); `batch` (steps 1 and 3 of a send, in a group commit or alone);
+//! `wallet` (the credits-wallet client, keys derived from the caller's); `service` (use cases,
+//! one file per family); `jobs` (relay of the partner wallets' events); `grpc` (validation,
+//! partner-bound tokens, status codes).
 
 pub mod batch;
 pub mod convert;
