@@ -31,25 +31,6 @@ pub enum Payer {
     Customer,
 }
 
-macro_rules! text_enum {
-    ($ty:ty { $($variant:ident => $text:literal),+ $(,)? }) => {
-        impl $ty {
-            /// The stored text.
-            pub fn as_str(self) -> &'static str {
-                match self { $(Self::$variant => $text),+ }
-            }
-            /// Parses the stored text.
-            pub fn parse(s: &str) -> Option<Self> {
-                match s { $($text => Some(Self::$variant),)+ _ => None }
-            }
-        }
-    };
-}
-
-text_enum!(BillingMode { PartnerPays => "partner_pays", CustomerPays => "customer_pays" });
-text_enum!(Funding { Prepaid => "prepaid", OnDemand => "on_demand" });
-text_enum!(Payer { Partner => "partner", Customer => "customer" });
-
 /// Longest id the credits-wallet service accepts for a wallet (the suite's id bound).
 pub const MAX_WALLET_ID_LEN: usize = shared::limits::MAX_ID_LEN;
 /// Longest partner id: its main wallet `partner:<partner_id>` and its customers' wallets

@@ -5,7 +5,7 @@ use proto::{
     common::v1::{Event, WatchEventsRequest},
     reseller::v1::{self as pb, reseller_billing_server::ResellerBilling},
 };
-use runtime::convert::{reply as ok, reply_decoded as decoded};
+use runtime::convert::reply_decoded as decoded;
 use runtime::{Platform, auth, idempotency::IdempotencyKey, payments::PaymentProvider};
 use sha2::{Digest, Sha256};
 use shared::Currency;
@@ -13,9 +13,11 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::{
-    domain::{self, BillingMode, Funding},
+    convert::{self, Reply},
+    domain::{self, Funding},
     error::ResellerError,
-    service::{CustomerChange, NewPartner, Resellers, Send},
+    routing::SendOp,
+    service::{Answer, CustomerChange, NewPartner, Resellers},
 };
 
 /// The gRPC face of the service.
@@ -31,6 +33,19 @@ impl ResellerBillingApi {
             platform,
             resellers,
         }
+    }
+}
+
+/// A read's result as its response.
+fn view<T: Reply>(r: Result<T, ResellerError>) -> Result<Response<T::Message>, Status> {
+    Ok(Response::new(r?.message()))
+}
+
+/// A mutation's answer as its response: what it did, or the first attempt's recorded answer.
+fn answer<T: Reply>(r: Result<Answer<T>, ResellerError>) -> Result<Response<T::Message>, Status> {
+    match r? {
+        Answer::Done(result) => Ok(Response::new(result.message())),
+        Answer::Replayed(bytes) => decoded::<T::Message, Status>(Ok(bytes)),
     }
 }
 
@@ -117,17 +132,6 @@ fn scoped_key<M: prost::Message>(
     Ok(IdempotencyKey::new(operation, &scoped, request)?.formerly(key))
 }
 
-fn billing_mode(v: i32) -> Result<BillingMode, ResellerError> {
-    match pb::BillingMode::try_from(v) {
-        Ok(pb::BillingMode::PartnerPays) => Ok(BillingMode::PartnerPays),
-        Ok(pb::BillingMode::CustomerPays) => Ok(BillingMode::CustomerPays),
-        _ => Err(ResellerError::invalid(
-            "billing_mode",
-            "must be BILLING_MODE_PARTNER_PAYS or BILLING_MODE_CUSTOMER_PAYS",
-        )),
-    }
-}
-
 fn recipients(field: &'static str, n: u64, allow_zero: bool) -> Result<u64, ResellerError> {
     if n == 0 && !allow_zero {
         return Err(ResellerError::invalid(field, "must be at least 1"));
@@ -162,17 +166,7 @@ impl ResellerBilling for ResellerBillingApi {
                 ),
             )
         })?;
-        let funding = match pb::PartnerFunding::try_from(r.funding) {
-            Ok(pb::PartnerFunding::Prepaid) => Funding::Prepaid,
-            Ok(pb::PartnerFunding::OnDemand) => Funding::OnDemand,
-            _ => {
-                return Err(ResellerError::invalid(
-                    "funding",
-                    "must be PARTNER_FUNDING_PREPAID or _ON_DEMAND",
-                )
-                .into());
-            }
-        };
+        let funding = convert::funding_from(r.funding)?;
         // This service charges nothing itself: the partner's wallet does, through the provider
         // the wallet is configured with, and refuses a token that provider cannot charge. So a
         // token of either provider passes here (simulator tokens, Stripe `cus_...:pm_...`).
@@ -204,20 +198,21 @@ impl ResellerBilling for ResellerBillingApi {
             .rating
             .clone()
             .ok_or_else(|| ResellerError::invalid("rating", "is required"))?;
-        ok(self
-            .resellers
-            .register_partner(
-                &key,
-                NewPartner {
-                    partner_id,
-                    currency,
-                    funding,
-                    payment_method: r.payment_method.clone(),
-                    pricing,
-                    rating,
-                },
-            )
-            .await)
+        answer(
+            self.resellers
+                .register_partner(
+                    &key,
+                    NewPartner {
+                        partner_id,
+                        currency,
+                        funding,
+                        payment_method: r.payment_method.clone(),
+                        pricing,
+                        rating,
+                    },
+                )
+                .await,
+        )
     }
 
     #[tracing::instrument(skip_all, fields(partner = %req.get_ref().partner_id))]
@@ -226,7 +221,7 @@ impl ResellerBilling for ResellerBillingApi {
         req: Request<pb::GetPartnerRequest>,
     ) -> Result<Response<pb::Partner>, Status> {
         let partner_id = partner(&req, &req.get_ref().partner_id)?;
-        ok(self.resellers.get_partner(partner_id).await)
+        view(self.resellers.get_partner(partner_id).await)
     }
 
     #[tracing::instrument(skip_all, fields(partner = %req.get_ref().partner_id, customer = %req.get_ref().customer_id))]
@@ -239,11 +234,12 @@ impl ResellerBilling for ResellerBillingApi {
         let key = scoped_key("AddCustomer", &partner_id, &r.idempotency_key, &r)?;
         // A new customer's id is bounded further, so that its wallet's id fits.
         let customer_id = id_of("customer_id", &r.customer_id, domain::MAX_CUSTOMER_ID_LEN)?;
-        let mode = billing_mode(r.billing_mode)?;
-        ok(self
-            .resellers
-            .add_customer(&key, &partner_id, customer_id, mode)
-            .await)
+        let mode = convert::billing_mode_from(r.billing_mode)?;
+        answer(
+            self.resellers
+                .add_customer(&key, &partner_id, customer_id, mode)
+                .await,
+        )
     }
 
     #[tracing::instrument(skip_all, fields(partner = %req.get_ref().partner_id))]
@@ -266,10 +262,11 @@ impl ResellerBilling for ResellerBillingApi {
                 domain::MAX_EXISTING_CUSTOMER_ID_LEN,
             )?;
         }
-        ok(self
-            .resellers
-            .list_customers(partner_id, &r.page_token, page_size)
-            .await)
+        view(
+            self.resellers
+                .list_customers(partner_id, &r.page_token, page_size)
+                .await,
+        )
     }
 
     #[tracing::instrument(skip_all, fields(partner = %req.get_ref().partner_id, customer = %req.get_ref().customer_id))]
@@ -279,7 +276,7 @@ impl ResellerBilling for ResellerBillingApi {
     ) -> Result<Response<pb::Customer>, Status> {
         let partner_id = partner(&req, &req.get_ref().partner_id)?;
         let customer_id = id("customer_id", &req.get_ref().customer_id)?;
-        ok(self.resellers.get_customer(partner_id, customer_id).await)
+        view(self.resellers.get_customer(partner_id, customer_id).await)
     }
 
     #[tracing::instrument(skip_all, fields(partner = %req.get_ref().partner_id, customer = %req.get_ref().customer_id))]
@@ -291,15 +288,16 @@ impl ResellerBilling for ResellerBillingApi {
         let r = req.into_inner();
         let key = scoped_key("SuspendCustomer", &partner_id, &r.idempotency_key, &r)?;
         let customer_id = id("customer_id", &r.customer_id)?;
-        ok(self
-            .resellers
-            .change_customer(
-                &key,
-                &partner_id,
-                customer_id,
-                CustomerChange::Suspended(r.suspended),
-            )
-            .await)
+        answer(
+            self.resellers
+                .change_customer(
+                    &key,
+                    &partner_id,
+                    customer_id,
+                    CustomerChange::Suspended(r.suspended),
+                )
+                .await,
+        )
     }
 
     #[tracing::instrument(skip_all, fields(partner = %req.get_ref().partner_id, customer = %req.get_ref().customer_id))]
@@ -311,16 +309,17 @@ impl ResellerBilling for ResellerBillingApi {
         let r = req.into_inner();
         let key = scoped_key("SetBillingMode", &partner_id, &r.idempotency_key, &r)?;
         let customer_id = id("customer_id", &r.customer_id)?;
-        let mode = billing_mode(r.billing_mode)?;
-        ok(self
-            .resellers
-            .change_customer(
-                &key,
-                &partner_id,
-                customer_id,
-                CustomerChange::BillingMode(mode),
-            )
-            .await)
+        let mode = convert::billing_mode_from(r.billing_mode)?;
+        answer(
+            self.resellers
+                .change_customer(
+                    &key,
+                    &partner_id,
+                    customer_id,
+                    CustomerChange::BillingMode(mode),
+                )
+                .await,
+        )
     }
 
     #[tracing::instrument(skip_all, fields(partner = %req.get_ref().partner_id, customer = %req.get_ref().customer_id))]
@@ -336,7 +335,14 @@ impl ResellerBilling for ResellerBillingApi {
         let n = recipients("recipients", r.recipients, false)?;
         decoded(
             self.resellers
-                .route_send(&key, &partner_id, customer_id, mailing_id, n, Send::Charge)
+                .route_send(
+                    &key,
+                    &partner_id,
+                    customer_id,
+                    mailing_id,
+                    n,
+                    SendOp::Charge,
+                )
                 .await,
         )
     }
@@ -360,7 +366,7 @@ impl ResellerBilling for ResellerBillingApi {
                     customer_id,
                     mailing_id,
                     n,
-                    Send::Hold {
+                    SendOp::Hold {
                         ttl_seconds: r.ttl_seconds,
                     },
                 )
@@ -379,10 +385,11 @@ impl ResellerBilling for ResellerBillingApi {
         let customer_id = id("customer_id", &r.customer_id)?;
         let reservation_id = id("reservation_id", &r.reservation_id)?;
         let sent = recipients("recipients_sent", r.recipients_sent, true)?;
-        ok(self
-            .resellers
-            .settle_hold(&key, &partner_id, customer_id, reservation_id, Some(sent))
-            .await)
+        answer(
+            self.resellers
+                .settle_hold(&key, &partner_id, customer_id, reservation_id, Some(sent))
+                .await,
+        )
     }
 
     #[tracing::instrument(skip_all, fields(partner = %req.get_ref().partner_id, reservation = %req.get_ref().reservation_id))]
@@ -395,10 +402,11 @@ impl ResellerBilling for ResellerBillingApi {
         let key = scoped_key("ReleaseMailing", &partner_id, &r.idempotency_key, &r)?;
         let customer_id = id("customer_id", &r.customer_id)?;
         let reservation_id = id("reservation_id", &r.reservation_id)?;
-        ok(self
-            .resellers
-            .settle_hold(&key, &partner_id, customer_id, reservation_id, None)
-            .await)
+        answer(
+            self.resellers
+                .settle_hold(&key, &partner_id, customer_id, reservation_id, None)
+                .await,
+        )
     }
 
     #[tracing::instrument(skip_all, fields(partner = %req.get_ref().partner_id, customer = %req.get_ref().customer_id))]
@@ -419,10 +427,11 @@ impl ResellerBilling for ResellerBillingApi {
                     format!("at most {} credits", domain::MAX_CREDITS),
                 )
             })?;
-        ok(self
-            .resellers
-            .change_customer(&key, &partner_id, customer_id, CustomerChange::Limit(limit))
-            .await)
+        answer(
+            self.resellers
+                .change_customer(&key, &partner_id, customer_id, CustomerChange::Limit(limit))
+                .await,
+        )
     }
 
     #[tracing::instrument(skip_all, fields(partner = %req.get_ref().partner_id, customer = %req.get_ref().customer_id))]
@@ -441,10 +450,11 @@ impl ResellerBilling for ResellerBillingApi {
             )
             .into());
         }
-        ok(self
-            .resellers
-            .allocate(&key, &partner_id, customer_id, r.credits)
-            .await)
+        answer(
+            self.resellers
+                .allocate(&key, &partner_id, customer_id, r.credits)
+                .await,
+        )
     }
 
     #[tracing::instrument(skip_all, fields(partner = %req.get_ref().partner_id))]
@@ -459,10 +469,11 @@ impl ResellerBilling for ResellerBillingApi {
             .resale_prices
             .as_ref()
             .ok_or_else(|| ResellerError::invalid("resale_prices", "is required"))?;
-        ok(self
-            .resellers
-            .set_resale_prices(&key, &partner_id, prices)
-            .await)
+        answer(
+            self.resellers
+                .set_resale_prices(&key, &partner_id, prices)
+                .await,
+        )
     }
 
     #[tracing::instrument(skip_all, fields(partner = %req.get_ref().partner_id))]
@@ -472,7 +483,7 @@ impl ResellerBilling for ResellerBillingApi {
     ) -> Result<Response<pb::UsageStatement>, Status> {
         let partner_id = partner(&req, &req.get_ref().partner_id)?;
         let r = req.get_ref();
-        ok(self.resellers.statement(partner_id, r.year, r.month).await)
+        view(self.resellers.statement(partner_id, r.year, r.month).await)
     }
 
     #[tracing::instrument(skip_all, fields(partner = %req.get_ref().partner_id))]
@@ -495,10 +506,11 @@ impl ResellerBilling for ResellerBillingApi {
             )
             .into());
         }
-        ok(self
-            .resellers
-            .partner_reminder(&key, &partner_id, r.threshold)
-            .await)
+        answer(
+            self.resellers
+                .partner_reminder(&key, &partner_id, r.threshold)
+                .await,
+        )
     }
 
     #[tracing::instrument(skip_all, fields(partner = %req.get_ref().partner_id))]
@@ -517,10 +529,11 @@ impl ResellerBilling for ResellerBillingApi {
         let top_up = r
             .auto_top_up
             .ok_or_else(|| ResellerError::invalid("auto_top_up", "is required"))?;
-        ok(self
-            .resellers
-            .partner_auto_top_up(&key, &partner_id, top_up, r.payment_method)
-            .await)
+        answer(
+            self.resellers
+                .partner_auto_top_up(&key, &partner_id, top_up, r.payment_method)
+                .await,
+        )
     }
 
     type WatchEventsStream = ReceiverStream<Result<Event, Status>>;

@@ -9,92 +9,23 @@ use runtime::{
 };
 use sqlx::{AnyConnection, Row, any::AnyRow};
 
-use crate::domain::{self, BillingMode, Funding, Payer, Usage};
+use crate::{
+    domain::{self, BillingMode, Funding, Payer, Usage},
+    model::{CustomerRecord, HoldStatus, PartnerRecord, RoutedRecord, SendKind, SendStatus},
+};
 
 fn corrupt(what: &str) -> DbError {
     DbError::Corrupt(what.to_string())
-}
-
-/// A partner as stored.
-#[derive(Debug, Clone)]
-pub struct PartnerRecord {
-    /// Id.
-    pub partner_id: String,
-    /// Currency of its wallet.
-    pub currency: String,
-    /// Prepaid or on demand.
-    pub funding: Funding,
-    /// Card or direct-debit token.
-    pub payment_method: String,
-    /// Its main wallet.
-    pub wallet_id: String,
-    /// Hex-encoded `CreditPricing`.
-    pub pricing: String,
-    /// Hex-encoded `RatingRule`.
-    pub rating: String,
-    /// `shared::TierTable` JSON, or "".
-    pub resale_prices: String,
-    /// When.
-    pub created_at: DateTime<Utc>,
-}
-
-/// A customer as stored.
-#[derive(Debug, Clone)]
-pub struct CustomerRecord {
-    /// Id (the partner's own: two partners may use the same).
-    pub customer_id: String,
-    /// Its partner.
-    pub partner_id: String,
-    /// Who pays.
-    pub billing_mode: BillingMode,
-    /// Sends refused.
-    pub suspended: bool,
-    /// Monthly cap of partner credits (0 = none).
-    pub monthly_limit: i64,
-    /// Its own wallet ("" = none yet).
-    pub wallet_id: String,
-}
-
-/// A routed send or hold as stored.
-#[derive(Debug, Clone)]
-pub struct RoutedRecord {
-    /// The caller's idempotency key.
-    pub idempotency_key: String,
-    /// `charge` or `hold`.
-    pub kind: String,
-    /// Partner.
-    pub partner_id: String,
-    /// Customer.
-    pub customer_id: String,
-    /// Who pays.
-    pub payer: Payer,
-    /// The wallet debited.
-    pub payer_wallet_id: String,
-    /// Mailing.
-    pub mailing_id: String,
-    /// Recipients.
-    pub recipients: i64,
-    /// Credits.
-    pub credits: i64,
-    /// `pending`, `done`, `failed`.
-    pub status: String,
-    /// The wallet's hold id.
-    pub reservation_id: Option<String>,
-    /// `active`, `captured`, `released`.
-    pub reservation_status: Option<String>,
-    /// The wallet key of a send routed before keys were scoped by partner and still pending at
-    /// that upgrade (`rs:<key>:send`): its retry asks the wallet under the key of its first
-    /// try, never a new one. `None` for every later send (its wallet key derives from its key).
-    pub former_wallet_key: Option<String>,
 }
 
 const PARTNER_COLUMNS: &str = "partner_id, currency, funding, payment_method, wallet_id, pricing, rating, resale_prices, created_at_us";
 
 fn partner_from_row(r: &AnyRow) -> Result<PartnerRecord, DbError> {
     let funding: String = r.try_get("funding")?;
+    let currency: String = r.try_get("currency")?;
     Ok(PartnerRecord {
         partner_id: r.try_get("partner_id")?,
-        currency: r.try_get("currency")?,
+        currency: currency.parse().map_err(|_| corrupt("currency"))?,
         funding: Funding::parse(&funding).ok_or_else(|| corrupt("funding"))?,
         payment_method: r.try_get("payment_method")?,
         wallet_id: r.try_get("wallet_id")?,
@@ -112,7 +43,7 @@ pub async fn insert_partner(conn: &mut AnyConnection, p: &PartnerRecord) -> Resu
          ON CONFLICT (partner_id) DO NOTHING"
     ))
     .bind(&p.partner_id)
-    .bind(&p.currency)
+    .bind(p.currency.code())
     .bind(p.funding.as_str())
     .bind(&p.payment_method)
     .bind(&p.wallet_id)
@@ -269,9 +200,12 @@ const ROUTED_COLUMNS: &str = "idempotency_key, kind, partner_id, customer_id, pa
 
 fn routed_from_row(r: &AnyRow) -> Result<RoutedRecord, DbError> {
     let payer: String = r.try_get("payer")?;
+    let kind: String = r.try_get("kind")?;
+    let status: String = r.try_get("status")?;
+    let hold: Option<String> = r.try_get("reservation_status")?;
     Ok(RoutedRecord {
         idempotency_key: r.try_get("idempotency_key")?,
-        kind: r.try_get("kind")?,
+        kind: SendKind::parse(&kind).ok_or_else(|| corrupt("kind"))?,
         partner_id: r.try_get("partner_id")?,
         customer_id: r.try_get("customer_id")?,
         payer: Payer::parse(&payer).ok_or_else(|| corrupt("payer"))?,
@@ -279,9 +213,11 @@ fn routed_from_row(r: &AnyRow) -> Result<RoutedRecord, DbError> {
         mailing_id: r.try_get("mailing_id")?,
         recipients: r.try_get("recipients")?,
         credits: r.try_get("credits")?,
-        status: r.try_get("status")?,
+        status: SendStatus::parse(&status).ok_or_else(|| corrupt("status"))?,
         reservation_id: r.try_get("reservation_id")?,
-        reservation_status: r.try_get("reservation_status")?,
+        reservation_status: hold
+            .map(|h| HoldStatus::parse(&h).ok_or_else(|| corrupt("reservation_status")))
+            .transpose()?,
         former_wallet_key: r.try_get("former_wallet_key")?,
     })
 }
@@ -327,10 +263,10 @@ pub async fn update_routed(conn: &mut AnyConnection, r: &RoutedRecord) -> Result
          WHERE idempotency_key = $1",
     )
     .bind(&r.idempotency_key)
-    .bind(&r.status)
+    .bind(r.status.as_str())
     .bind(r.credits)
     .bind(&r.reservation_id)
-    .bind(&r.reservation_status)
+    .bind(r.reservation_status.map(HoldStatus::as_str))
     .execute(conn)
     .await?;
     Ok(())
@@ -506,7 +442,7 @@ pub async fn insert_routed_many(
         for r in chunk.rows() {
             q = q
                 .bind(&r.idempotency_key)
-                .bind(&r.kind)
+                .bind(r.kind.as_str())
                 .bind(&r.partner_id)
                 .bind(&r.customer_id)
                 .bind(r.payer.as_str())
@@ -514,9 +450,9 @@ pub async fn insert_routed_many(
                 .bind(&r.mailing_id)
                 .bind(r.recipients)
                 .bind(r.credits)
-                .bind(&r.status)
+                .bind(r.status.as_str())
                 .bind(&r.reservation_id)
-                .bind(&r.reservation_status)
+                .bind(r.reservation_status.map(HoldStatus::as_str))
                 .bind(now.timestamp_micros());
         }
         q.bind(chunk.count()).execute(&mut *conn).await?;
@@ -541,10 +477,10 @@ pub async fn update_routed_many(
         for r in chunk.rows() {
             q = q
                 .bind(&r.idempotency_key)
-                .bind(&r.status)
+                .bind(r.status.as_str())
                 .bind(r.credits)
                 .bind(&r.reservation_id)
-                .bind(&r.reservation_status);
+                .bind(r.reservation_status.map(HoldStatus::as_str));
         }
         q.bind(chunk.count()).execute(&mut *conn).await?;
     }

@@ -1,0 +1,117 @@
+//! The reseller's use cases, one file per family: `partners`, `customers`, `sends` (routed
+//! sends and their holds), `statements`. Each returns its answer; `grpc` maps errors to status
+//! codes.
+
+use chrono::{DateTime, Utc};
+use prost::Message;
+use runtime::{
+    Platform,
+    db::Db,
+    idempotency::{Claimed, IdempotencyKey},
+    outbox,
+};
+use sqlx::{Any, Transaction};
+
+use crate::{
+    batch::SendSteps, convert::Reply, error::ResellerError, model::PartnerRecord, store,
+    wallet::Wallet,
+};
+
+mod customers;
+mod partners;
+mod sends;
+mod statements;
+
+pub use customers::CustomerChange;
+pub use partners::NewPartner;
+
+/// What a mutating use case answers.
+#[derive(Debug)]
+pub enum Answer<T> {
+    /// What it did now.
+    Done(T),
+    /// A retry: the answer its first attempt got, as recorded under its idempotency key.
+    Replayed(Vec<u8>),
+}
+
+/// The reseller's use cases.
+#[derive(Clone)]
+pub struct Resellers {
+    db: Db,
+    platform: Platform,
+    wallet: Wallet,
+    sends: SendSteps,
+}
+
+impl Resellers {
+    /// The use cases on `platform`, calling `wallet`; steps 1 and 3 of routed sends run by
+    /// `sends` (alone, or with group commit: [`crate::batch`]).
+    pub fn new(platform: Platform, wallet: Wallet, sends: SendSteps) -> Self {
+        Self {
+            db: platform.db.clone(),
+            platform,
+            wallet,
+            sends,
+        }
+    }
+
+    fn now(&self) -> DateTime<Utc> {
+        self.platform.clock.now()
+    }
+
+    /// A write transaction for the request with `key`, or the answer its first attempt got.
+    async fn claim(
+        &self,
+        key: &IdempotencyKey,
+    ) -> Result<Result<Transaction<'static, Any>, Vec<u8>>, ResellerError> {
+        let mut tx = self.db.begin_write().await?;
+        match key.claim_bytes(&mut tx).await? {
+            Claimed::New => Ok(Ok(tx)),
+            Claimed::Replay(Ok(r)) => Ok(Err(r)),
+            Claimed::Replay(Err(status)) => Err(ResellerError::Replayed(status)),
+        }
+    }
+
+    /// Records `result`'s message under `key` and commits.
+    async fn finish<T: Reply>(
+        &self,
+        mut tx: Transaction<'static, Any>,
+        key: &IdempotencyKey,
+        result: T,
+    ) -> Result<Answer<T>, ResellerError> {
+        let bytes = result.message().encode_to_vec();
+        key.record_bytes(&mut tx, bytes, self.now().timestamp_micros())
+            .await?;
+        tx.commit().await?;
+        self.platform.outbox.poke();
+        Ok(Answer::Done(result))
+    }
+
+    async fn event(
+        &self,
+        tx: &mut Transaction<'static, Any>,
+        event_type: &str,
+        subject: &str,
+        payload: serde_json::Value,
+    ) -> Result<(), ResellerError> {
+        outbox::append(
+            tx,
+            event_type,
+            subject,
+            &payload,
+            self.now().timestamp_micros(),
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn partner_record(
+        &self,
+        conn: &mut sqlx::AnyConnection,
+        partner_id: &str,
+    ) -> Result<PartnerRecord, ResellerError> {
+        store::partner(conn, partner_id)
+            .await?
+            .ok_or_else(|| ResellerError::PartnerNotFound(partner_id.to_string()))
+    }
+}
