@@ -1,0 +1,359 @@
+//! The use cases: each runs in write transactions on the locked subscription, with its
+//! idempotency key, history and outbox events in the same transaction.
+//!
+//! A card payment never happens inside a transaction. Subscribe and an immediate change with a
+//! card run in three steps: (1) a transaction marks the subscription (`incomplete`, or a
+//! `pending_op` naming the change) so nothing else changes it meanwhile; (2) the gateway is
+//! called with a key derived from the subscription, so a retry never charges twice; (3) a second
+//! transaction applies the outcome and records the response under the request's key. A timeout
+//! leaves the mark and the payment (`payment_op`, with the gateway key): a retry with the same
+//! key resumes it, and when the client never retries the jobs finish it after
+//! [`RECONCILE_AFTER_SECONDS`] with the same gateway key. Either way the outcome is applied
+//! once, under the subscription's lock, and a later retry of the request gets that outcome.
+//!
+//! Direct debits (a mandate on file) are charged like cards and give access and sending at once
+//! (as the wallet's on-demand debits do, C9), but their invoice is `pending` until the bank
+//! settles it; a returned debit reopens the invoice, makes the subscription past due and
+//! refuses sending until it is paid (S18: money not received), e.g. after UpdatePaymentMethod.
+
+mod catalog;
+mod changes;
+mod collection;
+mod contacts;
+mod invoices;
+mod payment;
+mod preview_token;
+mod reconciliation;
+mod renewal;
+mod sending;
+mod signup;
+
+pub use payment::StripeEvents;
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{Arc, PoisonError},
+};
+
+use chrono::{DateTime, Duration, Utc};
+use prost::Message;
+use proto::subscription::v1 as pb;
+use proto::wallet::v1::credits_wallet_client::CreditsWalletClient;
+use runtime::{
+    Platform,
+    client::PeerChannel,
+    db::{Db, DbError},
+    idempotency::{Claimed, IdempotencyKey},
+};
+use rust_decimal::Decimal;
+use serde_json::json;
+use shared::{
+    BillingPeriod, ChargeOutcome, ChargeRequest, ChargeStatus, Currency, GatewayError, Money,
+    PaymentGateway,
+};
+use sqlx::{Any, AnyConnection, Transaction};
+use tonic::Status;
+
+use futures::{StreamExt, stream};
+
+use crate::{
+    convert::{self, ChangeRequest as ChangeAsked},
+    domain::{
+        self, Change, Plan, Selection, SendingRefusal, SendingState, Status as SubStatus, Target,
+        Timing, TrialTerms,
+    },
+    error::SubError,
+    model::{
+        ChangeRequestRecord, InvoiceRecord, InvoiceStatus, PaymentKind, PaymentOp, PaymentPurpose,
+        RequestStatus, SubscriptionRecord,
+    },
+    store::{self, InvoiceNumbers},
+    unit::{Charged, Unit, Writes},
+};
+
+/// How long a preview stays valid.
+pub const PREVIEW_TTL_SECONDS: i64 = 3600;
+
+/// How long a request's payment with an unknown outcome is left to the client's retry (with
+/// the same idempotency key) before the jobs finish it themselves.
+pub const RECONCILE_AFTER_SECONDS: i64 = 60;
+
+/// Who makes a request, as recorded in the history (S5): `user:<id>` or `service:<token>`.
+#[derive(Debug, Clone)]
+pub struct Actor(pub String);
+
+/// The system itself (renewals, trial ends).
+pub fn system() -> Actor {
+    Actor("system".into())
+}
+
+/// How a new subscription pays.
+#[derive(Debug, Clone)]
+pub struct PaymentChoice {
+    /// Card or bank transfer.
+    pub kind: PaymentKind,
+    /// Card token.
+    pub method: String,
+}
+
+/// What Subscribe buys.
+#[derive(Debug, Clone)]
+pub struct SubscribeCmd {
+    /// Account.
+    pub account_id: String,
+    /// Plan (latest version).
+    pub plan_id: String,
+    /// Tier, seats, add-ons.
+    pub selection: Selection,
+    /// Payment.
+    pub payment: PaymentChoice,
+    /// VAT rate.
+    pub vat_rate: Decimal,
+}
+
+enum Begun<R> {
+    Replay(Result<R, Status>),
+    Fresh(Transaction<'static, Any>),
+}
+
+/// What a gateway call came to.
+enum PaymentOutcome {
+    Paid,
+    /// A direct debit accepted: it settles (or comes back) days later.
+    Pending,
+    Declined(String),
+    Unknown,
+}
+
+impl PaymentOutcome {
+    /// What [`PaymentOp::outcome`] records.
+    fn recorded(&self) -> Option<String> {
+        match self {
+            PaymentOutcome::Paid => Some("paid".into()),
+            PaymentOutcome::Pending => Some("pending".into()),
+            PaymentOutcome::Declined(r) => Some(format!("{DECLINED}{r}")),
+            PaymentOutcome::Unknown => None,
+        }
+    }
+}
+
+const DECLINED: &str = "declined: ";
+
+/// The reason a finished payment was declined for, if it was.
+fn declined(op: &PaymentOp) -> Option<&str> {
+    op.outcome.as_deref().and_then(|o| o.strip_prefix(DECLINED))
+}
+
+/// How applying a request's payment outcome went.
+enum Finished {
+    /// Applied now.
+    Applied,
+    /// Declined: applied now (nothing changed but the mark).
+    Declined(String),
+    /// Applied before (by the request or the jobs), or not this payment's turn.
+    Earlier,
+}
+
+/// Published plan versions never change (a publish makes a new version), so a version read
+/// once is kept: renewal batches price hundreds of subscriptions on a handful of plans.
+type PlanCache = Arc<std::sync::Mutex<HashMap<(String, u32), Plan>>>;
+
+/// The service's use cases.
+#[derive(Clone)]
+pub struct Subscriptions {
+    db: Db,
+    platform: Platform,
+    gateway: Arc<dyn PaymentGateway>,
+    wallet: Option<CreditsWalletClient<PeerChannel>>,
+    plans: PlanCache,
+    /// The key preview tokens are signed with (read once from the database, where the
+    /// migration generated it, so every replica and restart shares it).
+    token_key: Arc<tokio::sync::OnceCell<Vec<u8>>>,
+}
+
+/// Gateway charges and wallet grants a batch runs at once (bounded, so a slow provider or
+/// wallet sees a fixed number of calls in flight per replica).
+const CONCURRENT_CALLS: usize = 32;
+
+/// What one renewal batch did (see [`Subscriptions::renew_batch`]).
+#[derive(Debug, Default)]
+pub struct RenewalBatch {
+    /// Subscriptions claimed (a full batch means more may be due).
+    pub claimed: usize,
+    /// Invoices issued that the gateway collects (card or direct debit, first attempt due).
+    pub to_collect: Vec<InvoiceRecord>,
+    /// The saved subscriptions, whose monthly credits may now be due (C7).
+    pub renewed: Vec<SubscriptionRecord>,
+}
+
+/// How long a month of credits that found no wallet for its account waits before the jobs
+/// ask the wallet again (C7).
+pub const WALLET_WAIT_RETRY_SECONDS: i64 = 60;
+
+/// What the wallet said to a month's grant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum GrantOutcome {
+    /// Granted (or nothing to call: no credits, or the month is over).
+    Granted,
+    /// The account has no wallet yet: the month waits for it.
+    NoWallet,
+    /// Unreachable or refused otherwise: asked again on the next pass.
+    Failed,
+}
+
+/// A month of plan credits due in the wallet (C7), computed from a subscription read without
+/// the lock and applied under it only if the subscription is still in that cycle.
+struct Allowance {
+    account_id: String,
+    cycle: i64,
+    /// Month index within the cycle recorded once granted.
+    index: i64,
+    month: Option<domain::AllowanceMonth>,
+    credits: i64,
+    /// The wallet call, when there is one to make.
+    request: Option<proto::wallet::v1::GrantCreditsRequest>,
+}
+
+impl Subscriptions {
+    /// The use cases on `platform`, paying through `gateway`, granting credits through `wallet`.
+    pub fn new(
+        platform: Platform,
+        gateway: Arc<dyn PaymentGateway>,
+        wallet: Option<CreditsWalletClient<PeerChannel>>,
+    ) -> Self {
+        Self {
+            db: platform.db.clone(),
+            platform,
+            gateway,
+            wallet,
+            plans: PlanCache::default(),
+            token_key: Arc::default(),
+        }
+    }
+
+    fn now(&self) -> DateTime<Utc> {
+        self.platform.clock.now()
+    }
+
+    async fn begin<R: Message + Default>(
+        &self,
+        key: &IdempotencyKey,
+    ) -> Result<Begun<R>, SubError> {
+        let mut tx = self.db.begin_write().await?;
+        match key.claim::<R>(&mut tx).await? {
+            Claimed::Replay(r) => Ok(Begun::Replay(r)),
+            Claimed::New => Ok(Begun::Fresh(tx)),
+        }
+    }
+
+    /// Records `response` under `key` and commits.
+    async fn finish<R: Message>(
+        &self,
+        mut tx: Transaction<'static, Any>,
+        key: &IdempotencyKey,
+        response: R,
+    ) -> Result<R, SubError> {
+        key.record(&mut tx, &response, self.now().timestamp_micros())
+            .await?;
+        tx.commit().await?;
+        self.platform.outbox.poke();
+        Ok(response)
+    }
+
+    async fn conn(&self) -> Result<sqlx::pool::PoolConnection<Any>, SubError> {
+        Ok(self.db.pool().acquire().await.map_err(DbError::from)?)
+    }
+
+    async fn plan(
+        &self,
+        conn: &mut AnyConnection,
+        plan_id: &str,
+        version: Option<u32>,
+    ) -> Result<Plan, SubError> {
+        if let Some(v) = version {
+            let cached = self
+                .plans
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .get(&(plan_id.to_string(), v))
+                .cloned();
+            if let Some(plan) = cached {
+                return Ok(plan);
+            }
+        }
+        let plan = store::plan(conn, plan_id, version)
+            .await?
+            .map(|(p, _)| p)
+            .ok_or_else(|| {
+                SubError::PlanNotFound(match version {
+                    Some(v) => format!("{} version {v}", shared::limits::quoted(plan_id)),
+                    None => shared::limits::quoted(plan_id).to_string(),
+                })
+            })?;
+        self.plans
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert((plan.plan_id.clone(), plan.version), plan.clone());
+        Ok(plan)
+    }
+
+    async fn view(
+        &self,
+        conn: &mut AnyConnection,
+        sub: &SubscriptionRecord,
+    ) -> Result<pb::Subscription, SubError> {
+        let verified = store::account(conn, &sub.account_id).await?.verified;
+        let plan = self
+            .plan(conn, &sub.plan_id, Some(sub.plan_version))
+            .await?;
+        let price = domain::recurring_price(&plan, &sub.selection)?;
+        let history = store::history(conn, &sub.subscription_id).await?;
+        Ok(convert::subscription(sub, verified, Some(price), &history))
+    }
+
+    /// Records a declined payment under the request's key (a retry gets the same refusal).
+    async fn refuse<R>(
+        &self,
+        mut tx: Transaction<'static, Any>,
+        key: &IdempotencyKey,
+        reason: String,
+    ) -> Result<R, SubError> {
+        let err = SubError::PaymentDeclined(reason);
+        key.record_status(
+            &mut tx,
+            &Status::from(err.clone_refusal()),
+            self.now().timestamp_micros(),
+        )
+        .await?;
+        tx.commit().await?;
+        self.platform.outbox.poke();
+        Err(err)
+    }
+
+    /// A plan version, from the cache or read on a pooled connection.
+    async fn plan_version(&self, plan_id: &str, version: u32) -> Result<Plan, SubError> {
+        let cached = self
+            .plans
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&(plan_id.to_string(), version))
+            .cloned();
+        match cached {
+            Some(plan) => Ok(plan),
+            None => {
+                let mut conn = self.conn().await?;
+                self.plan(&mut conn, plan_id, Some(version)).await
+            }
+        }
+    }
+}
+
+impl SubError {
+    /// A copy of a recorded refusal.
+    fn clone_refusal(&self) -> SubError {
+        match self {
+            SubError::PaymentDeclined(r) => SubError::PaymentDeclined(r.clone()),
+            other => SubError::Precondition(other.to_string()),
+        }
+    }
+}
