@@ -17,8 +17,7 @@ pub mod model;
 pub mod service;
 pub mod store;
 pub mod unit;
-
-use std::time::Duration;
+pub mod wallet;
 
 use runtime::{
     Platform, ServiceSpec,
@@ -111,17 +110,10 @@ pub fn migrations() -> Migrations {
 /// the jobs settle, or Stripe); subscription credits are granted through the wallet peer
 /// (`[peers.wallet]`) when one is configured.
 pub fn routes(platform: &Platform) -> anyhow::Result<tonic::service::Routes> {
-    let wallet = match platform.config.peer("wallet") {
-        Ok(peer) => Some(
-            proto::wallet::v1::credits_wallet_client::CreditsWalletClient::new(
-                runtime::client::peer_channel(peer, Duration::from_secs(5))?,
-            ),
-        ),
-        Err(_) => {
-            tracing::info!("no [peers.wallet] configured: subscription credits are not granted");
-            None
-        }
-    };
+    let wallet = wallet::Wallet::connect(&platform.config)?;
+    if wallet.is_none() {
+        tracing::info!("no [peers.wallet] configured: subscription credits are not granted");
+    }
     let gateways = runtime::payments::Gateways::from_config(&platform.config)?;
     let cases = service::Subscriptions::new(platform.clone(), gateways.gateway, wallet);
     jobs::spawn(platform, cases.clone(), gateways.simulator);

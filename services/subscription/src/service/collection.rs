@@ -158,7 +158,7 @@ impl Subscriptions {
             s.allowance_month = a.index;
             // A yearly plan's next month is due at this month's end.
             s.allowance_next = a.month.filter(|m| !m.last && a.credits > 0).map(|m| m.end);
-            if let (Some(m), true) = (a.month, a.request.is_some()) {
+            if let (Some(m), true) = (a.month, a.grant.is_some()) {
                 unit.event(
                     "subscription.credits_granted",
                     json!({"credits": a.credits, "cycle": a.cycle, "month": m.index, "expires_at": m.end.to_rfc3339()}),

@@ -38,10 +38,8 @@ use std::{
 use chrono::{DateTime, Duration, Utc};
 use prost::Message;
 use proto::subscription::v1 as pb;
-use proto::wallet::v1::credits_wallet_client::CreditsWalletClient;
 use runtime::{
     Platform,
-    client::PeerChannel,
     db::{Db, DbError},
     idempotency::{Claimed, IdempotencyKey},
 };
@@ -69,6 +67,7 @@ use crate::{
     },
     store::{self, InvoiceNumbers},
     unit::{Charged, Unit, Writes},
+    wallet::{Grant, GrantOutcome, Wallet},
 };
 
 /// How long a preview stays valid.
@@ -164,7 +163,7 @@ pub struct Subscriptions {
     db: Db,
     platform: Platform,
     gateway: Arc<dyn PaymentGateway>,
-    wallet: Option<CreditsWalletClient<PeerChannel>>,
+    wallet: Option<Wallet>,
     plans: PlanCache,
     /// The key preview tokens are signed with (read once from the database, where the
     /// migration generated it, so every replica and restart shares it).
@@ -190,17 +189,6 @@ pub struct RenewalBatch {
 /// ask the wallet again (C7).
 pub const WALLET_WAIT_RETRY_SECONDS: i64 = 60;
 
-/// What the wallet said to a month's grant.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum GrantOutcome {
-    /// Granted (or nothing to call: no credits, or the month is over).
-    Granted,
-    /// The account has no wallet yet: the month waits for it.
-    NoWallet,
-    /// Unreachable or refused otherwise: asked again on the next pass.
-    Failed,
-}
-
 /// A month of plan credits due in the wallet (C7), computed from a subscription read without
 /// the lock and applied under it only if the subscription is still in that cycle.
 struct Allowance {
@@ -211,7 +199,7 @@ struct Allowance {
     month: Option<domain::AllowanceMonth>,
     credits: i64,
     /// The wallet call, when there is one to make.
-    request: Option<proto::wallet::v1::GrantCreditsRequest>,
+    grant: Option<Grant>,
 }
 
 impl Subscriptions {
@@ -219,13 +207,13 @@ impl Subscriptions {
     pub fn new(
         platform: Platform,
         gateway: Arc<dyn PaymentGateway>,
-        wallet: Option<CreditsWalletClient<PeerChannel>>,
+        wallet: Option<impl Into<Wallet>>,
     ) -> Self {
         Self {
             db: platform.db.clone(),
             platform,
             gateway,
-            wallet,
+            wallet: wallet.map(Into::into),
             plans: PlanCache::default(),
             token_key: Arc::default(),
         }

@@ -349,7 +349,7 @@ impl Subscriptions {
         if (sub.allowance_cycle, sub.allowance_month) >= (cycle, index) {
             return Ok(None);
         }
-        let request = match (plan.monthly_credits, month) {
+        let grant = match (plan.monthly_credits, month) {
             (0, _) | (_, None) => None,
             (credits, Some(m)) => {
                 // Month 0 keeps the key monthly plans always used.
@@ -358,15 +358,14 @@ impl Subscriptions {
                 } else {
                     format!(":m{}", m.index)
                 };
-                Some(proto::wallet::v1::GrantCreditsRequest {
+                Some(Grant {
                     idempotency_key: format!(
                         "sub-allowance:{}:{cycle}{suffix}",
                         sub.subscription_id
                     ),
                     wallet_id: sub.account_id.clone(),
                     credits: u64::try_from(credits).unwrap_or(0),
-                    kind: proto::wallet::v1::LotKind::SubscriptionAllowance as i32,
-                    expires_at: Some(runtime::convert::timestamp(m.end)),
+                    expires_at: m.end,
                     reference: format!("subscription:{}:cycle{cycle}{suffix}", sub.subscription_id),
                 })
             }
@@ -377,13 +376,13 @@ impl Subscriptions {
             index,
             month,
             credits: plan.monthly_credits,
-            request,
+            grant,
         }))
     }
 
     /// Grants one month in the wallet (the account's wallet: wallet id = account id).
     pub(super) async fn call_wallet(&self, allowance: &Allowance) -> GrantOutcome {
-        let Some(request) = &allowance.request else {
+        let Some(grant) = &allowance.grant else {
             return GrantOutcome::Granted;
         };
         let account_id = &allowance.account_id;
@@ -395,21 +394,15 @@ impl Subscriptions {
             );
             return GrantOutcome::NoWallet;
         };
-        match wallet.clone().grant_credits(request.clone()).await {
-            Ok(_) => GrantOutcome::Granted,
-            Err(status) if status.code() == tonic::Code::NotFound => {
-                tracing::warn!(
-                    account = %account_id,
-                    retry_in_seconds = WALLET_WAIT_RETRY_SECONDS,
-                    "no wallet for this account yet: the month's credits wait for it"
-                );
-                GrantOutcome::NoWallet
-            }
-            Err(status) => {
-                tracing::warn!(account = %account_id, error = %status, "granting subscription credits failed; will retry");
-                GrantOutcome::Failed
-            }
+        let outcome = wallet.grant(grant).await;
+        if outcome == GrantOutcome::NoWallet {
+            tracing::warn!(
+                account = %account_id,
+                retry_in_seconds = WALLET_WAIT_RETRY_SECONDS,
+                "no wallet for this account yet: the month's credits wait for it"
+            );
         }
+        outcome
     }
 
     /// C7 for many subscriptions (read without the lock, e.g. just renewed): see
