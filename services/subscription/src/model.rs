@@ -2,9 +2,9 @@
 
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
-use shared::{Currency, Money};
+use shared::{BillingPeriod, Currency, Money, PeriodError};
 
-use crate::domain::{Change, Line, Selection, Status, TrialTerms};
+use crate::domain::{Change, Line, Plan, Selection, Status, TrialTerms};
 
 /// How a subscription pays (S18).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -157,6 +157,54 @@ pub struct SubscriptionRecord {
     pub history_seq: i64,
     /// Created.
     pub created_at: DateTime<Utc>,
+}
+
+/// Where the billing period [`SubscriptionRecord::begin_period`] begins starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeriodStart {
+    /// A new run of periods anchored at this instant: Subscribe, a trial's conversion (S15),
+    /// an upgrade that restarts the period (S8).
+    Anchor(DateTime<Utc>),
+    /// The period after the current one, from the same anchor: a renewal.
+    Next,
+}
+
+impl SubscriptionRecord {
+    /// Begins a billing period on `plan` (the plan it is billed on): the period's bounds, a new
+    /// cycle (one invoice per cycle), and the cycle's months of credits due in the wallet
+    /// unless the plan grants none (C7). The one place the period and cycle move; the caller
+    /// bumps the revision with whatever else it changes. Returns the new period.
+    pub fn begin_period(
+        &mut self,
+        start: PeriodStart,
+        plan: &Plan,
+    ) -> Result<BillingPeriod, PeriodError> {
+        let (anchor, index) = match start {
+            PeriodStart::Anchor(at) => (at, 0),
+            PeriodStart::Next => (
+                self.anchor,
+                self.period_index
+                    .checked_add(1)
+                    .ok_or(PeriodError::OutOfRange)?,
+            ),
+        };
+        let period = BillingPeriod::nth(anchor, plan.interval, index)?;
+        self.anchor = anchor;
+        self.period_index = index;
+        self.period_start = period.start;
+        self.period_end = period.end;
+        self.cycle += 1;
+        // The last cycle granted: the one before (its months are due) or, with no credits to
+        // grant, this one.
+        self.allowance_cycle = if plan.monthly_credits > 0 {
+            self.allowance_cycle.min(self.cycle - 1)
+        } else {
+            self.cycle
+        };
+        self.allowance_next = None;
+        self.allowance_wait = None;
+        Ok(period)
+    }
 }
 
 impl SubscriptionRecord {

@@ -451,17 +451,8 @@ impl Subscriptions {
         s.revision += 1;
         if quote.restarts_period {
             // S8: a new full period starts on the day of the upgrade.
-            s.anchor = at;
-            s.period_index = 0;
-            s.cycle += 1;
-            s.period_start = at;
-            s.period_end = shared::period_start(at, target.plan.interval, 1)
+            s.begin_period(PeriodStart::Anchor(at), &target.plan)
                 .map_err(|e| SubError::Arithmetic(e.to_string()))?;
-            if target.plan.monthly_credits == 0 {
-                s.allowance_cycle = s.cycle;
-            }
-            s.allowance_next = None;
-            s.allowance_wait = None;
         }
         let cycle = quote.restarts_period.then_some(s.cycle);
         let invoice = unit

@@ -63,7 +63,7 @@ use crate::{
     error::SubError,
     model::{
         ChangeRequestRecord, InvoiceRecord, InvoiceStatus, PaymentKind, PaymentOp, PaymentPurpose,
-        RequestStatus, SubscriptionRecord,
+        PeriodStart, RequestStatus, SubscriptionRecord,
     },
     store::{self, InvoiceNumbers},
     unit::{Charged, Unit, Writes},

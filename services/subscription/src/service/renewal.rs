@@ -177,20 +177,9 @@ impl Subscriptions {
             .await?;
         let s = &mut unit.sub;
         s.status = SubStatus::Active;
-        s.anchor = ends;
-        s.period_index = 0;
-        s.cycle += 1;
-        s.period_start = ends;
-        s.period_end = shared::period_start(ends, plan.interval, 1)
+        s.begin_period(PeriodStart::Anchor(ends), &plan)
             .map_err(|e| SubError::Arithmetic(e.to_string()))?;
         s.revision += 1;
-        s.allowance_cycle = if plan.monthly_credits > 0 {
-            s.cycle - 1
-        } else {
-            s.cycle
-        };
-        s.allowance_next = None;
-        s.allowance_wait = None;
         let lines = domain::recurring_lines(&plan, &unit.sub.selection)?;
         let bill = domain::bill(lines, plan.currency, unit.sub.vat_rate)?;
         let cycle = unit.sub.cycle;
@@ -277,18 +266,10 @@ impl Subscriptions {
         s.plan_id = plan.plan_id.clone();
         s.plan_version = plan.version;
         s.selection = selection;
-        s.period_index += 1;
-        let period = BillingPeriod::nth(s.anchor, plan.interval, s.period_index)
+        let period = s
+            .begin_period(PeriodStart::Next, &plan)
             .map_err(|e| SubError::Arithmetic(e.to_string()))?;
-        s.period_start = period.start;
-        s.period_end = period.end;
-        s.cycle += 1;
         s.revision += 1;
-        if plan.monthly_credits == 0 {
-            s.allowance_cycle = s.cycle;
-        }
-        s.allowance_next = None;
-        s.allowance_wait = None;
         let lines = domain::recurring_lines(&plan, &unit.sub.selection)?;
         let bill = domain::bill(lines, plan.currency, unit.sub.vat_rate)?;
         let cycle = unit.sub.cycle;

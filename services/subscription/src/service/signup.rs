@@ -165,7 +165,7 @@ impl Subscriptions {
                 let prev = s.status;
                 let mut unit = Unit::create(s, now);
                 unit.mark_existing();
-                self.start_paid(&mut unit, &plan, &selection, &cmd, key, prev);
+                self.start_paid(&mut unit, &plan, &selection, &cmd, key, prev)?;
                 let invoice = self
                     .issue_first(&mut tx, &mut unit, &plan, "subscribe")
                     .await?;
@@ -216,7 +216,7 @@ impl Subscriptions {
                     &cmd,
                     key,
                     SubStatus::Incomplete,
-                );
+                )?;
                 let invoice = self
                     .issue_first(&mut tx, &mut unit, &plan, "subscribe")
                     .await?;
@@ -284,7 +284,7 @@ impl Subscriptions {
         cmd: &SubscribeCmd,
         key: &IdempotencyKey,
         previous: SubStatus,
-    ) {
+    ) -> Result<(), SubError> {
         let now = unit.now;
         let s = &mut unit.sub;
         s.plan_id = plan.plan_id.clone();
@@ -294,26 +294,17 @@ impl Subscriptions {
         s.payment_method = cmd.payment.method.clone();
         s.vat_rate = cmd.vat_rate;
         s.status = SubStatus::Incomplete;
-        s.anchor = now;
-        s.period_index = 0;
-        s.cycle += 1;
-        s.period_start = now;
-        s.period_end = shared::period_start(now, plan.interval, 1).unwrap_or(now);
+        s.begin_period(PeriodStart::Anchor(now), plan)
+            .map_err(|e| SubError::Arithmetic(e.to_string()))?;
         s.cancel_at_period_end = false;
         s.scheduled.clear();
         s.revision += 1;
         s.origin_key = Some(key.key().to_string());
-        s.allowance_cycle = if plan.monthly_credits > 0 {
-            s.cycle - 1
-        } else {
-            s.cycle
-        };
-        s.allowance_next = None;
-        s.allowance_wait = None;
         s.payment_op = None;
         s.payment_since = None;
         // Remember what to go back to if the first card payment is declined.
         s.pending_op = Some(format!("from:{}", previous.as_str()));
+        Ok(())
     }
 
     pub(super) async fn issue_first(
