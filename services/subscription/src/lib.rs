@@ -2,7 +2,7 @@
 //!
 //! Layers: `domain` (rules, no IO) and `model` (records); `store` (SQL, both backends);
 //! `unit` (one locked subscription: changes, history and events saved together); `service`
-//! (use cases, gateway calls between transactions, renewals); `jobs` (direct-debit settlement,
+//! (use cases, gateway calls between transactions, renewals); `jobs` (direct-debit polling,
 //! reconciliation of payments with an unknown outcome, renewal, collection, trial ends, monthly
 //! credit grants); `convert` and `grpc` (messages, the actor check of S5, status
 //! codes). The runtime (`shared/runtime`) brings storage, idempotency, the outbox and the
@@ -106,9 +106,9 @@ pub fn migrations() -> Migrations {
 }
 
 /// The service's gRPC routes, with its background jobs started. Payments go through the
-/// provider `payment_provider` selects (`runtime::payments`: the simulator, whose direct debits
-/// the jobs settle, or Stripe); subscription credits are granted through the wallet peer
-/// (`[peers.wallet]`) when one is configured.
+/// provider `payment_provider` selects (`runtime::payments`: the simulator, whose bank settles
+/// direct debits as the jobs move it with the clock, or Stripe); subscription credits are
+/// granted through the wallet peer (`[peers.wallet]`) when one is configured.
 pub fn routes(platform: &Platform) -> anyhow::Result<tonic::service::Routes> {
     let wallet = wallet::Wallet::connect(&platform.config)?;
     if wallet.is_none() {

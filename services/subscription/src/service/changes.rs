@@ -404,7 +404,7 @@ impl Subscriptions {
         };
         let charged = Charged {
             gateway_key: payment.gateway_key.clone(),
-            settled: matches!(outcome, PaymentOutcome::Paid),
+            captured: matches!(outcome, PaymentOutcome::Paid),
         };
         let applied = self
             .apply_upgrade(tx, unit, &actor, change, target, quote, at, Some(charged))

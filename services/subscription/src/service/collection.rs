@@ -22,9 +22,11 @@ impl Subscriptions {
     }
 
     /// The next gateway attempt on each of `invoices` (as read, e.g. just issued by a renewal
-    /// batch): see [`Subscriptions::settle`].
+    /// batch): see [`Subscriptions::charge_and_grant`].
     pub async fn collect_issued(&self, invoices: Vec<InvoiceRecord>) -> Result<(), SubError> {
-        self.settle(invoices, Vec::new()).await.map(|_| ())
+        self.charge_and_grant(invoices, Vec::new())
+            .await
+            .map(|_| ())
     }
 
     /// The work a renewal batch leaves for after its commit, outside any transaction: the next
@@ -36,7 +38,7 @@ impl Subscriptions {
     /// payment method, a subscription still in that cycle with that month not recorded. An
     /// attempt whose outcome is unknown is marked to be asked again with its key. Returns how
     /// many months of credits were recorded.
-    pub async fn settle(
+    pub async fn charge_and_grant(
         &self,
         invoices: Vec<InvoiceRecord>,
         subs: Vec<SubscriptionRecord>,
@@ -198,13 +200,13 @@ impl Subscriptions {
         let actor = system();
         match outcome {
             PaymentOutcome::Paid | PaymentOutcome::Pending | PaymentOutcome::Unknown => {
-                let settled = !matches!(outcome, PaymentOutcome::Pending);
+                let captured = !matches!(outcome, PaymentOutcome::Pending);
                 invoice.gateway_key = gateway_key;
                 invoice.next_attempt_at = None;
                 if matches!(unit.sub.status, SubStatus::PastDue | SubStatus::Suspended) {
                     unit.sub.status = SubStatus::Active;
                 }
-                if settled {
+                if captured {
                     invoice.status = InvoiceStatus::Paid;
                     invoice.paid_at = Some(now);
                     unit.record(

@@ -48,9 +48,10 @@ impl Subscriptions {
         Ok(())
     }
 
-    /// A pending direct debit settled or came back at the bank: the invoice is paid, or open
-    /// again with the subscription past due and sending refused until it is paid (S18).
-    pub async fn settle_debit(&self, invoice_id: &str) -> Result<(), SubError> {
+    /// Asks the gateway whether a pending direct debit settled or came back at the bank: the
+    /// invoice is then paid, or open again with the subscription past due and sending refused
+    /// until it is paid (S18); still pending (or unknown to the gateway), nothing changes.
+    pub async fn poll_direct_debit(&self, invoice_id: &str) -> Result<(), SubError> {
         let invoice = {
             let mut conn = self.conn().await?;
             match store::invoice(&mut conn, &self.db, invoice_id, false).await? {

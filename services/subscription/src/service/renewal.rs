@@ -387,8 +387,8 @@ impl Subscriptions {
     }
 
     /// C7 for many subscriptions (read without the lock, e.g. just renewed): see
-    /// [`Subscriptions::settle`]. Returns how many months of credits were recorded.
+    /// [`Subscriptions::charge_and_grant`]. Returns how many months of credits were recorded.
     pub async fn grant_many(&self, subs: Vec<SubscriptionRecord>) -> Result<usize, SubError> {
-        self.settle(Vec::new(), subs).await
+        self.charge_and_grant(Vec::new(), subs).await
     }
 }

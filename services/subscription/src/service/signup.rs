@@ -447,8 +447,8 @@ impl Subscriptions {
             }
             return Ok(Finished::Declined(reason.clone()));
         }
-        let settled = matches!(outcome, PaymentOutcome::Paid);
-        if settled {
+        let captured = matches!(outcome, PaymentOutcome::Paid);
+        if captured {
             invoice.status = InvoiceStatus::Paid;
             invoice.paid_at = Some(unit.now);
         } else {
@@ -458,7 +458,7 @@ impl Subscriptions {
         store::update_invoice_payment(tx, &invoice).await?;
         // The invoice was issued open (its `invoice_issued` event says so) before the charge;
         // what the charge made of it follows, as for every other collected invoice.
-        let event = if settled {
+        let event = if captured {
             "subscription.invoice_paid"
         } else {
             "subscription.invoice_payment_pending"
