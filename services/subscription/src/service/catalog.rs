@@ -8,9 +8,9 @@ impl Subscriptions {
         &self,
         key: &IdempotencyKey,
         mut plan: Plan,
-    ) -> Result<pb::Plan, SubError> {
-        let mut tx = match self.begin::<pb::Plan>(key).await? {
-            Begun::Replay(r) => return r.map_err(SubError::Replayed),
+    ) -> Result<Answer<PublishedPlan>, SubError> {
+        let mut tx = match self.begin(key).await? {
+            Begun::Replay(r) => return r,
             Begun::Fresh(tx) => tx,
         };
         let now = self.now();
@@ -29,8 +29,11 @@ impl Subscriptions {
             now.timestamp_micros(),
         )
         .await?;
-        let response = convert::plan(&plan, now);
-        self.finish(tx, key, response).await
+        let published = PublishedPlan {
+            plan,
+            published_at: now,
+        };
+        self.finish(tx, key, published).await
     }
 
     /// GetPlan.
@@ -38,12 +41,15 @@ impl Subscriptions {
         &self,
         plan_id: &str,
         version: Option<u32>,
-    ) -> Result<pb::Plan, SubError> {
+    ) -> Result<PublishedPlan, SubError> {
         let mut conn = self.conn().await?;
         let (plan, at) = store::plan(&mut conn, plan_id, version)
             .await?
             .ok_or_else(|| SubError::PlanNotFound(shared::limits::quoted(plan_id).to_string()))?;
-        Ok(convert::plan(&plan, at))
+        Ok(PublishedPlan {
+            plan,
+            published_at: at,
+        })
     }
 
     /// ListPlans.
@@ -51,10 +57,11 @@ impl Subscriptions {
         &self,
         product: Option<domain::Product>,
         all_versions: bool,
-    ) -> Result<pb::ListPlansResponse, SubError> {
+    ) -> Result<Vec<PublishedPlan>, SubError> {
         let plans = store::list_plans(&self.db, product, all_versions).await?;
-        Ok(pb::ListPlansResponse {
-            plans: plans.iter().map(|(p, at)| convert::plan(p, *at)).collect(),
-        })
+        Ok(plans
+            .into_iter()
+            .map(|(plan, published_at)| PublishedPlan { plan, published_at })
+            .collect())
     }
 }

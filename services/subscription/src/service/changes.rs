@@ -87,7 +87,7 @@ impl Subscriptions {
         &self,
         account_id: &str,
         asked: &ChangeAsked,
-    ) -> Result<pb::ChangePreview, SubError> {
+    ) -> Result<ChangePreview, SubError> {
         let mut conn = self.conn().await?;
         let sub = store::read_subscription(&mut conn, account_id)
             .await?
@@ -121,26 +121,19 @@ impl Subscriptions {
                 ),
             )
             .await?;
-        Ok(pb::ChangePreview {
+        Ok(ChangePreview {
             preview_token: token,
-            change: Some(convert::change(&change)),
-            timing: convert::timing(target.timing) as i32,
+            change,
+            timing: target.timing,
             effective_at: match target.timing {
-                Timing::Immediate => Some(runtime::convert::timestamp(now)),
-                Timing::NextCycle => Some(runtime::convert::timestamp(sub.period_end)),
+                Timing::Immediate => Some(now),
+                Timing::NextCycle => Some(sub.period_end),
                 Timing::ChangeRequest => None,
             },
-            lines: bill
-                .as_ref()
-                .map(|b| convert::lines(&b.lines))
-                .unwrap_or_default(),
-            subtotal: Some(convert::money(&bill.as_ref().map_or(zero, |b| b.subtotal))),
-            vat: Some(convert::money(&bill.as_ref().map_or(zero, |b| b.vat))),
-            amount_due_today: Some(convert::money(&due)),
-            new_recurring_price: Some(convert::money(&new_recurring)),
-            expires_at: Some(runtime::convert::timestamp(
-                now + Duration::seconds(PREVIEW_TTL_SECONDS),
-            )),
+            bill,
+            amount_due_today: due,
+            new_recurring_price: new_recurring,
+            expires_at: now + Duration::seconds(PREVIEW_TTL_SECONDS),
         })
     }
 
@@ -153,11 +146,11 @@ impl Subscriptions {
         account_id: &str,
         asked: &ChangeAsked,
         token: &str,
-    ) -> Result<pb::ApplyChangeResponse, SubError> {
+    ) -> Result<Answer<ChangeApplied>, SubError> {
         let (revision, at_us, amount_minor) = self.verify_token(account_id, token).await?;
         let at = runtime::clock::from_micros(at_us);
-        let mut tx = match self.begin::<pb::ApplyChangeResponse>(key).await? {
-            Begun::Replay(r) => return r.map_err(SubError::Replayed),
+        let mut tx = match self.begin(key).await? {
+            Begun::Replay(r) => return r,
             Begun::Fresh(tx) => tx,
         };
         let now = self.now();
@@ -208,28 +201,28 @@ impl Subscriptions {
                     .file_request(&mut tx, &mut unit, actor, &change)
                     .await?;
                 let sub = unit.save(&mut tx).await?;
-                let response = pb::ApplyChangeResponse {
-                    timing: pb::ChangeTiming::ChangeRequest as i32,
+                let applied = ChangeApplied {
+                    timing: Timing::ChangeRequest,
                     effective_at: None,
-                    subscription: Some(self.view(&mut tx, &sub).await?),
+                    subscription: self.view(&mut tx, &sub).await?,
                     invoice: None,
-                    change_request: Some(convert::request(&request)),
+                    change_request: Some(request),
                     contacts_promoted: 0,
                 };
-                self.finish(tx, key, response).await
+                self.finish(tx, key, applied).await
             }
             Timing::NextCycle => {
                 let effective = self.schedule(&mut unit, actor, &change);
                 let sub = unit.save(&mut tx).await?;
-                let response = pb::ApplyChangeResponse {
-                    timing: pb::ChangeTiming::NextCycle as i32,
-                    effective_at: Some(runtime::convert::timestamp(effective)),
-                    subscription: Some(self.view(&mut tx, &sub).await?),
+                let applied = ChangeApplied {
+                    timing: Timing::NextCycle,
+                    effective_at: Some(effective),
+                    subscription: self.view(&mut tx, &sub).await?,
                     invoice: None,
                     change_request: None,
                     contacts_promoted: 0,
                 };
-                self.finish(tx, key, response).await
+                self.finish(tx, key, applied).await
             }
             Timing::Immediate => {
                 let Some(quote) = quote else {
@@ -243,8 +236,8 @@ impl Subscriptions {
                         .apply_upgrade(&mut tx, &mut unit, actor, &change, target, quote, at, None)
                         .await?;
                     let sub = unit.save(&mut tx).await?;
-                    let response = self.applied(&mut tx, &sub, invoice, promoted, at).await?;
-                    return self.finish(tx, key, response).await;
+                    let applied = self.applied(&mut tx, &sub, invoice, promoted, at).await?;
+                    return self.finish(tx, key, applied).await;
                 }
                 // Step 1: mark the subscription so nothing else changes it while paying, and
                 // keep the payment (keyed by subscription and revision) for a retry or the jobs.
@@ -283,8 +276,8 @@ impl Subscriptions {
                     return Err(SubError::PaymentOutcomeUnknown);
                 }
                 // Step 3: apply the outcome (unless the jobs did meanwhile).
-                let mut tx = match self.begin::<pb::ApplyChangeResponse>(key).await? {
-                    Begun::Replay(r) => return r.map_err(SubError::Replayed),
+                let mut tx = match self.begin(key).await? {
+                    Begun::Replay(r) => return r,
                     Begun::Fresh(tx) => tx,
                 };
                 let mut unit = Unit::lock(&mut tx, &self.db, account_id, self.now()).await?;
@@ -294,8 +287,8 @@ impl Subscriptions {
                 {
                     (Finished::Applied, Some((invoice, promoted))) => {
                         let sub = unit.save(&mut tx).await?;
-                        let response = self.applied(&mut tx, &sub, invoice, promoted, at).await?;
-                        self.finish(tx, key, response).await
+                        let applied = self.applied(&mut tx, &sub, invoice, promoted, at).await?;
+                        self.finish(tx, key, applied).await
                     }
                     (Finished::Declined(reason), _) => {
                         unit.save(&mut tx).await?;
@@ -320,7 +313,7 @@ impl Subscriptions {
         payment: &PaymentOp,
         at: DateTime<Utc>,
         op: Option<&str>,
-    ) -> Result<pb::ApplyChangeResponse, SubError> {
+    ) -> Result<Answer<ChangeApplied>, SubError> {
         let done = sub
             .payment_op
             .as_ref()
@@ -336,8 +329,8 @@ impl Subscriptions {
         let invoice = store::invoice_by_gateway_key(&mut tx, &done.gateway_key)
             .await?
             .ok_or_else(|| SubError::InvoiceNotFound(done.gateway_key.clone()))?;
-        let response = self.applied(&mut tx, sub, invoice, 0, at).await?;
-        self.finish(tx, key, response).await
+        let applied = self.applied(&mut tx, sub, invoice, 0, at).await?;
+        self.finish(tx, key, applied).await
     }
 
     /// Applies the outcome of an immediate change's payment under the subscription's lock, once:
@@ -419,12 +412,12 @@ impl Subscriptions {
         invoice: InvoiceRecord,
         promoted: u64,
         at: DateTime<Utc>,
-    ) -> Result<pb::ApplyChangeResponse, SubError> {
-        Ok(pb::ApplyChangeResponse {
-            timing: pb::ChangeTiming::Immediate as i32,
-            effective_at: Some(runtime::convert::timestamp(at)),
-            subscription: Some(self.view(conn, sub).await?),
-            invoice: Some(convert::invoice(&invoice)),
+    ) -> Result<ChangeApplied, SubError> {
+        Ok(ChangeApplied {
+            timing: Timing::Immediate,
+            effective_at: Some(at),
+            subscription: self.view(conn, sub).await?,
+            invoice: Some(invoice),
             change_request: None,
             contacts_promoted: promoted,
         })
@@ -532,9 +525,9 @@ impl Subscriptions {
         actor: &Actor,
         account_id: &str,
         code: &str,
-    ) -> Result<pb::CancelAddOnResponse, SubError> {
-        let mut tx = match self.begin::<pb::CancelAddOnResponse>(key).await? {
-            Begun::Replay(r) => return r.map_err(SubError::Replayed),
+    ) -> Result<Answer<AddOnCancelled>, SubError> {
+        let mut tx = match self.begin(key).await? {
+            Begun::Replay(r) => return r,
             Begun::Fresh(tx) => tx,
         };
         let mut unit = Unit::lock(&mut tx, &self.db, account_id, self.now()).await?;
@@ -565,12 +558,12 @@ impl Subscriptions {
             (Some(self.schedule(&mut unit, actor, &change)), None)
         };
         let sub = unit.save(&mut tx).await?;
-        let response = pb::CancelAddOnResponse {
-            effective_at: effective.map(runtime::convert::timestamp),
-            subscription: Some(self.view(&mut tx, &sub).await?),
-            change_request: request.as_ref().map(convert::request),
+        let cancelled = AddOnCancelled {
+            effective_at: effective,
+            subscription: self.view(&mut tx, &sub).await?,
+            change_request: request,
         };
-        self.finish(tx, key, response).await
+        self.finish(tx, key, cancelled).await
     }
 
     /// Cancel (S13): no renewal; usable until the end of the paid period.
@@ -580,9 +573,9 @@ impl Subscriptions {
         actor: &Actor,
         account_id: &str,
         resume: bool,
-    ) -> Result<pb::Subscription, SubError> {
-        let mut tx = match self.begin::<pb::Subscription>(key).await? {
-            Begun::Replay(r) => return r.map_err(SubError::Replayed),
+    ) -> Result<Answer<SubscriptionView>, SubError> {
+        let mut tx = match self.begin(key).await? {
+            Begun::Replay(r) => return r,
             Begun::Fresh(tx) => tx,
         };
         let mut unit = Unit::lock(&mut tx, &self.db, account_id, self.now()).await?;
@@ -610,8 +603,8 @@ impl Subscriptions {
             unit.event("subscription.cancel_scheduled", json!({"ends_at": end}));
         }
         let sub = unit.save(&mut tx).await?;
-        let response = self.view(&mut tx, &sub).await?;
-        self.finish(tx, key, response).await
+        let view = self.view(&mut tx, &sub).await?;
+        self.finish(tx, key, view).await
     }
 
     /// ListChangeRequests.
@@ -619,11 +612,8 @@ impl Subscriptions {
         &self,
         account_id: &str,
         open_only: bool,
-    ) -> Result<pb::ListChangeRequestsResponse, SubError> {
-        let rows = store::requests(&self.db, account_id, open_only).await?;
-        Ok(pb::ListChangeRequestsResponse {
-            change_requests: rows.iter().map(convert::request).collect(),
-        })
+    ) -> Result<Vec<ChangeRequestRecord>, SubError> {
+        Ok(store::requests(&self.db, account_id, open_only).await?)
     }
 
     /// ResolveChangeRequest (S10): staff approve (scheduled for the next cycle) or reject.
@@ -634,9 +624,9 @@ impl Subscriptions {
         request_id: &str,
         approve: bool,
         note: &str,
-    ) -> Result<pb::ChangeRequest, SubError> {
-        let mut tx = match self.begin::<pb::ChangeRequest>(key).await? {
-            Begun::Replay(r) => return r.map_err(SubError::Replayed),
+    ) -> Result<Answer<ChangeRequestRecord>, SubError> {
+        let mut tx = match self.begin(key).await? {
+            Begun::Replay(r) => return r,
             Begun::Fresh(tx) => tx,
         };
         let found = store::request(&mut tx, request_id)
@@ -694,6 +684,6 @@ impl Subscriptions {
             json!({"request_id": request_id, "status": request.status.as_str()}),
         );
         unit.save(&mut tx).await?;
-        self.finish(tx, key, convert::request(&request)).await
+        self.finish(tx, key, request).await
     }
 }

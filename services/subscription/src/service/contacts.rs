@@ -10,9 +10,9 @@ impl Subscriptions {
         key: &IdempotencyKey,
         account_id: &str,
         n: u64,
-    ) -> Result<pb::AdmitContactsResponse, SubError> {
-        let mut tx = match self.begin::<pb::AdmitContactsResponse>(key).await? {
-            Begun::Replay(r) => return r.map_err(SubError::Replayed),
+    ) -> Result<Answer<ContactsAdmitted>, SubError> {
+        let mut tx = match self.begin(key).await? {
+            Begun::Replay(r) => return r,
             Begun::Fresh(tx) => tx,
         };
         let mut unit = Unit::lock(&mut tx, &self.db, account_id, self.now()).await?;
@@ -36,12 +36,12 @@ impl Subscriptions {
             );
         }
         let sub = unit.save(&mut tx).await?;
-        let response = pb::AdmitContactsResponse {
+        let admitted = ContactsAdmitted {
             subscribed,
             pending_upgrade: pending,
-            usage: Some(convert::usage(&sub)),
+            usage: ContactUsage::of(&sub),
         };
-        self.finish(tx, key, response).await
+        self.finish(tx, key, admitted).await
     }
 
     /// ReleaseContacts (S1).
@@ -51,9 +51,9 @@ impl Subscriptions {
         account_id: &str,
         subscribed: u64,
         pending: u64,
-    ) -> Result<pb::ContactUsage, SubError> {
-        let mut tx = match self.begin::<pb::ContactUsage>(key).await? {
-            Begun::Replay(r) => return r.map_err(SubError::Replayed),
+    ) -> Result<Answer<ContactUsage>, SubError> {
+        let mut tx = match self.begin(key).await? {
+            Begun::Replay(r) => return r,
             Begun::Fresh(tx) => tx,
         };
         let mut unit = Unit::lock(&mut tx, &self.db, account_id, self.now()).await?;
@@ -72,16 +72,16 @@ impl Subscriptions {
         unit.sub.active_contacts -= subscribed;
         unit.sub.pending_contacts -= pending;
         let sub = unit.save(&mut tx).await?;
-        self.finish(tx, key, convert::usage(&sub)).await
+        self.finish(tx, key, ContactUsage::of(&sub)).await
     }
 
     /// GetContactUsage.
-    pub async fn contact_usage(&self, account_id: &str) -> Result<pb::ContactUsage, SubError> {
+    pub async fn contact_usage(&self, account_id: &str) -> Result<ContactUsage, SubError> {
         let mut conn = self.conn().await?;
         let sub = store::read_subscription(&mut conn, account_id)
             .await?
             .ok_or_else(|| SubError::SubscriptionNotFound(account_id.to_string()))?;
-        Ok(convert::usage(&sub))
+        Ok(ContactUsage::of(&sub))
     }
 
     /// S12: pending contacts become subscribed as far as the limit allows.

@@ -4,23 +4,16 @@ use super::*;
 
 impl Subscriptions {
     /// ListInvoices.
-    pub async fn list_invoices(
-        &self,
-        account_id: &str,
-    ) -> Result<pb::ListInvoicesResponse, SubError> {
+    pub async fn list_invoices(&self, account_id: &str) -> Result<Vec<InvoiceRecord>, SubError> {
         let mut conn = self.conn().await?;
-        let rows = store::invoices_of(&mut conn, account_id).await?;
-        Ok(pb::ListInvoicesResponse {
-            invoices: rows.iter().map(convert::invoice).collect(),
-        })
+        Ok(store::invoices_of(&mut conn, account_id).await?)
     }
 
     /// GetInvoice.
-    pub async fn get_invoice(&self, invoice_id: &str) -> Result<pb::Invoice, SubError> {
+    pub async fn get_invoice(&self, invoice_id: &str) -> Result<InvoiceRecord, SubError> {
         let mut conn = self.conn().await?;
         store::invoice(&mut conn, &self.db, invoice_id, false)
             .await?
-            .map(|i| convert::invoice(&i))
             .ok_or_else(|| SubError::InvoiceNotFound(invoice_id.to_string()))
     }
 
@@ -31,9 +24,9 @@ impl Subscriptions {
         actor: &Actor,
         invoice_id: &str,
         amount: Money,
-    ) -> Result<pb::Invoice, SubError> {
-        let mut tx = match self.begin::<pb::Invoice>(key).await? {
-            Begun::Replay(r) => return r.map_err(SubError::Replayed),
+    ) -> Result<Answer<InvoiceRecord>, SubError> {
+        let mut tx = match self.begin(key).await? {
+            Begun::Replay(r) => return r,
             Begun::Fresh(tx) => tx,
         };
         let found = store::invoice(&mut tx, &self.db, invoice_id, false)
@@ -72,7 +65,7 @@ impl Subscriptions {
             json!({"invoice_id": invoice.invoice_id, "number": invoice.number}),
         );
         unit.save(&mut tx).await?;
-        self.finish(tx, key, convert::invoice(&invoice)).await
+        self.finish(tx, key, invoice).await
     }
 
     /// UpdatePaymentMethod (S5): the new method pays from now on, open invoices included; with a
@@ -84,9 +77,9 @@ impl Subscriptions {
         actor: &Actor,
         account_id: &str,
         payment: PaymentChoice,
-    ) -> Result<pb::UpdatePaymentMethodResponse, SubError> {
-        let mut tx = match self.begin::<pb::UpdatePaymentMethodResponse>(key).await? {
-            Begun::Replay(r) => return r.map_err(SubError::Replayed),
+    ) -> Result<Answer<PaymentMethodUpdated>, SubError> {
+        let mut tx = match self.begin(key).await? {
+            Begun::Replay(r) => return r,
             Begun::Fresh(tx) => tx,
         };
         let now = self.now();
@@ -145,8 +138,8 @@ impl Subscriptions {
                 }
             }
         }
-        let mut tx = match self.begin::<pb::UpdatePaymentMethodResponse>(key).await? {
-            Begun::Replay(r) => return r.map_err(SubError::Replayed),
+        let mut tx = match self.begin(key).await? {
+            Begun::Replay(r) => return r,
             Begun::Fresh(tx) => tx,
         };
         let sub = store::read_subscription(&mut tx, account_id)
@@ -155,13 +148,13 @@ impl Subscriptions {
         let mut invoices = Vec::with_capacity(open.len());
         for invoice in &open {
             if let Some(i) = store::invoice(&mut tx, &self.db, &invoice.invoice_id, false).await? {
-                invoices.push(convert::invoice(&i));
+                invoices.push(i);
             }
         }
-        let response = pb::UpdatePaymentMethodResponse {
-            subscription: Some(self.view(&mut tx, &sub).await?),
+        let updated = PaymentMethodUpdated {
+            subscription: self.view(&mut tx, &sub).await?,
             invoices,
         };
-        self.finish(tx, key, response).await
+        self.finish(tx, key, updated).await
     }
 }

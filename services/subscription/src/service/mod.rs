@@ -36,8 +36,6 @@ use std::{
 };
 
 use chrono::{DateTime, Duration, Utc};
-use prost::Message;
-use proto::subscription::v1 as pb;
 use runtime::{
     Platform,
     db::{Db, DbError},
@@ -55,15 +53,17 @@ use tonic::Status;
 use futures::{StreamExt, stream};
 
 use crate::{
-    convert::{self, ChangeRequest as ChangeAsked},
+    convert::{ChangeRequest as ChangeAsked, Reply},
     domain::{
         self, Change, Plan, Selection, SendingRefusal, SendingState, Status as SubStatus, Target,
         Timing, TrialTerms,
     },
     error::SubError,
     model::{
-        ChangeRequestRecord, InvoiceRecord, InvoiceStatus, PaymentKind, PaymentOp, PaymentPurpose,
-        PeriodStart, RequestStatus, SubscriptionRecord,
+        AccountRecord, AddOnCancelled, ChangeApplied, ChangePreview, ChangeRequestRecord,
+        ContactUsage, ContactsAdmitted, InvoiceRecord, InvoiceStatus, PaymentKind,
+        PaymentMethodUpdated, PaymentOp, PaymentPurpose, PeriodStart, PublishedPlan, RequestStatus,
+        SendingDecision, SubscriptionRecord, SubscriptionView,
     },
     store::{self, InvoiceNumbers},
     unit::{Charged, Unit, Writes},
@@ -110,8 +110,30 @@ pub struct SubscribeCmd {
     pub vat_rate: Decimal,
 }
 
-enum Begun<R> {
-    Replay(Result<R, Status>),
+/// A mutating request's answer: computed now, or the message the first request with its
+/// idempotency key recorded (replayed as recorded, see [`crate::convert::Reply`]).
+#[derive(Debug)]
+pub enum Answer<T: Reply> {
+    /// Computed by this request.
+    Fresh(T),
+    /// Recorded by an earlier request with the same key.
+    Replayed(T::Message),
+}
+
+impl<T: Reply> Answer<T> {
+    /// The answer as its message.
+    pub fn into_message(self) -> T::Message {
+        match self {
+            Answer::Fresh(answer) => answer.to_message(),
+            Answer::Replayed(message) => message,
+        }
+    }
+}
+
+/// How a mutating request starts: answered before (the recorded answer, or refusal), or fresh
+/// in a write transaction that has claimed its key.
+enum Begun<T: Reply> {
+    Replay(Result<Answer<T>, SubError>),
     Fresh(Transaction<'static, Any>),
 }
 
@@ -223,29 +245,28 @@ impl Subscriptions {
         self.platform.clock.now()
     }
 
-    async fn begin<R: Message + Default>(
-        &self,
-        key: &IdempotencyKey,
-    ) -> Result<Begun<R>, SubError> {
+    async fn begin<T: Reply>(&self, key: &IdempotencyKey) -> Result<Begun<T>, SubError> {
         let mut tx = self.db.begin_write().await?;
-        match key.claim::<R>(&mut tx).await? {
-            Claimed::Replay(r) => Ok(Begun::Replay(r)),
+        match key.claim::<T::Message>(&mut tx).await? {
+            Claimed::Replay(r) => Ok(Begun::Replay(
+                r.map(Answer::Replayed).map_err(SubError::Replayed),
+            )),
             Claimed::New => Ok(Begun::Fresh(tx)),
         }
     }
 
-    /// Records `response` under `key` and commits.
-    async fn finish<R: Message>(
+    /// Records `answer` (as its message) under `key` and commits.
+    async fn finish<T: Reply>(
         &self,
         mut tx: Transaction<'static, Any>,
         key: &IdempotencyKey,
-        response: R,
-    ) -> Result<R, SubError> {
-        key.record(&mut tx, &response, self.now().timestamp_micros())
+        answer: T,
+    ) -> Result<Answer<T>, SubError> {
+        key.record(&mut tx, &answer.to_message(), self.now().timestamp_micros())
             .await?;
         tx.commit().await?;
         self.platform.outbox.poke();
-        Ok(response)
+        Ok(Answer::Fresh(answer))
     }
 
     async fn conn(&self) -> Result<sqlx::pool::PoolConnection<Any>, SubError> {
@@ -289,14 +310,19 @@ impl Subscriptions {
         &self,
         conn: &mut AnyConnection,
         sub: &SubscriptionRecord,
-    ) -> Result<pb::Subscription, SubError> {
+    ) -> Result<SubscriptionView, SubError> {
         let verified = store::account(conn, &sub.account_id).await?.verified;
         let plan = self
             .plan(conn, &sub.plan_id, Some(sub.plan_version))
             .await?;
-        let price = domain::recurring_price(&plan, &sub.selection)?;
+        let recurring_price = domain::recurring_price(&plan, &sub.selection)?;
         let history = store::history(conn, &sub.subscription_id).await?;
-        Ok(convert::subscription(sub, verified, Some(price), &history))
+        Ok(SubscriptionView {
+            sub: sub.clone(),
+            verified,
+            recurring_price,
+            history,
+        })
     }
 
     /// Records a declined payment under the request's key (a retry gets the same refusal).

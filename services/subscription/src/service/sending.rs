@@ -8,10 +8,13 @@ impl Subscriptions {
         conn: &mut AnyConnection,
         sub: Option<&SubscriptionRecord>,
         mails: u64,
-    ) -> Result<pb::SendingDecision, SubError> {
+    ) -> Result<SendingDecision, SubError> {
         let now = self.now();
         let Some(sub) = sub else {
-            return Ok(refused(SendingRefusal::NoSubscription, 0));
+            return Ok(SendingDecision {
+                refusal: Some(SendingRefusal::NoSubscription),
+                trial_mails_left: 0,
+            });
         };
         // What the jobs will record at the period or trial end counts from that instant.
         let mut status = sub.status;
@@ -37,14 +40,9 @@ impl Subscriptions {
             unpaid_bank_transfer: store::has_unpaid_bank_transfer(conn, &sub.account_id).await?,
             returned_debit: store::has_returned_debit(conn, &sub.account_id).await?,
         };
-        Ok(match domain::may_send(&state, mails) {
-            Ok(()) => pb::SendingDecision {
-                allowed: true,
-                refusal: pb::SendingRefusal::Unspecified as i32,
-                message: String::new(),
-                trial_mails_left: left,
-            },
-            Err(r) => refused(r, left),
+        Ok(SendingDecision {
+            refusal: domain::may_send(&state, mails).err(),
+            trial_mails_left: left,
         })
     }
 
@@ -53,7 +51,7 @@ impl Subscriptions {
         &self,
         account_id: &str,
         mails: u64,
-    ) -> Result<pb::SendingDecision, SubError> {
+    ) -> Result<SendingDecision, SubError> {
         let mut conn = self.conn().await?;
         let sub = store::read_subscription(&mut conn, account_id).await?;
         self.decision(&mut conn, sub.as_ref(), mails).await
@@ -65,9 +63,9 @@ impl Subscriptions {
         key: &IdempotencyKey,
         account_id: &str,
         mails: u64,
-    ) -> Result<pb::SendingDecision, SubError> {
-        let mut tx = match self.begin::<pb::SendingDecision>(key).await? {
-            Begun::Replay(r) => return r.map_err(SubError::Replayed),
+    ) -> Result<Answer<SendingDecision>, SubError> {
+        let mut tx = match self.begin(key).await? {
+            Begun::Replay(r) => return r,
             Begun::Fresh(tx) => tx,
         };
         let mut unit = Unit::lock(&mut tx, &self.db, account_id, self.now()).await?;
@@ -75,26 +73,7 @@ impl Subscriptions {
             unit.sub.trial_mails_sent = unit.sub.trial_mails_sent.saturating_add(mails);
         }
         let sub = unit.save(&mut tx).await?;
-        let response = self.decision(&mut tx, Some(&sub), 0).await?;
-        self.finish(tx, key, response).await
-    }
-}
-
-fn refused(r: SendingRefusal, left: u64) -> pb::SendingDecision {
-    let refusal = match r {
-        SendingRefusal::NoSubscription => pb::SendingRefusal::NoSubscription,
-        SendingRefusal::TrialMailCap => pb::SendingRefusal::TrialMailCap,
-        SendingRefusal::BankTransferUnpaid => pb::SendingRefusal::BankTransferUnpaid,
-        SendingRefusal::TrialOverNotVerified => pb::SendingRefusal::TrialOverNotVerified,
-        SendingRefusal::Cancelled => pb::SendingRefusal::Cancelled,
-        SendingRefusal::PaymentPastDue => pb::SendingRefusal::PaymentPastDue,
-        SendingRefusal::PaymentPending => pb::SendingRefusal::PaymentPending,
-        SendingRefusal::PaymentReturned => pb::SendingRefusal::PaymentReturned,
-    };
-    pb::SendingDecision {
-        allowed: false,
-        refusal: refusal as i32,
-        message: r.message().to_string(),
-        trial_mails_left: left,
+        let decision = self.decision(&mut tx, Some(&sub), 0).await?;
+        self.finish(tx, key, decision).await
     }
 }

@@ -12,9 +12,9 @@ impl Subscriptions {
         plan_id: &str,
         contacts: Option<u64>,
         terms_override: Option<TrialTerms>,
-    ) -> Result<pb::Subscription, SubError> {
-        let mut tx = match self.begin::<pb::Subscription>(key).await? {
-            Begun::Replay(r) => return r.map_err(SubError::Replayed),
+    ) -> Result<Answer<SubscriptionView>, SubError> {
+        let mut tx = match self.begin(key).await? {
+            Begun::Replay(r) => return r,
             Begun::Fresh(tx) => tx,
         };
         let now = self.now();
@@ -88,8 +88,8 @@ impl Subscriptions {
             json!({"plan_id": plan.plan_id, "trial_ends_at": ends.to_rfc3339()}),
         );
         let sub = unit.save(&mut tx).await?;
-        let response = self.view(&mut tx, &sub).await?;
-        self.finish(tx, key, response).await
+        let view = self.view(&mut tx, &sub).await?;
+        self.finish(tx, key, view).await
     }
 
     /// Subscribe (S15, S16, S17, S18).
@@ -98,9 +98,9 @@ impl Subscriptions {
         key: &IdempotencyKey,
         actor: &Actor,
         cmd: SubscribeCmd,
-    ) -> Result<pb::Subscription, SubError> {
-        let mut tx = match self.begin::<pb::Subscription>(key).await? {
-            Begun::Replay(r) => return r.map_err(SubError::Replayed),
+    ) -> Result<Answer<SubscriptionView>, SubError> {
+        let mut tx = match self.begin(key).await? {
+            Begun::Replay(r) => return r,
             Begun::Fresh(tx) => tx,
         };
         let now = self.now();
@@ -151,8 +151,8 @@ impl Subscriptions {
                     ),
                 );
                 let sub = unit.save(&mut tx).await?;
-                let response = self.view(&mut tx, &sub).await?;
-                return self.finish(tx, key, response).await;
+                let view = self.view(&mut tx, &sub).await?;
+                return self.finish(tx, key, view).await;
             }
             Some(s) if matches!(s.status, SubStatus::TrialExpired | SubStatus::Cancelled) => {
                 // S16: buying after a trial needs the account review.
@@ -245,8 +245,8 @@ impl Subscriptions {
                 json!({"plan_id": plan.plan_id, "payment": cmd.payment.kind.as_str()}),
             );
             let sub = unit.save(&mut tx).await?;
-            let response = self.view(&mut tx, &sub).await?;
-            return self.finish(tx, key, response).await;
+            let view = self.view(&mut tx, &sub).await?;
+            return self.finish(tx, key, view).await;
         }
         // "from:<status>:subscribe:<invoice>": what to go back to on a decline, and the invoice a
         // retry with the same key resumes.
@@ -330,7 +330,7 @@ impl Subscriptions {
         &self,
         key: &IdempotencyKey,
         account_id: &str,
-    ) -> Result<pb::Subscription, SubError> {
+    ) -> Result<Answer<SubscriptionView>, SubError> {
         let op = {
             let mut conn = self.conn().await?;
             store::read_subscription(&mut conn, account_id)
@@ -342,8 +342,8 @@ impl Subscriptions {
         if matches!(outcome, PaymentOutcome::Unknown) {
             return Err(SubError::PaymentOutcomeUnknown);
         }
-        let mut tx = match self.begin::<pb::Subscription>(key).await? {
-            Begun::Replay(r) => return r.map_err(SubError::Replayed),
+        let mut tx = match self.begin(key).await? {
+            Begun::Replay(r) => return r,
             Begun::Fresh(tx) => tx,
         };
         let unit = Unit::lock(&mut tx, &self.db, account_id, self.now()).await?;
@@ -352,8 +352,8 @@ impl Subscriptions {
                 let sub = store::read_subscription(&mut tx, account_id)
                     .await?
                     .ok_or_else(|| SubError::SubscriptionNotFound(account_id.to_string()))?;
-                let response = self.view(&mut tx, &sub).await?;
-                self.finish(tx, key, response).await
+                let view = self.view(&mut tx, &sub).await?;
+                self.finish(tx, key, view).await
             }
             Finished::Declined(reason) => self.refuse(tx, key, reason).await,
             Finished::Earlier => {
@@ -371,15 +371,15 @@ impl Subscriptions {
         tx: Transaction<'static, Any>,
         key: &IdempotencyKey,
         sub: &SubscriptionRecord,
-    ) -> Result<pb::Subscription, SubError> {
+    ) -> Result<Answer<SubscriptionView>, SubError> {
         let mut tx = tx;
         match sub.payment_op.as_ref() {
             Some(op) if op.outcome.is_some() && sub.origin_key.as_deref() == Some(key.key()) => {
                 if let Some(reason) = declined(op) {
                     return self.refuse(tx, key, reason.to_string()).await;
                 }
-                let response = self.view(&mut tx, sub).await?;
-                self.finish(tx, key, response).await
+                let view = self.view(&mut tx, sub).await?;
+                self.finish(tx, key, view).await
             }
             _ => Err(SubError::Precondition(
                 "the subscription changed while its payment was in flight".into(),
@@ -494,7 +494,7 @@ impl Subscriptions {
     }
 
     /// GetSubscription.
-    pub async fn get_subscription(&self, account_id: &str) -> Result<pb::Subscription, SubError> {
+    pub async fn get_subscription(&self, account_id: &str) -> Result<SubscriptionView, SubError> {
         let mut conn = self.conn().await?;
         let sub = store::read_subscription(&mut conn, account_id)
             .await?
@@ -508,9 +508,9 @@ impl Subscriptions {
         key: &IdempotencyKey,
         actor: &Actor,
         account_id: &str,
-    ) -> Result<pb::VerifyAccountResponse, SubError> {
-        let mut tx = match self.begin::<pb::VerifyAccountResponse>(key).await? {
-            Begun::Replay(r) => return r.map_err(SubError::Replayed),
+    ) -> Result<Answer<AccountRecord>, SubError> {
+        let mut tx = match self.begin(key).await? {
+            Begun::Replay(r) => return r,
             Begun::Fresh(tx) => tx,
         };
         let now = self.now();
@@ -526,11 +526,6 @@ impl Subscriptions {
             unit.save(&mut tx).await?;
         }
         let account = store::account(&mut tx, account_id).await?;
-        let response = pb::VerifyAccountResponse {
-            account_id: account_id.to_string(),
-            verified: account.verified,
-            verified_at: account.verified_at.map(runtime::convert::timestamp),
-        };
-        self.finish(tx, key, response).await
+        self.finish(tx, key, account).await
     }
 }
