@@ -3,6 +3,9 @@
 
 use super::*;
 
+/// How long a preview stays valid.
+pub const PREVIEW_TTL_SECONDS: i64 = 3600;
+
 impl Subscriptions {
     pub(super) async fn resolve(
         &self,

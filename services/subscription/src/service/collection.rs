@@ -3,6 +3,10 @@
 
 use super::*;
 
+/// Gateway charges and wallet grants a batch runs at once (bounded, so a slow provider or
+/// wallet sees a fixed number of calls in flight per replica).
+const CONCURRENT_CALLS: usize = 32;
+
 impl Subscriptions {
     /// One gateway attempt on an open invoice (renewals, conversions, retries, a new payment
     /// method): paid; pending while a direct debit settles; or past due with a retry, or

@@ -28,7 +28,14 @@ mod renewal;
 mod sending;
 mod signup;
 
+pub use changes::PREVIEW_TTL_SECONDS;
 pub use payment::StripeEvents;
+pub use reconciliation::RECONCILE_AFTER_SECONDS;
+pub use renewal::{RenewalBatch, WALLET_WAIT_RETRY_SECONDS};
+pub use signup::{PaymentChoice, SubscribeCmd};
+
+use payment::{Finished, PaymentOutcome, declined};
+use renewal::Allowance;
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -70,13 +77,6 @@ use crate::{
     wallet::{Grant, GrantOutcome, Wallet},
 };
 
-/// How long a preview stays valid.
-pub const PREVIEW_TTL_SECONDS: i64 = 3600;
-
-/// How long a request's payment with an unknown outcome is left to the client's retry (with
-/// the same idempotency key) before the jobs finish it themselves.
-pub const RECONCILE_AFTER_SECONDS: i64 = 60;
-
 /// Who makes a request, as recorded in the history (S5): `user:<id>` or `service:<token>`.
 #[derive(Debug, Clone)]
 pub struct Actor(pub String);
@@ -84,30 +84,6 @@ pub struct Actor(pub String);
 /// The system itself (renewals, trial ends).
 pub fn system() -> Actor {
     Actor("system".into())
-}
-
-/// How a new subscription pays.
-#[derive(Debug, Clone)]
-pub struct PaymentChoice {
-    /// Card or bank transfer.
-    pub kind: PaymentKind,
-    /// Card token.
-    pub method: String,
-}
-
-/// What Subscribe buys.
-#[derive(Debug, Clone)]
-pub struct SubscribeCmd {
-    /// Account.
-    pub account_id: String,
-    /// Plan (latest version).
-    pub plan_id: String,
-    /// Tier, seats, add-ons.
-    pub selection: Selection,
-    /// Payment.
-    pub payment: PaymentChoice,
-    /// VAT rate.
-    pub vat_rate: Decimal,
 }
 
 /// A mutating request's answer: computed now, or the message the first request with its
@@ -137,44 +113,6 @@ enum Begun<T: Reply> {
     Fresh(Transaction<'static, Any>),
 }
 
-/// What a gateway call came to.
-enum PaymentOutcome {
-    Paid,
-    /// A direct debit accepted: it settles (or comes back) days later.
-    Pending,
-    Declined(String),
-    Unknown,
-}
-
-impl PaymentOutcome {
-    /// What [`PaymentOp::outcome`] records.
-    fn recorded(&self) -> Option<String> {
-        match self {
-            PaymentOutcome::Paid => Some("paid".into()),
-            PaymentOutcome::Pending => Some("pending".into()),
-            PaymentOutcome::Declined(r) => Some(format!("{DECLINED}{r}")),
-            PaymentOutcome::Unknown => None,
-        }
-    }
-}
-
-const DECLINED: &str = "declined: ";
-
-/// The reason a finished payment was declined for, if it was.
-fn declined(op: &PaymentOp) -> Option<&str> {
-    op.outcome.as_deref().and_then(|o| o.strip_prefix(DECLINED))
-}
-
-/// How applying a request's payment outcome went.
-enum Finished {
-    /// Applied now.
-    Applied,
-    /// Declined: applied now (nothing changed but the mark).
-    Declined(String),
-    /// Applied before (by the request or the jobs), or not this payment's turn.
-    Earlier,
-}
-
 /// Published plan versions never change (a publish makes a new version), so a version read
 /// once is kept: renewal batches price hundreds of subscriptions on a handful of plans.
 type PlanCache = Arc<std::sync::Mutex<HashMap<(String, u32), Plan>>>;
@@ -190,38 +128,6 @@ pub struct Subscriptions {
     /// The key preview tokens are signed with (read once from the database, where the
     /// migration generated it, so every replica and restart shares it).
     token_key: Arc<tokio::sync::OnceCell<Vec<u8>>>,
-}
-
-/// Gateway charges and wallet grants a batch runs at once (bounded, so a slow provider or
-/// wallet sees a fixed number of calls in flight per replica).
-const CONCURRENT_CALLS: usize = 32;
-
-/// What one renewal batch did (see [`Subscriptions::renew_batch`]).
-#[derive(Debug, Default)]
-pub struct RenewalBatch {
-    /// Subscriptions claimed (a full batch means more may be due).
-    pub claimed: usize,
-    /// Invoices issued that the gateway collects (card or direct debit, first attempt due).
-    pub to_collect: Vec<InvoiceRecord>,
-    /// The saved subscriptions, whose monthly credits may now be due (C7).
-    pub renewed: Vec<SubscriptionRecord>,
-}
-
-/// How long a month of credits that found no wallet for its account waits before the jobs
-/// ask the wallet again (C7).
-pub const WALLET_WAIT_RETRY_SECONDS: i64 = 60;
-
-/// A month of plan credits due in the wallet (C7), computed from a subscription read without
-/// the lock and applied under it only if the subscription is still in that cycle.
-struct Allowance {
-    account_id: String,
-    cycle: i64,
-    /// Month index within the cycle recorded once granted.
-    index: i64,
-    month: Option<domain::AllowanceMonth>,
-    credits: i64,
-    /// The wallet call, when there is one to make.
-    grant: Option<Grant>,
 }
 
 impl Subscriptions {

@@ -3,6 +3,44 @@
 
 use super::*;
 
+/// What a gateway call came to.
+pub(super) enum PaymentOutcome {
+    Paid,
+    /// A direct debit accepted: it settles (or comes back) days later.
+    Pending,
+    Declined(String),
+    Unknown,
+}
+
+impl PaymentOutcome {
+    /// What [`PaymentOp::outcome`] records.
+    pub(super) fn recorded(&self) -> Option<String> {
+        match self {
+            PaymentOutcome::Paid => Some("paid".into()),
+            PaymentOutcome::Pending => Some("pending".into()),
+            PaymentOutcome::Declined(r) => Some(format!("{DECLINED}{r}")),
+            PaymentOutcome::Unknown => None,
+        }
+    }
+}
+
+pub(super) const DECLINED: &str = "declined: ";
+
+/// The reason a finished payment was declined for, if it was.
+pub(super) fn declined(op: &PaymentOp) -> Option<&str> {
+    op.outcome.as_deref().and_then(|o| o.strip_prefix(DECLINED))
+}
+
+/// How applying a request's payment outcome went.
+pub(super) enum Finished {
+    /// Applied now.
+    Applied,
+    /// Declined: applied now (nothing changed but the mark).
+    Declined(String),
+    /// Applied before (by the request or the jobs), or not this payment's turn.
+    Earlier,
+}
+
 impl Subscriptions {
     pub(super) async fn charge(
         &self,

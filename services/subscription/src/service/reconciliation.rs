@@ -3,6 +3,10 @@
 
 use super::*;
 
+/// How long a request's payment with an unknown outcome is left to the client's retry (with
+/// the same idempotency key) before the jobs finish it themselves.
+pub const RECONCILE_AFTER_SECONDS: i64 = 60;
+
 impl Subscriptions {
     /// Finishes a request's payment whose outcome stayed unknown (the client never retried):
     /// the gateway again with the same key, then the outcome applied once under the lock, as

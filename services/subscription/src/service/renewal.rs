@@ -2,6 +2,34 @@
 
 use super::*;
 
+/// What one renewal batch did (see [`Subscriptions::renew_batch`]).
+#[derive(Debug, Default)]
+pub struct RenewalBatch {
+    /// Subscriptions claimed (a full batch means more may be due).
+    pub claimed: usize,
+    /// Invoices issued that the gateway collects (card or direct debit, first attempt due).
+    pub to_collect: Vec<InvoiceRecord>,
+    /// The saved subscriptions, whose monthly credits may now be due (C7).
+    pub renewed: Vec<SubscriptionRecord>,
+}
+
+/// How long a month of credits that found no wallet for its account waits before the jobs
+/// ask the wallet again (C7).
+pub const WALLET_WAIT_RETRY_SECONDS: i64 = 60;
+
+/// A month of plan credits due in the wallet (C7), computed from a subscription read without
+/// the lock and applied under it only if the subscription is still in that cycle.
+pub(super) struct Allowance {
+    pub(super) account_id: String,
+    pub(super) cycle: i64,
+    /// Month index within the cycle recorded once granted.
+    pub(super) index: i64,
+    pub(super) month: Option<domain::AllowanceMonth>,
+    pub(super) credits: i64,
+    /// The wallet call, when there is one to make.
+    pub(super) grant: Option<Grant>,
+}
+
 impl Subscriptions {
     /// Everything due for one account by now: trial ending notice, trial end (S15, S16),
     /// period ends (scheduled changes, cancellation, renewal invoice), credit allowance (C7).

@@ -2,6 +2,30 @@
 
 use super::*;
 
+/// How a new subscription pays.
+#[derive(Debug, Clone)]
+pub struct PaymentChoice {
+    /// Card or bank transfer.
+    pub kind: PaymentKind,
+    /// Card token.
+    pub method: String,
+}
+
+/// What Subscribe buys.
+#[derive(Debug, Clone)]
+pub struct SubscribeCmd {
+    /// Account.
+    pub account_id: String,
+    /// Plan (latest version).
+    pub plan_id: String,
+    /// Tier, seats, add-ons.
+    pub selection: Selection,
+    /// Payment.
+    pub payment: PaymentChoice,
+    /// VAT rate.
+    pub vat_rate: Decimal,
+}
+
 impl Subscriptions {
     /// StartTrial (S14): the plan's trial terms, or larger ones granted by hand.
     pub async fn start_trial(
