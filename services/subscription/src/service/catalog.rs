@@ -1,6 +1,16 @@
 //! Plans: publish a version, read one, list them.
 
-use super::*;
+use runtime::idempotency::IdempotencyKey;
+use serde_json::json;
+
+use crate::{
+    domain::{self, Plan},
+    error::SubError,
+    model::PublishedPlan,
+    store,
+};
+
+use super::{Answer, Begun, Subscriptions};
 
 impl Subscriptions {
     /// PublishPlan: the same plan id again makes version + 1.

@@ -1,7 +1,29 @@
 //! Plan changes: previews, upgrades (paid in three steps), scheduled downgrades, change
 //! requests, add-on cancellation, Cancel and Resume (S6-S13, S19).
 
-use super::*;
+use chrono::{DateTime, Duration, Utc};
+use runtime::idempotency::IdempotencyKey;
+use serde_json::json;
+use shared::{BillingPeriod, Money};
+use sqlx::{Any, AnyConnection, Transaction};
+
+use crate::{
+    convert::ChangeRequest as ChangeAsked,
+    domain::{self, Change, Plan, Status as SubStatus, Target, Timing},
+    error::SubError,
+    model::{
+        AddOnCancelled, ChangeApplied, ChangePreview, ChangeRequestRecord, InvoiceRecord,
+        PaymentOp, PaymentPurpose, PeriodStart, RequestStatus, SubscriptionRecord,
+        SubscriptionView,
+    },
+    store,
+    unit::{Charged, Unit},
+};
+
+use super::{
+    Actor, Answer, Begun, Subscriptions,
+    payment::{Finished, PaymentOutcome, declined},
+};
 
 /// How long a preview stays valid.
 pub const PREVIEW_TTL_SECONDS: i64 = 3600;

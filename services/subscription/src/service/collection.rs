@@ -1,7 +1,27 @@
 //! Collecting unpaid invoices: gateway attempts, retries and suspension (dunning), with the
 //! credits a renewal batch leaves to grant.
 
-use super::*;
+use std::collections::{BTreeMap, HashMap};
+
+use chrono::Duration;
+use futures::{StreamExt, stream};
+use serde_json::json;
+
+use crate::{
+    domain::{self, Status as SubStatus},
+    error::SubError,
+    model::{InvoiceRecord, InvoiceStatus, SubscriptionRecord},
+    store,
+    unit::{Unit, Writes},
+    wallet::GrantOutcome,
+};
+
+use super::{
+    Subscriptions,
+    payment::PaymentOutcome,
+    renewal::{Allowance, WALLET_WAIT_RETRY_SECONDS},
+    system,
+};
 
 /// Gateway charges and wallet grants a batch runs at once (bounded, so a slow provider or
 /// wallet sees a fixed number of calls in flight per replica).

@@ -1,6 +1,17 @@
 //! Contact slots: admitted up to the limit, the rest pending upgrade (S1, S11, S12).
 
-use super::*;
+use runtime::idempotency::IdempotencyKey;
+use serde_json::json;
+
+use crate::{
+    domain::{self, Status as SubStatus},
+    error::SubError,
+    model::{ContactUsage, ContactsAdmitted},
+    store,
+    unit::Unit,
+};
+
+use super::{Answer, Begun, Subscriptions};
 
 impl Subscriptions {
     /// AdmitContacts (S1, S11, S12): up to the limit subscribed, the rest pending upgrade. The

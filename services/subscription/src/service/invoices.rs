@@ -1,6 +1,18 @@
 //! Invoices: list, read, a bank transfer received (S18), a new payment method for the open ones.
 
-use super::*;
+use runtime::idempotency::IdempotencyKey;
+use serde_json::json;
+use shared::Money;
+
+use crate::{
+    domain::Status as SubStatus,
+    error::SubError,
+    model::{InvoiceRecord, InvoiceStatus, PaymentKind, PaymentMethodUpdated},
+    store,
+    unit::Unit,
+};
+
+use super::{Actor, Answer, Begun, Subscriptions, signup::PaymentChoice};
 
 impl Subscriptions {
     /// ListInvoices.

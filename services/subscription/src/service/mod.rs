@@ -34,47 +34,28 @@ pub use reconciliation::RECONCILE_AFTER_SECONDS;
 pub use renewal::{RenewalBatch, WALLET_WAIT_RETRY_SECONDS};
 pub use signup::{PaymentChoice, SubscribeCmd};
 
-use payment::{Finished, PaymentOutcome, declined};
-use renewal::Allowance;
-
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::HashMap,
     sync::{Arc, PoisonError},
 };
 
-use chrono::{DateTime, Duration, Utc};
+use chrono::{DateTime, Utc};
 use runtime::{
     Platform,
     db::{Db, DbError},
     idempotency::{Claimed, IdempotencyKey},
 };
-use rust_decimal::Decimal;
-use serde_json::json;
-use shared::{
-    BillingPeriod, ChargeOutcome, ChargeRequest, ChargeStatus, Currency, GatewayError, Money,
-    PaymentGateway,
-};
+use shared::PaymentGateway;
 use sqlx::{Any, AnyConnection, Transaction};
 use tonic::Status;
 
-use futures::{StreamExt, stream};
-
 use crate::{
-    convert::{ChangeRequest as ChangeAsked, Reply},
-    domain::{
-        self, Change, Plan, Selection, SendingRefusal, SendingState, Status as SubStatus, Target,
-        Timing, TrialTerms,
-    },
+    convert::Reply,
+    domain::{self, Plan},
     error::SubError,
-    model::{
-        AccountRecord, AddOnCancelled, ChangeApplied, ChangePreview, ChangeRequestRecord,
-        ContactUsage, ContactsAdmitted, InvoiceRecord, InvoiceStatus, PaymentKind,
-        PaymentMethodUpdated, PaymentOp, PaymentPurpose, PeriodStart, PublishedPlan, RequestStatus,
-        SendingDecision, SubscriptionRecord, SubscriptionView,
-    },
-    store::{self, InvoiceNumbers},
-    unit::{Charged, Unit, Writes},
-    wallet::{Grant, GrantOutcome, Wallet},
+    model::{SubscriptionRecord, SubscriptionView},
+    store,
+    wallet::Wallet,
 };
 
 /// Who makes a request, as recorded in the history (S5): `user:<id>` or `service:<token>`.

@@ -1,7 +1,19 @@
 //! The payment gateway (charges and their outcomes) and Stripe's webhooks (debit outcomes,
 //! refunds and disputes).
 
-use super::*;
+use serde_json::json;
+use shared::{ChargeOutcome, ChargeRequest, ChargeStatus, Currency, GatewayError, Money};
+use sqlx::{Any, Transaction};
+
+use crate::{
+    domain::Status as SubStatus,
+    error::SubError,
+    model::{InvoiceRecord, InvoiceStatus, PaymentOp},
+    store,
+    unit::Unit,
+};
+
+use super::{Subscriptions, system};
 
 /// What a gateway call came to.
 pub(super) enum PaymentOutcome {

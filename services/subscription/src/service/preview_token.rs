@@ -1,6 +1,8 @@
 //! The signed preview token ApplyChange checks (S6).
 
-use super::*;
+use crate::{error::SubError, store};
+
+use super::Subscriptions;
 
 type TokenMac = hmac::Hmac<sha2::Sha256>;
 

@@ -1,7 +1,19 @@
 //! Payments whose outcome the service does not know yet: a request's payment the client
 //! stopped waiting for, a direct debit not settled at the bank.
 
-use super::*;
+use shared::ChargeStatus;
+
+use crate::{
+    error::SubError,
+    model::{InvoiceStatus, PaymentPurpose},
+    store,
+    unit::Unit,
+};
+
+use super::{
+    Subscriptions,
+    payment::{Finished, PaymentOutcome},
+};
 
 /// How long a request's payment with an unknown outcome is left to the client's retry (with
 /// the same idempotency key) before the jobs finish it themselves.

@@ -1,6 +1,19 @@
 //! Renewal, driven by the jobs: trial notices and ends, period ends, monthly credits (C7).
 
-use super::*;
+use chrono::{DateTime, Duration, Utc};
+use serde_json::json;
+use sqlx::{Any, Transaction};
+
+use crate::{
+    domain::{self, Change, Plan, Status as SubStatus},
+    error::SubError,
+    model::{InvoiceRecord, InvoiceStatus, PaymentKind, PeriodStart, SubscriptionRecord},
+    store::{self, InvoiceNumbers},
+    unit::{Unit, Writes},
+    wallet::{Grant, GrantOutcome},
+};
+
+use super::{Actor, Subscriptions, system};
 
 /// What one renewal batch did (see [`Subscriptions::renew_batch`]).
 #[derive(Debug, Default)]

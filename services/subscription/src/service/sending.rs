@@ -1,6 +1,17 @@
 //! Whether an account may send (S2, S13, S14, S16, S18), and the trial's mails counted.
 
-use super::*;
+use runtime::idempotency::IdempotencyKey;
+use sqlx::AnyConnection;
+
+use crate::{
+    domain::{self, SendingRefusal, SendingState, Status as SubStatus},
+    error::SubError,
+    model::{SendingDecision, SubscriptionRecord},
+    store,
+    unit::Unit,
+};
+
+use super::{Answer, Begun, Subscriptions};
 
 impl Subscriptions {
     pub(super) async fn decision(

@@ -1,6 +1,26 @@
 //! Trials, Subscribe (with its first payment in three steps), GetSubscription, VerifyAccount.
 
-use super::*;
+use chrono::Duration;
+use runtime::idempotency::IdempotencyKey;
+use rust_decimal::Decimal;
+use serde_json::json;
+use sqlx::{Any, Transaction};
+
+use crate::{
+    domain::{self, Plan, Selection, Status as SubStatus, TrialTerms},
+    error::SubError,
+    model::{
+        AccountRecord, InvoiceRecord, InvoiceStatus, PaymentKind, PaymentOp, PaymentPurpose,
+        PeriodStart, SubscriptionRecord, SubscriptionView,
+    },
+    store,
+    unit::Unit,
+};
+
+use super::{
+    Actor, Answer, Begun, Subscriptions,
+    payment::{Finished, PaymentOutcome, declined},
+};
 
 /// How a new subscription pays.
 #[derive(Debug, Clone)]
