@@ -1,7 +1,10 @@
 //! Dates the rules fix: payment retries before suspension, the months of credits in a
 //! period (C7), the trial-ending notice.
 
-use super::*;
+use chrono::{DateTime, Duration, Utc};
+use shared::BillingInterval;
+
+use super::DomainError;
 
 /// Renewal payment retries: after a failure, the next attempt comes this many days later;
 /// when they are used up the subscription is suspended.

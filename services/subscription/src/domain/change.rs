@@ -1,7 +1,17 @@
 //! Plan changes: what a change leads to and when (S6-S10, S19), and the prorated quote of an
 //! immediate upgrade (S7, S8).
 
-use super::*;
+use std::fmt;
+
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+use shared::{BillingPeriod, Money, limits::quoted, prorate_change, restart_period_change};
+
+use super::{
+    Bill, DomainError, Line, Plan, Product, ProrationPolicy, Selection, arith, bill, check_seats,
+    invalid, recurring_lines, recurring_price, sum,
+};
 
 /// A change of a subscription (S4). Plan changes carry the resolved version.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -4,14 +4,7 @@
 
 use std::fmt;
 
-use chrono::{DateTime, Duration, Utc};
-use rust_decimal::Decimal;
-use serde::{Deserialize, Serialize};
-use shared::limits::{self, LimitError, quoted};
-use shared::{
-    BillingInterval, BillingPeriod, ContactSlider, Currency, Money, TierTable, prorate_change,
-    restart_period_change,
-};
+use shared::limits::{self, LimitError};
 
 mod calendar;
 mod change;

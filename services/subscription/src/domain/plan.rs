@@ -1,7 +1,14 @@
 //! Plans and what a subscription buys of one: products, levels, add-ons, trial terms, the
 //! selection (contacts, seats, add-ons) and its bounds.
 
-use super::*;
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+use shared::{
+    BillingInterval, ContactSlider, Currency, TierTable,
+    limits::{self, quoted},
+};
+
+use super::{DomainError, check_seats, invalid};
 
 /// What the plan sells (S4).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

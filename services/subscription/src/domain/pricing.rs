@@ -1,6 +1,10 @@
 //! Prices: the recurring lines of a selection on a plan, and a bill with its VAT (S3, S4).
 
-use super::*;
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+use shared::{Currency, Money, limits::quoted};
+
+use super::{DomainError, Plan, Selection, arith, invalid};
 
 /// One invoice line, rounded to the minor unit.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

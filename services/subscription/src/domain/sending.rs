@@ -1,6 +1,6 @@
 //! Whether an account may send now (S2, S13, S14, S16, S18).
 
-use super::*;
+use super::Status;
 
 /// Why sending is refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -2,10 +2,12 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use super::*;
-use chrono::TimeZone;
+use chrono::{Duration, TimeZone, Utc};
+use rust_decimal::Decimal;
 use rust_decimal_macros::dec;
-use shared::{Tier, TierMode};
+use shared::{BillingInterval, BillingPeriod, ContactSlider, Currency, Tier, TierMode, TierTable};
+
+use super::*;
 
 fn plan(id: &str, product: Product, rank: u32) -> Plan {
     Plan {

@@ -1,6 +1,12 @@
 //! The `accounts` table (the review of S16) and the preview-token signing key.
 
-use super::*;
+use chrono::{DateTime, Utc};
+use runtime::{clock::from_micros, db::DbError};
+use sqlx::{AnyConnection, Row};
+
+use crate::model::AccountRecord;
+
+use super::micros;
 
 /// Creates the account row if missing.
 pub async fn ensure_account(conn: &mut AnyConnection, account_id: &str) -> Result<(), DbError> {

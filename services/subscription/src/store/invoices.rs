@@ -1,7 +1,20 @@
 //! The `invoices` table and its number counter: issuing, payment attempts and outcomes, the
 //! jobs' lists of invoices to collect or poll, and the Stripe events applied once.
 
-use super::*;
+use chrono::{DateTime, Utc};
+use runtime::{
+    clock::from_micros,
+    db::{Backend, Db, DbError, fetch_in_lock_order, row_chunks},
+};
+use shared::{Currency, Money};
+use sqlx::{AnyConnection, Row, any::AnyRow};
+
+use crate::{
+    domain::Line,
+    model::{InvoiceRecord, InvoiceStatus, PaymentKind},
+};
+
+use super::{ROWS_PER_STATEMENT, corrupt, from_json, json, micros, minor, u32_of, value_columns};
 
 /// Invoice numbers for one transaction, taken as a range from the counter row. The first
 /// [`InvoiceNumbers::take`] locks the row (PostgreSQL `FOR UPDATE`, SQLite's write

@@ -4,21 +4,8 @@
 //! writers).
 
 use chrono::{DateTime, Utc};
-use runtime::{
-    clock::from_micros,
-    db::{Backend, Db, DbError, fetch_in_lock_order, row_chunks},
-};
-use rust_decimal::Decimal;
-use shared::{Currency, Money};
-use sqlx::{AnyConnection, Row, any::AnyRow};
-
-use crate::{
-    domain::{Change, Line, Plan, Product, Selection, Status, TrialTerms},
-    model::{
-        AccountRecord, ChangeRequestRecord, HistoryRecord, InvoiceRecord, InvoiceStatus,
-        PaymentKind, RequestStatus, SubscriptionRecord,
-    },
-};
+use runtime::db::{Backend, Db, DbError};
+use shared::Money;
 
 mod accounts;
 mod invoices;

@@ -1,6 +1,15 @@
 //! The `plans` table: published plan versions (never changed once published).
 
-use super::*;
+use chrono::{DateTime, Utc};
+use runtime::{
+    clock::from_micros,
+    db::{Db, DbError},
+};
+use sqlx::{AnyConnection, Row, any::AnyRow};
+
+use crate::domain::{Plan, Product};
+
+use super::{from_json, json, micros, u32_of};
 
 /// The next version of `plan_id` (1 for a new plan), inside the publishing transaction.
 pub async fn next_plan_version(conn: &mut AnyConnection, plan_id: &str) -> Result<u32, DbError> {

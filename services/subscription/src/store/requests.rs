@@ -1,6 +1,14 @@
 //! The `change_requests` table (S10).
 
-use super::*;
+use runtime::{
+    clock::from_micros,
+    db::{Db, DbError},
+};
+use sqlx::{AnyConnection, Row, any::AnyRow};
+
+use crate::model::{ChangeRequestRecord, RequestStatus};
+
+use super::{corrupt, from_json, json, micros};
 
 const REQUEST_COLUMNS: &str = "request_id, subscription_id, account_id, change, status, filed_by, \
      filed_at_us, resolved_by, resolved_at_us, note";

@@ -1,7 +1,23 @@
 //! The `subscriptions` table (one row per account) and its `history`: reads, row locks, the
 //! renewal batch's claim, and the multi-row writes of a batch.
 
-use super::*;
+use chrono::{DateTime, Utc};
+use runtime::{
+    clock::from_micros,
+    db::{Backend, Db, DbError, fetch_in_lock_order, row_chunks},
+};
+use rust_decimal::Decimal;
+use sqlx::{AnyConnection, Row, any::AnyRow};
+
+use crate::{
+    domain::{Change, Selection, Status, TrialTerms},
+    model::{HistoryRecord, PaymentKind, SubscriptionRecord},
+};
+
+use super::{
+    ROWS_PER_STATEMENT, corrupt, from_json, i64_of, json, micros, skip_locked, u32_of, u64_of,
+    value_columns,
+};
 
 const SUB_COLUMNS: &str = "subscription_id, account_id, plan_id, plan_version, status, contacts, \
      seats, add_ons, payment_kind, payment_method, vat_rate, anchor_us, period_index, cycle, \
