@@ -1,12 +1,16 @@
 //! The subscription service: plans priced by contact tiers, seats, levels, products and add-ons; trials, prorated changes, renewals, invoices and contact slots (rules S1-S19).
 //!
-//! Layers: `domain` (rules, no IO) and `model` (records); `store` (SQL, both backends);
-//! `unit` (one locked subscription: changes, history and events saved together); `service`
-//! (use cases, gateway calls between transactions, renewals); `jobs` (direct-debit polling,
-//! reconciliation of payments with an unknown outcome, renewal, collection, trial ends, monthly
-//! credit grants); `convert` and `grpc` (messages, the actor check of S5, status
-//! codes). The runtime (`shared/runtime`) brings storage, idempotency, the outbox and the
-//! middleware.
+//! Layers, each calling only the ones below it: `grpc` (requests validated into commands, the
+//! actor check of S5, errors to status codes) -> `service` (the use cases, one file per family:
+//! catalog, signup, contacts, changes, invoices, sending, payment, reconciliation, renewal,
+//! collection; gateway and wallet calls between transactions) -> `unit` (one locked
+//! subscription: changes, history and events saved together) -> `store` (SQL, both backends,
+//! one file per table family) -> `domain` (rules, no IO) and `model` (records and the use
+//! cases' answers). `convert` turns answers into messages (`convert::Reply`) and messages into
+//! domain types; `wallet` is the credits-wallet peer; `jobs` runs direct-debit polling,
+//! reconciliation of payments with an unknown outcome, renewal, collection, trial ends and
+//! monthly credit grants. The runtime (`shared/runtime`) brings storage, idempotency, the
+//! outbox and the middleware.
 
 pub mod convert;
 pub mod domain;
