@@ -7,13 +7,15 @@ use shared::{BillingInterval, ContactSlider, Currency, Money, Tier, TierMode, Ti
 
 use crate::{
     domain::{
-        AddOn, Change, Level, Line, Plan, Product, ProrationPolicy, SelfServe, Status, Timing,
-        TrialTerms,
+        AddOn, Change, Level, Line, Plan, Product, ProrationPolicy, SelfServe, SendingRefusal,
+        Status, Timing, TrialTerms,
     },
     error::SubError,
     model::{
-        ChangeRequestRecord, HistoryRecord, InvoiceRecord, InvoiceStatus, PaymentKind,
-        RequestStatus, SubscriptionRecord,
+        AccountRecord, AddOnCancelled, ChangeApplied, ChangePreview, ChangeRequestRecord,
+        ContactUsage, ContactsAdmitted, HistoryRecord, InvoiceRecord, InvoiceStatus, PaymentKind,
+        PaymentMethodUpdated, PublishedPlan, RequestStatus, SendingDecision, SubscriptionRecord,
+        SubscriptionView,
     },
 };
 
@@ -374,11 +376,7 @@ fn status(s: Status) -> pb::SubscriptionStatus {
 
 /// Contact usage of a subscription.
 pub fn usage(s: &SubscriptionRecord) -> pb::ContactUsage {
-    pb::ContactUsage {
-        active: s.active_contacts,
-        pending: s.pending_contacts,
-        limit: s.contact_limit(),
-    }
+    ContactUsage::of(s).to_message()
 }
 
 fn history(h: &HistoryRecord) -> pb::HistoryEntry {
@@ -443,5 +441,189 @@ pub fn request(r: &ChangeRequestRecord) -> pb::ChangeRequest {
         resolved_by: r.resolved_by.clone(),
         resolved_at: r.resolved_at.map(timestamp),
         note: r.note.clone(),
+    }
+}
+
+/// A use case's answer as its message: what is sent, and what a mutating request records
+/// under its idempotency key (a retry is answered with the recorded message).
+pub trait Reply {
+    /// The message.
+    type Message: prost::Message + Default;
+    /// The answer as its message.
+    fn to_message(&self) -> Self::Message;
+}
+
+impl Reply for PublishedPlan {
+    type Message = pb::Plan;
+    fn to_message(&self) -> pb::Plan {
+        plan(&self.plan, self.published_at)
+    }
+}
+
+/// ListPlans' answer.
+pub fn plan_list(plans: &[PublishedPlan]) -> pb::ListPlansResponse {
+    pb::ListPlansResponse {
+        plans: plans.iter().map(Reply::to_message).collect(),
+    }
+}
+
+impl Reply for SubscriptionView {
+    type Message = pb::Subscription;
+    fn to_message(&self) -> pb::Subscription {
+        subscription(
+            &self.sub,
+            self.verified,
+            Some(self.recurring_price),
+            &self.history,
+        )
+    }
+}
+
+impl Reply for AccountRecord {
+    type Message = pb::VerifyAccountResponse;
+    fn to_message(&self) -> pb::VerifyAccountResponse {
+        pb::VerifyAccountResponse {
+            account_id: self.account_id.clone(),
+            verified: self.verified,
+            verified_at: self.verified_at.map(timestamp),
+        }
+    }
+}
+
+impl Reply for ContactUsage {
+    type Message = pb::ContactUsage;
+    fn to_message(&self) -> pb::ContactUsage {
+        pb::ContactUsage {
+            active: self.active,
+            pending: self.pending,
+            limit: self.limit,
+        }
+    }
+}
+
+impl Reply for ContactsAdmitted {
+    type Message = pb::AdmitContactsResponse;
+    fn to_message(&self) -> pb::AdmitContactsResponse {
+        pb::AdmitContactsResponse {
+            subscribed: self.subscribed,
+            pending_upgrade: self.pending_upgrade,
+            usage: Some(self.usage.to_message()),
+        }
+    }
+}
+
+impl Reply for ChangePreview {
+    type Message = pb::ChangePreview;
+    fn to_message(&self) -> pb::ChangePreview {
+        let zero = Money::zero(self.amount_due_today.currency());
+        let bill = self.bill.as_ref();
+        pb::ChangePreview {
+            preview_token: self.preview_token.clone(),
+            change: Some(change(&self.change)),
+            timing: timing(self.timing) as i32,
+            effective_at: self.effective_at.map(timestamp),
+            lines: bill.map(|b| lines(&b.lines)).unwrap_or_default(),
+            subtotal: Some(money(&bill.map_or(zero, |b| b.subtotal))),
+            vat: Some(money(&bill.map_or(zero, |b| b.vat))),
+            amount_due_today: Some(money(&self.amount_due_today)),
+            new_recurring_price: Some(money(&self.new_recurring_price)),
+            expires_at: ts(self.expires_at),
+        }
+    }
+}
+
+impl Reply for ChangeApplied {
+    type Message = pb::ApplyChangeResponse;
+    fn to_message(&self) -> pb::ApplyChangeResponse {
+        pb::ApplyChangeResponse {
+            timing: timing(self.timing) as i32,
+            effective_at: self.effective_at.map(timestamp),
+            subscription: Some(self.subscription.to_message()),
+            invoice: self.invoice.as_ref().map(invoice),
+            change_request: self.change_request.as_ref().map(request),
+            contacts_promoted: self.contacts_promoted,
+        }
+    }
+}
+
+impl Reply for AddOnCancelled {
+    type Message = pb::CancelAddOnResponse;
+    fn to_message(&self) -> pb::CancelAddOnResponse {
+        pb::CancelAddOnResponse {
+            effective_at: self.effective_at.map(timestamp),
+            subscription: Some(self.subscription.to_message()),
+            change_request: self.change_request.as_ref().map(request),
+        }
+    }
+}
+
+impl Reply for ChangeRequestRecord {
+    type Message = pb::ChangeRequest;
+    fn to_message(&self) -> pb::ChangeRequest {
+        request(self)
+    }
+}
+
+/// ListChangeRequests' answer.
+pub fn request_list(requests: &[ChangeRequestRecord]) -> pb::ListChangeRequestsResponse {
+    pb::ListChangeRequestsResponse {
+        change_requests: requests.iter().map(request).collect(),
+    }
+}
+
+impl Reply for InvoiceRecord {
+    type Message = pb::Invoice;
+    fn to_message(&self) -> pb::Invoice {
+        invoice(self)
+    }
+}
+
+/// ListInvoices' answer.
+pub fn invoice_list(invoices: &[InvoiceRecord]) -> pb::ListInvoicesResponse {
+    pb::ListInvoicesResponse {
+        invoices: invoices.iter().map(invoice).collect(),
+    }
+}
+
+impl Reply for PaymentMethodUpdated {
+    type Message = pb::UpdatePaymentMethodResponse;
+    fn to_message(&self) -> pb::UpdatePaymentMethodResponse {
+        pb::UpdatePaymentMethodResponse {
+            subscription: Some(self.subscription.to_message()),
+            invoices: self.invoices.iter().map(invoice).collect(),
+        }
+    }
+}
+
+fn refusal(r: SendingRefusal) -> pb::SendingRefusal {
+    match r {
+        SendingRefusal::NoSubscription => pb::SendingRefusal::NoSubscription,
+        SendingRefusal::TrialMailCap => pb::SendingRefusal::TrialMailCap,
+        SendingRefusal::BankTransferUnpaid => pb::SendingRefusal::BankTransferUnpaid,
+        SendingRefusal::TrialOverNotVerified => pb::SendingRefusal::TrialOverNotVerified,
+        SendingRefusal::Cancelled => pb::SendingRefusal::Cancelled,
+        SendingRefusal::PaymentPastDue => pb::SendingRefusal::PaymentPastDue,
+        SendingRefusal::PaymentPending => pb::SendingRefusal::PaymentPending,
+        SendingRefusal::PaymentReturned => pb::SendingRefusal::PaymentReturned,
+    }
+}
+
+impl Reply for SendingDecision {
+    type Message = pb::SendingDecision;
+    fn to_message(&self) -> pb::SendingDecision {
+        match self.refusal {
+            None => pb::SendingDecision {
+                allowed: true,
+                refusal: pb::SendingRefusal::Unspecified as i32,
+                message: String::new(),
+                trial_mails_left: self.trial_mails_left,
+            },
+            Some(r) => pb::SendingDecision {
+                allowed: false,
+                refusal: refusal(r) as i32,
+                message: r.message().to_string(),
+                trial_mails_left: self.trial_mails_left,
+            },
+        }
     }
 }

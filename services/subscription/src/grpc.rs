@@ -19,11 +19,11 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::{
-    convert::{self, ChangeRequest as ChangeAsked},
+    convert::{self, ChangeRequest as ChangeAsked, Reply},
     domain::{self, Change},
     error::SubError,
     model::PaymentKind,
-    service::{Actor, PaymentChoice, SubscribeCmd, Subscriptions as UseCases},
+    service::{Actor, Answer, PaymentChoice, SubscribeCmd, Subscriptions as UseCases},
 };
 
 /// An id (account, plan, invoice, request, user): `shared::limits::check_id`.
@@ -195,7 +195,11 @@ impl Catalog for CatalogApi {
             .into());
         }
         let plan = convert::plan_from(spec)?;
-        ok(self.cases.publish_plan(&key, plan).await)
+        ok(self
+            .cases
+            .publish_plan(&key, plan)
+            .await
+            .map(Answer::into_message))
     }
 
     #[tracing::instrument(skip_all)]
@@ -209,7 +213,11 @@ impl Catalog for CatalogApi {
         } else {
             Some(convert::product_from(r.product, "product")?)
         };
-        ok(self.cases.list_plans(product, r.all_versions).await)
+        ok(self
+            .cases
+            .list_plans(product, r.all_versions)
+            .await
+            .map(|v| convert::plan_list(&v)))
     }
 
     #[tracing::instrument(skip_all, fields(plan = %req.get_ref().plan_id))]
@@ -220,7 +228,11 @@ impl Catalog for CatalogApi {
         let r = req.into_inner();
         id("plan_id", &r.plan_id)?;
         let version = (r.version != 0).then_some(r.version);
-        ok(self.cases.get_plan(&r.plan_id, version).await)
+        ok(self
+            .cases
+            .get_plan(&r.plan_id, version)
+            .await
+            .map(|v| v.to_message()))
     }
 }
 
@@ -281,7 +293,8 @@ impl Subscriptions for SubscriptionsApi {
         ok(self
             .cases
             .start_trial(&key, &who, account, &r.plan_id, contacts, terms)
-            .await)
+            .await
+            .map(Answer::into_message))
     }
 
     #[tracing::instrument(skip_all, fields(account = %req.get_ref().account_id))]
@@ -304,7 +317,11 @@ impl Subscriptions for SubscriptionsApi {
             payment,
             vat_rate: vat_rate(&r.vat_rate)?,
         };
-        ok(self.cases.subscribe(&key, &who, cmd).await)
+        ok(self
+            .cases
+            .subscribe(&key, &who, cmd)
+            .await
+            .map(Answer::into_message))
     }
 
     #[tracing::instrument(skip_all, fields(account = %req.get_ref().account_id))]
@@ -315,7 +332,11 @@ impl Subscriptions for SubscriptionsApi {
         actor(&req, req.get_ref().actor.as_ref())?;
         let r = req.into_inner();
         let account = id("account_id", &r.account_id)?;
-        ok(self.cases.get_subscription(account).await)
+        ok(self
+            .cases
+            .get_subscription(account)
+            .await
+            .map(|v| v.to_message()))
     }
 
     #[tracing::instrument(skip_all, fields(account = %req.get_ref().account_id))]
@@ -327,7 +348,11 @@ impl Subscriptions for SubscriptionsApi {
         let r = req.into_inner();
         let key = IdempotencyKey::new("VerifyAccount", &r.idempotency_key, &r)?;
         let account = id("account_id", &r.account_id)?;
-        ok(self.cases.verify_account(&key, &who, account).await)
+        ok(self
+            .cases
+            .verify_account(&key, &who, account)
+            .await
+            .map(Answer::into_message))
     }
 
     #[tracing::instrument(skip_all, fields(account = %req.get_ref().account_id))]
@@ -340,7 +365,11 @@ impl Subscriptions for SubscriptionsApi {
         let key = IdempotencyKey::new("AdmitContacts", &r.idempotency_key, &r)?;
         let account = id("account_id", &r.account_id)?;
         let n = count("contacts", r.contacts, limits::MAX_CONTACTS)?;
-        ok(self.cases.admit_contacts(&key, account, n).await)
+        ok(self
+            .cases
+            .admit_contacts(&key, account, n)
+            .await
+            .map(Answer::into_message))
     }
 
     #[tracing::instrument(skip_all, fields(account = %req.get_ref().account_id))]
@@ -367,7 +396,8 @@ impl Subscriptions for SubscriptionsApi {
         ok(self
             .cases
             .release_contacts(&key, account, r.subscribed, r.pending)
-            .await)
+            .await
+            .map(Answer::into_message))
     }
 
     #[tracing::instrument(skip_all, fields(account = %req.get_ref().account_id))]
@@ -378,7 +408,11 @@ impl Subscriptions for SubscriptionsApi {
         actor(&req, req.get_ref().actor.as_ref())?;
         let r = req.into_inner();
         let account = id("account_id", &r.account_id)?;
-        ok(self.cases.contact_usage(account).await)
+        ok(self
+            .cases
+            .contact_usage(account)
+            .await
+            .map(|v| v.to_message()))
     }
 
     #[tracing::instrument(skip_all, fields(account = %req.get_ref().account_id))]
@@ -390,7 +424,11 @@ impl Subscriptions for SubscriptionsApi {
         let r = req.into_inner();
         let account = id("account_id", &r.account_id)?;
         let asked = change(r.change.as_ref())?;
-        ok(self.cases.preview_change(account, &asked).await)
+        ok(self
+            .cases
+            .preview_change(account, &asked)
+            .await
+            .map(|v| v.to_message()))
     }
 
     #[tracing::instrument(skip_all, fields(account = %req.get_ref().account_id))]
@@ -407,7 +445,8 @@ impl Subscriptions for SubscriptionsApi {
         ok(self
             .cases
             .apply_change(&key, &who, account, &asked, &r.preview_token)
-            .await)
+            .await
+            .map(Answer::into_message))
     }
 
     #[tracing::instrument(skip_all, fields(account = %req.get_ref().account_id))]
@@ -420,7 +459,11 @@ impl Subscriptions for SubscriptionsApi {
         if !r.account_id.is_empty() {
             id("account_id", &r.account_id)?;
         }
-        ok(self.cases.list_requests(&r.account_id, r.open_only).await)
+        ok(self
+            .cases
+            .list_requests(&r.account_id, r.open_only)
+            .await
+            .map(|v| convert::request_list(&v)))
     }
 
     #[tracing::instrument(skip_all, fields(request = %req.get_ref().request_id))]
@@ -436,7 +479,8 @@ impl Subscriptions for SubscriptionsApi {
         ok(self
             .cases
             .resolve_request(&key, &who, request_id, r.approve, &r.note)
-            .await)
+            .await
+            .map(Answer::into_message))
     }
 
     #[tracing::instrument(skip_all, fields(account = %req.get_ref().account_id))]
@@ -450,7 +494,11 @@ impl Subscriptions for SubscriptionsApi {
         let account = id("account_id", &r.account_id)?;
         limits::check_code("add_on", &r.add_on).map_err(SubError::from)?;
         let code = r.add_on.as_str();
-        ok(self.cases.cancel_add_on(&key, &who, account, code).await)
+        ok(self
+            .cases
+            .cancel_add_on(&key, &who, account, code)
+            .await
+            .map(Answer::into_message))
     }
 
     #[tracing::instrument(skip_all, fields(account = %req.get_ref().account_id))]
@@ -462,7 +510,11 @@ impl Subscriptions for SubscriptionsApi {
         let r = req.into_inner();
         let key = IdempotencyKey::new("Cancel", &r.idempotency_key, &r)?;
         let account = id("account_id", &r.account_id)?;
-        ok(self.cases.cancel(&key, &who, account, false).await)
+        ok(self
+            .cases
+            .cancel(&key, &who, account, false)
+            .await
+            .map(Answer::into_message))
     }
 
     #[tracing::instrument(skip_all, fields(account = %req.get_ref().account_id))]
@@ -474,7 +526,11 @@ impl Subscriptions for SubscriptionsApi {
         let r = req.into_inner();
         let key = IdempotencyKey::new("Resume", &r.idempotency_key, &r)?;
         let account = id("account_id", &r.account_id)?;
-        ok(self.cases.cancel(&key, &who, account, true).await)
+        ok(self
+            .cases
+            .cancel(&key, &who, account, true)
+            .await
+            .map(Answer::into_message))
     }
 
     #[tracing::instrument(skip_all, fields(account = %req.get_ref().account_id))]
@@ -485,7 +541,11 @@ impl Subscriptions for SubscriptionsApi {
         actor(&req, req.get_ref().actor.as_ref())?;
         let r = req.into_inner();
         let account = id("account_id", &r.account_id)?;
-        ok(self.cases.list_invoices(account).await)
+        ok(self
+            .cases
+            .list_invoices(account)
+            .await
+            .map(|v| convert::invoice_list(&v)))
     }
 
     #[tracing::instrument(skip_all, fields(invoice = %req.get_ref().invoice_id))]
@@ -496,7 +556,11 @@ impl Subscriptions for SubscriptionsApi {
         actor(&req, req.get_ref().actor.as_ref())?;
         let r = req.into_inner();
         let invoice = id("invoice_id", &r.invoice_id)?;
-        ok(self.cases.get_invoice(invoice).await)
+        ok(self
+            .cases
+            .get_invoice(invoice)
+            .await
+            .map(|v| v.to_message()))
     }
 
     #[tracing::instrument(skip_all, fields(invoice = %req.get_ref().invoice_id))]
@@ -518,7 +582,8 @@ impl Subscriptions for SubscriptionsApi {
         ok(self
             .cases
             .record_bank_transfer(&key, &who, invoice, amount)
-            .await)
+            .await
+            .map(Answer::into_message))
     }
 
     #[tracing::instrument(skip_all, fields(account = %req.get_ref().account_id))]
@@ -534,7 +599,8 @@ impl Subscriptions for SubscriptionsApi {
         ok(self
             .cases
             .update_payment_method(&key, &who, account, payment)
-            .await)
+            .await
+            .map(Answer::into_message))
     }
 
     #[tracing::instrument(skip_all, fields(account = %req.get_ref().account_id))]
@@ -552,7 +618,11 @@ impl Subscriptions for SubscriptionsApi {
             )
             .into());
         }
-        ok(self.cases.check_sending(account, r.mails).await)
+        ok(self
+            .cases
+            .check_sending(account, r.mails)
+            .await
+            .map(|v| v.to_message()))
     }
 
     #[tracing::instrument(skip_all, fields(account = %req.get_ref().account_id))]
@@ -565,6 +635,10 @@ impl Subscriptions for SubscriptionsApi {
         let key = IdempotencyKey::new("RecordMailsSent", &r.idempotency_key, &r)?;
         let account = id("account_id", &r.account_id)?;
         let n = count("mails", r.mails, limits::MAX_RECIPIENTS)?;
-        ok(self.cases.record_mails_sent(&key, account, n).await)
+        ok(self
+            .cases
+            .record_mails_sent(&key, account, n)
+            .await
+            .map(Answer::into_message))
     }
 }

@@ -24,8 +24,12 @@
 //! take different ones), renews them and numbers their invoices from one range of the counter.
 //! After the commit, outside any transaction, the batch's card charges and wallet grants run
 //! concurrently (bounded), and their outcomes are applied in one more transaction under the
-//! subscriptions' locks ([`Subscriptions::settle`]). While one batch is out at the gateway and the wallet, the
-//! next is claimed ([`PIPELINE`] batches in flight).
+//! subscriptions' locks ([`Subscriptions::charge_and_grant`]). While one batch is out at the
+//! gateway and the wallet, the next is claimed ([`PIPELINE`] batches in flight).
+//!
+//! Words: a direct debit *settles* at the bank (the money arrives) or comes back; the jobs
+//! *poll* the gateway for that ([`Subscriptions::poll_direct_debit`]). A charge is *captured*
+//! (paid) or only pending (a debit submitted).
 
 use std::{sync::Arc, time::Duration};
 
@@ -89,8 +93,8 @@ pub async fn run_once(
     match store::pending_debit_invoices(&platform.db, BATCH).await {
         Ok(ids) => {
             for id in ids {
-                if let Err(e) = cases.settle_debit(&id).await {
-                    tracing::warn!(invoice = %id, error = %e, "settling a direct debit failed");
+                if let Err(e) = cases.poll_direct_debit(&id).await {
+                    tracing::warn!(invoice = %id, error = %e, "polling a direct debit failed");
                 }
             }
         }
@@ -193,7 +197,7 @@ async fn follow_up(cases: &Subscriptions, batch: RenewalBatch) {
         renewed,
         ..
     } = batch;
-    if let Err(e) = cases.settle(to_collect, renewed).await {
+    if let Err(e) = cases.charge_and_grant(to_collect, renewed).await {
         tracing::warn!(error = %e, "charging or crediting a renewal batch failed; the jobs retry");
     }
 }

@@ -1,12 +1,16 @@
 //! The subscription service: plans priced by contact tiers, seats, levels, products and add-ons; trials, prorated changes, renewals, invoices and contact slots (rules S1-S19).
 //!
-//! Layers: `domain` (rules, no IO) and `model` (records); `store` (SQL, both backends);
-//! `unit` (one locked subscription: changes, history and events saved together); `service`
-//! (use cases, gateway calls between transactions, renewals); `jobs` (direct-debit settlement,
-//! reconciliation of payments with an unknown outcome, renewal, collection, trial ends, monthly
-//! credit grants); `convert` and `grpc` (messages, the actor check of S5, status
-//! codes). The runtime (`shared/runtime`) brings storage, idempotency, the outbox and the
-//! middleware.
+//! Layers, each calling only the ones below it: `grpc` (requests validated into commands, the
+//! actor check of S5, errors to status codes) -> `service` (the use cases, one file per family:
+//! catalog, signup, contacts, changes, invoices, sending, payment, reconciliation, renewal,
+//! collection; gateway and wallet calls between transactions) -> `unit` (one locked
+//! subscription: changes, history and events saved together) -> `store` (SQL, both backends,
+//! one file per table family) -> `domain` (rules, no IO) and `model` (records and the use
+//! cases' answers). `convert` turns answers into messages (`convert::Reply`) and messages into
+//! domain types; `wallet` is the credits-wallet peer; `jobs` runs direct-debit polling,
+//! reconciliation of payments with an unknown outcome, renewal, collection, trial ends and
+//! monthly credit grants. The runtime (`shared/runtime`) brings storage, idempotency, the
+//! outbox and the middleware.
 
 pub mod convert;
 pub mod domain;
@@ -17,8 +21,7 @@ pub mod model;
 pub mod service;
 pub mod store;
 pub mod unit;
-
-use std::time::Duration;
+pub mod wallet;
 
 use runtime::{
     Platform, ServiceSpec,
@@ -107,21 +110,14 @@ pub fn migrations() -> Migrations {
 }
 
 /// The service's gRPC routes, with its background jobs started. Payments go through the
-/// provider `payment_provider` selects (`runtime::payments`: the simulator, whose direct debits
-/// the jobs settle, or Stripe); subscription credits are granted through the wallet peer
-/// (`[peers.wallet]`) when one is configured.
+/// provider `payment_provider` selects (`runtime::payments`: the simulator, whose bank settles
+/// direct debits as the jobs move it with the clock, or Stripe); subscription credits are
+/// granted through the wallet peer (`[peers.wallet]`) when one is configured.
 pub fn routes(platform: &Platform) -> anyhow::Result<tonic::service::Routes> {
-    let wallet = match platform.config.peer("wallet") {
-        Ok(peer) => Some(
-            proto::wallet::v1::credits_wallet_client::CreditsWalletClient::new(
-                runtime::client::peer_channel(peer, Duration::from_secs(5))?,
-            ),
-        ),
-        Err(_) => {
-            tracing::info!("no [peers.wallet] configured: subscription credits are not granted");
-            None
-        }
-    };
+    let wallet = wallet::Wallet::connect(&platform.config)?;
+    if wallet.is_none() {
+        tracing::info!("no [peers.wallet] configured: subscription credits are not granted");
+    }
     let gateways = runtime::payments::Gateways::from_config(&platform.config)?;
     let cases = service::Subscriptions::new(platform.clone(), gateways.gateway, wallet);
     jobs::spawn(platform, cases.clone(), gateways.simulator);

@@ -1,10 +1,13 @@
-//! The service's stored records and their enumerations (plain data, no IO).
+//! The service's stored records and their enumerations, and the answers of its use cases
+//! (plain data, no IO; `convert` turns the answers into messages).
 
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
-use shared::{Currency, Money};
+use shared::{BillingPeriod, Currency, Money, PeriodError};
 
-use crate::domain::{Change, Line, Selection, Status, TrialTerms};
+use crate::domain::{
+    Bill, Change, Line, Plan, Selection, SendingRefusal, Status, Timing, TrialTerms,
+};
 
 /// How a subscription pays (S18).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -159,6 +162,54 @@ pub struct SubscriptionRecord {
     pub created_at: DateTime<Utc>,
 }
 
+/// Where the billing period [`SubscriptionRecord::begin_period`] begins starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeriodStart {
+    /// A new run of periods anchored at this instant: Subscribe, a trial's conversion (S15),
+    /// an upgrade that restarts the period (S8).
+    Anchor(DateTime<Utc>),
+    /// The period after the current one, from the same anchor: a renewal.
+    Next,
+}
+
+impl SubscriptionRecord {
+    /// Begins a billing period on `plan` (the plan it is billed on): the period's bounds, a new
+    /// cycle (one invoice per cycle), and the cycle's months of credits due in the wallet
+    /// unless the plan grants none (C7). The one place the period and cycle move; the caller
+    /// bumps the revision with whatever else it changes. Returns the new period.
+    pub fn begin_period(
+        &mut self,
+        start: PeriodStart,
+        plan: &Plan,
+    ) -> Result<BillingPeriod, PeriodError> {
+        let (anchor, index) = match start {
+            PeriodStart::Anchor(at) => (at, 0),
+            PeriodStart::Next => (
+                self.anchor,
+                self.period_index
+                    .checked_add(1)
+                    .ok_or(PeriodError::OutOfRange)?,
+            ),
+        };
+        let period = BillingPeriod::nth(anchor, plan.interval, index)?;
+        self.anchor = anchor;
+        self.period_index = index;
+        self.period_start = period.start;
+        self.period_end = period.end;
+        self.cycle += 1;
+        // The last cycle granted: the one before (its months are due) or, with no credits to
+        // grant, this one.
+        self.allowance_cycle = if plan.monthly_credits > 0 {
+            self.allowance_cycle.min(self.cycle - 1)
+        } else {
+            self.cycle
+        };
+        self.allowance_next = None;
+        self.allowance_wait = None;
+        Ok(period)
+    }
+}
+
 impl SubscriptionRecord {
     /// How many contacts may be subscribed now: the tier, or the trial's cap (S12, S14).
     pub fn contact_limit(&self) -> u64 {
@@ -299,4 +350,128 @@ pub struct ChangeRequestRecord {
     pub resolved_at: Option<DateTime<Utc>>,
     /// Staff note.
     pub note: String,
+}
+
+// ---- answers of the use cases (as messages: `convert::Reply`) ----------------------------
+
+/// A published plan version.
+#[derive(Debug, Clone)]
+pub struct PublishedPlan {
+    /// The plan.
+    pub plan: Plan,
+    /// When this version was published.
+    pub published_at: DateTime<Utc>,
+}
+
+/// A subscription as it is shown: the record, the account's review, its price and history.
+#[derive(Debug, Clone)]
+pub struct SubscriptionView {
+    /// The record.
+    pub sub: SubscriptionRecord,
+    /// The account passed its review (S16).
+    pub verified: bool,
+    /// The price of a period of its plan and selection.
+    pub recurring_price: Money,
+    /// Its history, oldest first (S5).
+    pub history: Vec<HistoryRecord>,
+}
+
+/// Contact slots in use (S1, S12).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ContactUsage {
+    /// Subscribed contacts.
+    pub active: u64,
+    /// Contacts pending upgrade.
+    pub pending: u64,
+    /// The limit of the subscription's tier (or trial cap).
+    pub limit: u64,
+}
+
+impl ContactUsage {
+    /// The usage of `sub`.
+    pub fn of(sub: &SubscriptionRecord) -> ContactUsage {
+        ContactUsage {
+            active: sub.active_contacts,
+            pending: sub.pending_contacts,
+            limit: sub.contact_limit(),
+        }
+    }
+}
+
+/// What AdmitContacts did.
+#[derive(Debug, Clone, Copy)]
+pub struct ContactsAdmitted {
+    /// Admitted as subscribed.
+    pub subscribed: u64,
+    /// Left pending upgrade.
+    pub pending_upgrade: u64,
+    /// The usage after.
+    pub usage: ContactUsage,
+}
+
+/// What a change would do and cost now (S6), with the token that applies it.
+#[derive(Debug, Clone)]
+pub struct ChangePreview {
+    /// Signed token naming the revision, the instant and the amount.
+    pub preview_token: String,
+    /// The change, resolved (a level or product names its plan version).
+    pub change: Change,
+    /// When it would apply.
+    pub timing: Timing,
+    /// From when (none for a change request).
+    pub effective_at: Option<DateTime<Utc>>,
+    /// The invoice an immediate change issues.
+    pub bill: Option<Bill>,
+    /// What is charged today (zero unless immediate).
+    pub amount_due_today: Money,
+    /// The price of a period afterwards.
+    pub new_recurring_price: Money,
+    /// Until when the token is accepted.
+    pub expires_at: DateTime<Utc>,
+}
+
+/// What ApplyChange did.
+#[derive(Debug, Clone)]
+pub struct ChangeApplied {
+    /// Applied now, scheduled, or filed as a request.
+    pub timing: Timing,
+    /// From when (none for a change request).
+    pub effective_at: Option<DateTime<Utc>>,
+    /// The subscription after.
+    pub subscription: SubscriptionView,
+    /// The invoice of an immediate change.
+    pub invoice: Option<InvoiceRecord>,
+    /// The request filed for staff (S10).
+    pub change_request: Option<ChangeRequestRecord>,
+    /// Pending contacts promoted by an upgrade (S12).
+    pub contacts_promoted: u64,
+}
+
+/// What CancelAddOn did (S13, S10).
+#[derive(Debug, Clone)]
+pub struct AddOnCancelled {
+    /// When the add-on ends (none when a request was filed).
+    pub effective_at: Option<DateTime<Utc>>,
+    /// The subscription after.
+    pub subscription: SubscriptionView,
+    /// The request filed for staff.
+    pub change_request: Option<ChangeRequestRecord>,
+}
+
+/// What UpdatePaymentMethod did.
+#[derive(Debug, Clone)]
+pub struct PaymentMethodUpdated {
+    /// The subscription after.
+    pub subscription: SubscriptionView,
+    /// The invoices moved to the new method, as they are after collecting them.
+    pub invoices: Vec<InvoiceRecord>,
+}
+
+/// Whether an account may send (S2, S13, S14, S16, S18).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SendingDecision {
+    /// Why not, if not.
+    pub refusal: Option<SendingRefusal>,
+    /// Free trial mails left (S14).
+    pub trial_mails_left: u64,
 }

@@ -21,7 +21,7 @@ pub struct Charged {
     /// The charge's gateway key.
     pub gateway_key: String,
     /// Money captured (`false`: a direct debit that settles later).
-    pub settled: bool,
+    pub captured: bool,
 }
 
 /// A locked subscription and what this transaction does to it.
@@ -199,7 +199,7 @@ impl Unit {
         let number = numbers.take(conn, db).await?;
         let nothing_due = !bill.total.is_positive();
         let status = match &charged {
-            Some(c) if !c.settled => InvoiceStatus::Pending,
+            Some(c) if !c.captured => InvoiceStatus::Pending,
             Some(_) => InvoiceStatus::Paid,
             None if nothing_due => InvoiceStatus::Paid,
             None => InvoiceStatus::Open,
