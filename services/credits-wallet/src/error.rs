@@ -85,6 +85,12 @@ impl From<sqlx::Error> for WalletError {
     }
 }
 
+impl From<runtime::convert::InvalidField> for WalletError {
+    fn from(e: runtime::convert::InvalidField) -> Self {
+        Self::invalid(e.field, e.message)
+    }
+}
+
 impl From<LimitError> for WalletError {
     fn from(e: LimitError) -> Self {
         Self::invalid(e.field, e.message)

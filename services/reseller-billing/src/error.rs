@@ -91,6 +91,12 @@ impl From<sqlx::Error> for ResellerError {
     }
 }
 
+impl From<runtime::convert::InvalidField> for ResellerError {
+    fn from(e: runtime::convert::InvalidField) -> Self {
+        Self::invalid(e.field, e.message)
+    }
+}
+
 impl From<LimitError> for ResellerError {
     fn from(e: LimitError) -> Self {
         Self::invalid(e.field, e.message)

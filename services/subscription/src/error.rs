@@ -92,6 +92,12 @@ impl From<sqlx::Error> for SubError {
     }
 }
 
+impl From<runtime::convert::InvalidField> for SubError {
+    fn from(e: runtime::convert::InvalidField) -> Self {
+        Self::invalid(e.field, e.message)
+    }
+}
+
 impl From<LimitError> for SubError {
     fn from(e: LimitError) -> Self {
         Self::invalid(e.field, e.message)
