@@ -31,7 +31,7 @@ const SERVICES: [ServiceDefaults; 3] = [
     reseller_billing::DEFAULTS,
 ];
 
-/// The settings `config.rs` reads as `{PREFIX}_{KEY}` (besides `PEER_<NAME>_URL`, `_TOKEN`, `_CA_PATH`).
+/// The settings `runtime::config` reads as `{PREFIX}_{KEY}` (besides `PEER_<NAME>_URL`, `_TOKEN`, `_CA_PATH`).
 /// Only a sanity check of the recording below: the loader itself decides what is known.
 const SETTINGS: [&str; 19] = [
     "CONFIG",
@@ -1297,7 +1297,7 @@ fn every_deploy_file_is_checked() {
 #[test]
 fn the_loader_reads_the_documented_settings() {
     // The unknown-variable checks rely on recording what the loader asks for: make sure the
-    // recording sees every setting of config.rs, peers included.
+    // recording sees every setting of `runtime::config`, peers included.
     for d in SERVICES {
         let env = Env::from([(
             format!("{}_TOKENS", d.env_prefix),

@@ -17,7 +17,7 @@ use std::{
 };
 
 use proto::{
-    common::v1::{AdvanceTimeRequest, WatchEventsRequest, test_clock_client::TestClockClient},
+    common::v1::{WatchEventsRequest, test_clock_client::TestClockClient},
     reseller::v1::{self as rpb, reseller_billing_client::ResellerBillingClient},
     subscription::v1::{
         self as spb, catalog_client::CatalogClient, subscriptions_client::SubscriptionsClient,
@@ -114,15 +114,7 @@ fn payment(fault: Option<Fault>) -> Option<spb::Payment> {
 /// Moves the three services' test clocks to `to`.
 async fn advance_to(suite: &Suite, to: chrono::DateTime<chrono::Utc>) {
     for running in [&suite.wallet, &suite.subscription, &suite.reseller] {
-        TestClockClient::new(channel(running).await.unwrap())
-            .advance_time(authed(
-                ADMIN_TOKEN,
-                AdvanceTimeRequest {
-                    to: Some(runtime::convert::timestamp(to)),
-                },
-            ))
-            .await
-            .unwrap();
+        testing::advance_clock(&TestClockClient::new(channel(running).await.unwrap()), to).await;
     }
 }
 

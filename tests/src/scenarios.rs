@@ -8,14 +8,14 @@ use std::{sync::atomic::AtomicU64, time::Duration};
 
 use chrono::{DateTime, Utc};
 use proto::{
-    common::v1::{AdvanceTimeRequest, test_clock_client::TestClockClient},
+    common::v1::test_clock_client::TestClockClient,
     reseller::v1::{self as rpb, reseller_billing_client::ResellerBillingClient},
     subscription::v1::{
         self as spb, catalog_client::CatalogClient, subscriptions_client::SubscriptionsClient,
     },
     wallet::v1::{self as wpb, credits_wallet_client::CreditsWalletClient},
 };
-use runtime::testing::{ADMIN_TOKEN, authed};
+use runtime::testing::{self, ADMIN_TOKEN, authed};
 use tonic::{Code, transport::Channel};
 
 use crate::{Suite, channel};
@@ -149,16 +149,7 @@ impl World {
     async fn advance_days(&self, days: i64) {
         let to = self.now() + chrono::Duration::days(days);
         for clock in &self.clocks {
-            clock
-                .clone()
-                .advance_time(authed(
-                    ADMIN_TOKEN,
-                    AdvanceTimeRequest {
-                        to: Some(runtime::convert::timestamp(to)),
-                    },
-                ))
-                .await
-                .unwrap();
+            testing::advance_clock(clock, to).await;
         }
     }
 
@@ -217,17 +208,9 @@ impl World {
         wallet_id: &str,
         pred: impl Fn(&wpb::Wallet) -> bool,
     ) -> wpb::Wallet {
-        for _ in 0..100 {
-            let w = self.wallet_state(wallet_id).await;
-            if pred(&w) {
-                return w;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        panic!(
-            "wallet {wallet_id} never reached the state: {:?}",
-            self.wallet_state(wallet_id).await
-        );
+        testing::poll_until(|| self.wallet_state(wallet_id), pred)
+            .await
+            .unwrap_or_else(|w| panic!("wallet {wallet_id} never reached the state: {w:?}"))
     }
 
     async fn subscription(&self, account: &str) -> spb::Subscription {
@@ -250,17 +233,9 @@ impl World {
         account: &str,
         pred: impl Fn(&spb::Subscription) -> bool,
     ) -> spb::Subscription {
-        for _ in 0..100 {
-            let s = self.subscription(account).await;
-            if pred(&s) {
-                return s;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        panic!(
-            "subscription {account} never reached the state: {:?}",
-            self.subscription(account).await
-        );
+        testing::poll_until(|| self.subscription(account), pred)
+            .await
+            .unwrap_or_else(|s| panic!("subscription {account} never reached the state: {s:?}"))
     }
 
     async fn may_send(&self, account: &str, mails: u64) -> spb::SendingDecision {

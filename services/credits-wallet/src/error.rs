@@ -2,8 +2,7 @@
 
 use runtime::{db::DbError, idempotency::IdempotencyError};
 use shared::limits::{LimitError, quoted};
-use tonic::{Code, Status};
-use tonic_types::{ErrorDetails, StatusExt};
+use tonic::Status;
 
 use crate::domain::{DomainError, Shortfall, TopUpRefusal};
 
@@ -86,6 +85,12 @@ impl From<sqlx::Error> for WalletError {
     }
 }
 
+impl From<runtime::convert::InvalidField> for WalletError {
+    fn from(e: runtime::convert::InvalidField) -> Self {
+        Self::invalid(e.field, e.message)
+    }
+}
+
 impl From<LimitError> for WalletError {
     fn from(e: LimitError) -> Self {
         Self::invalid(e.field, e.message)
@@ -105,13 +110,7 @@ impl From<WalletError> for Status {
     fn from(e: WalletError) -> Self {
         match e {
             WalletError::InvalidArgument { field, message } => {
-                let mut details = ErrorDetails::new();
-                details.add_bad_request_violation(field, message.clone());
-                Status::with_error_details(
-                    Code::InvalidArgument,
-                    format!("{field}: {message}"),
-                    details,
-                )
+                runtime::status::invalid_argument(field, &message)
             }
             WalletError::WalletNotFound(_) | WalletError::ReservationNotFound(_) => {
                 Status::not_found(e.to_string())
@@ -124,14 +123,7 @@ impl From<WalletError> for Status {
             WalletError::PaymentOutcomeUnknown => Status::unavailable(e.to_string()),
             WalletError::Replayed(status) => status,
             WalletError::Idempotency(inner) => inner.into(),
-            WalletError::Storage(inner) if inner.is_transient() => {
-                tracing::warn!(error = %inner, "wallet storage unavailable");
-                Status::unavailable(runtime::db::STORAGE_UNAVAILABLE)
-            }
-            WalletError::Storage(inner) => {
-                tracing::error!(error = %inner, "wallet storage failed");
-                Status::internal("internal error")
-            }
+            WalletError::Storage(inner) => runtime::status::storage("wallet", &inner),
         }
     }
 }

@@ -11,7 +11,7 @@
 
 use std::{sync::Arc, time::Duration};
 
-use runtime::Platform;
+use runtime::{Platform, jobs::Periodic};
 use shared::SimulatedGateway;
 
 use crate::{service::Wallets, store};
@@ -22,24 +22,13 @@ const BATCH: i64 = 200;
 
 /// Runs the jobs until the platform shuts down.
 pub fn spawn(platform: &Platform, wallets: Wallets, simulator: Option<Arc<SimulatedGateway>>) {
-    let platform = platform.clone();
-    tokio::spawn(async move {
-        let mut clock_moves = platform.clock.subscribe();
-        loop {
-            run_once(&platform, &wallets, simulator.as_deref()).await;
-            let moved = async {
-                match clock_moves.as_mut() {
-                    Some(rx) => rx.changed().await.is_ok(),
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                _ = platform.shutdown.cancelled() => break,
-                _ = tokio::time::sleep(INTERVAL) => {}
-                _ = moved => {}
-            }
-        }
-    });
+    let on = platform.clone();
+    Periodic::every(INTERVAL)
+        .and_when_the_clock_moves()
+        .spawn(platform, move || {
+            let (platform, wallets, simulator) = (on.clone(), wallets.clone(), simulator.clone());
+            async move { run_once(&platform, &wallets, simulator.as_deref()).await }
+        });
 }
 
 /// One pass of every job.

@@ -1,9 +1,8 @@
 //! The reseller service's one error type and its mapping to gRPC status codes.
 
 use runtime::{db::DbError, idempotency::IdempotencyError};
-use shared::limits::quoted;
+use shared::limits::{LimitError, quoted};
 use tonic::{Code, Status};
-use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::domain::LimitReached;
 
@@ -92,17 +91,23 @@ impl From<sqlx::Error> for ResellerError {
     }
 }
 
+impl From<runtime::convert::InvalidField> for ResellerError {
+    fn from(e: runtime::convert::InvalidField) -> Self {
+        Self::invalid(e.field, e.message)
+    }
+}
+
+impl From<LimitError> for ResellerError {
+    fn from(e: LimitError) -> Self {
+        Self::invalid(e.field, e.message)
+    }
+}
+
 impl From<ResellerError> for Status {
     fn from(e: ResellerError) -> Self {
         match e {
             ResellerError::InvalidArgument { field, message } => {
-                let mut details = ErrorDetails::new();
-                details.add_bad_request_violation(field, message.clone());
-                Status::with_error_details(
-                    Code::InvalidArgument,
-                    format!("{field}: {message}"),
-                    details,
-                )
+                runtime::status::invalid_argument(field, &message)
             }
             ResellerError::PartnerNotFound(_)
             | ResellerError::CustomerNotFound { .. }
@@ -129,14 +134,7 @@ impl From<ResellerError> for Status {
             }
             ResellerError::Replayed(status) => status,
             ResellerError::Idempotency(inner) => inner.into(),
-            ResellerError::Storage(inner) if inner.is_transient() => {
-                tracing::warn!(error = %inner, "reseller storage unavailable");
-                Status::unavailable(runtime::db::STORAGE_UNAVAILABLE)
-            }
-            ResellerError::Storage(inner) => {
-                tracing::error!(error = %inner, "reseller storage failed");
-                Status::internal("internal error")
-            }
+            ResellerError::Storage(inner) => runtime::status::storage("reseller", &inner),
         }
     }
 }

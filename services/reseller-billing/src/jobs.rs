@@ -4,21 +4,21 @@
 use std::time::Duration;
 
 use futures::StreamExt;
-use runtime::Platform;
+use runtime::{Platform, jobs::Periodic};
 
 use crate::{service::Resellers, store, wallet::Wallet};
 
+/// How long the relay waits before it follows the wallet's events again.
+const RECONNECT_AFTER: Duration = Duration::from_secs(1);
+
 /// Follows the wallet's events until shutdown, reconnecting after a failure.
 pub fn spawn(platform: &Platform, resellers: Resellers, wallet: Wallet) {
-    let platform = platform.clone();
-    tokio::spawn(async move {
-        loop {
+    let on = platform.clone();
+    Periodic::every(RECONNECT_AFTER).spawn(platform, move || {
+        let (platform, resellers, wallet) = (on.clone(), resellers.clone(), wallet.clone());
+        async move {
             if let Err(e) = follow(&platform, &resellers, &wallet).await {
                 tracing::debug!(error = %e, "wallet event relay interrupted; reconnecting");
-            }
-            tokio::select! {
-                _ = platform.shutdown.cancelled() => break,
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             }
         }
     });

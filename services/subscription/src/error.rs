@@ -2,8 +2,7 @@
 
 use runtime::{db::DbError, idempotency::IdempotencyError};
 use shared::limits::{LimitError, quoted};
-use tonic::{Code, Status};
-use tonic_types::{ErrorDetails, StatusExt};
+use tonic::Status;
 
 use crate::domain::DomainError;
 
@@ -93,6 +92,12 @@ impl From<sqlx::Error> for SubError {
     }
 }
 
+impl From<runtime::convert::InvalidField> for SubError {
+    fn from(e: runtime::convert::InvalidField) -> Self {
+        Self::invalid(e.field, e.message)
+    }
+}
+
 impl From<LimitError> for SubError {
     fn from(e: LimitError) -> Self {
         Self::invalid(e.field, e.message)
@@ -116,13 +121,7 @@ impl From<SubError> for Status {
     fn from(e: SubError) -> Self {
         match e {
             SubError::InvalidArgument { field, message } => {
-                let mut details = ErrorDetails::new();
-                details.add_bad_request_violation(field, message.clone());
-                Status::with_error_details(
-                    Code::InvalidArgument,
-                    format!("{field}: {message}"),
-                    details,
-                )
+                runtime::status::invalid_argument(field, &message)
             }
             SubError::PermissionDenied(_) => Status::permission_denied(e.to_string()),
             SubError::PlanNotFound(_)
@@ -137,18 +136,8 @@ impl From<SubError> for Status {
             SubError::PaymentOutcomeUnknown => Status::unavailable(e.to_string()),
             SubError::Replayed(status) => status,
             SubError::Idempotency(inner) => inner.into(),
-            SubError::Storage(inner) if inner.is_transient() => {
-                tracing::warn!(error = %inner, "subscription storage unavailable");
-                Status::unavailable(runtime::db::STORAGE_UNAVAILABLE)
-            }
-            SubError::Storage(inner) => {
-                tracing::error!(error = %inner, "subscription storage failed");
-                Status::internal("internal error")
-            }
-            SubError::Arithmetic(m) => {
-                tracing::error!(error = %m, "price computation failed");
-                Status::internal("internal error")
-            }
+            SubError::Storage(inner) => runtime::status::storage("subscription", &inner),
+            SubError::Arithmetic(m) => runtime::status::internal("price computation failed", &m),
         }
     }
 }

@@ -122,17 +122,7 @@ pub fn routes(platform: &Platform) -> anyhow::Result<tonic::service::Routes> {
     let cases = service::Subscriptions::new(platform.clone(), gateways.gateway, wallet);
     jobs::spawn(platform, cases.clone(), gateways.simulator);
     // Stripe's webhooks, on the metrics listener, when the endpoint has a signing secret.
-    if let Some(secret) = platform
-        .config
-        .stripe
-        .as_ref()
-        .and_then(|s| s.webhook_secret.clone())
-    {
-        platform.http_routes.add(runtime::stripe_webhook::router(
-            secret,
-            std::sync::Arc::new(service::StripeEvents(cases.clone())),
-        ));
-    }
+    platform.serve_stripe_webhooks(std::sync::Arc::new(service::StripeEvents(cases.clone())));
     Ok(tonic::service::Routes::new(
         proto::subscription::v1::subscriptions_server::SubscriptionsServer::new(
             grpc::SubscriptionsApi::new(platform.clone(), cases.clone()),

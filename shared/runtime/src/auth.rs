@@ -21,8 +21,6 @@ use subtle::ConstantTimeEq;
 use tonic::{Status, body::Body};
 use tower::{Layer, Service};
 
-use crate::config::TokenConfig;
-
 /// What a token may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -65,6 +63,27 @@ impl FromStr for Scope {
             "act-for-user" => Ok(Scope::ActForUser),
             _ => Err(()),
         }
+    }
+}
+
+/// One bearer token that may call the service, with its scopes.
+#[derive(Clone, Deserialize)]
+pub struct TokenConfig {
+    /// Who holds the token (appears in logs instead of the secret).
+    pub name: String,
+    /// The secret itself; never logged.
+    pub token: String,
+    /// What the holder may do.
+    pub scopes: Vec<Scope>,
+}
+
+impl fmt::Debug for TokenConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TokenConfig")
+            .field("name", &self.name)
+            .field("token", &"<redacted>")
+            .field("scopes", &self.scopes)
+            .finish()
     }
 }
 

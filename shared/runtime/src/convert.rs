@@ -1,6 +1,7 @@
 //! Conversions between protobuf well-known types and domain types, shared by every `grpc` layer.
 
 use chrono::{DateTime, Utc};
+use shared::limits::LimitError;
 use tonic::Status;
 
 /// An instant as a protobuf timestamp.
@@ -129,6 +130,101 @@ pub fn decimal(
     })
 }
 
+/// A request field a check refused. `?` turns it into `INVALID_ARGUMENT` with the field's
+/// `BadRequest` violation ([`crate::status::invalid_argument`]) in a handler answering
+/// `Status`, and into the service's own invalid-argument error (each has
+/// `From<InvalidField>`) in code answering that error: the same answer either way.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct InvalidField {
+    /// The field, as named in the proto.
+    pub field: &'static str,
+    /// What is wrong and what is expected.
+    pub message: String,
+}
+
+impl From<LimitError> for InvalidField {
+    fn from(e: LimitError) -> Self {
+        Self {
+            field: e.field,
+            message: e.message,
+        }
+    }
+}
+
+impl From<InvalidField> for Status {
+    fn from(e: InvalidField) -> Self {
+        crate::status::invalid_argument(e.field, &e.message)
+    }
+}
+
+/// A request's id field (a wallet, account, plan or reservation id), as it is: 1 to
+/// [`shared::limits::MAX_ID_LEN`] printable ASCII characters without spaces
+/// ([`shared::limits::check_id`]), or the field refused ([`InvalidField`]).
+pub fn id<'a>(field: &'static str, value: &'a str) -> Result<&'a str, InvalidField> {
+    shared::limits::check_id(field, value)?;
+    Ok(value)
+}
+
+/// An id that becomes part of a composite id joined with `:` (reseller-billing's wallet ids
+/// `partner:customer`): 1 to `max` printable ASCII characters, without spaces or `:`.
+pub fn id_part<'a>(
+    field: &'static str,
+    value: &'a str,
+    max: usize,
+) -> Result<&'a str, InvalidField> {
+    if value.is_empty() {
+        return Err(InvalidField {
+            field,
+            message: "is required".into(),
+        });
+    }
+    if value.len() > max || !value.chars().all(|c| c.is_ascii_graphic() && c != ':') {
+        return Err(InvalidField {
+            field,
+            message: format!(
+                "must be 1 to {max} printable ASCII characters, without spaces or ':'"
+            ),
+        });
+    }
+    Ok(value)
+}
+
+/// Free text (a reason, a reference): at most `max` characters, no control characters
+/// ([`shared::limits::check_text`]); `required` refuses an empty or blank one.
+pub fn text<'a>(
+    field: &'static str,
+    value: &'a str,
+    max: usize,
+    required: bool,
+) -> Result<&'a str, InvalidField> {
+    shared::limits::check_text(field, value, max, required)?;
+    Ok(value)
+}
+
+/// A count in `1..=max` ([`shared::limits::check_count`]).
+pub fn count(field: &'static str, value: u64, max: u64) -> Result<u64, InvalidField> {
+    Ok(shared::limits::check_count(field, value, max)?)
+}
+
+/// A mailing's recipients: at least 1 (or 0 where `allow_zero`), at most
+/// [`shared::limits::MAX_RECIPIENTS`].
+pub fn recipients(field: &'static str, n: u64, allow_zero: bool) -> Result<u64, InvalidField> {
+    if n == 0 && !allow_zero {
+        return Err(InvalidField {
+            field,
+            message: "must be at least 1".into(),
+        });
+    }
+    if n > shared::limits::MAX_RECIPIENTS {
+        return Err(InvalidField {
+            field,
+            message: format!("at most {} per mailing", shared::limits::MAX_RECIPIENTS),
+        });
+    }
+    Ok(n)
+}
+
 /// A use case's result as a gRPC answer, its error mapped by the service's `From<Error> for
 /// Status`.
 pub fn reply<T, E: Into<tonic::Status>>(
@@ -149,8 +245,82 @@ pub fn reply_decoded<T: prost::Message + Default, E: Into<tonic::Status>>(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
+
+    fn refusal<T: std::fmt::Debug>(r: Result<T, InvalidField>) -> (&'static str, String) {
+        let e = r.expect_err("refused");
+        (e.field, e.message)
+    }
+
+    #[test]
+    fn ids_are_printable_ascii_without_spaces() {
+        assert_eq!(id("wallet_id", "w-1"), Ok("w-1"));
+        assert_eq!(
+            refusal(id("wallet_id", "")),
+            ("wallet_id", "is required".to_string())
+        );
+        let (field, message) = refusal(id("wallet_id", "a b"));
+        assert_eq!(field, "wallet_id");
+        assert!(message.contains("printable ASCII"), "{message}");
+        assert!(id("x", &"x".repeat(shared::limits::MAX_ID_LEN)).is_ok());
+        assert!(id("x", &"x".repeat(shared::limits::MAX_ID_LEN + 1)).is_err());
+        assert!(id("x", "caf\u{e9}").is_err());
+    }
+
+    #[test]
+    fn a_refused_field_answers_invalid_argument_with_its_violation() {
+        let status = Status::from(id("wallet_id", "").unwrap_err());
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        assert_eq!(status.message(), "wallet_id: is required");
+    }
+
+    #[test]
+    fn id_parts_refuse_colons_and_respect_their_bound() {
+        assert_eq!(id_part("customer_id", "c-1", 8), Ok("c-1"));
+        assert_eq!(
+            refusal(id_part("customer_id", "", 8)),
+            ("customer_id", "is required".to_string())
+        );
+        for bad in ["a:b", "a b", "123456789"] {
+            assert_eq!(
+                refusal(id_part("customer_id", bad, 8)),
+                (
+                    "customer_id",
+                    "must be 1 to 8 printable ASCII characters, without spaces or ':'".to_string()
+                ),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn texts_counts_and_recipients_are_bounded() {
+        assert_eq!(text("reason", "", 10, false), Ok(""));
+        assert!(text("reason", " ", 10, true).is_err());
+        assert!(text("reason", "12345678901", 10, false).is_err());
+        assert!(text("reason", "a\u{202e}b", 10, false).is_err());
+        assert_eq!(count("seats", 3, 3), Ok(3));
+        assert!(count("seats", 0, 3).is_err());
+        assert!(count("seats", 4, 3).is_err());
+        assert_eq!(recipients("recipients", 0, true), Ok(0));
+        assert_eq!(
+            refusal(recipients("recipients", 0, false)),
+            ("recipients", "must be at least 1".to_string())
+        );
+        assert_eq!(
+            refusal(recipients(
+                "recipients",
+                shared::limits::MAX_RECIPIENTS + 1,
+                true
+            )),
+            (
+                "recipients",
+                format!("at most {} per mailing", shared::limits::MAX_RECIPIENTS)
+            )
+        );
+    }
 
     #[test]
     fn shown_quotes_short_values_and_cuts_long_ones() {

@@ -16,7 +16,12 @@
 //!   simulator or [`stripe`], the Stripe adapter over HTTP) and [`stripe_webhook`], Stripe's
 //!   signed webhooks.
 //! - [`server`]: puts it all together; [`client`]: calls another service.
-//! - [`testing`]: a fresh database per test on the backend the test run selects.
+//! - [`jobs`]: the loop of a service's background jobs; [`status`]: the `Status` answers every
+//!   service builds alike; [`convert`]: request fields (ids, texts, counts, timestamps) checked
+//!   and protobuf well-known types converted.
+//! - [`testing`]: a fresh database per test on the backend the test run selects, and the
+//!   harness helpers every service's tests use (events collected, conditions waited for, the
+//!   test clock moved).
 //!
 //! Invariant: nothing here knows a business rule; services bring their own domain, store and
 //! gRPC layers and hand the runtime their routes.
@@ -32,12 +37,14 @@ pub mod event_delivery;
 pub mod group_commit;
 pub mod health;
 pub mod idempotency;
+pub mod jobs;
 pub mod metrics;
 pub mod middleware;
 pub mod outbox;
 pub mod payments;
 pub mod relay;
 pub mod server;
+pub mod status;
 pub mod stripe;
 pub mod stripe_webhook;
 pub mod telemetry;

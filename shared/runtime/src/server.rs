@@ -70,6 +70,23 @@ pub struct Platform {
     pub http_routes: HttpRoutes,
 }
 
+impl Platform {
+    /// Serves Stripe's webhooks ([`crate::stripe_webhook`]) on the metrics listener, applied
+    /// through `handler`, when the configuration has Stripe with a webhook signing secret;
+    /// otherwise nothing (no endpoint without a secret to verify its deliveries).
+    pub fn serve_stripe_webhooks(&self, handler: Arc<dyn crate::stripe_webhook::WebhookHandler>) {
+        if let Some(secret) = self
+            .config
+            .stripe
+            .as_ref()
+            .and_then(|s| s.webhook_secret.clone())
+        {
+            self.http_routes
+                .add(crate::stripe_webhook::router(secret, handler));
+        }
+    }
+}
+
 /// HTTP routes served next to `/metrics` on the metrics listener.
 #[derive(Clone, Default)]
 pub struct HttpRoutes(Arc<std::sync::Mutex<Option<axum::Router>>>);

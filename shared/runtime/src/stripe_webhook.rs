@@ -252,6 +252,28 @@ pub trait WebhookHandler: Send + Sync + 'static {
     async fn apply(&self, event: &WebhookEvent) -> anyhow::Result<bool>;
 }
 
+/// Records a webhook event as applied in the service's `stripe_events` table (event id,
+/// type, when it came, in microseconds); `false` if it was recorded before (a repeated
+/// delivery). Runs in the transaction that applies the event, so the id and the change commit
+/// together; each service owns the table (its migrations), the runtime only this statement.
+pub async fn record_event(
+    conn: &mut sqlx::AnyConnection,
+    event_id: &str,
+    event_type: &str,
+    received_at: chrono::DateTime<chrono::Utc>,
+) -> Result<bool, crate::db::DbError> {
+    let done = sqlx::query(
+        "INSERT INTO stripe_events (event_id, event_type, received_at_us) VALUES ($1, $2, $3) \
+         ON CONFLICT (event_id) DO NOTHING",
+    )
+    .bind(event_id)
+    .bind(event_type)
+    .bind(received_at.timestamp_micros())
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
 #[derive(Clone)]
 struct Endpoint {
     secret: Secret,

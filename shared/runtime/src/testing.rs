@@ -158,6 +158,73 @@ pub fn authed<T>(token: &str, message: T) -> tonic::Request<T> {
     req
 }
 
+/// How long [`collect_events`] waits for the first `at_least` items, and [`poll_until`] for
+/// its condition: background work (jobs, relays) is asynchronous, but never this slow.
+pub const WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The items of a `WatchEvents`-like stream: waits until `at_least` have come (at most
+/// [`WAIT`]), then takes what follows within `quiet` of the one before. Stops at the end of
+/// the stream or its first error; the caller asserts on what came.
+pub async fn collect_events<T, S>(
+    mut stream: S,
+    at_least: usize,
+    quiet: std::time::Duration,
+) -> Vec<T>
+where
+    S: futures::Stream<Item = Result<T, tonic::Status>> + Unpin,
+{
+    use futures::StreamExt;
+    let mut out = Vec::new();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let wait = if out.len() >= at_least {
+            quiet
+        } else {
+            deadline.saturating_duration_since(tokio::time::Instant::now())
+        };
+        match tokio::time::timeout(wait, stream.next()).await {
+            Ok(Some(Ok(item))) => out.push(item),
+            _ => return out,
+        }
+    }
+}
+
+/// Reads with `read` every 100 ms until `holds` (at most [`WAIT`]): `Ok` with the value that
+/// satisfied it, or `Err` with a last reading for the caller's failure message.
+pub async fn poll_until<T, F, Fut>(mut read: F, holds: impl Fn(&T) -> bool) -> Result<T, T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = T>,
+{
+    let step = std::time::Duration::from_millis(100);
+    let tries = WAIT.as_millis() / step.as_millis();
+    for _ in 0..tries {
+        let value = read().await;
+        if holds(&value) {
+            return Ok(value);
+        }
+        tokio::time::sleep(step).await;
+    }
+    Err(read().await)
+}
+
+/// Moves a service's test clock to `to` (`TestClock/AdvanceTime` with [`ADMIN_TOKEN`]).
+pub async fn advance_clock(
+    clock: &proto::common::v1::test_clock_client::TestClockClient<tonic::transport::Channel>,
+    to: chrono::DateTime<chrono::Utc>,
+) {
+    clock
+        .clone()
+        .advance_time(authed(
+            ADMIN_TOKEN,
+            proto::common::v1::AdvanceTimeRequest {
+                to: Some(crate::convert::timestamp(to)),
+            },
+        ))
+        .await
+        .unwrap_or_else(|e| panic!("advancing the test clock to {to}: {e}"));
+}
+
 /// A local Stripe for the provider tests: [localstripe](https://pypi.org/project/localstripe/),
 /// a stateful fake of Stripe's API, on `127.0.0.1:8420` (or `BILLING_TEST_LOCALSTRIPE_URL`).
 ///
@@ -568,4 +635,50 @@ pub mod stripe_events {
         let status = response.status().as_u16();
         (status, response.text().await.unwrap_or_default())
     }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn collecting_stops_at_the_end_of_the_stream_or_its_first_error() {
+        let items = futures::stream::iter([Ok(1), Ok(2), Ok(3)]);
+        assert_eq!(
+            collect_events(items, 2, Duration::from_secs(5)).await,
+            [1, 2, 3]
+        );
+        let items = futures::stream::iter([Ok(1), Err(tonic::Status::internal("x")), Ok(3)]);
+        assert_eq!(collect_events(items, 0, Duration::from_secs(5)).await, [1]);
+    }
+
+    #[tokio::test]
+    async fn collecting_waits_only_quiet_once_enough_have_come() {
+        let items = futures::stream::iter([Ok(1)]).chain(futures::stream::pending());
+        let started = std::time::Instant::now();
+        assert_eq!(
+            collect_events(items, 1, Duration::from_millis(50)).await,
+            [1]
+        );
+        assert!(started.elapsed() < WAIT / 2, "{:?}", started.elapsed());
+    }
+
+    #[tokio::test]
+    async fn polling_answers_the_first_value_that_holds() {
+        let mut n = 0;
+        let found = poll_until(
+            || {
+                n += 1;
+                std::future::ready(n)
+            },
+            |n| *n == 3,
+        )
+        .await;
+        assert_eq!(found, Ok(3));
+    }
+
+    use futures::StreamExt;
 }

@@ -18,11 +18,8 @@ mod verify;
 
 use std::time::Duration;
 
-use futures::StreamExt;
 use proto::{
-    common::v1::{
-        AdvanceTimeRequest, Event, WatchEventsRequest, test_clock_client::TestClockClient,
-    },
+    common::v1::{Event, WatchEventsRequest, test_clock_client::TestClockClient},
     wallet::v1::{self as pb, credits_wallet_client::CreditsWalletClient},
 };
 use runtime::{
@@ -253,43 +250,20 @@ impl Harness {
     /// Moves the test clock forward by `seconds`.
     pub async fn advance(&self, seconds: i64) {
         let now = self.running.platform.clock.now();
-        self.clock
-            .clone()
-            .advance_time(authed(
-                ADMIN_TOKEN,
-                AdvanceTimeRequest {
-                    to: Some(prost_types::Timestamp {
-                        seconds: now.timestamp() + seconds,
-                        nanos: 0,
-                    }),
-                },
-            ))
-            .await
-            .unwrap();
+        let to = chrono::DateTime::from_timestamp(now.timestamp() + seconds, 0).unwrap();
+        testing::advance_clock(&self.clock, to).await;
     }
 
     /// Every event so far (waits until `at_least` have arrived, at most 10 s).
     pub async fn events(&self, at_least: usize) -> Vec<Event> {
-        let mut stream = self
+        let stream = self
             .client
             .clone()
             .watch_events(authed(ADMIN_TOKEN, WatchEventsRequest::default()))
             .await
             .unwrap()
             .into_inner();
-        let mut out = Vec::new();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            let wait = if out.len() >= at_least {
-                Duration::from_millis(600)
-            } else {
-                deadline.saturating_duration_since(tokio::time::Instant::now())
-            };
-            match tokio::time::timeout(wait, stream.next()).await {
-                Ok(Some(Ok(e))) => out.push(e),
-                _ => return out,
-            }
-        }
+        testing::collect_events(stream, at_least, Duration::from_millis(600)).await
     }
 
     /// Events of one type.
@@ -315,15 +289,9 @@ impl Harness {
         wallet_id: &str,
         pred: impl Fn(&pb::Wallet) -> bool,
     ) -> pb::Wallet {
-        for _ in 0..100 {
-            let w = self.wallet(wallet_id).await;
-            if pred(&w) {
-                return w;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        let w = self.wallet(wallet_id).await;
-        panic!("condition never held; wallet is {w:?}");
+        testing::poll_until(|| self.wallet(wallet_id), pred)
+            .await
+            .unwrap_or_else(|w| panic!("condition never held; wallet is {w:?}"))
     }
 
     /// The ledger invariant, read straight from the database: balance = sum of the ledger =

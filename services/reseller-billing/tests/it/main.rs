@@ -11,7 +11,6 @@ mod upgrade;
 
 use std::time::Duration;
 
-use futures::StreamExt;
 use proto::{
     common::v1::{Event, WatchEventsRequest},
     reseller::v1::{self as pb, reseller_billing_client::ResellerBillingClient},
@@ -234,7 +233,7 @@ impl Harness {
 
     /// This service's events of one type (waits until `at_least` arrived, at most 10 s).
     pub async fn events_of(&self, event_type: &str, at_least: usize) -> Vec<Event> {
-        let mut stream = self
+        let stream = self
             .client
             .clone()
             .watch_events(authed(
@@ -247,21 +246,8 @@ impl Harness {
             .await
             .unwrap()
             .into_inner();
-        let mut out = Vec::new();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while out.len() < at_least {
-            match tokio::time::timeout_at(deadline, stream.next()).await {
-                Ok(Some(Ok(e))) => out.push(e),
-                _ => break,
-            }
-        }
-        // Anything more that is already there.
-        while let Ok(Some(Ok(e))) =
-            tokio::time::timeout(Duration::from_millis(300), stream.next()).await
-        {
-            out.push(e);
-        }
-        out
+        // Then anything more that is already there.
+        testing::collect_events(stream, at_least, Duration::from_millis(300)).await
     }
 }
 

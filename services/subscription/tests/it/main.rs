@@ -18,11 +18,8 @@ mod wire;
 use std::time::Duration;
 
 use chrono::{DateTime, TimeZone, Utc};
-use futures::StreamExt;
 use proto::{
-    common::v1::{
-        AdvanceTimeRequest, Event, WatchEventsRequest, test_clock_client::TestClockClient,
-    },
+    common::v1::{Event, WatchEventsRequest, test_clock_client::TestClockClient},
     subscription::v1::{
         self as pb, catalog_client::CatalogClient, subscriptions_client::SubscriptionsClient,
     },
@@ -318,19 +315,8 @@ impl Harness {
 
     /// Moves the test clock to `to`.
     pub async fn advance_to(&self, to: DateTime<Utc>) {
-        self.clock
-            .clone()
-            .advance_time(authed(
-                ADMIN_TOKEN,
-                AdvanceTimeRequest {
-                    to: Some(prost_types::Timestamp {
-                        seconds: to.timestamp(),
-                        nanos: 0,
-                    }),
-                },
-            ))
-            .await
-            .unwrap();
+        let to = DateTime::from_timestamp(to.timestamp(), 0).unwrap();
+        testing::advance_clock(&self.clock, to).await;
     }
 
     /// Moves the test clock forward by `seconds`.
@@ -345,39 +331,21 @@ impl Harness {
         account: &str,
         pred: impl Fn(&pb::Subscription) -> bool,
     ) -> pb::Subscription {
-        for _ in 0..100 {
-            let s = self.get(account).await;
-            if pred(&s) {
-                return s;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        let s = self.get(account).await;
-        panic!("condition never held; subscription is {s:?}");
+        testing::poll_until(|| self.get(account), pred)
+            .await
+            .unwrap_or_else(|s| panic!("condition never held; subscription is {s:?}"))
     }
 
     /// Every event so far (waits until `at_least` have arrived, at most 10 s).
     pub async fn events(&self, at_least: usize) -> Vec<Event> {
-        let mut stream = self
+        let stream = self
             .subs
             .clone()
             .watch_events(authed(ADMIN_TOKEN, WatchEventsRequest::default()))
             .await
             .unwrap()
             .into_inner();
-        let mut out = Vec::new();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            let wait = if out.len() >= at_least {
-                Duration::from_millis(600)
-            } else {
-                deadline.saturating_duration_since(tokio::time::Instant::now())
-            };
-            match tokio::time::timeout(wait, stream.next()).await {
-                Ok(Some(Ok(e))) => out.push(e),
-                _ => return out,
-            }
-        }
+        testing::collect_events(stream, at_least, Duration::from_millis(600)).await
     }
 
     /// Events of one type (at least `at_least`, waiting up to 10 s).

@@ -270,3 +270,41 @@ async fn a_server_error_leaves_the_outcome_unknown_and_retries_send_the_same_ide
     // Nothing found by the search between them: the retry went to the create again.
     assert_eq!(script.seen.searches.load(Ordering::SeqCst), 1);
 }
+
+/// A webhook event's id is recorded once: a repeated delivery finds it, and an event whose
+/// transaction rolls back leaves no trace (it is applied when Stripe delivers it again).
+#[tokio::test]
+async fn a_webhook_event_is_recorded_once_and_only_with_its_transaction() {
+    let (db, _t) = crate::fresh_db().await;
+    // The table as the services' migrations create it.
+    sqlx::query(
+        "CREATE TABLE stripe_events (event_id TEXT PRIMARY KEY, event_type TEXT NOT NULL, \
+         received_at_us BIGINT NOT NULL)",
+    )
+    .execute(db.pool())
+    .await
+    .unwrap();
+    let at = Utc::now();
+    let mut tx = db.begin_write().await.unwrap();
+    assert!(
+        runtime::stripe_webhook::record_event(&mut tx, "evt_1", "charge.refunded", at)
+            .await
+            .unwrap()
+    );
+    tx.rollback().await.unwrap();
+    for first in [true, false] {
+        let mut tx = db.begin_write().await.unwrap();
+        let recorded =
+            runtime::stripe_webhook::record_event(&mut tx, "evt_1", "charge.refunded", at)
+                .await
+                .unwrap();
+        tx.commit().await.unwrap();
+        assert_eq!(recorded, first);
+    }
+    let (count, micros): (i64, i64) =
+        sqlx::query_as("SELECT COUNT(*), MAX(received_at_us) FROM stripe_events")
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
+    assert_eq!((count, micros), (1, at.timestamp_micros()));
+}
