@@ -113,7 +113,9 @@ pub fn routes(platform: &Platform) -> anyhow::Result<tonic::service::Routes> {
     );
     jobs::spawn(platform, wallets.clone(), gateways.simulator);
     // Stripe's webhooks, on the metrics listener, when the endpoint has a signing secret.
-    platform.serve_stripe_webhooks(std::sync::Arc::new(service::purchases::StripeEvents(wallets.clone())));
+    platform.serve_stripe_webhooks(std::sync::Arc::new(service::purchases::StripeEvents(
+        wallets.clone(),
+    )));
     Ok(tonic::service::Routes::new(
         proto::wallet::v1::credits_wallet_server::CreditsWalletServer::new(
             grpc::CreditsWalletApi::new(platform.clone(), wallets, Some(group_commit)),

@@ -416,26 +416,6 @@ pub async fn purchase(
     row.as_ref().map(purchase_from_row).transpose()
 }
 
-/// Records a Stripe webhook event as applied; `false` if it was recorded before (a repeated
-/// delivery). Runs in the transaction that applies the event.
-pub async fn record_stripe_event(
-    conn: &mut AnyConnection,
-    event_id: &str,
-    event_type: &str,
-    received_at: DateTime<Utc>,
-) -> Result<bool, DbError> {
-    let done = sqlx::query(
-        "INSERT INTO stripe_events (event_id, event_type, received_at_us) VALUES ($1, $2, $3) \
-         ON CONFLICT (event_id) DO NOTHING",
-    )
-    .bind(event_id)
-    .bind(event_type)
-    .bind(micros(received_at))
-    .execute(conn)
-    .await?;
-    Ok(done.rows_affected() == 1)
-}
-
 /// Ids of purchases still open with the gateway (processing or awaiting settlement).
 pub async fn open_purchase_ids(db: &Db, limit: i64) -> Result<Vec<String>, DbError> {
     let rows = sqlx::query(

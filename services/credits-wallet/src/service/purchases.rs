@@ -304,7 +304,8 @@ impl Wallets {
         }
         let mut tx = self.db.begin_write().await?;
         let received = chrono::Utc::now();
-        if !store::record_stripe_event(&mut tx, &event.id, &event.kind, received).await? {
+        if !runtime::stripe_webhook::record_event(&mut tx, &event.id, &event.kind, received).await?
+        {
             tx.rollback().await?;
             return Ok(false);
         }
@@ -356,7 +357,8 @@ impl Wallets {
         };
         let mut tx = self.db.begin_write().await?;
         let received = chrono::Utc::now();
-        if !store::record_stripe_event(&mut tx, &event.id, &event.kind, received).await? {
+        if !runtime::stripe_webhook::record_event(&mut tx, &event.id, &event.kind, received).await?
+        {
             tx.rollback().await?;
             return Ok(false);
         }

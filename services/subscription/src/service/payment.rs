@@ -164,7 +164,14 @@ impl Subscriptions {
         event: &runtime::stripe_webhook::WebhookEvent,
     ) -> Result<bool, SubError> {
         let mut tx = self.db.begin_write().await?;
-        if !store::record_stripe_event(&mut tx, &event.id, &event.kind, chrono::Utc::now()).await? {
+        if !runtime::stripe_webhook::record_event(
+            &mut tx,
+            &event.id,
+            &event.kind,
+            chrono::Utc::now(),
+        )
+        .await?
+        {
             tx.rollback().await?;
             return Ok(false);
         }
@@ -222,7 +229,14 @@ impl Subscriptions {
             None => None,
         };
         let mut tx = self.db.begin_write().await?;
-        if !store::record_stripe_event(&mut tx, &event.id, &event.kind, chrono::Utc::now()).await? {
+        if !runtime::stripe_webhook::record_event(
+            &mut tx,
+            &event.id,
+            &event.kind,
+            chrono::Utc::now(),
+        )
+        .await?
+        {
             tx.rollback().await?;
             return Ok(false);
         }

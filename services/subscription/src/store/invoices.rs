@@ -358,26 +358,6 @@ pub async fn open_invoices(
     rows.iter().map(invoice_from_row).collect()
 }
 
-/// Records a Stripe webhook event as applied; `false` if it was recorded before (a repeated
-/// delivery). Runs in the transaction that applies the event.
-pub async fn record_stripe_event(
-    conn: &mut AnyConnection,
-    event_id: &str,
-    event_type: &str,
-    received_at: DateTime<Utc>,
-) -> Result<bool, DbError> {
-    let done = sqlx::query(
-        "INSERT INTO stripe_events (event_id, event_type, received_at_us) VALUES ($1, $2, $3) \
-         ON CONFLICT (event_id) DO NOTHING",
-    )
-    .bind(event_id)
-    .bind(event_type)
-    .bind(micros(received_at))
-    .execute(conn)
-    .await?;
-    Ok(done.rows_affected() == 1)
-}
-
 /// The invoice paid (or settling) by the charge with this gateway key.
 pub async fn invoice_by_gateway_key(
     conn: &mut AnyConnection,
