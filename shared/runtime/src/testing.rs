@@ -444,6 +444,8 @@ pub mod localstripe {
         /// The delay before the next create's answer, once.
         hold: Mutex<Option<Duration>>,
         creates: AtomicUsize,
+        /// Reads of a PaymentIntent answer `processing` ([`Front::keep_payments_processing`]).
+        keep_processing: std::sync::atomic::AtomicBool,
     }
 
     impl Front {
@@ -455,6 +457,7 @@ pub mod localstripe {
                 answers: Mutex::default(),
                 hold: Mutex::default(),
                 creates: AtomicUsize::new(0),
+                keep_processing: std::sync::atomic::AtomicBool::new(false),
             });
             let app = axum::Router::new()
                 .fallback(axum::routing::any(front_pass))
@@ -476,6 +479,14 @@ pub mod localstripe {
         /// only after `delay`.
         pub fn hold_next_create(&self, delay: Duration) {
             *self.state.hold.lock().unwrap_or_else(|e| e.into_inner()) = Some(delay);
+        }
+
+        /// From now on every read of a PaymentIntent answers it `processing`, as a bank that
+        /// has not answered yet: localstripe settles or fails a debit half a second after its
+        /// creation, and a test that must see a webhook (not the jobs' polling) move the debit
+        /// would race that.
+        pub fn keep_payments_processing(&self) {
+            self.state.keep_processing.store(true, Ordering::SeqCst);
         }
 
         /// How many creates reached localstripe (a replayed key is not one).
@@ -555,6 +566,16 @@ pub mod localstripe {
                 serde_json::json!({"error": {"message": e.to_string()}}).to_string(),
             ),
         };
+        let read = method == Method::GET && path.starts_with("/v1/payment_intents/");
+        if read
+            && code == 200
+            && s.keep_processing.load(Ordering::SeqCst)
+            && let Ok(mut intent) = serde_json::from_str::<serde_json::Value>(&text)
+        {
+            intent["status"] = serde_json::json!("processing");
+            intent["last_payment_error"] = serde_json::Value::Null;
+            return (StatusCode::OK, intent.to_string());
+        }
         if create {
             s.creates.fetch_add(1, Ordering::SeqCst);
             let hold = s.hold.lock().unwrap_or_else(|e| e.into_inner()).take();
