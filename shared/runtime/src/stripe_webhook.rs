@@ -113,6 +113,21 @@ pub struct WebhookEvent {
     pub reversal: Option<Reversal>,
 }
 
+impl WebhookEvent {
+    /// A final payment outcome for a PaymentIntent of ours: its `billing_key`, and `None` if it
+    /// was paid or `Some(reason)` if it failed. `None` for anything else (an event without a
+    /// payment, one the suite did not create, one still in progress).
+    pub fn final_payment(&self) -> Option<(&str, Option<String>)> {
+        let update = self.payment.as_ref()?;
+        let declined = match update.status {
+            ChargeStatus::Succeeded => None,
+            ChargeStatus::Declined(reason) => Some(reason.to_string()),
+            _ => return None,
+        };
+        Some((update.billing_key.as_deref()?, declined))
+    }
+}
+
 /// How money paid came back out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReversalKind {

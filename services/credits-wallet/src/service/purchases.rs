@@ -309,17 +309,12 @@ impl Wallets {
             tx.rollback().await?;
             return Ok(false);
         }
-        let update = event.payment.as_ref();
-        let outcome = match update.map(|u| u.status) {
-            Some(ChargeStatus::Succeeded) => Some(PaymentOutcome::Paid),
-            Some(ChargeStatus::Declined(reason)) => {
-                Some(PaymentOutcome::Declined(reason.to_string()))
-            }
-            _ => None,
-        };
-        let purchase = match (update.and_then(|u| u.billing_key.as_deref()), &outcome) {
-            (Some(key), Some(_)) => store::purchase(&mut tx, key).await?,
-            _ => None,
+        let (purchase, outcome) = match event.final_payment() {
+            Some((key, declined)) => (
+                store::purchase(&mut tx, key).await?,
+                Some(declined.map_or(PaymentOutcome::Paid, PaymentOutcome::Declined)),
+            ),
+            None => (None, None),
         };
         let (Some(p), Some(outcome)) = (purchase, outcome) else {
             tx.commit().await?;

@@ -2,7 +2,7 @@
 //! refunds and disputes).
 
 use serde_json::json;
-use shared::{ChargeOutcome, ChargeRequest, ChargeStatus, Currency, GatewayError, Money};
+use shared::{ChargeOutcome, ChargeRequest, Currency, GatewayError, Money};
 use sqlx::{Any, Transaction};
 
 use crate::{
@@ -175,17 +175,12 @@ impl Subscriptions {
             tx.rollback().await?;
             return Ok(false);
         }
-        let update = event.payment.as_ref();
-        let outcome = match update.map(|u| u.status) {
-            Some(ChargeStatus::Succeeded) => Some(PaymentOutcome::Paid),
-            Some(ChargeStatus::Declined(reason)) => {
-                Some(PaymentOutcome::Declined(reason.to_string()))
-            }
-            _ => None,
-        };
-        let invoice = match (update.and_then(|u| u.billing_key.as_deref()), &outcome) {
-            (Some(key), Some(_)) => store::invoice_by_gateway_key(&mut tx, key).await?,
-            _ => None,
+        let (invoice, outcome) = match event.final_payment() {
+            Some((key, declined)) => (
+                store::invoice_by_gateway_key(&mut tx, key).await?,
+                Some(declined.map_or(PaymentOutcome::Paid, PaymentOutcome::Declined)),
+            ),
+            None => (None, None),
         };
         if let (Some(invoice), Some(outcome)) = (invoice, outcome)
             && invoice.status == InvoiceStatus::Pending
