@@ -214,8 +214,14 @@ impl Steps {
             }
             Decision::Limit(reached) => {
                 let (event_type, payload) = limit_event(r, reached);
-                self.event(&mut tx, event_type, &r.partner_id, payload)
-                    .await?;
+                outbox::append(
+                    &mut tx,
+                    event_type,
+                    &r.partner_id,
+                    &payload,
+                    self.now().timestamp_micros(),
+                )
+                .await?;
                 let status = Status::from(ResellerError::Limit(reached));
                 r.key
                     .record_status(&mut tx, &status, self.now().timestamp_micros())
@@ -247,24 +253,6 @@ impl Steps {
         }
         tx.commit().await?;
         completed.answer.map_err(ResellerError::Replayed)
-    }
-
-    async fn event(
-        &self,
-        tx: &mut Transaction<'static, Any>,
-        event_type: &str,
-        subject: &str,
-        payload: serde_json::Value,
-    ) -> Result<(), ResellerError> {
-        outbox::append(
-            tx,
-            event_type,
-            subject,
-            &payload,
-            self.now().timestamp_micros(),
-        )
-        .await?;
-        Ok(())
     }
 
     async fn step_batch(&self, jobs: Vec<Step>) {
@@ -400,7 +388,14 @@ impl Steps {
                 }
                 Ok(Decision::Limit(reached)) => {
                     let (event_type, payload) = limit_event(r, reached);
-                    self.event(tx, event_type, &r.partner_id, payload).await?;
+                    outbox::append(
+                        tx,
+                        event_type,
+                        &r.partner_id,
+                        &payload,
+                        self.now().timestamp_micros(),
+                    )
+                    .await?;
                     events = true;
                     refusals.push((&r.key, Err(Status::from(ResellerError::Limit(reached)))));
                     Err(ResellerError::Limit(reached))

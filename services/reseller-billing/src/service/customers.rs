@@ -135,12 +135,7 @@ impl Resellers {
         if !store::insert_customer(&mut tx, &record, self.now()).await? {
             return Err(ResellerError::CustomerExists(customer_id.to_string()));
         }
-        self.event(
-            &mut tx,
-            "reseller.customer_added",
-            partner_id,
-            json!({"partner_id": partner_id, "customer_id": customer_id, "billing_mode": mode.as_str()}),
-        )
+        runtime::outbox::append(&mut tx, "reseller.customer_added", partner_id, &json!({"partner_id": partner_id, "customer_id": customer_id, "billing_mode": mode.as_str()}), self.now().timestamp_micros())
         .await?;
         let response = self.customer_view(&mut tx, record).await?;
         self.finish(tx, key, response).await
@@ -236,12 +231,7 @@ impl Resellers {
                 {
                     c.wallet_id = w;
                 }
-                self.event(
-                    &mut tx,
-                    "reseller.billing_mode_changed",
-                    partner_id,
-                    json!({"partner_id": partner_id, "customer_id": customer_id, "from": from.as_str(), "to": mode.as_str()}),
-                )
+                runtime::outbox::append(&mut tx, "reseller.billing_mode_changed", partner_id, &json!({"partner_id": partner_id, "customer_id": customer_id, "from": from.as_str(), "to": mode.as_str()}), self.now().timestamp_micros())
                 .await?;
             }
         }

@@ -8,7 +8,6 @@ use runtime::{
     Platform,
     db::Db,
     idempotency::{Claimed, IdempotencyKey},
-    outbox,
 };
 use sqlx::{Any, Transaction};
 
@@ -85,24 +84,6 @@ impl Resellers {
         tx.commit().await?;
         self.platform.outbox.poke();
         Ok(Answer::Done(result))
-    }
-
-    async fn event(
-        &self,
-        tx: &mut Transaction<'static, Any>,
-        event_type: &str,
-        subject: &str,
-        payload: serde_json::Value,
-    ) -> Result<(), ResellerError> {
-        outbox::append(
-            tx,
-            event_type,
-            subject,
-            &payload,
-            self.now().timestamp_micros(),
-        )
-        .await?;
-        Ok(())
     }
 
     async fn partner_record(

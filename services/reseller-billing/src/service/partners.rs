@@ -105,11 +105,12 @@ impl Resellers {
         if !store::insert_partner(&mut tx, &record).await? {
             return Err(ResellerError::PartnerExists(record.partner_id));
         }
-        self.event(
+        runtime::outbox::append(
             &mut tx,
             "reseller.partner_registered",
             &record.partner_id,
-            json!({"partner_id": record.partner_id, "funding": record.funding.as_str()}),
+            &json!({"partner_id": record.partner_id, "funding": record.funding.as_str()}),
+            self.now().timestamp_micros(),
         )
         .await?;
         self.finish(tx, key, response).await
@@ -253,12 +254,7 @@ impl Resellers {
             if let Some(event_type) = relayed {
                 let wallet_payload: serde_json::Value =
                     serde_json::from_str(&event.payload_json).unwrap_or(serde_json::Value::Null);
-                self.event(
-                    &mut tx,
-                    event_type,
-                    partner_id,
-                    json!({"partner_id": partner_id, "wallet_event_id": event.event_id, "wallet": wallet_payload}),
-                )
+                runtime::outbox::append(&mut tx, event_type, partner_id, &json!({"partner_id": partner_id, "wallet_event_id": event.event_id, "wallet": wallet_payload}), self.now().timestamp_micros())
                 .await?;
             }
         }
