@@ -19,6 +19,7 @@ use crate::{
     error::WalletError,
     model::{
         EntryKind, EntryRecord, HoldChanged, ReservationRecord, ReservationStatus, WalletRecord,
+        WalletView,
     },
     store,
 };
@@ -121,6 +122,16 @@ impl Account {
     /// Credits that can be spent now (live credits minus held).
     pub fn available(&self) -> i64 {
         domain::available(&self.plain_lots(), self.wallet.held, self.now)
+    }
+
+    /// The wallet as a use case answers it.
+    pub fn view(&self) -> WalletView {
+        WalletView {
+            wallet: self.wallet.clone(),
+            available: self.available(),
+            lots: self.live_lots(),
+            auto_bought_this_month: self.auto_bought_this_month,
+        }
     }
 
     /// Queues an outbox event.

@@ -2,18 +2,17 @@
 
 use prost::Message;
 use proto::{common::v1::Money as PbMoney, wallet::v1 as pb};
-use runtime::convert::timestamp;
+use runtime::convert::{Reply, timestamp};
 use rust_decimal::Decimal;
 use shared::{Credits, Currency, Money, RatingRule, TierTable};
 
 use crate::{
-    account::Account,
     domain::{AutoTopUp, AutoTopUpMode, Lot, LotKind},
     error::WalletError,
     model::{
-        EntryKind, EntryRecord, FundingMode, HoldChanged, MailingCharged, PurchaseRecord,
-        PurchaseStatus, PurchaseTrigger, ReservationRecord, ReservationStatus, SendAnswer,
-        SendDone,
+        CreditQuote, EntryKind, EntryRecord, FundingMode, HoldChanged, LedgerPage, MailingCharged,
+        MailingRated, PurchaseRecord, PurchaseStatus, PurchaseTrigger, ReservationStatus,
+        SendAnswer, SendDone, Transferred, WalletChanged, WalletView,
     },
 };
 
@@ -177,16 +176,16 @@ pub fn rating_from(r: Option<&pb::RatingRule>) -> Result<RatingRule, WalletError
 }
 
 /// The wallet as its message.
-pub fn wallet(acct: &Account) -> pb::Wallet {
-    let w = &acct.wallet;
+pub fn wallet(v: &WalletView) -> pb::Wallet {
+    let w = &v.wallet;
     pb::Wallet {
         wallet_id: w.wallet_id.clone(),
         currency: w.currency.code().to_string(),
         balance: w.balance,
         held: u(w.held),
-        available: u(acct.available()),
+        available: u(v.available),
         debt: u(w.debt),
-        lots: acct.live_lots().iter().map(|(l, g)| lot(l, *g)).collect(),
+        lots: v.lots.iter().map(|(l, g)| lot(l, *g)).collect(),
         funding_mode: funding(w.funding) as i32,
         payment_method: w.payment_method.clone(),
         auto_top_up: Some(auto_top_up(&w.top_up)),
@@ -194,7 +193,83 @@ pub fn wallet(acct: &Account) -> pb::Wallet {
         rating: Some(rating(&w.rating)),
         pricing: Some(pricing(&w.pricing)),
         created_at: Some(timestamp(w.created_at)),
-        auto_top_up_bought_this_month: u(acct.auto_bought_this_month),
+        auto_top_up_bought_this_month: u(v.auto_bought_this_month),
+    }
+}
+
+impl Reply for WalletView {
+    type Message = pb::Wallet;
+    fn to_message(&self) -> pb::Wallet {
+        wallet(self)
+    }
+}
+
+impl Reply for WalletChanged {
+    type Message = pb::WalletChange;
+    fn to_message(&self) -> pb::WalletChange {
+        pb::WalletChange {
+            entry: Some(entry(&self.entry)),
+            wallet: Some(wallet(&self.wallet)),
+        }
+    }
+}
+
+impl Reply for Transferred {
+    type Message = pb::CreditTransfer;
+    fn to_message(&self) -> pb::CreditTransfer {
+        pb::CreditTransfer {
+            credits: u(self.credits),
+            from_wallet: Some(wallet(&self.from)),
+            to_wallet: Some(wallet(&self.to)),
+        }
+    }
+}
+
+impl Reply for LedgerPage {
+    type Message = pb::ListLedgerEntriesResponse;
+    fn to_message(&self) -> pb::ListLedgerEntriesResponse {
+        let next = self.entries.last().filter(|_| self.more);
+        pb::ListLedgerEntriesResponse {
+            next_page_token: next.map(|e| e.seq.to_string()).unwrap_or_default(),
+            entries: self.entries.iter().map(entry).collect(),
+        }
+    }
+}
+
+impl Reply for CreditQuote {
+    type Message = pb::CreditQuote;
+    fn to_message(&self) -> pb::CreditQuote {
+        pb::CreditQuote {
+            credits: u(self.credits),
+            amount: Some(money(&self.amount)),
+            unit_price: self.unit_price.to_string(),
+        }
+    }
+}
+
+impl Reply for MailingRated {
+    type Message = pb::MailingRating;
+    fn to_message(&self) -> pb::MailingRating {
+        pb::MailingRating {
+            recipients: self.recipients,
+            credits: u(self.credits),
+            covered: self.covered,
+            available: u(self.available),
+        }
+    }
+}
+
+impl Reply for PurchaseRecord {
+    type Message = pb::Purchase;
+    fn to_message(&self) -> pb::Purchase {
+        purchase(self)
+    }
+}
+
+impl Reply for HoldChanged {
+    type Message = pb::Reservation;
+    fn to_message(&self) -> pb::Reservation {
+        hold(self)
     }
 }
 
@@ -248,11 +323,6 @@ pub fn purchase(p: &PurchaseRecord) -> pb::Purchase {
         lot_id: p.lot_id.clone().unwrap_or_default(),
         created_at: Some(timestamp(p.created_at)),
     }
-}
-
-/// A hold as its message, with the wallet's balances after the change.
-pub fn reservation(r: &ReservationRecord, acct: &Account) -> pb::Reservation {
-    hold(&acct.hold_changed(r.clone()))
 }
 
 /// A hold a send or a capture left, as its message.

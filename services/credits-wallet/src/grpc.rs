@@ -6,7 +6,7 @@ use proto::{
     common::v1::{Event, WatchEventsRequest},
     wallet::v1::{self as pb, credits_wallet_server::CreditsWallet},
 };
-use runtime::convert::reply as ok;
+use runtime::convert::{answer, id, recipients, reply as ok, text, view};
 use runtime::{Platform, idempotency::IdempotencyKey, payments::PaymentProvider};
 use shared::Currency;
 use shared::limits::{self, quoted};
@@ -43,23 +43,6 @@ impl CreditsWalletApi {
             group_commit,
         }
     }
-}
-
-/// An id (wallet, mailing, reservation): `shared::limits::check_id`.
-fn id<'a>(field: &'static str, value: &'a str) -> Result<&'a str, WalletError> {
-    limits::check_id(field, value)?;
-    Ok(value)
-}
-
-/// Free text (a reason, a reference): `shared::limits::check_text`.
-fn text<'a>(
-    field: &'static str,
-    value: &'a str,
-    max: usize,
-    required: bool,
-) -> Result<&'a str, WalletError> {
-    limits::check_text(field, value, max, required)?;
-    Ok(value)
 }
 
 fn credits(field: &'static str, value: u64) -> Result<i64, WalletError> {
@@ -144,7 +127,7 @@ impl CreditsWallet for CreditsWalletApi {
                 WalletError::invalid("signup_credits_expire_at", "must be in the future").into(),
             );
         }
-        ok(self.wallets.open_wallet(&key, cmd).await)
+        answer(self.wallets.open_wallet(&key, cmd).await)
     }
 
     #[tracing::instrument(skip_all, fields(wallet = %req.get_ref().wallet_id))]
@@ -154,7 +137,7 @@ impl CreditsWallet for CreditsWalletApi {
     ) -> Result<Response<pb::Wallet>, Status> {
         let r = req.into_inner();
         let wallet_id = id("wallet_id", &r.wallet_id)?;
-        ok(self.wallets.get_wallet(wallet_id).await)
+        view(self.wallets.get_wallet(wallet_id).await)
     }
 
     #[tracing::instrument(skip_all, fields(wallet = %req.get_ref().wallet_id))]
@@ -165,7 +148,7 @@ impl CreditsWallet for CreditsWalletApi {
         let r = req.into_inner();
         let wallet_id = id("wallet_id", &r.wallet_id)?;
         let n = credits("credits", r.credits)?;
-        ok(self.wallets.quote(wallet_id, n).await)
+        view(self.wallets.quote(wallet_id, n).await)
     }
 
     #[tracing::instrument(skip_all, fields(wallet = %req.get_ref().wallet_id))]
@@ -189,10 +172,11 @@ impl CreditsWallet for CreditsWalletApi {
             .map(|m| limits::parse_amount("expected_amount", &m.amount, &m.currency))
             .transpose()
             .map_err(WalletError::from)?;
-        ok(self
-            .wallets
-            .purchase(&key, wallet_id, n, &r.payment_method, expires_at, expected)
-            .await)
+        answer(
+            self.wallets
+                .purchase(&key, wallet_id, n, &r.payment_method, expires_at, expected)
+                .await,
+        )
     }
 
     #[tracing::instrument(skip_all, fields(wallet = %req.get_ref().wallet_id))]
@@ -207,10 +191,11 @@ impl CreditsWallet for CreditsWalletApi {
         let kind = convert::grant_kind(r.kind)?;
         let expires_at = instant("expires_at", r.expires_at.as_ref())?;
         text("reference", &r.reference, limits::MAX_REFERENCE_LEN, false)?;
-        ok(self
-            .wallets
-            .grant(&key, wallet_id, kind, n, expires_at, &r.reference)
-            .await)
+        answer(
+            self.wallets
+                .grant(&key, wallet_id, kind, n, expires_at, &r.reference)
+                .await,
+        )
     }
 
     #[tracing::instrument(skip_all, fields(wallet = %req.get_ref().wallet_id))]
@@ -220,7 +205,7 @@ impl CreditsWallet for CreditsWalletApi {
     ) -> Result<Response<pb::MailingRating>, Status> {
         let r = req.into_inner();
         let wallet_id = id("wallet_id", &r.wallet_id)?;
-        ok(self.wallets.rate(wallet_id, r.recipients).await)
+        view(self.wallets.rate(wallet_id, r.recipients).await)
     }
 
     #[tracing::instrument(skip_all, fields(wallet = %req.get_ref().wallet_id, mailing = %req.get_ref().mailing_id))]
@@ -233,7 +218,7 @@ impl CreditsWallet for CreditsWalletApi {
         let wallet_id = id("wallet_id", &r.wallet_id)?;
         let spend = Spend::Charge {
             mailing_id: id("mailing_id", &r.mailing_id)?.to_string(),
-            recipients: recipients(r.recipients)?,
+            recipients: recipients("recipients", r.recipients, false)?,
         };
         ok(self
             .wallets
@@ -261,7 +246,7 @@ impl CreditsWallet for CreditsWalletApi {
         };
         let spend = Spend::Hold {
             mailing_id: id("mailing_id", &r.mailing_id)?.to_string(),
-            recipients: recipients(r.recipients)?,
+            recipients: recipients("recipients", r.recipients, false)?,
             ttl_seconds,
         };
         ok(self
@@ -280,13 +265,7 @@ impl CreditsWallet for CreditsWalletApi {
         let key = IdempotencyKey::new("CaptureReservation", &r.idempotency_key, &r)?;
         let wallet_id = id("wallet_id", &r.wallet_id)?;
         let reservation_id = id("reservation_id", &r.reservation_id)?;
-        if r.recipients_sent > limits::MAX_RECIPIENTS {
-            return Err(WalletError::invalid(
-                "recipients_sent",
-                "above the largest mailing accepted",
-            )
-            .into());
-        }
+        recipients("recipients_sent", r.recipients_sent, true)?;
         ok(self
             .wallets
             .capture(
@@ -309,7 +288,7 @@ impl CreditsWallet for CreditsWalletApi {
         let key = IdempotencyKey::new("ReleaseReservation", &r.idempotency_key, &r)?;
         let wallet_id = id("wallet_id", &r.wallet_id)?;
         let reservation_id = id("reservation_id", &r.reservation_id)?;
-        ok(self.wallets.release(&key, wallet_id, reservation_id).await)
+        answer(self.wallets.release(&key, wallet_id, reservation_id).await)
     }
 
     #[tracing::instrument(skip_all, fields(wallet = %req.get_ref().wallet_id))]
@@ -326,10 +305,11 @@ impl CreditsWallet for CreditsWalletApi {
             "payment_method",
             &r.payment_method,
         )?;
-        ok(self
-            .wallets
-            .configure_auto_top_up(&key, wallet_id, top_up, &r.payment_method)
-            .await)
+        answer(
+            self.wallets
+                .configure_auto_top_up(&key, wallet_id, top_up, &r.payment_method)
+                .await,
+        )
     }
 
     #[tracing::instrument(skip_all, fields(wallet = %req.get_ref().wallet_id))]
@@ -344,10 +324,11 @@ impl CreditsWallet for CreditsWalletApi {
             0 => None,
             t => Some(credits("threshold", t)?),
         };
-        ok(self
-            .wallets
-            .configure_reminder(&key, wallet_id, threshold)
-            .await)
+        answer(
+            self.wallets
+                .configure_reminder(&key, wallet_id, threshold)
+                .await,
+        )
     }
 
     #[tracing::instrument(skip_all, fields(wallet = %req.get_ref().wallet_id))]
@@ -364,10 +345,11 @@ impl CreditsWallet for CreditsWalletApi {
             "payment_method",
             &r.payment_method,
         )?;
-        ok(self
-            .wallets
-            .set_funding_mode(&key, wallet_id, mode, &r.payment_method)
-            .await)
+        answer(
+            self.wallets
+                .set_funding_mode(&key, wallet_id, mode, &r.payment_method)
+                .await,
+        )
     }
 
     #[tracing::instrument(skip_all, fields(wallet = %req.get_ref().wallet_id))]
@@ -386,7 +368,7 @@ impl CreditsWallet for CreditsWalletApi {
             .into());
         }
         let reason = text("reason", r.reason.trim(), limits::MAX_REASON_LEN, true)?;
-        ok(self.wallets.adjust(&key, wallet_id, r.delta, reason).await)
+        answer(self.wallets.adjust(&key, wallet_id, r.delta, reason).await)
     }
 
     #[tracing::instrument(skip_all, fields(from = %req.get_ref().from_wallet_id, to = %req.get_ref().to_wallet_id))]
@@ -405,7 +387,7 @@ impl CreditsWallet for CreditsWalletApi {
         }
         let n = credits("credits", r.credits)?;
         text("reason", &r.reason, limits::MAX_REASON_LEN, false)?;
-        ok(self.wallets.transfer(&key, from, to, n, &r.reason).await)
+        answer(self.wallets.transfer(&key, from, to, n, &r.reason).await)
     }
 
     #[tracing::instrument(skip_all, fields(wallet = %req.get_ref().wallet_id))]
@@ -431,7 +413,7 @@ impl CreditsWallet for CreditsWalletApi {
                     WalletError::invalid("page_token", "is not a token from a previous page")
                 })?
         };
-        ok(self.wallets.ledger(wallet_id, after, page_size).await)
+        view(self.wallets.ledger(wallet_id, after, page_size).await)
     }
 
     #[tracing::instrument(skip_all)]
@@ -480,17 +462,4 @@ impl CreditsWallet for CreditsWalletApi {
                 .watch(req.into_inner(), self.platform.shutdown.clone()),
         ))
     }
-}
-
-fn recipients(n: u64) -> Result<u64, WalletError> {
-    if n == 0 {
-        return Err(WalletError::invalid("recipients", "must be at least 1"));
-    }
-    if n > limits::MAX_RECIPIENTS {
-        return Err(WalletError::invalid(
-            "recipients",
-            format!("at most {} per mailing", limits::MAX_RECIPIENTS),
-        ));
-    }
-    Ok(n)
 }

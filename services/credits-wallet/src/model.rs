@@ -1,9 +1,10 @@
 //! The wallet's stored records and their enumerations (plain data, no IO).
 
 use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
 use shared::{Currency, Money, RatingRule, TierTable};
 
-use crate::domain::{AutoTopUp, Reminder};
+use crate::domain::{AutoTopUp, Lot, Reminder};
 
 /// How a wallet pays for sends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -279,4 +280,71 @@ pub enum SendAnswer {
     Done(SendDone),
     /// The recorded answer of an earlier call with the same key.
     Replayed(Vec<u8>),
+}
+
+/// A wallet as a use case answers it: its header, with what is available and its live lots
+/// (each with the credits it was granted) at the time of the answer.
+#[derive(Debug, Clone)]
+pub struct WalletView {
+    /// The stored header.
+    pub wallet: WalletRecord,
+    /// Credits that can be spent now (C6: live lots, less holds).
+    pub available: i64,
+    /// The lots not yet expired, in consumption order.
+    pub lots: Vec<(Lot, i64)>,
+    /// Credits bought by auto top-up this calendar month (C6's monthly cap).
+    pub auto_bought_this_month: i64,
+}
+
+/// A grant or an adjustment: its ledger entry and the wallet after it.
+#[derive(Debug, Clone)]
+pub struct WalletChanged {
+    /// The entry written.
+    pub entry: EntryRecord,
+    /// The wallet after it.
+    pub wallet: WalletView,
+}
+
+/// Credits moved between two wallets.
+#[derive(Debug, Clone)]
+pub struct Transferred {
+    /// Credits moved.
+    pub credits: i64,
+    /// The wallet debited, after the move.
+    pub from: WalletView,
+    /// The wallet credited, after the move.
+    pub to: WalletView,
+}
+
+/// A page of a wallet's ledger.
+#[derive(Debug, Clone)]
+pub struct LedgerPage {
+    /// The entries, in sequence order.
+    pub entries: Vec<EntryRecord>,
+    /// Whether entries follow the last one.
+    pub more: bool,
+}
+
+/// The price of credits (C1).
+#[derive(Debug, Clone)]
+pub struct CreditQuote {
+    /// Credits priced.
+    pub credits: i64,
+    /// Their price, rounded to the minor unit.
+    pub amount: Money,
+    /// The unit price of the band they fall in.
+    pub unit_price: Decimal,
+}
+
+/// What a mailing would cost (C2) and whether the wallet covers it now.
+#[derive(Debug, Clone)]
+pub struct MailingRated {
+    /// Its recipients.
+    pub recipients: u64,
+    /// Credits it needs.
+    pub credits: i64,
+    /// Whether the available credits cover it and the wallet owes nothing.
+    pub covered: bool,
+    /// Credits available now.
+    pub available: i64,
 }

@@ -13,18 +13,11 @@ use crate::{
     },
 };
 
-/// A use case's result as its response message: the one encoding of what is sent, and of what
-/// is recorded under an idempotency key for a retry.
-pub trait Reply {
-    /// The response message.
-    type Message: Message + Default;
-    /// The message.
-    fn message(&self) -> Self::Message;
-}
+pub use runtime::convert::Reply;
 
 impl Reply for PartnerView {
     type Message = pb::Partner;
-    fn message(&self) -> pb::Partner {
+    fn to_message(&self) -> pb::Partner {
         partner_message(
             &self.partner,
             self.wallet.clone(),
@@ -35,16 +28,16 @@ impl Reply for PartnerView {
 
 impl Reply for CustomerView {
     type Message = pb::Customer;
-    fn message(&self) -> pb::Customer {
+    fn to_message(&self) -> pb::Customer {
         customer_message(&self.customer, self.used_this_month)
     }
 }
 
 impl Reply for CustomerPage {
     type Message = pb::ListCustomersResponse;
-    fn message(&self) -> pb::ListCustomersResponse {
+    fn to_message(&self) -> pb::ListCustomersResponse {
         pb::ListCustomersResponse {
-            customers: self.customers.iter().map(Reply::message).collect(),
+            customers: self.customers.iter().map(Reply::to_message).collect(),
             next_page_token: self.next_page_token.clone(),
         }
     }
@@ -52,7 +45,7 @@ impl Reply for CustomerPage {
 
 impl Reply for Allocation {
     type Message = pb::Allocation;
-    fn message(&self) -> pb::Allocation {
+    fn to_message(&self) -> pb::Allocation {
         pb::Allocation {
             customer_id: self.customer_id.clone(),
             credits: self.transfer.credits,
@@ -64,14 +57,14 @@ impl Reply for Allocation {
 
 impl Reply for RoutedHold {
     type Message = pb::RoutedReservation;
-    fn message(&self) -> pb::RoutedReservation {
+    fn to_message(&self) -> pb::RoutedReservation {
         routed_reservation(&self.routed, self.reservation.clone())
     }
 }
 
 impl Reply for Statement {
     type Message = pb::UsageStatement;
-    fn message(&self) -> pb::UsageStatement {
+    fn to_message(&self) -> pb::UsageStatement {
         pb::UsageStatement {
             partner_id: self.partner_id.clone(),
             year: self.year,

@@ -5,7 +5,11 @@ use proto::{
     common::v1::{Event, WatchEventsRequest},
     reseller::v1::{self as pb, reseller_billing_server::ResellerBilling},
 };
-use runtime::convert::reply_decoded as decoded;
+// An id that becomes part of the ids built from it (wallet ids `customer:<partner_id>:<customer_id>`,
+// keys `<partner_id>:<key>`): no ':' in it.
+use runtime::convert::{
+    InvalidField, answer, id_part as id_of, recipients, reply_decoded as decoded, view,
+};
 use runtime::{Platform, auth, idempotency::IdempotencyKey, payments::PaymentProvider};
 use sha2::{Digest, Sha256};
 use shared::Currency;
@@ -13,11 +17,11 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::{
-    convert::{self, Reply},
+    convert,
     domain::{self, Funding},
     error::ResellerError,
     routing::SendOp,
-    service::{Answer, CustomerChange, NewPartner, Resellers},
+    service::{CustomerChange, NewPartner, Resellers},
 };
 
 /// The gRPC face of the service.
@@ -36,39 +40,10 @@ impl ResellerBillingApi {
     }
 }
 
-/// A read's result as its response.
-fn view<T: Reply>(r: Result<T, ResellerError>) -> Result<Response<T::Message>, Status> {
-    Ok(Response::new(r?.message()))
-}
-
-/// A mutation's answer as its response: what it did, or the first attempt's recorded answer.
-fn answer<T: Reply>(r: Result<Answer<T>, ResellerError>) -> Result<Response<T::Message>, Status> {
-    match r? {
-        Answer::Done(result) => Ok(Response::new(result.message())),
-        Answer::Replayed(bytes) => decoded::<T::Message, Status>(Ok(bytes)),
-    }
-}
-
-/// An id: 1 to `max` printable ASCII characters (no blank, space, control or non-ASCII
-/// character) and no ':', which separates the parts of the ids built from them (wallet ids
-/// `customer:<partner_id>:<customer_id>`, keys `<partner_id>:<key>`).
-fn id_of<'a>(field: &'static str, value: &'a str, max: usize) -> Result<&'a str, ResellerError> {
-    if value.is_empty() {
-        return Err(ResellerError::invalid(field, "is required"));
-    }
-    if value.len() > max || !value.chars().all(|c| c.is_ascii_graphic() && c != ':') {
-        return Err(ResellerError::invalid(
-            field,
-            format!("must be 1 to {max} printable ASCII characters, without spaces or ':'"),
-        ));
-    }
-    Ok(value)
-}
-
 /// A customer id a call names (at most [`domain::MAX_EXISTING_CUSTOMER_ID_LEN`]: a new one is
 /// bounded further by `AddCustomer`); mailing and reservation ids (at most
 /// [`domain::MAX_REFERENCE_ID_LEN`]).
-fn id<'a>(field: &'static str, value: &'a str) -> Result<&'a str, ResellerError> {
+fn id<'a>(field: &'static str, value: &'a str) -> Result<&'a str, InvalidField> {
     let max = match field {
         "customer_id" => domain::MAX_EXISTING_CUSTOMER_ID_LEN,
         _ => domain::MAX_REFERENCE_ID_LEN,
@@ -130,19 +105,6 @@ fn scoped_key<M: prost::Message>(
     // A retry of a request first made before keys were scoped (stored under the bare key)
     // still gets its first answer, never a second execution.
     Ok(IdempotencyKey::new(operation, &scoped, request)?.formerly(key))
-}
-
-fn recipients(field: &'static str, n: u64, allow_zero: bool) -> Result<u64, ResellerError> {
-    if n == 0 && !allow_zero {
-        return Err(ResellerError::invalid(field, "must be at least 1"));
-    }
-    if n > domain::MAX_RECIPIENTS {
-        return Err(ResellerError::invalid(
-            field,
-            format!("at most {} per mailing", domain::MAX_RECIPIENTS),
-        ));
-    }
-    Ok(n)
 }
 
 #[tonic::async_trait]

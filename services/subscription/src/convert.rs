@@ -2,6 +2,7 @@
 
 use chrono::{DateTime, Utc};
 use proto::{common::v1::Money as PbMoney, subscription::v1 as pb};
+pub use runtime::convert::Reply;
 use runtime::convert::timestamp;
 use shared::{BillingInterval, ContactSlider, Currency, Money, Tier, TierMode, TierTable};
 
@@ -442,15 +443,6 @@ pub fn request(r: &ChangeRequestRecord) -> pb::ChangeRequest {
         resolved_at: r.resolved_at.map(timestamp),
         note: r.note.clone(),
     }
-}
-
-/// A use case's answer as its message: what is sent, and what a mutating request records
-/// under its idempotency key (a retry is answered with the recorded message).
-pub trait Reply {
-    /// The message.
-    type Message: prost::Message + Default;
-    /// The answer as its message.
-    fn to_message(&self) -> Self::Message;
 }
 
 impl Reply for PublishedPlan {

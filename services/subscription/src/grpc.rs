@@ -6,7 +6,7 @@ use proto::{
     common::v1::{Event, WatchEventsRequest},
     subscription::v1::{self as pb, catalog_server::Catalog, subscriptions_server::Subscriptions},
 };
-use runtime::convert::reply as ok;
+use runtime::convert::{count, id, reply as ok};
 use runtime::{
     Platform,
     auth::Scope,
@@ -25,12 +25,6 @@ use crate::{
     model::PaymentKind,
     service::{Actor, Answer, PaymentChoice, SubscribeCmd, Subscriptions as UseCases},
 };
-
-/// An id (account, plan, invoice, request, user): `shared::limits::check_id`.
-fn id<'a>(field: &'static str, value: &'a str) -> Result<&'a str, SubError> {
-    limits::check_id(field, value).map_err(SubError::from)?;
-    Ok(value)
-}
 
 /// A change as asked, within the limits: counts in range, codes and plan ids well-formed.
 fn change(c: Option<&pb::Change>) -> Result<ChangeAsked, SubError> {
@@ -87,10 +81,6 @@ fn actor<T>(req: &Request<T>, actor: Option<&pb::Actor>) -> Result<Actor, Status
         }
         _ => Ok(Actor(format!("service:{}", principal.name))),
     }
-}
-
-fn count(field: &'static str, v: u64, max: u64) -> Result<u64, SubError> {
-    limits::check_count(field, v, max).map_err(SubError::from)
 }
 
 /// A VAT rate: plain, unsigned (no `-0`), in `[0, 1)`, at most

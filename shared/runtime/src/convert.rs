@@ -225,6 +225,59 @@ pub fn recipients(field: &'static str, n: u64, allow_zero: bool) -> Result<u64, 
     Ok(n)
 }
 
+/// A use case's answer as its message: what is sent, and what a mutating request records
+/// under its idempotency key (a retry is answered with the recorded message). Each service
+/// implements it for its model types in its `convert.rs`.
+pub trait Reply {
+    /// The response message.
+    type Message: prost::Message + Default;
+    /// The answer as its message.
+    fn to_message(&self) -> Self::Message;
+}
+
+/// A mutating use case's answer: computed by this request, or the message the first request
+/// with its idempotency key recorded, replayed as recorded.
+#[derive(Debug)]
+pub enum Answer<T: Reply> {
+    /// Computed by this request.
+    Fresh(T),
+    /// Recorded by an earlier request with the same key.
+    Replayed(T::Message),
+}
+
+impl<T: Reply> Answer<T> {
+    /// The answer as its message.
+    pub fn into_message(self) -> T::Message {
+        match self {
+            Answer::Fresh(answer) => answer.to_message(),
+            Answer::Replayed(message) => message,
+        }
+    }
+
+    /// A recorded answer, from its encoding.
+    pub fn decode(recorded: &[u8]) -> Result<Self, crate::db::DbError> {
+        <T::Message as prost::Message>::decode(recorded)
+            .map(Answer::Replayed)
+            .map_err(|_| crate::db::DbError::Corrupt("a recorded answer does not decode".into()))
+    }
+}
+
+/// A mutating use case's answer as its gRPC response.
+pub fn answer<T: Reply, E: Into<tonic::Status>>(
+    r: Result<Answer<T>, E>,
+) -> Result<tonic::Response<T::Message>, tonic::Status> {
+    r.map(|a| tonic::Response::new(a.into_message()))
+        .map_err(Into::into)
+}
+
+/// A read's result as its gRPC response.
+pub fn view<T: Reply, E: Into<tonic::Status>>(
+    r: Result<T, E>,
+) -> Result<tonic::Response<T::Message>, tonic::Status> {
+    r.map(|v| tonic::Response::new(v.to_message()))
+        .map_err(Into::into)
+}
+
 /// A use case's result as a gRPC answer, its error mapped by the service's `From<Error> for
 /// Status`.
 pub fn reply<T, E: Into<tonic::Status>>(

@@ -2,11 +2,15 @@
 //! operator's correction) and TransferCredits (two wallets in one transaction).
 
 use chrono::{DateTime, Utc};
-use proto::wallet::v1 as pb;
-use runtime::idempotency::IdempotencyKey;
+use runtime::{convert::Answer, idempotency::IdempotencyKey};
 
 use super::{Begun, Locked, Wallets};
-use crate::{account::Account, convert, domain::LotKind, error::WalletError, model::EntryKind};
+use crate::{
+    account::Account,
+    domain::LotKind,
+    error::WalletError,
+    model::{EntryKind, Transferred, WalletChanged},
+};
 
 impl Wallets {
     /// GrantCredits (C7, C8).
@@ -18,8 +22,8 @@ impl Wallets {
         credits: i64,
         expires_at: Option<DateTime<Utc>>,
         reference: &str,
-    ) -> Result<pb::WalletChange, WalletError> {
-        let (tx, mut acct) = match self.begin_on::<pb::WalletChange>(key, wallet_id).await? {
+    ) -> Result<Answer<WalletChanged>, WalletError> {
+        let (tx, mut acct) = match self.begin_on::<WalletChanged>(key, wallet_id).await? {
             Locked::Replay(r) => return Self::replayed(r),
             Locked::Fresh(tx, acct) => (tx, *acct),
         };
@@ -39,11 +43,11 @@ impl Wallets {
             reference,
             format!("{} credits", kind.as_str()),
         );
-        let response = pb::WalletChange {
-            entry: Some(convert::entry(&entry)),
-            wallet: Some(convert::wallet(&acct)),
+        let answer = WalletChanged {
+            entry,
+            wallet: acct.view(),
         };
-        self.finish(tx, acct, key, response).await
+        self.finish(tx, acct, key, answer).await
     }
 
     /// AdjustCredits: an operator's correction with a reason.
@@ -53,8 +57,8 @@ impl Wallets {
         wallet_id: &str,
         delta: i64,
         reason: &str,
-    ) -> Result<pb::WalletChange, WalletError> {
-        let (tx, mut acct) = match self.begin_on::<pb::WalletChange>(key, wallet_id).await? {
+    ) -> Result<Answer<WalletChanged>, WalletError> {
+        let (tx, mut acct) = match self.begin_on::<WalletChanged>(key, wallet_id).await? {
             Locked::Replay(r) => return Self::replayed(r),
             Locked::Fresh(tx, acct) => (tx, *acct),
         };
@@ -82,11 +86,11 @@ impl Wallets {
                 }
             }
         };
-        let response = pb::WalletChange {
-            entry: Some(convert::entry(&entry)),
-            wallet: Some(convert::wallet(&acct)),
+        let answer = WalletChanged {
+            entry,
+            wallet: acct.view(),
         };
-        self.finish(tx, acct, key, response).await
+        self.finish(tx, acct, key, answer).await
     }
 
     /// TransferCredits: both wallets locked in id order (so two opposite transfers cannot
@@ -98,8 +102,8 @@ impl Wallets {
         to: &str,
         credits: i64,
         reason: &str,
-    ) -> Result<pb::CreditTransfer, WalletError> {
-        let mut tx = match self.begin::<pb::CreditTransfer>(key).await? {
+    ) -> Result<Answer<Transferred>, WalletError> {
+        let mut tx = match self.begin::<Transferred>(key).await? {
             Begun::Replay(r) => return Self::replayed(r),
             Begun::Fresh(tx) => tx,
         };
@@ -140,12 +144,12 @@ impl Wallets {
             reference,
             format!("from {from}: {reason}"),
         );
-        let response = pb::CreditTransfer {
-            credits: u64::try_from(credits).unwrap_or(0),
-            from_wallet: Some(convert::wallet(&source)),
-            to_wallet: Some(convert::wallet(&target)),
+        let answer = Transferred {
+            credits,
+            from: source.view(),
+            to: target.view(),
         };
         target.save(&mut tx).await?;
-        self.finish(tx, source, key, response).await
+        self.finish(tx, source, key, answer).await
     }
 }

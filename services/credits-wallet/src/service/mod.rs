@@ -29,9 +29,9 @@ use std::{
 };
 
 use chrono::{DateTime, Utc};
-use prost::Message;
 use runtime::{
     Platform,
+    convert::{Answer, Reply},
     db::Db,
     idempotency::{Claimed, IdempotencyKey},
 };
@@ -102,14 +102,22 @@ impl Drop for Paying {
     }
 }
 
-enum Begun<R> {
-    Replay(Result<R, Status>),
+/// A mutation begun: answered before (the recorded answer or refusal), or its key claimed in
+/// a fresh write transaction.
+enum Begun<T: Reply> {
+    Replay(Result<Answer<T>, Status>),
+    Fresh(Transaction<'static, Any>),
+}
+
+/// Like [`Begun`] for a send, whose answer is recorded encoded ([`SendAnswer`]).
+enum Began {
+    Replay(Result<Vec<u8>, Status>),
     Fresh(Transaction<'static, Any>),
 }
 
 /// A claimed key and the wallet locked in its transaction, due housekeeping applied.
-enum Locked<R> {
-    Replay(Result<R, Status>),
+enum Locked<T: Reply> {
+    Replay(Result<Answer<T>, Status>),
     Fresh(Transaction<'static, Any>, Box<Account>),
 }
 
@@ -128,25 +136,24 @@ impl Wallets {
         self.platform.clock.now()
     }
 
-    async fn begin<R: Message + Default>(
-        &self,
-        key: &IdempotencyKey,
-    ) -> Result<Begun<R>, WalletError> {
+    /// The start of every mutation answering a `T`: claim `key` (or find the answer it
+    /// recorded, replayed).
+    async fn begin<T: Reply>(&self, key: &IdempotencyKey) -> Result<Begun<T>, WalletError> {
         let mut tx = self.db.begin_write().await?;
-        match key.claim::<R>(&mut tx).await? {
-            Claimed::Replay(r) => Ok(Begun::Replay(r)),
+        match key.claim::<T::Message>(&mut tx).await? {
+            Claimed::Replay(r) => Ok(Begun::Replay(r.map(Answer::Replayed))),
             Claimed::New => Ok(Begun::Fresh(tx)),
         }
     }
 
     /// The start of every single-wallet mutation: claim `key`, lock `wallet_id`, and remove what
     /// is due (expired lots, lapsed holds) so expired credits never count.
-    async fn begin_on<R: Message + Default>(
+    async fn begin_on<T: Reply>(
         &self,
         key: &IdempotencyKey,
         wallet_id: &str,
-    ) -> Result<Locked<R>, WalletError> {
-        let mut tx = match self.begin::<R>(key).await? {
+    ) -> Result<Locked<T>, WalletError> {
+        let mut tx = match self.begin::<T>(key).await? {
             Begun::Replay(r) => return Ok(Locked::Replay(r)),
             Begun::Fresh(tx) => tx,
         };
@@ -155,11 +162,12 @@ impl Wallets {
         Ok(Locked::Fresh(tx, Box::new(acct)))
     }
 
-    async fn begin_bytes(&self, key: &IdempotencyKey) -> Result<Begun<Vec<u8>>, WalletError> {
+    /// Like [`Wallets::begin`] for a send, whose answer is recorded encoded.
+    async fn begin_bytes(&self, key: &IdempotencyKey) -> Result<Began, WalletError> {
         let mut tx = self.db.begin_write().await?;
         match key.claim_bytes(&mut tx).await? {
-            Claimed::Replay(r) => Ok(Begun::Replay(r)),
-            Claimed::New => Ok(Begun::Fresh(tx)),
+            Claimed::Replay(r) => Ok(Began::Replay(r)),
+            Claimed::New => Ok(Began::Fresh(tx)),
         }
     }
 
@@ -179,20 +187,20 @@ impl Wallets {
         Ok(response)
     }
 
-    /// Saves `acct`, records `response` under `key`, commits.
-    async fn finish<R: Message>(
+    /// Saves `acct`, records `answer`'s message under `key`, commits.
+    async fn finish<T: Reply>(
         &self,
         mut tx: Transaction<'static, Any>,
         acct: Account,
         key: &IdempotencyKey,
-        response: R,
-    ) -> Result<R, WalletError> {
+        answer: T,
+    ) -> Result<Answer<T>, WalletError> {
         acct.save(&mut tx).await?;
-        key.record(&mut tx, &response, self.now().timestamp_micros())
+        key.record(&mut tx, &answer.to_message(), self.now().timestamp_micros())
             .await?;
         tx.commit().await?;
         self.platform.outbox.poke();
-        Ok(response)
+        Ok(Answer::Fresh(answer))
     }
 
     /// Saves what happened before the refusal (expiries), records the refusal under `key` so a
@@ -232,8 +240,6 @@ impl Wallets {
         Account::load(&mut conn, record, self.now()).await
     }
 }
-
-impl Wallets {}
 
 impl WalletError {
     /// A copy of a recorded refusal (the variants [`WalletError::is_recorded_refusal`] names).

@@ -6,8 +6,7 @@
 //! `processing`, paid, then its outcome applied under the wallet's lock, each status once.
 
 use chrono::{DateTime, Duration, Utc};
-use proto::wallet::v1 as pb;
-use runtime::{idempotency::IdempotencyKey, payments::PaymentProvider};
+use runtime::{convert::Answer, idempotency::IdempotencyKey, payments::PaymentProvider};
 use serde_json::json;
 use shared::{ChargeOutcome, ChargeRequest, ChargeStatus, GatewayError, Money, TierTable};
 use sqlx::{Any, Transaction};
@@ -15,10 +14,9 @@ use sqlx::{Any, Transaction};
 use super::{Locked, Paying, Wallets};
 use crate::{
     account::Account,
-    convert,
     domain::{self, LotKind},
     error::WalletError,
-    model::{EntryKind, FundingMode, PurchaseRecord, PurchaseStatus, PurchaseTrigger},
+    model::{CreditQuote, EntryKind, FundingMode, PurchaseRecord, PurchaseStatus, PurchaseTrigger},
     store,
 };
 
@@ -40,11 +38,7 @@ const PAYMENT_MARGIN: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl Wallets {
     /// QuoteCreditPurchase (C1).
-    pub async fn quote(
-        &self,
-        wallet_id: &str,
-        credits: i64,
-    ) -> Result<pb::CreditQuote, WalletError> {
+    pub async fn quote(&self, wallet_id: &str, credits: i64) -> Result<CreditQuote, WalletError> {
         let acct = self.read_account(wallet_id).await?;
         let amount = price(&acct.wallet.pricing, credits)?;
         let unit_price = acct
@@ -52,10 +46,10 @@ impl Wallets {
             .pricing
             .unit_price_at(u64::try_from(credits).unwrap_or(0))
             .map_err(|e| WalletError::invalid("credits", e.to_string()))?;
-        Ok(pb::CreditQuote {
-            credits: u64::try_from(credits).unwrap_or(0),
-            amount: Some(convert::money(&amount)),
-            unit_price: unit_price.to_string(),
+        Ok(CreditQuote {
+            credits,
+            amount,
+            unit_price,
         })
     }
 
@@ -69,8 +63,8 @@ impl Wallets {
         payment_method: &str,
         expires_at: Option<DateTime<Utc>>,
         expected: Option<Money>,
-    ) -> Result<pb::Purchase, WalletError> {
-        let (mut tx, acct) = match self.begin_on::<pb::Purchase>(key, wallet_id).await? {
+    ) -> Result<Answer<PurchaseRecord>, WalletError> {
+        let (mut tx, acct) = match self.begin_on::<PurchaseRecord>(key, wallet_id).await? {
             Locked::Replay(r) => return Self::replayed(r),
             Locked::Fresh(tx, acct) => (tx, *acct),
         };
@@ -120,7 +114,7 @@ impl Wallets {
         let outcome = self.pay(&purchase).await;
         drop(paying);
 
-        let (mut tx, mut acct) = match self.begin_on::<pb::Purchase>(key, wallet_id).await? {
+        let (mut tx, mut acct) = match self.begin_on::<PurchaseRecord>(key, wallet_id).await? {
             Locked::Replay(r) => return Self::replayed(r),
             Locked::Fresh(tx, acct) => (tx, *acct),
         };
@@ -128,15 +122,14 @@ impl Wallets {
             .await?
             .ok_or_else(|| runtime::db::DbError::Corrupt("purchase vanished".into()))?;
         apply_outcome(&mut tx, &mut acct, &mut p, &outcome).await?;
-        let response = convert::purchase(&p);
         if p.status == PurchaseStatus::Processing {
             // Outcome unknown: answer without recording the key, so a retry resumes it.
             acct.save(&mut tx).await?;
             tx.commit().await?;
             self.platform.outbox.poke();
-            return Ok(response);
+            return Ok(Answer::Fresh(p));
         }
-        self.finish(tx, acct, key, response).await
+        self.finish(tx, acct, key, p).await
     }
 
     /// Calls the gateway for `p` (its id is the gateway's idempotency key).

@@ -3,12 +3,11 @@
 //! ([`GroupCommit`]: try the batch, else alone); alone, it runs here in its own transactions,
 //! with a payment between them when it must buy credits. Both paths apply [`super::send_rules`].
 
-use proto::wallet::v1 as pb;
-use runtime::idempotency::IdempotencyKey;
+use runtime::{convert::Answer, idempotency::IdempotencyKey};
 use sqlx::{Any, Transaction};
 
 use super::{
-    Begun, Locked, Wallets,
+    Began, Locked, Wallets,
     group_commit::{self, Batched, GroupCommit, Op},
     purchases::{apply_outcome, fixed_top_up_after, new_purchase, price},
     send_rules::{Spend, active_hold, apply_send, capture_hold, rate, refuse_send, top_up_plan},
@@ -19,8 +18,8 @@ use crate::{
     domain::{self, TopUpPlan},
     error::WalletError,
     model::{
-        FundingMode, PurchaseRecord, PurchaseStatus, PurchaseTrigger, ReservationStatus,
-        SendAnswer, SendDone,
+        FundingMode, HoldChanged, MailingRated, PurchaseRecord, PurchaseStatus, PurchaseTrigger,
+        ReservationStatus, SendAnswer, SendDone,
     },
     store,
 };
@@ -31,15 +30,15 @@ impl Wallets {
         &self,
         wallet_id: &str,
         recipients: u64,
-    ) -> Result<pb::MailingRating, WalletError> {
+    ) -> Result<MailingRated, WalletError> {
         let acct = self.read_account(wallet_id).await?;
         let credits = rate(&acct.wallet.rating, recipients)?;
         let available = acct.available();
-        Ok(pb::MailingRating {
+        Ok(MailingRated {
             recipients,
-            credits: u64::try_from(credits).unwrap_or(0),
+            credits,
             covered: credits <= available && acct.wallet.debt == 0,
-            available: u64::try_from(available).unwrap_or(0),
+            available,
         })
     }
 
@@ -98,8 +97,8 @@ impl Wallets {
     ) -> Result<SendAnswer, WalletError> {
         // Phase 1: pay from the wallet, refuse, or record the purchase the send needs.
         let mut tx = match self.begin_bytes(key).await? {
-            Begun::Replay(r) => return Self::replayed(r).map(SendAnswer::Replayed),
-            Begun::Fresh(tx) => tx,
+            Began::Replay(r) => return Self::replayed(r).map(SendAnswer::Replayed),
+            Began::Fresh(tx) => tx,
         };
         let mut acct = Account::lock(&mut tx, &self.db, wallet_id, self.now()).await?;
         acct.housekeeping(&mut tx).await?;
@@ -179,8 +178,8 @@ impl Wallets {
 
         // Phase 3: apply the outcome and spend, under the wallet's lock again.
         let mut tx = match self.begin_bytes(key).await? {
-            Begun::Replay(r) => return Self::replayed(r).map(SendAnswer::Replayed),
-            Begun::Fresh(tx) => tx,
+            Began::Replay(r) => return Self::replayed(r).map(SendAnswer::Replayed),
+            Began::Fresh(tx) => tx,
         };
         let mut acct = Account::lock(&mut tx, &self.db, wallet_id, self.now()).await?;
         acct.housekeeping(&mut tx).await?;
@@ -265,8 +264,8 @@ impl Wallets {
         recipients_sent: u64,
     ) -> Result<SendAnswer, WalletError> {
         let mut tx = match self.begin_bytes(key).await? {
-            Begun::Replay(r) => return Self::replayed(r).map(SendAnswer::Replayed),
-            Begun::Fresh(tx) => tx,
+            Began::Replay(r) => return Self::replayed(r).map(SendAnswer::Replayed),
+            Began::Fresh(tx) => tx,
         };
         let mut acct = Account::lock(&mut tx, &self.db, wallet_id, self.now()).await?;
         acct.housekeeping(&mut tx).await?;
@@ -296,8 +295,8 @@ impl Wallets {
         key: &IdempotencyKey,
         wallet_id: &str,
         reservation_id: &str,
-    ) -> Result<pb::Reservation, WalletError> {
-        let (mut tx, mut acct) = match self.begin_on::<pb::Reservation>(key, wallet_id).await? {
+    ) -> Result<Answer<HoldChanged>, WalletError> {
+        let (mut tx, mut acct) = match self.begin_on::<HoldChanged>(key, wallet_id).await? {
             Locked::Replay(r) => return Self::replayed(r),
             Locked::Fresh(tx, acct) => (tx, *acct),
         };
@@ -306,7 +305,7 @@ impl Wallets {
         acct.wallet.held -= r.credits;
         r.status = ReservationStatus::Released;
         acct.update_reservation(r.clone());
-        let response = convert::reservation(&r, &acct);
-        self.finish(tx, acct, key, response).await
+        let answer = acct.hold_changed(r);
+        self.finish(tx, acct, key, answer).await
     }
 }

@@ -1,11 +1,14 @@
 //! A wallet's settings: ConfigureAutoTopUp (C4, C5, C6), ConfigureLowBalanceReminder (C3) and
 //! SetFundingMode (C9).
 
-use proto::wallet::v1 as pb;
-use runtime::idempotency::IdempotencyKey;
+use runtime::{convert::Answer, idempotency::IdempotencyKey};
 
 use super::{Locked, Wallets};
-use crate::{convert, domain::AutoTopUp, error::WalletError, model::FundingMode};
+use crate::{
+    domain::AutoTopUp,
+    error::WalletError,
+    model::{FundingMode, WalletView},
+};
 
 impl Wallets {
     /// ConfigureAutoTopUp (C4, C5, C6).
@@ -15,8 +18,8 @@ impl Wallets {
         wallet_id: &str,
         top_up: AutoTopUp,
         payment_method: &str,
-    ) -> Result<pb::Wallet, WalletError> {
-        let (tx, mut acct) = match self.begin_on::<pb::Wallet>(key, wallet_id).await? {
+    ) -> Result<Answer<WalletView>, WalletError> {
+        let (tx, mut acct) = match self.begin_on::<WalletView>(key, wallet_id).await? {
             Locked::Replay(r) => return Self::replayed(r),
             Locked::Fresh(tx, acct) => (tx, *acct),
         };
@@ -30,8 +33,8 @@ impl Wallets {
             ));
         }
         acct.wallet.top_up = top_up;
-        let response = convert::wallet(&acct);
-        self.finish(tx, acct, key, response).await
+        let answer = acct.view();
+        self.finish(tx, acct, key, answer).await
     }
 
     /// ConfigureLowBalanceReminder (C3).
@@ -40,14 +43,14 @@ impl Wallets {
         key: &IdempotencyKey,
         wallet_id: &str,
         threshold: Option<i64>,
-    ) -> Result<pb::Wallet, WalletError> {
-        let (tx, mut acct) = match self.begin_on::<pb::Wallet>(key, wallet_id).await? {
+    ) -> Result<Answer<WalletView>, WalletError> {
+        let (tx, mut acct) = match self.begin_on::<WalletView>(key, wallet_id).await? {
             Locked::Replay(r) => return Self::replayed(r),
             Locked::Fresh(tx, acct) => (tx, *acct),
         };
         acct.set_reminder(threshold);
-        let response = convert::wallet(&acct);
-        self.finish(tx, acct, key, response).await
+        let answer = acct.view();
+        self.finish(tx, acct, key, answer).await
     }
 
     /// SetFundingMode (C9).
@@ -57,8 +60,8 @@ impl Wallets {
         wallet_id: &str,
         mode: FundingMode,
         payment_method: &str,
-    ) -> Result<pb::Wallet, WalletError> {
-        let (tx, mut acct) = match self.begin_on::<pb::Wallet>(key, wallet_id).await? {
+    ) -> Result<Answer<WalletView>, WalletError> {
+        let (tx, mut acct) = match self.begin_on::<WalletView>(key, wallet_id).await? {
             Locked::Replay(r) => return Self::replayed(r),
             Locked::Fresh(tx, acct) => (tx, *acct),
         };
@@ -72,7 +75,7 @@ impl Wallets {
             ));
         }
         acct.wallet.funding = mode;
-        let response = convert::wallet(&acct);
-        self.finish(tx, acct, key, response).await
+        let answer = acct.view();
+        self.finish(tx, acct, key, answer).await
     }
 }

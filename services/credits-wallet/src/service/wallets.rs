@@ -2,18 +2,16 @@
 //! background sweep of one wallet, and ListLedgerEntries.
 
 use chrono::{DateTime, Utc};
-use proto::wallet::v1 as pb;
-use runtime::idempotency::IdempotencyKey;
+use runtime::{convert::Answer, idempotency::IdempotencyKey};
 use serde_json::json;
 use shared::{Currency, RatingRule, TierTable};
 
 use super::{Begun, Wallets};
 use crate::{
     account::Account,
-    convert,
     domain::{AutoTopUp, LotKind, Reminder},
     error::WalletError,
-    model::{EntryKind, FundingMode, WalletRecord},
+    model::{EntryKind, FundingMode, LedgerPage, WalletRecord, WalletView},
     store,
 };
 
@@ -39,8 +37,8 @@ impl Wallets {
         &self,
         key: &IdempotencyKey,
         cmd: OpenWallet,
-    ) -> Result<pb::Wallet, WalletError> {
-        let mut tx = match self.begin::<pb::Wallet>(key).await? {
+    ) -> Result<Answer<WalletView>, WalletError> {
+        let mut tx = match self.begin::<WalletView>(key).await? {
             Begun::Replay(r) => return Self::replayed(r),
             Begun::Fresh(tx) => tx,
         };
@@ -81,16 +79,16 @@ impl Wallets {
             "wallet.opened",
             json!({"wallet_id": cmd.wallet_id, "currency": cmd.currency.code(), "signup_credits": cmd.signup_credits}),
         );
-        let response = convert::wallet(&acct);
-        self.finish(tx, acct, key, response).await
+        let answer = acct.view();
+        self.finish(tx, acct, key, answer).await
     }
 
     /// GetWallet: the wallet after any due expiry (expired credits never count).
-    pub async fn get_wallet(&self, wallet_id: &str) -> Result<pb::Wallet, WalletError> {
+    pub async fn get_wallet(&self, wallet_id: &str) -> Result<WalletView, WalletError> {
         let mut tx = self.db.begin_write().await?;
         let mut acct = Account::lock(&mut tx, &self.db, wallet_id, self.now()).await?;
         acct.housekeeping(&mut tx).await?;
-        let response = convert::wallet(&acct);
+        let response = acct.view();
         if acct.has_changes() {
             acct.save(&mut tx).await?;
             tx.commit().await?;
@@ -112,19 +110,13 @@ impl Wallets {
         wallet_id: &str,
         after_seq: i64,
         page_size: i64,
-    ) -> Result<pb::ListLedgerEntriesResponse, WalletError> {
+    ) -> Result<LedgerPage, WalletError> {
         // Existence first, so an unknown wallet is NOT_FOUND rather than an empty page.
         self.read_account(wallet_id).await?;
-        let mut rows = store::entries_after(&self.db, wallet_id, after_seq, page_size + 1).await?;
-        let more = rows.len() as i64 > page_size;
-        rows.truncate(usize::try_from(page_size).unwrap_or(0));
-        Ok(pb::ListLedgerEntriesResponse {
-            next_page_token: if more {
-                rows.last().map(|e| e.seq.to_string()).unwrap_or_default()
-            } else {
-                String::new()
-            },
-            entries: rows.iter().map(convert::entry).collect(),
-        })
+        let mut entries =
+            store::entries_after(&self.db, wallet_id, after_seq, page_size + 1).await?;
+        let more = entries.len() as i64 > page_size;
+        entries.truncate(usize::try_from(page_size).unwrap_or(0));
+        Ok(LedgerPage { entries, more })
     }
 }

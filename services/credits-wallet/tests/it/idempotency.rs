@@ -274,7 +274,7 @@ async fn the_reconciler_leaves_a_purchase_to_the_request_still_paying_it() {
         "the reconciler charged a purchase its request was still paying"
     );
     gateway.release.notify_one();
-    let bought = buying.await.unwrap().unwrap();
+    let bought = buying.await.unwrap().unwrap().into_message();
     assert_eq!(bought.purchase_id, purchase_id);
     assert_eq!(bought.status, pb::PurchaseStatus::Succeeded as i32);
     assert_eq!(gateway.charges.lock().unwrap().len(), 1, "charged once");

@@ -104,7 +104,7 @@ impl Resellers {
     ) -> Result<Answer<CustomerView>, ResellerError> {
         let mut tx = match self.claim(key).await? {
             Ok(tx) => tx,
-            Err(replay) => return Ok(Answer::Replayed(replay)),
+            Err(replay) => return Ok(Answer::decode(&replay)?),
         };
         let partner = self.partner_record(&mut tx, partner_id).await?;
         if store::lock_customer(&mut tx, &self.db, partner_id, customer_id)
@@ -122,7 +122,7 @@ impl Resellers {
         };
         let mut tx = match self.claim(key).await? {
             Ok(tx) => tx,
-            Err(replay) => return Ok(Answer::Replayed(replay)),
+            Err(replay) => return Ok(Answer::decode(&replay)?),
         };
         let record = CustomerRecord {
             customer_id: customer_id.to_string(),
@@ -201,7 +201,7 @@ impl Resellers {
         // change commits).
         let mut tx = match self.claim(key).await? {
             Ok(tx) => tx,
-            Err(replay) => return Ok(Answer::Replayed(replay)),
+            Err(replay) => return Ok(Answer::decode(&replay)?),
         };
         let mut c = self.own_customer(&mut tx, partner_id, customer_id).await?;
         let mut opened_wallet = None;
@@ -216,7 +216,7 @@ impl Resellers {
             );
             tx = match self.claim(key).await? {
                 Ok(tx) => tx,
-                Err(replay) => return Ok(Answer::Replayed(replay)),
+                Err(replay) => return Ok(Answer::decode(&replay)?),
             };
             c = self.own_customer(&mut tx, partner_id, customer_id).await?;
         }
@@ -250,7 +250,7 @@ impl Resellers {
     ) -> Result<Answer<Allocation>, ResellerError> {
         let mut tx = match self.claim(key).await? {
             Ok(tx) => tx,
-            Err(replay) => return Ok(Answer::Replayed(replay)),
+            Err(replay) => return Ok(Answer::decode(&replay)?),
         };
         let customer = self.own_customer(&mut tx, partner_id, customer_id).await?;
         let partner = self.partner_record(&mut tx, partner_id).await?;
@@ -273,7 +273,7 @@ impl Resellers {
             .await?;
         let mut tx = match self.claim(key).await? {
             Ok(tx) => tx,
-            Err(replay) => return Ok(Answer::Replayed(replay)),
+            Err(replay) => return Ok(Answer::decode(&replay)?),
         };
         let mut customer = self.own_customer(&mut tx, partner_id, customer_id).await?;
         if customer.wallet_id.is_empty() {

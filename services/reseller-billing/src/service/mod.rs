@@ -24,14 +24,7 @@ mod statements;
 pub use customers::CustomerChange;
 pub use partners::NewPartner;
 
-/// What a mutating use case answers.
-#[derive(Debug)]
-pub enum Answer<T> {
-    /// What it did now.
-    Done(T),
-    /// A retry: the answer its first attempt got, as recorded under its idempotency key.
-    Replayed(Vec<u8>),
-}
+pub use runtime::convert::Answer;
 
 /// The reseller's use cases.
 #[derive(Clone)]
@@ -78,12 +71,12 @@ impl Resellers {
         key: &IdempotencyKey,
         result: T,
     ) -> Result<Answer<T>, ResellerError> {
-        let bytes = result.message().encode_to_vec();
+        let bytes = result.to_message().encode_to_vec();
         key.record_bytes(&mut tx, bytes, self.now().timestamp_micros())
             .await?;
         tx.commit().await?;
         self.platform.outbox.poke();
-        Ok(Answer::Done(result))
+        Ok(Answer::Fresh(result))
     }
 
     async fn partner_record(

@@ -51,7 +51,7 @@ impl Resellers {
         cmd: NewPartner,
     ) -> Result<Answer<PartnerView>, ResellerError> {
         if let Err(replay) = self.claim(key).await? {
-            return Ok(Answer::Replayed(replay));
+            return Ok(Answer::decode(&replay)?);
         }
         let wallet_id = domain::partner_wallet_id(&cmd.partner_id);
         let opened = self
@@ -100,7 +100,7 @@ impl Resellers {
         let response = self.partner_view(record.clone()).await?;
         let mut tx = match self.claim(key).await? {
             Ok(tx) => tx,
-            Err(replay) => return Ok(Answer::Replayed(replay)),
+            Err(replay) => return Ok(Answer::decode(&replay)?),
         };
         if !store::insert_partner(&mut tx, &record).await? {
             return Err(ResellerError::PartnerExists(record.partner_id));
@@ -138,7 +138,7 @@ impl Resellers {
     ) -> Result<Answer<PartnerView>, ResellerError> {
         let mut tx = match self.claim(key).await? {
             Ok(tx) => tx,
-            Err(replay) => return Ok(Answer::Replayed(replay)),
+            Err(replay) => return Ok(Answer::decode(&replay)?),
         };
         let mut partner = self.partner_record(&mut tx, partner_id).await?;
         let table = runtime::convert::tier_table(prices, partner.currency)
@@ -202,7 +202,7 @@ impl Resellers {
     {
         let tx = match self.claim(key).await? {
             Ok(tx) => tx,
-            Err(replay) => return Ok(Answer::Replayed(replay)),
+            Err(replay) => return Ok(Answer::decode(&replay)?),
         };
         tx.rollback().await?;
         let mut conn = self
@@ -228,7 +228,7 @@ impl Resellers {
         let response = self.partner_view(partner).await?;
         let tx = match self.claim(key).await? {
             Ok(tx) => tx,
-            Err(replay) => return Ok(Answer::Replayed(replay)),
+            Err(replay) => return Ok(Answer::decode(&replay)?),
         };
         self.finish(tx, key, response).await
     }

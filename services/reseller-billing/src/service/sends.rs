@@ -112,7 +112,7 @@ impl Resellers {
     ) -> Result<Answer<RoutedHold>, ResellerError> {
         let mut tx = match self.claim(key).await? {
             Ok(tx) => tx,
-            Err(replay) => return Ok(Answer::Replayed(replay)),
+            Err(replay) => return Ok(Answer::decode(&replay)?),
         };
         let routed = store::routed_by_reservation(&mut tx, reservation_id)
             .await?
@@ -143,7 +143,7 @@ impl Resellers {
         };
         let mut tx = match self.claim(key).await? {
             Ok(tx) => tx,
-            Err(replay) => return Ok(Answer::Replayed(replay)),
+            Err(replay) => return Ok(Answer::decode(&replay)?),
         };
         let mut routed = routed;
         if capture.is_some() {

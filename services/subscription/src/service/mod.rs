@@ -32,6 +32,7 @@ pub use changes::PREVIEW_TTL_SECONDS;
 pub use payment::StripeEvents;
 pub use reconciliation::RECONCILE_AFTER_SECONDS;
 pub use renewal::{RenewalBatch, WALLET_WAIT_RETRY_SECONDS};
+pub use runtime::convert::Answer;
 pub use signup::{PaymentChoice, SubscribeCmd};
 
 use std::{
@@ -65,26 +66,6 @@ pub struct Actor(pub String);
 /// The system itself (renewals, trial ends).
 pub fn system() -> Actor {
     Actor("system".into())
-}
-
-/// A mutating request's answer: computed now, or the message the first request with its
-/// idempotency key recorded (replayed as recorded, see [`crate::convert::Reply`]).
-#[derive(Debug)]
-pub enum Answer<T: Reply> {
-    /// Computed by this request.
-    Fresh(T),
-    /// Recorded by an earlier request with the same key.
-    Replayed(T::Message),
-}
-
-impl<T: Reply> Answer<T> {
-    /// The answer as its message.
-    pub fn into_message(self) -> T::Message {
-        match self {
-            Answer::Fresh(answer) => answer.to_message(),
-            Answer::Replayed(message) => message,
-        }
-    }
 }
 
 /// How a mutating request starts: answered before (the recorded answer, or refusal), or fresh
