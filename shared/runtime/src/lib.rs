@@ -19,9 +19,9 @@
 //! - [`jobs`]: the loop of a service's background jobs; [`status`]: the `Status` answers every
 //!   service builds alike; [`convert`]: request fields (ids, texts, counts, timestamps) checked
 //!   and protobuf well-known types converted.
-//! - [`testing`]: a fresh database per test on the backend the test run selects, and the
-//!   harness helpers every service's tests use (events collected, conditions waited for, the
-//!   test clock moved).
+//! - `testing` (feature `testing`, enabled only by tests): a fresh database per test on the
+//!   backend the test run selects, and the harness helpers every service's tests use (events
+//!   collected, conditions waited for, the test clock moved).
 //!
 //! Invariant: nothing here knows a business rule; services bring their own domain, store and
 //! gRPC layers and hand the runtime their routes.
@@ -48,6 +48,7 @@ pub mod status;
 pub mod stripe;
 pub mod stripe_webhook;
 pub mod telemetry;
+#[cfg(feature = "testing")]
 pub mod testing;
 
 pub use server::{Platform, Running, ServiceSpec};
