@@ -38,20 +38,7 @@ pub enum HoldStatus {
     Released,
 }
 
-macro_rules! text_enum {
-    ($ty:ty { $($variant:ident => $text:literal),+ $(,)? }) => {
-        impl $ty {
-            /// The stored text.
-            pub fn as_str(self) -> &'static str {
-                match self { $(Self::$variant => $text),+ }
-            }
-            /// Parses the stored text.
-            pub fn parse(s: &str) -> Option<Self> {
-                match s { $($text => Some(Self::$variant),)+ _ => None }
-            }
-        }
-    };
-}
+use runtime::text_enum;
 
 text_enum!(BillingMode { PartnerPays => "partner_pays", CustomerPays => "customer_pays" });
 text_enum!(Funding { Prepaid => "prepaid", OnDemand => "on_demand" });

@@ -59,20 +59,7 @@ pub enum RequestStatus {
     Rejected,
 }
 
-macro_rules! text_enum {
-    ($ty:ty { $($variant:ident => $text:literal),+ $(,)? }) => {
-        impl $ty {
-            /// The stored text.
-            pub fn as_str(self) -> &'static str {
-                match self { $(Self::$variant => $text),+ }
-            }
-            /// Parses the stored text.
-            pub fn parse(s: &str) -> Option<Self> {
-                match s { $($text => Some(Self::$variant),)+ _ => None }
-            }
-        }
-    };
-}
+use runtime::text_enum;
 
 text_enum!(PaymentKind { None => "none", Card => "card", BankTransfer => "bank_transfer", DirectDebit => "direct_debit" });
 text_enum!(InvoiceStatus { Open => "open", Paid => "paid", Void => "void", Pending => "pending", Refunded => "refunded" });

@@ -13,6 +13,25 @@
 //!   migrations table; every connection's `search_path` is that schema. Several replicas may
 //!   share the database: correctness comes from row locks and constraints, not process memory.
 
+/// `as_str` and `parse` for an enumeration stored as text: each variant and its stored text,
+/// written once, e.g. `runtime::text_enum!(Status { Active => "active", Closed => "closed" });`.
+/// `parse` answers `None` for a text no variant has (the store reports such a row corrupt).
+#[macro_export]
+macro_rules! text_enum {
+    ($ty:ty { $($variant:ident => $text:literal),+ $(,)? }) => {
+        impl $ty {
+            /// The stored text.
+            pub fn as_str(self) -> &'static str {
+                match self { $(Self::$variant => $text),+ }
+            }
+            /// Parses the stored text.
+            pub fn parse(s: &str) -> Option<Self> {
+                match s { $($text => Some(Self::$variant),)+ _ => None }
+            }
+        }
+    };
+}
+
 use std::{str::FromStr, time::Duration};
 
 use sqlx::{
@@ -302,6 +321,11 @@ impl Db {
     /// The pool, for reads.
     pub fn pool(&self) -> &AnyPool {
         &self.pool
+    }
+
+    /// A connection from the pool, for reads outside a transaction.
+    pub async fn connection(&self) -> Result<sqlx::pool::PoolConnection<sqlx::Any>, DbError> {
+        Ok(self.pool.acquire().await?)
     }
 
     /// Starts a write transaction: `BEGIN IMMEDIATE` on SQLite (takes the write lock at once, so

@@ -228,12 +228,7 @@ impl Wallets {
     }
 
     async fn read_account(&self, wallet_id: &str) -> Result<Account, WalletError> {
-        let mut conn = self
-            .db
-            .pool()
-            .acquire()
-            .await
-            .map_err(runtime::db::DbError::from)?;
+        let mut conn = self.db.connection().await?;
         let record = store::read_wallet(&mut conn, wallet_id)
             .await?
             .ok_or_else(|| WalletError::WalletNotFound(wallet_id.to_string()))?;

@@ -213,12 +213,7 @@ impl Wallets {
     /// outcome, or applies a direct debit's settlement or return.
     pub async fn reconcile_purchase(&self, purchase_id: &str) -> Result<(), WalletError> {
         let p = {
-            let mut conn = self
-                .db
-                .pool()
-                .acquire()
-                .await
-                .map_err(runtime::db::DbError::from)?;
+            let mut conn = self.db.connection().await?;
             match store::purchase(&mut conn, purchase_id).await? {
                 Some(p) => p,
                 None => return Ok(()),

@@ -161,12 +161,7 @@ impl Resellers {
         after: &str,
         page_size: i64,
     ) -> Result<CustomerPage, ResellerError> {
-        let mut conn = self
-            .db
-            .pool()
-            .acquire()
-            .await
-            .map_err(runtime::db::DbError::from)?;
+        let mut conn = self.db.connection().await?;
         self.partner_record(&mut conn, partner_id).await?;
         let mut rows = store::customers(&self.db, partner_id, after, page_size + 1).await?;
         let more = rows.len() as i64 > page_size;

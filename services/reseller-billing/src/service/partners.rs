@@ -118,12 +118,7 @@ impl Resellers {
 
     /// GetPartner.
     pub async fn get_partner(&self, partner_id: &str) -> Result<PartnerView, ResellerError> {
-        let mut conn = self
-            .db
-            .pool()
-            .acquire()
-            .await
-            .map_err(runtime::db::DbError::from)?;
+        let mut conn = self.db.connection().await?;
         let p = self.partner_record(&mut conn, partner_id).await?;
         drop(conn);
         self.partner_view(p).await
@@ -205,12 +200,7 @@ impl Resellers {
             Err(replay) => return Ok(Answer::decode(&replay)?),
         };
         tx.rollback().await?;
-        let mut conn = self
-            .db
-            .pool()
-            .acquire()
-            .await
-            .map_err(runtime::db::DbError::from)?;
+        let mut conn = self.db.connection().await?;
         let partner = self.partner_record(&mut conn, partner_id).await?;
         drop(conn);
         call(

@@ -19,12 +19,7 @@ impl Resellers {
         let (from, to) = domain::month(year, month).ok_or_else(|| {
             ResellerError::invalid("month", "must be a calendar month (year, 1..12)")
         })?;
-        let mut conn = self
-            .db
-            .pool()
-            .acquire()
-            .await
-            .map_err(runtime::db::DbError::from)?;
+        let mut conn = self.db.connection().await?;
         let partner = self.partner_record(&mut conn, partner_id).await?;
         drop(conn);
         let prices = partner.resale_table()?;

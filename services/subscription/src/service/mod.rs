@@ -43,7 +43,7 @@ use std::{
 use chrono::{DateTime, Utc};
 use runtime::{
     Platform,
-    db::{Db, DbError},
+    db::Db,
     idempotency::{Claimed, IdempotencyKey},
 };
 use shared::PaymentGateway;
@@ -138,7 +138,7 @@ impl Subscriptions {
     }
 
     async fn conn(&self) -> Result<sqlx::pool::PoolConnection<Any>, SubError> {
-        Ok(self.db.pool().acquire().await.map_err(DbError::from)?)
+        Ok(self.db.connection().await?)
     }
 
     async fn plan(
