@@ -171,22 +171,6 @@ impl Wallets {
         }
     }
 
-    /// Like [`Wallets::finish`] for an encoded response.
-    async fn finish_bytes(
-        &self,
-        mut tx: Transaction<'static, Any>,
-        acct: Account,
-        key: &IdempotencyKey,
-        response: Vec<u8>,
-    ) -> Result<Vec<u8>, WalletError> {
-        acct.save(&mut tx).await?;
-        key.record_bytes(&mut tx, response.clone(), self.now().timestamp_micros())
-            .await?;
-        tx.commit().await?;
-        self.platform.outbox.poke();
-        Ok(response)
-    }
-
     /// Saves `acct`, records `answer`'s message under `key`, commits.
     async fn finish<T: Reply>(
         &self,

@@ -224,12 +224,7 @@ impl Wallets {
             Spend::Charge { .. } => fixed_top_up_after(&mut tx, &mut acct).await?,
             Spend::Hold { .. } => None,
         };
-        self.finish_bytes(tx, acct, key, convert::send_done_bytes(&done))
-            .await?;
-        if let Some(p) = follow_up {
-            self.drive_in_background(p);
-        }
-        Ok(SendAnswer::Done(done))
+        self.finish_send(tx, acct, key, done, follow_up).await
     }
 
     /// CaptureReservation: debit what was sent, release the rest.
@@ -281,8 +276,28 @@ impl Wallets {
         };
         let follow_up = fixed_top_up_after(&mut tx, &mut acct).await?;
         let done = SendDone::Hold(acct.hold_changed(r));
-        self.finish_bytes(tx, acct, key, convert::send_done_bytes(&done))
-            .await?;
+        self.finish_send(tx, acct, key, done, follow_up).await
+    }
+
+    /// Saves `acct`, records what the send did (encoded) under `key`, commits, then drives
+    /// the automatic purchase the send made due (C4), if any.
+    async fn finish_send(
+        &self,
+        mut tx: Transaction<'static, Any>,
+        acct: Account,
+        key: &IdempotencyKey,
+        done: SendDone,
+        follow_up: Option<PurchaseRecord>,
+    ) -> Result<SendAnswer, WalletError> {
+        acct.save(&mut tx).await?;
+        key.record_bytes(
+            &mut tx,
+            convert::send_done_bytes(&done),
+            self.now().timestamp_micros(),
+        )
+        .await?;
+        tx.commit().await?;
+        self.platform.outbox.poke();
         if let Some(p) = follow_up {
             self.drive_in_background(p);
         }
