@@ -3,12 +3,11 @@
 //! Layers, each importing only those before it: `domain` (who pays, caps, resale amounts; no
 //! IO); `model` (stored records, statuses as enums, what use cases answer); `store` (SQL, both
 //! backends); `convert` (records and results <-> protobuf messages); `routing` (the customer a
-//! send is routed on, locked); `batch` (steps 1 and 3 of a send, in a group commit or alone);
-//! `wallet` (the credits-wallet client, keys derived from the caller's); `service` (use cases,
-//! one file per family); `jobs` (relay of the partner wallets' events); `grpc` (validation,
+//! send is routed on, locked); `wallet` (the credits-wallet client, keys derived from the
+//! caller's); `service` (use cases, one file per family, and `service::group_commit`: steps 1
+//! and 3 of a send, in a group commit or alone); `jobs` (relay of the partner wallets' events); `grpc` (validation,
 //! partner-bound tokens, status codes).
 
-pub mod batch;
 pub mod convert;
 pub mod domain;
 pub mod error;
@@ -99,7 +98,11 @@ pub fn routes(platform: &Platform) -> anyhow::Result<tonic::service::Routes> {
     // one queue makes fewer, larger batches than four (reseller-hot on PostgreSQL: 4,145/s
     // with 1, 3,375/s with 4, and a lower p99; docs/benchmarks.md).
     let shards = platform.config.group_commit_shards.unwrap_or(1);
-    let sends = batch::SendSteps::batched(platform.clone(), batch::MAX_BATCH, shards);
+    let sends = service::group_commit::SendSteps::batched(
+        platform.clone(),
+        service::group_commit::MAX_BATCH,
+        shards,
+    );
     let resellers = service::Resellers::new(platform.clone(), wallet.clone(), sends);
     jobs::spawn(platform, resellers.clone(), wallet);
     Ok(tonic::service::Routes::new(

@@ -3,7 +3,7 @@
 //! `ChargeMailing` and `ReserveMailing` decides on — and the pure transitions of the routing
 //! record (step 1 decides who pays, step 3 completes it with the wallet's outcome).
 //!
-//! A send alone locks one [`Routing`] ([`Routing::lock`]); group commit ([`crate::batch`])
+//! A send alone locks one [`Routing`] ([`Routing::lock`]); group commit ([`crate::service::group_commit`])
 //! reads the rows of many at once and builds them with [`Routing::from_parts`]. Either way a
 //! customer's sends count against its cap one after another ([`Routing::decide`]).
 

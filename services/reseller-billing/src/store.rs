@@ -333,7 +333,7 @@ pub async fn set_relay_cursor(conn: &mut AnyConnection, cursor: i64) -> Result<(
     Ok(())
 }
 
-// Group commit (`crate::batch`): the reads and writes of routed sends above, for many sends in
+// Group commit (`crate::service::group_commit`): the reads and writes of routed sends above, for many sends in
 // one statement per chunk (far below either backend's limit on bound parameters).
 
 /// Rows per statement (half a full batch, at most 1,664 bound parameters): one prepared

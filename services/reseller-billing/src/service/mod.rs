@@ -11,12 +11,11 @@ use runtime::{
 };
 use sqlx::{Any, Transaction};
 
-use crate::{
-    batch::SendSteps, convert::Reply, error::ResellerError, model::PartnerRecord, store,
-    wallet::Wallet,
-};
+use self::group_commit::SendSteps;
+use crate::{convert::Reply, error::ResellerError, model::PartnerRecord, store, wallet::Wallet};
 
 mod customers;
+pub mod group_commit;
 mod partners;
 mod sends;
 mod statements;
@@ -37,7 +36,7 @@ pub struct Resellers {
 
 impl Resellers {
     /// The use cases on `platform`, calling `wallet`; steps 1 and 3 of routed sends run by
-    /// `sends` (alone, or with group commit: [`crate::batch`]).
+    /// `sends` (alone, or with group commit: [`group_commit`]).
     pub fn new(platform: Platform, wallet: Wallet, sends: SendSteps) -> Self {
         Self {
             db: platform.db.clone(),

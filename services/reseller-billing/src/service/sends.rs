@@ -25,8 +25,8 @@ use crate::{
 impl Resellers {
     /// ChargeMailing and ReserveMailing (W2, W3, W5): route, then debit or hold at the payer.
     ///
-    /// Steps 1 and 3 run in [`crate::batch::SendSteps`]: with group commit on
-    /// ([`crate::batch`]), those of sends arriving together share their transactions.
+    /// Steps 1 and 3 run in [`super::group_commit::SendSteps`]: with group commit on
+    /// ([`super::group_commit`]), those of sends arriving together share their transactions.
     ///
     /// The answer is the response as recorded under the key (a `RoutedCharge` or a
     /// `RoutedReservation`, encoded once by [`crate::convert::send_answer`]), for the first
