@@ -72,13 +72,7 @@ pub async fn run_once(
     simulator: Option<&SimulatedGateway>,
 ) {
     let now = platform.clock.now();
-    let settled = simulator.map(|s| s.settle_due(now)).unwrap_or_default();
-    if !settled.is_empty() {
-        tracing::info!(
-            count = settled.len(),
-            "direct debits settled or returned at the bank"
-        );
-    }
+    runtime::jobs::settle_simulated_debits(simulator, now);
     match store::pending_debit_invoices(&platform.db, BATCH).await {
         Ok(ids) => {
             for id in ids {

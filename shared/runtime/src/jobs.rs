@@ -4,6 +4,8 @@
 
 use std::{future::Future, time::Duration};
 
+use chrono::{DateTime, Utc};
+use shared::SimulatedGateway;
 use tokio::task::JoinHandle;
 
 use crate::Platform;
@@ -66,5 +68,17 @@ impl Periodic {
                 }
             }
         })
+    }
+}
+
+/// The simulator's bank, when the simulator is the gateway (`None` otherwise): settles or
+/// returns the direct debits due at `now`; each service then applies the outcomes it polls.
+pub fn settle_simulated_debits(simulator: Option<&SimulatedGateway>, now: DateTime<Utc>) {
+    let settled = simulator.map(|s| s.settle_due(now)).unwrap_or_default();
+    if !settled.is_empty() {
+        tracing::info!(
+            count = settled.len(),
+            "direct debits settled or returned at the bank"
+        );
     }
 }
