@@ -41,9 +41,10 @@ pub enum WalletError {
     /// idempotency key completes the call.
     #[error("the payment's outcome is not known yet; retry with the same idempotency key")]
     PaymentOutcomeUnknown,
-    /// A returned direct debit left the wallet owing credits.
+    /// A payment taken back (a returned direct debit, a whole refund or a dispute) left the
+    /// wallet owing credits.
     #[error(
-        "wallet owes {0} credits from a returned direct debit; sends are refused until a purchase pays it back"
+        "wallet owes {0} credits from a payment taken back (a returned direct debit, a refund or a dispute); sends are refused until a purchase pays it back"
     )]
     Debt(i64),
     /// The wallet's state does not allow this (e.g. capture of a released hold).
