@@ -13,7 +13,8 @@
 //! without gaps; each `balance_after` the running sum; each purchase has exactly the ledger
 //! entries and the lot its status calls for (one purchase entry and a lot once succeeded, or
 //! pending settlement when it funds a send; none when failed or still processing; plus one
-//! claw-back when returned), and no purchase entry names an unknown purchase. Then the outbox:
+//! claw-back when returned; plus a claw-back and a purchase entry more after a dispute won),
+//! and no purchase entry names an unknown purchase. Then the outbox:
 //! every event typed, delivery cursors 1..=last without gaps, and no event left undelivered
 //! longer than the grace period.
 
@@ -275,7 +276,8 @@ pub struct Expected {
 
 /// The ledger a purchase must have: credits granted once the payment succeeded, or at once
 /// for a direct debit that funds a send (C5, C9); taken back once returned; nothing while
-/// processing or after a decline.
+/// processing or after a decline. A purchase whose dispute was won has, besides, the claw-back
+/// of the dispute and the grant that gave its credits back.
 pub fn expected(status: PurchaseStatus, trigger: PurchaseTrigger, has_origin: bool) -> Expected {
     let (granted, clawed_back) = match status {
         PurchaseStatus::Succeeded => (true, false),
@@ -519,7 +521,11 @@ async fn verify_purchases(
         };
         let want = expected(status, trigger, origin.is_some());
         let (want_entries, want_clawbacks) = (u32::from(want.granted), u32::from(want.clawed_back));
-        if (purchase_entries, clawbacks) != (want_entries, want_clawbacks) {
+        // A dispute won after its credits were taken back granted them once more (a charge is
+        // disputed at most once): one more purchase entry and one more claw-back.
+        let reinstated =
+            want.granted && (purchase_entries, clawbacks) == (want_entries + 1, want_clawbacks + 1);
+        if (purchase_entries, clawbacks) != (want_entries, want_clawbacks) && !reinstated {
             report.add(
                 wallet_id,
                 Check::PurchaseEntries,

@@ -111,6 +111,8 @@ pub struct WebhookEvent {
     pub payment: Option<PaymentUpdate>,
     /// For `charge.refunded` and `charge.dispute.created`: money taken back from a charge.
     pub reversal: Option<Reversal>,
+    /// For `charge.dispute.closed` in our favour: the disputed money came back.
+    pub reinstatement: Option<Reinstatement>,
 }
 
 impl WebhookEvent {
@@ -171,6 +173,25 @@ impl Reversal {
     /// decision, left to an operator.
     pub fn is_whole(&self, price_minor: i64) -> bool {
         self.complete || self.amount >= price_minor
+    }
+}
+
+/// What a `charge.dispute.closed` event tells when the dispute ended in our favour: `won`, or
+/// `warning_closed` (an inquiry closed without becoming a dispute). A dispute `lost` keeps the
+/// money with the customer: nothing comes back, and no `Reinstatement` is read from it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reinstatement {
+    /// `pi_...` of the disputed charge; `None` for a charge not made through a PaymentIntent.
+    pub payment_intent: Option<String>,
+    /// The Dispute's `amount`: the minor units that had been disputed.
+    pub amount: i64,
+}
+
+impl Reinstatement {
+    /// Whether the dispute was of the whole of a payment of `price_minor` (only such a dispute
+    /// took back what the payment bought, [`Reversal::is_whole`], so only its end gives it back).
+    pub fn is_whole(&self, price_minor: i64) -> bool {
+        self.amount >= price_minor
     }
 }
 
@@ -250,11 +271,18 @@ pub fn parse(payload: &[u8]) -> Option<WebhookEvent> {
         .unwrap_or(0),
         complete: kind == ReversalKind::Refunded && object["refunded"].as_bool() == Some(true),
     });
+    let in_our_favour = matches!(object["status"].as_str(), Some("won" | "warning_closed"));
+    let reinstatement =
+        (raw.kind == "charge.dispute.closed" && in_our_favour).then(|| Reinstatement {
+            payment_intent: object["payment_intent"].as_str().map(str::to_string),
+            amount: object["amount"].as_i64().unwrap_or(0),
+        });
     Some(WebhookEvent {
         id: raw.id,
         kind: raw.kind,
         payment,
         reversal,
+        reinstatement,
     })
 }
 
@@ -424,6 +452,30 @@ mod tests {
             ("customer.created", None)
         );
         assert_eq!(parse(b"not json"), None);
+    }
+
+    #[test]
+    fn a_dispute_closed_in_our_favour_reinstates_and_a_lost_one_does_not() {
+        let closed = |status: &str| {
+            parse(format!(r#"{{"id":"evt_7","type":"charge.dispute.closed","data":{{"object":{{"id":"dp_1","object":"dispute","charge":"ch_1","payment_intent":"pi_1","amount":42000,"status":"{status}"}}}}}}"#).as_bytes()).unwrap()
+        };
+        for status in ["won", "warning_closed"] {
+            let event = closed(status);
+            assert_eq!(
+                event.reinstatement,
+                Some(Reinstatement {
+                    payment_intent: Some("pi_1".into()),
+                    amount: 42_000
+                }),
+                "{status}"
+            );
+            assert_eq!((event.reversal, event.payment), (None, None));
+            assert!(event.reinstatement.unwrap().is_whole(42_000));
+        }
+        assert_eq!(closed("lost").reinstatement, None);
+        // Only a closed dispute reinstates: a new one with the same status text does not.
+        let created = parse(br#"{"id":"evt_8","type":"charge.dispute.created","data":{"object":{"id":"dp_1","payment_intent":"pi_1","amount":42000,"status":"won"}}}"#).unwrap();
+        assert_eq!(created.reinstatement, None);
     }
 
     #[test]

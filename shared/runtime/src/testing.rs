@@ -630,6 +630,21 @@ pub mod stripe_events {
         .into_bytes()
     }
 
+    /// A `charge.dispute.closed` event ending the dispute of `amount` minor units of
+    /// `payment_intent`'s charge with `status` (`won`, `lost`, `warning_closed`).
+    pub fn dispute_closed(id: &str, payment_intent: &str, amount: i64, status: &str) -> Vec<u8> {
+        serde_json::json!({
+            "id": id, "object": "event", "type": "charge.dispute.closed",
+            "data": {"object": {
+                "id": "dp_1", "object": "dispute", "charge": "ch_disputed",
+                "payment_intent": payment_intent, "amount": amount, "currency": "eur",
+                "status": status, "reason": "fraudulent",
+            }},
+        })
+        .to_string()
+        .into_bytes()
+    }
+
     /// POSTs `payload` to the webhook endpoint on `metrics_addr` with `signature`, or with a
     /// valid signature under `secret` made now: (HTTP status, body).
     pub async fn deliver(

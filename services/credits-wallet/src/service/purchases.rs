@@ -281,6 +281,13 @@ impl Wallets {
     ///   A purchase already returned or failed is left as it is (a dispute after a full refund
     ///   takes nothing twice); one with no outcome yet is not applied (an error, so Stripe
     ///   delivers again once the reconciler has finished it).
+    /// - `charge.dispute.closed` in our favour (`won`, or an inquiry `warning_closed`), for a
+    ///   purchase a whole dispute returned: its credits are granted again in a new lot (a debt
+    ///   the dispute left is paid first), the purchase is `succeeded` again, and
+    ///   `wallet.payment_reinstated` is emitted. A dispute of a part, or one that took nothing
+    ///   (a purchase refunded first), gives nothing back; a whole one whose creation is not
+    ///   applied yet is an error, so Stripe delivers the closing again after it. A `lost`
+    ///   dispute changes nothing: its creation already took the credits back.
     ///
     /// Events for nothing of ours are recorded and ignored.
     pub async fn apply_stripe_event(
@@ -289,6 +296,9 @@ impl Wallets {
     ) -> anyhow::Result<bool> {
         if let Some(reversal) = &event.reversal {
             return self.apply_reversal(event, reversal).await;
+        }
+        if let Some(reinstatement) = &event.reinstatement {
+            return self.apply_reinstatement(event, reinstatement).await;
         }
         let mut tx = self.db.begin_write().await?;
         let received = chrono::Utc::now();
@@ -331,28 +341,13 @@ impl Wallets {
         event: &runtime::stripe_webhook::WebhookEvent,
         reversal: &runtime::stripe_webhook::Reversal,
     ) -> anyhow::Result<bool> {
-        // Outside any transaction: the write lock is not held across a call to Stripe.
-        let key = match reversal.payment_intent.as_deref() {
-            Some(pi) => self.gateway.key_of_charge(pi).await.map_err(|e| {
-                anyhow::anyhow!("retrieving PaymentIntent {pi} for {}: {e}", event.id)
-            })?,
-            None => None,
-        };
-        let mut tx = self.db.begin_write().await?;
-        let received = chrono::Utc::now();
-        if !runtime::stripe_webhook::record_event(&mut tx, &event.id, &event.kind, received).await?
+        let (mut tx, p) = match self
+            .charge_event(event, reversal.payment_intent.as_deref())
+            .await?
         {
-            tx.rollback().await?;
-            return Ok(false);
-        }
-        let purchase = match &key {
-            Some(key) => store::purchase(&mut tx, key).await?,
-            None => None,
-        };
-        let Some(p) = purchase else {
-            tracing::info!(event = %event.id, payment_intent = ?reversal.payment_intent, "Stripe refund or dispute for no purchase of this wallet; recorded and ignored");
-            tx.commit().await?;
-            return Ok(true);
+            ChargeEvent::Seen => return Ok(false),
+            ChargeEvent::NotOurs => return Ok(true),
+            ChargeEvent::Purchase(tx, p) => (tx, *p),
         };
         match p.status {
             PurchaseStatus::Succeeded => {}
@@ -370,17 +365,115 @@ impl Wallets {
                 );
             }
         }
-        let mut acct = Account::lock(&mut tx, &self.db, &p.wallet_id, self.now()).await?;
-        acct.housekeeping(&mut tx).await?;
-        let mut p = store::purchase(&mut tx, &p.purchase_id)
-            .await?
-            .ok_or_else(|| runtime::db::DbError::Corrupt("purchase vanished".into()))?;
+        let (mut acct, mut p) = self.lock_purchase(&mut tx, &p).await?;
         apply_reversal(&mut tx, &mut acct, &mut p, reversal).await?;
         acct.save(&mut tx).await?;
         tx.commit().await?;
         self.platform.outbox.poke();
         Ok(true)
     }
+
+    /// `charge.dispute.closed` in our favour (see [`Wallets::apply_stripe_event`]).
+    async fn apply_reinstatement(
+        &self,
+        event: &runtime::stripe_webhook::WebhookEvent,
+        reinstatement: &runtime::stripe_webhook::Reinstatement,
+    ) -> anyhow::Result<bool> {
+        let (mut tx, p) = match self
+            .charge_event(event, reinstatement.payment_intent.as_deref())
+            .await?
+        {
+            ChargeEvent::Seen => return Ok(false),
+            ChargeEvent::NotOurs => return Ok(true),
+            ChargeEvent::Purchase(tx, p) => (tx, *p),
+        };
+        let whole = p
+            .amount
+            .to_minor_units()
+            .map(|price| reinstatement.is_whole(price))
+            .map_err(|e| runtime::db::DbError::Corrupt(format!("purchase amount: {e}")))?;
+        let disputed = p.status == PurchaseStatus::Returned && p.failure_reason == "disputed";
+        if whole && p.status == PurchaseStatus::Succeeded {
+            // The dispute's creation, which took the credits back, is not applied yet (Stripe
+            // does not promise order): not recorded, so Stripe delivers this again after it.
+            tx.rollback().await?;
+            anyhow::bail!(
+                "purchase {}: the dispute closed by {} has not been applied yet",
+                p.purchase_id,
+                event.id
+            );
+        }
+        if !(whole && disputed) {
+            tracing::info!(purchase = %p.purchase_id, event = %event.id, status = p.status.as_str(), "Stripe dispute closed in our favour for a purchase it took nothing from; nothing to give back");
+            tx.commit().await?;
+            return Ok(true);
+        }
+        let (mut acct, mut p) = self.lock_purchase(&mut tx, &p).await?;
+        reinstate(&mut tx, &mut acct, &mut p).await?;
+        acct.save(&mut tx).await?;
+        tx.commit().await?;
+        self.platform.outbox.poke();
+        Ok(true)
+    }
+
+    /// The transaction that records a charge-level event (a refund, a dispute) and the purchase
+    /// the event's PaymentIntent paid for. The PaymentIntent is read from Stripe first, outside
+    /// any transaction: the write lock is not held across a call to Stripe.
+    async fn charge_event(
+        &self,
+        event: &runtime::stripe_webhook::WebhookEvent,
+        payment_intent: Option<&str>,
+    ) -> anyhow::Result<ChargeEvent> {
+        let key = match payment_intent {
+            Some(pi) => self.gateway.key_of_charge(pi).await.map_err(|e| {
+                anyhow::anyhow!("retrieving PaymentIntent {pi} for {}: {e}", event.id)
+            })?,
+            None => None,
+        };
+        let mut tx = self.db.begin_write().await?;
+        let received = chrono::Utc::now();
+        if !runtime::stripe_webhook::record_event(&mut tx, &event.id, &event.kind, received).await?
+        {
+            tx.rollback().await?;
+            return Ok(ChargeEvent::Seen);
+        }
+        let purchase = match &key {
+            Some(key) => store::purchase(&mut tx, key).await?,
+            None => None,
+        };
+        match purchase {
+            Some(p) => Ok(ChargeEvent::Purchase(tx, Box::new(p))),
+            None => {
+                tracing::info!(event = %event.id, payment_intent = ?payment_intent, "Stripe refund or dispute for no purchase of this wallet; recorded and ignored");
+                tx.commit().await?;
+                Ok(ChargeEvent::NotOurs)
+            }
+        }
+    }
+
+    /// `p`'s wallet locked (due housekeeping applied) and `p` read again under that lock.
+    async fn lock_purchase(
+        &self,
+        tx: &mut Transaction<'static, Any>,
+        p: &PurchaseRecord,
+    ) -> Result<(Account, PurchaseRecord), WalletError> {
+        let mut acct = Account::lock(tx, &self.db, &p.wallet_id, self.now()).await?;
+        acct.housekeeping(tx).await?;
+        let p = store::purchase(tx, &p.purchase_id)
+            .await?
+            .ok_or_else(|| runtime::db::DbError::Corrupt("purchase vanished".into()))?;
+        Ok((acct, p))
+    }
+}
+
+/// A charge-level Stripe event, read by [`Wallets::charge_event`].
+enum ChargeEvent {
+    /// Applied before (its id is recorded): nothing to do.
+    Seen,
+    /// About no purchase of this wallet: recorded, committed, nothing else to do.
+    NotOurs,
+    /// Recorded in this transaction, not committed yet; the purchase it is about.
+    Purchase(Transaction<'static, Any>, Box<PurchaseRecord>),
 }
 
 /// The wallet's side of Stripe's webhooks (`runtime::stripe_webhook`).
@@ -563,6 +656,40 @@ async fn apply_reversal(
             "wallet_id": p.wallet_id, "purchase_id": p.purchase_id, "credits": p.credits,
             "amount": p.amount.amount_text(), "currency": p.amount.currency().code(),
             "trigger": p.trigger.as_str(), "reason": reason,
+        }),
+    );
+    store::update_purchase(tx, p, acct.now).await?;
+    Ok(())
+}
+
+/// A dispute of the whole of `p` closed in our favour: the credits its creation took back are
+/// granted again, in a new lot with the purchase's expiry (a debt the dispute left is paid from
+/// them first), and `p` is `succeeded` again. Applied to a `returned` purchase only.
+async fn reinstate(
+    tx: &mut Transaction<'static, Any>,
+    acct: &mut Account,
+    p: &mut PurchaseRecord,
+) -> Result<(), WalletError> {
+    if p.status != PurchaseStatus::Returned {
+        return Ok(());
+    }
+    let (lot_id, _) = acct.grant(
+        LotKind::Purchased,
+        p.credits,
+        p.expires_at,
+        EntryKind::Purchase,
+        format!("purchase:{}", p.purchase_id),
+        format!("{} credits for {}: dispute won", p.credits, p.amount),
+    );
+    p.status = PurchaseStatus::Succeeded;
+    p.failure_reason = String::new();
+    p.lot_id = Some(lot_id);
+    acct.event(
+        "wallet.payment_reinstated",
+        json!({
+            "wallet_id": p.wallet_id, "purchase_id": p.purchase_id, "credits": p.credits,
+            "amount": p.amount.amount_text(), "currency": p.amount.currency().code(),
+            "trigger": p.trigger.as_str(),
         }),
     );
     store::update_purchase(tx, p, acct.now).await?;

@@ -593,3 +593,80 @@ async fn a_refund_whose_payment_intent_cannot_be_retrieved_is_not_recorded_so_st
     assert_eq!(recorded, 0);
     assert_eq!(h.wallet("w1").await.balance, 0);
 }
+
+// rule C9: a dispute the platform wins gives back what its creation took, once
+#[tokio::test]
+async fn c9_a_dispute_won_gives_the_credits_back_once_paying_the_debt_it_left_first() {
+    let Some((h, p, pi)) = paid_purchase_with_webhooks().await else {
+        return;
+    };
+    h.charge("w1", "m1", 400).await.unwrap();
+    let dispute = stripe_events::dispute("evt_dispute_won_1", &pi, 1_000);
+    assert_eq!(deliver(&h, &dispute, None).await, (200, "applied".into()));
+    let w = h.wallet("w1").await;
+    assert_eq!((w.balance, w.debt), (-400, 400), "600 taken back, 400 owed");
+
+    let won = stripe_events::dispute_closed("evt_dispute_won_2", &pi, 1_000, "won");
+    assert_eq!(deliver(&h, &won, None).await, (200, "applied".into()));
+    let w = h.wallet("w1").await;
+    assert_eq!(
+        (w.balance, w.debt, w.available),
+        (600, 0, 600),
+        "1,000 granted again: 400 pay the debt, 600 are left"
+    );
+    let reinstated = h.events_of("wallet.payment_reinstated", 1).await;
+    assert_eq!(reinstated.len(), 1);
+    let payload: serde_json::Value = serde_json::from_str(&reinstated[0].payload_json).unwrap();
+    assert_eq!(payload["purchase_id"], p.purchase_id.as_str());
+    assert_eq!(payload["credits"], 1_000);
+
+    // The same closing delivered again gives nothing more.
+    assert_eq!(
+        deliver(&h, &won, None).await,
+        (200, "already applied".into())
+    );
+    assert_eq!(h.wallet("w1").await.balance, 600);
+    assert_eq!(h.events_of("wallet.payment_reinstated", 1).await.len(), 1);
+    // Out of debt, the wallet sends again; its books hold (a reinstated purchase: two purchase
+    // entries, one claw-back, its new lot).
+    h.charge("w1", "m2", 100).await.unwrap();
+    assert_books_verify(&h).await;
+    // A refund of the charge afterwards takes the credits back once more, as for any payment.
+    let refund = refund_event("evt_refund_after_won", &pi, 1_000);
+    assert_eq!(deliver(&h, &refund, None).await, (200, "applied".into()));
+    let w = h.wallet("w1").await;
+    assert_eq!((w.balance, w.debt), (-500, 500));
+    assert_books_verify(&h).await;
+}
+
+// rule C9: a dispute closed before its creation was applied waits for it (Stripe does not
+// promise order), and a lost dispute gives nothing back
+#[tokio::test]
+async fn a_dispute_closing_that_arrives_first_waits_for_the_dispute_and_a_lost_one_gives_nothing() {
+    let Some((h, _, pi)) = paid_purchase_with_webhooks().await else {
+        return;
+    };
+    let won = stripe_events::dispute_closed("evt_dispute_early_2", &pi, 1_000, "won");
+    assert_eq!(
+        deliver(&h, &won, None).await,
+        (500, "not applied".into()),
+        "nothing to give back yet: not recorded, so Stripe delivers it again"
+    );
+    assert_eq!(h.wallet("w1").await.balance, 1_000);
+    let dispute = stripe_events::dispute("evt_dispute_early_1", &pi, 1_000);
+    assert_eq!(deliver(&h, &dispute, None).await, (200, "applied".into()));
+    assert_eq!(h.wallet("w1").await.balance, 0);
+    assert_eq!(deliver(&h, &won, None).await, (200, "applied".into()));
+    assert_eq!(h.wallet("w1").await.balance, 1_000);
+    assert_books_verify(&h).await;
+
+    // Another purchase, disputed and lost: its credits stay taken back.
+    let (h, _, pi) = paid_purchase_with_webhooks().await.unwrap();
+    let dispute = stripe_events::dispute("evt_dispute_lost_1", &pi, 1_000);
+    assert_eq!(deliver(&h, &dispute, None).await, (200, "applied".into()));
+    let lost = stripe_events::dispute_closed("evt_dispute_lost_2", &pi, 1_000, "lost");
+    assert_eq!(deliver(&h, &lost, None).await, (200, "applied".into()));
+    assert_eq!(h.wallet("w1").await.balance, 0);
+    assert_eq!(h.events_of("wallet.payment_reinstated", 0).await.len(), 0);
+    assert_books_verify(&h).await;
+}
