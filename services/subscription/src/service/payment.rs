@@ -216,38 +216,14 @@ impl Subscriptions {
         reversal: &runtime::stripe_webhook::Reversal,
     ) -> anyhow::Result<bool> {
         use runtime::stripe_webhook::ReversalKind;
-        // Outside any transaction: the write lock is not held across a call to Stripe.
-        let key = match reversal.payment_intent.as_deref() {
-            Some(pi) => self.gateway.key_of_charge(pi).await.map_err(|e| {
-                anyhow::anyhow!("retrieving PaymentIntent {pi} for {}: {e}", event.id)
-            })?,
-            None => None,
-        };
-        let mut tx = self.db.begin_write().await?;
-        if !runtime::stripe_webhook::record_event(
-            &mut tx,
-            &event.id,
-            &event.kind,
-            chrono::Utc::now(),
-        )
-        .await?
-        {
-            tx.rollback().await?;
-            return Ok(false);
-        }
-        let found = match &key {
-            Some(key) => store::invoice_by_gateway_key(&mut tx, key).await?,
-            None => None,
-        };
-        let Some(found) = found else {
-            tracing::info!(event = %event.id, payment_intent = ?reversal.payment_intent, "Stripe refund or dispute for no invoice of this service; recorded and ignored");
-            tx.commit().await?;
-            return Ok(true);
-        };
-        let mut unit = Unit::lock(&mut tx, &self.db, &found.account_id, self.now()).await?;
-        let mut invoice = store::invoice(&mut tx, &self.db, &found.invoice_id, true)
+        let (mut tx, mut unit, mut invoice) = match self
+            .charge_event(event, reversal.payment_intent.as_deref())
             .await?
-            .ok_or_else(|| runtime::db::DbError::Corrupt("invoice vanished".into()))?;
+        {
+            ChargeEvent::Seen => return Ok(false),
+            ChargeEvent::NotOurs => return Ok(true),
+            ChargeEvent::Invoice(found) => *found,
+        };
         match invoice.status {
             InvoiceStatus::Paid => {}
             InvoiceStatus::Pending => {
@@ -325,15 +301,138 @@ impl Subscriptions {
     }
 }
 
+impl Subscriptions {
+    /// `charge.dispute.closed` in the platform's favour (`won`, or an inquiry `warning_closed`):
+    /// an invoice a whole dispute had reopened (open, with `returned_at`) is paid again by the
+    /// money that came back: `paid`, the subscription active again if it was past due, history
+    /// `dispute_won`, `subscription.payment_reinstated`. A dispute of a part reopened nothing
+    /// and gives nothing back; a whole one whose creation is not applied yet is an error (500),
+    /// so Stripe delivers the closing again after it. An invoice collected again meanwhile is
+    /// found no more by this PaymentIntent (its key is the new attempt's): the closing is
+    /// recorded and ignored, and the customer, who paid twice, is an operator's to refund.
+    pub async fn apply_stripe_reinstatement(
+        &self,
+        event: &runtime::stripe_webhook::WebhookEvent,
+        reinstatement: &runtime::stripe_webhook::Reinstatement,
+    ) -> anyhow::Result<bool> {
+        let (mut tx, mut unit, mut invoice) = match self
+            .charge_event(event, reinstatement.payment_intent.as_deref())
+            .await?
+        {
+            ChargeEvent::Seen => return Ok(false),
+            ChargeEvent::NotOurs => return Ok(true),
+            ChargeEvent::Invoice(found) => *found,
+        };
+        let total = invoice.total.to_minor_units().map_err(|e| {
+            runtime::db::DbError::Corrupt(format!("invoice {} total: {e}", invoice.invoice_id))
+        })?;
+        let whole = reinstatement.is_whole(total);
+        if whole && invoice.status == InvoiceStatus::Paid {
+            tx.rollback().await?;
+            anyhow::bail!(
+                "invoice {}: the dispute closed by {} has not been applied yet",
+                invoice.invoice_id,
+                event.id
+            );
+        }
+        if !(whole && invoice.status == InvoiceStatus::Open && invoice.returned_at.is_some()) {
+            tracing::info!(invoice = %invoice.invoice_id, event = %event.id, status = invoice.status.as_str(), "Stripe dispute closed in our favour for an invoice it did not reopen; nothing to do");
+            tx.commit().await?;
+            return Ok(true);
+        }
+        invoice.status = InvoiceStatus::Paid;
+        invoice.paid_at = Some(unit.now);
+        invoice.returned_at = None;
+        invoice.next_attempt_at = None;
+        if unit.sub.status == SubStatus::PastDue {
+            unit.sub.status = SubStatus::Active;
+        }
+        unit.record(
+            &system().0,
+            "dispute_won",
+            format!("invoice {}: the disputed payment came back", invoice.number),
+        );
+        unit.event(
+            "subscription.payment_reinstated",
+            json!({"invoice_id": invoice.invoice_id, "number": invoice.number}),
+        );
+        store::update_invoice_payment(&mut tx, &invoice).await?;
+        unit.save(&mut tx).await?;
+        tx.commit().await?;
+        self.platform.outbox.poke();
+        Ok(true)
+    }
+
+    /// The transaction that records a charge-level event (a refund, a dispute) with the
+    /// subscription locked and the invoice the event's PaymentIntent paid. The PaymentIntent
+    /// is read from Stripe first, outside any transaction: the write lock is not held across a
+    /// call to Stripe.
+    async fn charge_event(
+        &self,
+        event: &runtime::stripe_webhook::WebhookEvent,
+        payment_intent: Option<&str>,
+    ) -> anyhow::Result<ChargeEvent> {
+        let key = match payment_intent {
+            Some(pi) => self.gateway.key_of_charge(pi).await.map_err(|e| {
+                anyhow::anyhow!("retrieving PaymentIntent {pi} for {}: {e}", event.id)
+            })?,
+            None => None,
+        };
+        let mut tx = self.db.begin_write().await?;
+        if !runtime::stripe_webhook::record_event(
+            &mut tx,
+            &event.id,
+            &event.kind,
+            chrono::Utc::now(),
+        )
+        .await?
+        {
+            tx.rollback().await?;
+            return Ok(ChargeEvent::Seen);
+        }
+        let found = match &key {
+            Some(key) => store::invoice_by_gateway_key(&mut tx, key).await?,
+            None => None,
+        };
+        let Some(found) = found else {
+            tracing::info!(event = %event.id, payment_intent = ?payment_intent, "Stripe refund or dispute for no invoice of this service; recorded and ignored");
+            tx.commit().await?;
+            return Ok(ChargeEvent::NotOurs);
+        };
+        let unit = Unit::lock(&mut tx, &self.db, &found.account_id, self.now()).await?;
+        let invoice = store::invoice(&mut tx, &self.db, &found.invoice_id, true)
+            .await?
+            .ok_or_else(|| runtime::db::DbError::Corrupt("invoice vanished".into()))?;
+        Ok(ChargeEvent::Invoice(Box::new((tx, unit, invoice))))
+    }
+}
+
+/// A charge-level Stripe event, read by [`Subscriptions::charge_event`].
+enum ChargeEvent {
+    /// Applied before (its id is recorded): nothing to do.
+    Seen,
+    /// About no invoice of this service: recorded, committed, nothing else to do.
+    NotOurs,
+    /// Recorded in this transaction, not committed yet, with the invoice's subscription locked
+    /// and the invoice read under that lock.
+    Invoice(Box<(Transaction<'static, Any>, Unit, InvoiceRecord)>),
+}
+
 /// The subscription service's side of Stripe's webhooks (`runtime::stripe_webhook`).
 pub struct StripeEvents(pub Subscriptions);
 
 #[tonic::async_trait]
 impl runtime::stripe_webhook::WebhookHandler for StripeEvents {
     async fn apply(&self, event: &runtime::stripe_webhook::WebhookEvent) -> anyhow::Result<bool> {
-        match &event.reversal {
-            Some(reversal) => self.0.apply_stripe_reversal(event, reversal).await,
-            None => Ok(self.0.apply_stripe_event(event).await?),
+        if let Some(reversal) = &event.reversal {
+            return self.0.apply_stripe_reversal(event, reversal).await;
         }
+        if let Some(reinstatement) = &event.reinstatement {
+            return self
+                .0
+                .apply_stripe_reinstatement(event, reinstatement)
+                .await;
+        }
+        Ok(self.0.apply_stripe_event(event).await?)
     }
 }

@@ -376,3 +376,94 @@ async fn s18_a_partial_refund_changes_no_invoice_and_says_how_much_came_back() {
         pb::SubscriptionStatus::Active as i32
     );
 }
+
+// rule S18: a dispute the platform wins is the payment back: the reopened invoice is paid again
+#[tokio::test]
+async fn s18_a_dispute_won_pays_the_reopened_invoice_again_once_and_sending_resumes() {
+    let Some((h, _, invoice, pi)) = paid_by_card_with_webhooks().await else {
+        return;
+    };
+    let total = minor_units(invoice.total.as_ref());
+    // Stripe does not promise order: a closing before its dispute waits for it.
+    let won = stripe_events::dispute_closed("evt_dispute_won", &pi, total, "won");
+    assert_eq!(
+        deliver(&h, &won, WEBHOOK_SECRET).await,
+        (500, "not applied".into())
+    );
+    assert_eq!(
+        h.invoices("a1").await[0].status,
+        pb::InvoiceStatus::Paid as i32
+    );
+    let dispute = stripe_events::dispute("evt_dispute_1", &pi, total);
+    assert_eq!(
+        deliver(&h, &dispute, WEBHOOK_SECRET).await,
+        (200, "applied".into())
+    );
+    assert_eq!(
+        h.get("a1").await.status,
+        pb::SubscriptionStatus::PastDue as i32
+    );
+    assert!(!h.check("a1", 1).await.allowed);
+
+    assert_eq!(
+        deliver(&h, &won, WEBHOOK_SECRET).await,
+        (200, "applied".into())
+    );
+    let paid = h.invoices("a1").await.remove(0);
+    assert_eq!(paid.status, pb::InvoiceStatus::Paid as i32);
+    assert!(paid.returned_at.is_none(), "{paid:?}");
+    assert!(paid.paid_at.is_some());
+    let s = h.get("a1").await;
+    assert_eq!(s.status, pb::SubscriptionStatus::Active as i32);
+    assert!(s.history.iter().any(|e| e.action == "dispute_won"));
+    assert!(h.check("a1", 1).await.allowed);
+    let events = h.events_of("subscription.payment_reinstated", 1).await;
+    assert_eq!(events.len(), 1);
+    let payload: serde_json::Value = serde_json::from_str(&events[0].payload_json).unwrap();
+    assert_eq!(payload["invoice_id"], invoice.invoice_id);
+
+    // Delivered again: nothing more.
+    assert_eq!(
+        deliver(&h, &won, WEBHOOK_SECRET).await,
+        (200, "already applied".into())
+    );
+    assert_eq!(
+        h.events_of("subscription.payment_reinstated", 1)
+            .await
+            .len(),
+        1
+    );
+}
+
+// rule S18: a lost dispute leaves the money with the customer: the invoice stays open
+#[tokio::test]
+async fn s18_a_lost_dispute_leaves_the_invoice_open_and_sending_stopped() {
+    let Some((h, _, invoice, pi)) = paid_by_card_with_webhooks().await else {
+        return;
+    };
+    let total = minor_units(invoice.total.as_ref());
+    let dispute = stripe_events::dispute("evt_dispute_1", &pi, total);
+    assert_eq!(
+        deliver(&h, &dispute, WEBHOOK_SECRET).await,
+        (200, "applied".into())
+    );
+    let lost = stripe_events::dispute_closed("evt_dispute_lost", &pi, total, "lost");
+    assert_eq!(
+        deliver(&h, &lost, WEBHOOK_SECRET).await,
+        (200, "applied".into())
+    );
+    assert_eq!(
+        h.invoices("a1").await[0].status,
+        pb::InvoiceStatus::Open as i32
+    );
+    assert_eq!(
+        h.get("a1").await.status,
+        pb::SubscriptionStatus::PastDue as i32
+    );
+    assert!(!h.check("a1", 1).await.allowed);
+    assert!(
+        h.events_of("subscription.payment_reinstated", 0)
+            .await
+            .is_empty()
+    );
+}
