@@ -317,6 +317,33 @@ pub async fn record_event(
     Ok(done.rows_affected() == 1)
 }
 
+/// The start of applying a charge-level event (a refund, a dispute or its closing), which
+/// names only a PaymentIntent: its `billing_key` is read from `gateway` first, outside any
+/// transaction (the write lock is never held across a call to Stripe; a failure is an error,
+/// and Stripe delivers again), then a write transaction records the event. `None`: the event
+/// was applied before, nothing to do. Otherwise the transaction, to be committed with what the
+/// event changes, and the key (`None` for a PaymentIntent that is not ours).
+pub async fn begin_charge_event(
+    db: &crate::db::Db,
+    gateway: &dyn shared::PaymentGateway,
+    event: &WebhookEvent,
+    payment_intent: Option<&str>,
+) -> anyhow::Result<Option<(sqlx::Transaction<'static, sqlx::Any>, Option<String>)>> {
+    let key = match payment_intent {
+        Some(pi) => gateway
+            .key_of_charge(pi)
+            .await
+            .map_err(|e| anyhow::anyhow!("retrieving PaymentIntent {pi} for {}: {e}", event.id))?,
+        None => None,
+    };
+    let mut tx = db.begin_write().await?;
+    if !record_event(&mut tx, &event.id, &event.kind, chrono::Utc::now()).await? {
+        tx.rollback().await?;
+        return Ok(None);
+    }
+    Ok(Some((tx, key)))
+}
+
 #[derive(Clone)]
 struct Endpoint {
     secret: Secret,

@@ -417,26 +417,22 @@ impl Wallets {
     }
 
     /// The transaction that records a charge-level event (a refund, a dispute) and the purchase
-    /// the event's PaymentIntent paid for. The PaymentIntent is read from Stripe first, outside
-    /// any transaction: the write lock is not held across a call to Stripe.
+    /// the event's PaymentIntent paid for ([`runtime::stripe_webhook::begin_charge_event`]).
     async fn charge_event(
         &self,
         event: &runtime::stripe_webhook::WebhookEvent,
         payment_intent: Option<&str>,
     ) -> anyhow::Result<ChargeEvent> {
-        let key = match payment_intent {
-            Some(pi) => self.gateway.key_of_charge(pi).await.map_err(|e| {
-                anyhow::anyhow!("retrieving PaymentIntent {pi} for {}: {e}", event.id)
-            })?,
-            None => None,
-        };
-        let mut tx = self.db.begin_write().await?;
-        let received = chrono::Utc::now();
-        if !runtime::stripe_webhook::record_event(&mut tx, &event.id, &event.kind, received).await?
-        {
-            tx.rollback().await?;
+        let Some((mut tx, key)) = runtime::stripe_webhook::begin_charge_event(
+            &self.db,
+            self.gateway.as_ref(),
+            event,
+            payment_intent,
+        )
+        .await?
+        else {
             return Ok(ChargeEvent::Seen);
-        }
+        };
         let purchase = match &key {
             Some(key) => store::purchase(&mut tx, key).await?,
             None => None,

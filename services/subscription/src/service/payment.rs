@@ -364,32 +364,23 @@ impl Subscriptions {
     }
 
     /// The transaction that records a charge-level event (a refund, a dispute) with the
-    /// subscription locked and the invoice the event's PaymentIntent paid. The PaymentIntent
-    /// is read from Stripe first, outside any transaction: the write lock is not held across a
-    /// call to Stripe.
+    /// subscription locked and the invoice the event's PaymentIntent paid
+    /// ([`runtime::stripe_webhook::begin_charge_event`]).
     async fn charge_event(
         &self,
         event: &runtime::stripe_webhook::WebhookEvent,
         payment_intent: Option<&str>,
     ) -> anyhow::Result<ChargeEvent> {
-        let key = match payment_intent {
-            Some(pi) => self.gateway.key_of_charge(pi).await.map_err(|e| {
-                anyhow::anyhow!("retrieving PaymentIntent {pi} for {}: {e}", event.id)
-            })?,
-            None => None,
-        };
-        let mut tx = self.db.begin_write().await?;
-        if !runtime::stripe_webhook::record_event(
-            &mut tx,
-            &event.id,
-            &event.kind,
-            chrono::Utc::now(),
+        let Some((mut tx, key)) = runtime::stripe_webhook::begin_charge_event(
+            &self.db,
+            self.gateway.as_ref(),
+            event,
+            payment_intent,
         )
         .await?
-        {
-            tx.rollback().await?;
+        else {
             return Ok(ChargeEvent::Seen);
-        }
+        };
         let found = match &key {
             Some(key) => store::invoice_by_gateway_key(&mut tx, key).await?,
             None => None,
