@@ -110,7 +110,7 @@ enum Begun<T: Reply> {
 }
 
 /// Like [`Begun`] for a send, whose answer is recorded encoded ([`SendAnswer`]).
-enum Began {
+enum BegunSend {
     Replay(Result<Vec<u8>, Status>),
     Fresh(Transaction<'static, Any>),
 }
@@ -163,11 +163,11 @@ impl Wallets {
     }
 
     /// Like [`Wallets::begin`] for a send, whose answer is recorded encoded.
-    async fn begin_bytes(&self, key: &IdempotencyKey) -> Result<Began, WalletError> {
+    async fn begin_bytes(&self, key: &IdempotencyKey) -> Result<BegunSend, WalletError> {
         let mut tx = self.db.begin_write().await?;
         match key.claim_bytes(&mut tx).await? {
-            Claimed::Replay(r) => Ok(Began::Replay(r)),
-            Claimed::New => Ok(Began::Fresh(tx)),
+            Claimed::Replay(r) => Ok(BegunSend::Replay(r)),
+            Claimed::New => Ok(BegunSend::Fresh(tx)),
         }
     }
 

@@ -7,7 +7,7 @@ use runtime::{convert::Answer, idempotency::IdempotencyKey};
 use sqlx::{Any, Transaction};
 
 use super::{
-    Began, Locked, Wallets,
+    BegunSend, Locked, Wallets,
     group_commit::{self, Batched, GroupCommit, Op},
     purchases::{apply_outcome, fixed_top_up_after, new_purchase, price},
     send_rules::{Spend, active_hold, apply_send, capture_hold, rate, refuse_send, top_up_plan},
@@ -97,8 +97,8 @@ impl Wallets {
     ) -> Result<SendAnswer, WalletError> {
         // Phase 1: pay from the wallet, refuse, or record the purchase the send needs.
         let mut tx = match self.begin_bytes(key).await? {
-            Began::Replay(r) => return Self::replayed(r).map(SendAnswer::Replayed),
-            Began::Fresh(tx) => tx,
+            BegunSend::Replay(r) => return Self::replayed(r).map(SendAnswer::Replayed),
+            BegunSend::Fresh(tx) => tx,
         };
         let mut acct = Account::lock(&mut tx, &self.db, wallet_id, self.now()).await?;
         acct.housekeeping(&mut tx).await?;
@@ -178,8 +178,8 @@ impl Wallets {
 
         // Phase 3: apply the outcome and spend, under the wallet's lock again.
         let mut tx = match self.begin_bytes(key).await? {
-            Began::Replay(r) => return Self::replayed(r).map(SendAnswer::Replayed),
-            Began::Fresh(tx) => tx,
+            BegunSend::Replay(r) => return Self::replayed(r).map(SendAnswer::Replayed),
+            BegunSend::Fresh(tx) => tx,
         };
         let mut acct = Account::lock(&mut tx, &self.db, wallet_id, self.now()).await?;
         acct.housekeeping(&mut tx).await?;
@@ -259,8 +259,8 @@ impl Wallets {
         recipients_sent: u64,
     ) -> Result<SendAnswer, WalletError> {
         let mut tx = match self.begin_bytes(key).await? {
-            Began::Replay(r) => return Self::replayed(r).map(SendAnswer::Replayed),
-            Began::Fresh(tx) => tx,
+            BegunSend::Replay(r) => return Self::replayed(r).map(SendAnswer::Replayed),
+            BegunSend::Fresh(tx) => tx,
         };
         let mut acct = Account::lock(&mut tx, &self.db, wallet_id, self.now()).await?;
         acct.housekeeping(&mut tx).await?;
