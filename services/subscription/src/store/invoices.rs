@@ -203,15 +203,7 @@ pub async fn update_invoice_payment(
          paid_at_us = $5, payment_kind = $6, payment_method = $7, gateway_key = $8, \
          returned_at_us = $9 WHERE invoice_id = $1",
     )
-    .bind(&i.invoice_id)
-    .bind(i.status.as_str())
-    .bind(i64::from(i.payment_attempts))
-    .bind(i.next_attempt_at.map(micros))
-    .bind(i.paid_at.map(micros))
-    .bind(i.payment_kind.as_str())
-    .bind(&i.payment_method)
-    .bind(&i.gateway_key)
-    .bind(i.returned_at.map(micros))
+    .bind_payment(i)
     .execute(conn)
     .await?;
     Ok(())
@@ -233,20 +225,32 @@ pub async fn update_invoice_payments(
         );
         let mut query = sqlx::query(&q);
         for i in chunk.rows() {
-            query = query
-                .bind(&i.invoice_id)
-                .bind(i.status.as_str())
-                .bind(i64::from(i.payment_attempts))
-                .bind(i.next_attempt_at.map(micros))
-                .bind(i.paid_at.map(micros))
-                .bind(i.payment_kind.as_str())
-                .bind(&i.payment_method)
-                .bind(&i.gateway_key)
-                .bind(i.returned_at.map(micros));
+            query = query.bind_payment(i);
         }
         query.bind(chunk.count()).execute(&mut *conn).await?;
     }
     Ok(())
+}
+
+/// Binds an invoice's payment state in the order of [`update_invoice_payment`]'s parameters
+/// (id, status, attempts, next attempt, paid at, payment kind, method, gateway key, returned
+/// at): one list for the single and the many-row update.
+trait BindPayment<'q> {
+    fn bind_payment(self, i: &'q InvoiceRecord) -> Self;
+}
+
+impl<'q> BindPayment<'q> for sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>> {
+    fn bind_payment(self, i: &'q InvoiceRecord) -> Self {
+        self.bind(&i.invoice_id)
+            .bind(i.status.as_str())
+            .bind(i64::from(i.payment_attempts))
+            .bind(i.next_attempt_at.map(micros))
+            .bind(i.paid_at.map(micros))
+            .bind(i.payment_kind.as_str())
+            .bind(&i.payment_method)
+            .bind(&i.gateway_key)
+            .bind(i.returned_at.map(micros))
+    }
 }
 
 /// Marks an open invoice's attempt whose outcome is unknown (asked again with the same key).
