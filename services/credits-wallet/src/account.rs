@@ -51,7 +51,8 @@ pub fn month_start(now: DateTime<Utc>) -> DateTime<Utc> {
 }
 
 impl Account {
-    /// Locks `wallet_id` (row lock on PostgreSQL) and loads its lots.
+    /// Locks `wallet_id` (row lock on PostgreSQL), loads its lots, and removes what is due
+    /// ([`Account::housekeeping`]): every transaction on a locked wallet starts so.
     pub async fn lock(
         conn: &mut AnyConnection,
         db: &Db,
@@ -61,7 +62,9 @@ impl Account {
         let wallet = store::lock_wallet(conn, db, wallet_id)
             .await?
             .ok_or_else(|| WalletError::WalletNotFound(wallet_id.to_string()))?;
-        Self::load(conn, wallet, now).await
+        let mut acct = Self::load(conn, wallet, now).await?;
+        acct.housekeeping(conn).await?;
+        Ok(acct)
     }
 
     /// Loads the lots of a wallet just read or inserted.
@@ -262,9 +265,9 @@ impl Account {
     }
 
     /// Removes credits whose lots have expired (C7: monthly credits do not roll over), and
-    /// lapses holds past their expiry. Run first in every transaction on a wallet, so expired
-    /// credits never count even before the background sweep.
-    pub async fn housekeeping(&mut self, conn: &mut AnyConnection) -> Result<(), WalletError> {
+    /// lapses holds past their expiry. Run by [`Account::lock`], first in every transaction on
+    /// a wallet, so expired credits never count even before the background sweep.
+    async fn housekeeping(&mut self, conn: &mut AnyConnection) -> Result<(), WalletError> {
         let lapsed = store::lapsed_reservations(conn, &self.wallet.wallet_id, self.now).await?;
         self.housekeeping_with(lapsed);
         Ok(())

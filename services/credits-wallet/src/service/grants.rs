@@ -109,10 +109,8 @@ impl Wallets {
         };
         let now = self.now();
         let (first, second) = if from < to { (from, to) } else { (to, from) };
-        let mut a = Account::lock(&mut tx, &self.db, first, now).await?;
-        let mut b = Account::lock(&mut tx, &self.db, second, now).await?;
-        a.housekeeping(&mut tx).await?;
-        b.housekeeping(&mut tx).await?;
+        let a = Account::lock(&mut tx, &self.db, first, now).await?;
+        let b = Account::lock(&mut tx, &self.db, second, now).await?;
         let (mut source, mut target) = if from < to { (a, b) } else { (b, a) };
         let before = source.clone();
         if source.wallet.debt > 0 {

@@ -157,8 +157,7 @@ impl Wallets {
             Begun::Replay(r) => return Ok(Locked::Replay(r)),
             Begun::Fresh(tx) => tx,
         };
-        let mut acct = Account::lock(&mut tx, &self.db, wallet_id, self.now()).await?;
-        acct.housekeeping(&mut tx).await?;
+        let acct = Account::lock(&mut tx, &self.db, wallet_id, self.now()).await?;
         Ok(Locked::Fresh(tx, Box::new(acct)))
     }
 

@@ -250,11 +250,7 @@ impl Wallets {
             return Ok(());
         }
         let mut tx = self.db.begin_write().await?;
-        let mut acct = Account::lock(&mut tx, &self.db, &p.wallet_id, self.now()).await?;
-        acct.housekeeping(&mut tx).await?;
-        let mut p = store::purchase(&mut tx, purchase_id)
-            .await?
-            .ok_or_else(|| runtime::db::DbError::Corrupt("purchase vanished".into()))?;
+        let (mut acct, mut p) = self.lock_purchase(&mut tx, &p).await?;
         apply_outcome(&mut tx, &mut acct, &mut p, &outcome).await?;
         acct.save(&mut tx).await?;
         tx.commit().await?;
@@ -323,11 +319,7 @@ impl Wallets {
             tx.commit().await?;
             return Ok(true);
         }
-        let mut acct = Account::lock(&mut tx, &self.db, &p.wallet_id, self.now()).await?;
-        acct.housekeeping(&mut tx).await?;
-        let mut p = store::purchase(&mut tx, &p.purchase_id)
-            .await?
-            .ok_or_else(|| runtime::db::DbError::Corrupt("purchase vanished".into()))?;
+        let (mut acct, mut p) = self.lock_purchase(&mut tx, &p).await?;
         apply_outcome(&mut tx, &mut acct, &mut p, &outcome).await?;
         acct.save(&mut tx).await?;
         tx.commit().await?;
@@ -453,8 +445,7 @@ impl Wallets {
         tx: &mut Transaction<'static, Any>,
         p: &PurchaseRecord,
     ) -> Result<(Account, PurchaseRecord), WalletError> {
-        let mut acct = Account::lock(tx, &self.db, &p.wallet_id, self.now()).await?;
-        acct.housekeeping(tx).await?;
+        let acct = Account::lock(tx, &self.db, &p.wallet_id, self.now()).await?;
         let p = store::purchase(tx, &p.purchase_id)
             .await?
             .ok_or_else(|| runtime::db::DbError::Corrupt("purchase vanished".into()))?;

@@ -100,8 +100,7 @@ impl Wallets {
             BegunSend::Replay(r) => return Self::replayed(r).map(SendAnswer::Replayed),
             BegunSend::Fresh(tx) => tx,
         };
-        let mut acct = Account::lock(&mut tx, &self.db, wallet_id, self.now()).await?;
-        acct.housekeeping(&mut tx).await?;
+        let acct = Account::lock(&mut tx, &self.db, wallet_id, self.now()).await?;
         let needed = rate(&acct.wallet.rating, spend.recipients())?;
         let before = acct.clone();
         if let Some(err) = refuse_send(&acct, &spend) {
@@ -182,7 +181,6 @@ impl Wallets {
             BegunSend::Fresh(tx) => tx,
         };
         let mut acct = Account::lock(&mut tx, &self.db, wallet_id, self.now()).await?;
-        acct.housekeeping(&mut tx).await?;
         let mut p = store::purchase(&mut tx, &purchase.purchase_id)
             .await?
             .ok_or_else(|| runtime::db::DbError::Corrupt("purchase vanished".into()))?;
@@ -263,7 +261,6 @@ impl Wallets {
             BegunSend::Fresh(tx) => tx,
         };
         let mut acct = Account::lock(&mut tx, &self.db, wallet_id, self.now()).await?;
-        acct.housekeeping(&mut tx).await?;
         let held = store::reservation(&mut tx, wallet_id, reservation_id).await?;
         let r = active_hold(held, reservation_id, acct.now)?;
         let before = acct.clone();

@@ -86,8 +86,7 @@ impl Wallets {
     /// GetWallet: the wallet after any due expiry (expired credits never count).
     pub async fn get_wallet(&self, wallet_id: &str) -> Result<WalletView, WalletError> {
         let mut tx = self.db.begin_write().await?;
-        let mut acct = Account::lock(&mut tx, &self.db, wallet_id, self.now()).await?;
-        acct.housekeeping(&mut tx).await?;
+        let acct = Account::lock(&mut tx, &self.db, wallet_id, self.now()).await?;
         let response = acct.view();
         if acct.has_changes() {
             acct.save(&mut tx).await?;
