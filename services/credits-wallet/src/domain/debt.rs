@@ -65,16 +65,6 @@ pub fn plan_clawback(
     take_in_order(own.into_iter().chain(others), credits)
 }
 
-/// Whether money taken back from a paid purchase (a refund, a dispute) takes back its
-/// credits: all or nothing. Only when the whole price has come back (`reversed_minor`, all
-/// refunds so far or the disputed amount, reaches `price_minor`, or the provider says the
-/// charge is refunded in full) are all its credits clawed back as for a returned debit (C9).
-/// Less than that moves no credits: how many credits a part of a volume-priced purchase (C1)
-/// stands for is a business decision, left to an operator (an adjustment).
-pub fn reversal_is_whole(price_minor: i64, reversed_minor: i64, complete: bool) -> bool {
-    complete || reversed_minor >= price_minor
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
@@ -102,19 +92,6 @@ mod tests {
         assert_eq!(repay_debt(800, 500), (500, 0));
         assert_eq!(repay_debt(-1, 10), (0, 10));
         assert_eq!(repay_debt(10, -1), (0, 0));
-    }
-
-    #[test]
-    fn only_the_whole_price_coming_back_claws_credits_back() {
-        assert!(reversal_is_whole(42_000, 42_000, false));
-        assert!(reversal_is_whole(42_000, 42_000, true));
-        assert!(reversal_is_whole(42_000, 50_000, false));
-        assert!(
-            reversal_is_whole(42_000, 0, true),
-            "Stripe's `refunded` decides"
-        );
-        assert!(!reversal_is_whole(42_000, 41_999, false));
-        assert!(!reversal_is_whole(42_000, 0, false));
     }
 
     #[test]

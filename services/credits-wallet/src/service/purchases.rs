@@ -270,7 +270,7 @@ impl Wallets {
     ///   PaymentIntent they name is retrieved from the gateway (one `GET`, before the
     ///   transaction; a failure answers an error and Stripe delivers again) for its
     ///   `billing_key`. A succeeded purchase whose whole price came back
-    ///   ([`domain::reversal_is_whole`]) is `returned`: its credits clawed back exactly as for a
+    ///   ([`Reversal::is_whole`](runtime::stripe_webhook::Reversal::is_whole)) is `returned`: its credits clawed back exactly as for a
     ///   returned direct debit (C9: own lot first, debt for what was spent), with
     ///   `wallet.payment_returned` whose reason is `refunded` or `disputed`. A part of the price
     ///   coming back moves no credits and emits `wallet.payment_partly_reversed` for an operator.
@@ -379,12 +379,7 @@ impl Wallets {
             ChargeEvent::NotOurs => return Ok(true),
             ChargeEvent::Purchase(tx, p) => (tx, *p),
         };
-        let whole = p
-            .amount
-            .to_minor_units()
-            .map(|price| reinstatement.is_whole(price))
-            .map_err(|e| runtime::db::DbError::Corrupt(format!("purchase amount: {e}")))?;
-        let disputed = p.status == PurchaseStatus::Returned && p.failure_reason == "disputed";
+        let whole = reinstatement.is_whole(price_minor(&p)?);
         if whole && p.status == PurchaseStatus::Succeeded {
             // The dispute's creation, which took the credits back, is not applied yet (Stripe
             // does not promise order): not recorded, so Stripe delivers this again after it.
@@ -395,7 +390,7 @@ impl Wallets {
                 event.id
             );
         }
-        if !(whole && disputed) {
+        if !(whole && returned_by_dispute(&p)) {
             tracing::info!(purchase = %p.purchase_id, event = %event.id, status = p.status.as_str(), "Stripe dispute closed in our favour for a purchase it took nothing from; nothing to give back");
             tx.commit().await?;
             return Ok(true);
@@ -598,7 +593,7 @@ pub(super) async fn apply_outcome(
 
 /// Applies a refund or dispute to a succeeded purchase under the wallet's lock: all its
 /// credits back when the whole price came back, only an event otherwise
-/// ([`domain::reversal_is_whole`]). A purchase that is not `succeeded` is left as it is.
+/// ([`Reversal::is_whole`](runtime::stripe_webhook::Reversal::is_whole)). A purchase that is not `succeeded` is left as it is.
 async fn apply_reversal(
     tx: &mut Transaction<'static, Any>,
     acct: &mut Account,
@@ -609,11 +604,7 @@ async fn apply_reversal(
         return Ok(());
     }
     let reason = reversal.kind.as_str();
-    let price = p
-        .amount
-        .to_minor_units()
-        .map_err(|e| runtime::db::DbError::Corrupt(format!("purchase amount: {e}")))?;
-    if !domain::reversal_is_whole(price, reversal.amount, reversal.complete) {
+    if !reversal.is_whole(price_minor(p)?) {
         let reversed = Money::from_minor_units(reversal.amount, p.amount.currency());
         acct.event(
             "wallet.payment_partly_reversed",
@@ -649,15 +640,28 @@ async fn apply_reversal(
     Ok(())
 }
 
+/// `p`'s price in minor units, as a refund or a dispute names amounts.
+fn price_minor(p: &PurchaseRecord) -> Result<i64, runtime::db::DbError> {
+    p.amount
+        .to_minor_units()
+        .map_err(|e| runtime::db::DbError::Corrupt(format!("purchase amount: {e}")))
+}
+
+/// Whether `p`'s credits were taken back by a dispute ([`apply_reversal`] records the reason).
+fn returned_by_dispute(p: &PurchaseRecord) -> bool {
+    p.status == PurchaseStatus::Returned
+        && p.failure_reason == runtime::stripe_webhook::ReversalKind::Disputed.as_str()
+}
+
 /// A dispute of the whole of `p` closed in our favour: the credits its creation took back are
 /// granted again, in a new lot with the purchase's expiry (a debt the dispute left is paid from
-/// them first), and `p` is `succeeded` again. Applied to a `returned` purchase only.
+/// them first), and `p` is `succeeded` again. Applied only to a purchase a dispute returned.
 async fn reinstate(
     tx: &mut Transaction<'static, Any>,
     acct: &mut Account,
     p: &mut PurchaseRecord,
 ) -> Result<(), WalletError> {
-    if p.status != PurchaseStatus::Returned {
+    if !returned_by_dispute(p) {
         return Ok(());
     }
     let (lot_id, _) = acct.grant(

@@ -240,9 +240,7 @@ impl Subscriptions {
                 return Ok(true);
             }
         }
-        let total = invoice.total.to_minor_units().map_err(|e| {
-            runtime::db::DbError::Corrupt(format!("invoice {} total: {e}", invoice.invoice_id))
-        })?;
+        let total = total_minor(&invoice)?;
         let reason = reversal.kind.as_str();
         let actor = system();
         if !reversal.is_whole(total) {
@@ -323,9 +321,7 @@ impl Subscriptions {
             ChargeEvent::NotOurs => return Ok(true),
             ChargeEvent::Invoice(found) => *found,
         };
-        let total = invoice.total.to_minor_units().map_err(|e| {
-            runtime::db::DbError::Corrupt(format!("invoice {} total: {e}", invoice.invoice_id))
-        })?;
+        let total = total_minor(&invoice)?;
         let whole = reinstatement.is_whole(total);
         if whole && invoice.status == InvoiceStatus::Paid {
             tx.rollback().await?;
@@ -396,6 +392,13 @@ impl Subscriptions {
             .ok_or_else(|| runtime::db::DbError::Corrupt("invoice vanished".into()))?;
         Ok(ChargeEvent::Invoice(Box::new((tx, unit, invoice))))
     }
+}
+
+/// `invoice`'s total in minor units, as a refund or a dispute names amounts.
+fn total_minor(invoice: &InvoiceRecord) -> Result<i64, runtime::db::DbError> {
+    invoice.total.to_minor_units().map_err(|e| {
+        runtime::db::DbError::Corrupt(format!("invoice {} total: {e}", invoice.invoice_id))
+    })
 }
 
 /// A charge-level Stripe event, read by [`Subscriptions::charge_event`].
