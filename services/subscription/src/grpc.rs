@@ -6,7 +6,7 @@ use proto::{
     common::v1::{Event, WatchEventsRequest},
     subscription::v1::{self as pb, catalog_server::Catalog, subscriptions_server::Subscriptions},
 };
-use runtime::convert::{count, id, reply as ok};
+use runtime::convert::{answer, count, id, reply as ok, view};
 use runtime::{
     Platform,
     auth::Scope,
@@ -19,11 +19,11 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::{
-    convert::{self, ChangeRequest as ChangeAsked, Reply},
+    convert::{self, ChangeRequest as ChangeAsked},
     domain::{self, Change},
     error::SubError,
     model::PaymentKind,
-    service::{Actor, Answer, PaymentChoice, SubscribeCmd, Subscriptions as UseCases},
+    service::{Actor, PaymentChoice, SubscribeCmd, Subscriptions as UseCases},
 };
 
 /// A change as asked, within the limits: counts in range, codes and plan ids well-formed.
@@ -185,11 +185,7 @@ impl Catalog for CatalogApi {
             .into());
         }
         let plan = convert::plan_from(spec)?;
-        ok(self
-            .cases
-            .publish_plan(&key, plan)
-            .await
-            .map(Answer::into_message))
+        answer(self.cases.publish_plan(&key, plan).await)
     }
 
     #[tracing::instrument(skip_all)]
@@ -218,11 +214,7 @@ impl Catalog for CatalogApi {
         let r = req.into_inner();
         id("plan_id", &r.plan_id)?;
         let version = (r.version != 0).then_some(r.version);
-        ok(self
-            .cases
-            .get_plan(&r.plan_id, version)
-            .await
-            .map(|v| v.to_message()))
+        view(self.cases.get_plan(&r.plan_id, version).await)
     }
 }
 
@@ -280,11 +272,11 @@ impl Subscriptions for SubscriptionsApi {
             .then(|| domain::check_contacts("contacts", r.contacts))
             .transpose()
             .map_err(SubError::from)?;
-        ok(self
-            .cases
-            .start_trial(&key, &who, account, &r.plan_id, contacts, terms)
-            .await
-            .map(Answer::into_message))
+        answer(
+            self.cases
+                .start_trial(&key, &who, account, &r.plan_id, contacts, terms)
+                .await,
+        )
     }
 
     #[tracing::instrument(skip_all, fields(account = %req.get_ref().account_id))]
@@ -307,11 +299,7 @@ impl Subscriptions for SubscriptionsApi {
             payment,
             vat_rate: vat_rate(&r.vat_rate)?,
         };
-        ok(self
-            .cases
-            .subscribe(&key, &who, cmd)
-            .await
-            .map(Answer::into_message))
+        answer(self.cases.subscribe(&key, &who, cmd).await)
     }
 
     #[tracing::instrument(skip_all, fields(account = %req.get_ref().account_id))]
@@ -322,11 +310,7 @@ impl Subscriptions for SubscriptionsApi {
         actor(&req, req.get_ref().actor.as_ref())?;
         let r = req.into_inner();
         let account = id("account_id", &r.account_id)?;
-        ok(self
-            .cases
-            .get_subscription(account)
-            .await
-            .map(|v| v.to_message()))
+        view(self.cases.get_subscription(account).await)
     }
 
     #[tracing::instrument(skip_all, fields(account = %req.get_ref().account_id))]
@@ -338,11 +322,7 @@ impl Subscriptions for SubscriptionsApi {
         let r = req.into_inner();
         let key = IdempotencyKey::new("VerifyAccount", &r.idempotency_key, &r)?;
         let account = id("account_id", &r.account_id)?;
-        ok(self
-            .cases
-            .verify_account(&key, &who, account)
-            .await
-            .map(Answer::into_message))
+        answer(self.cases.verify_account(&key, &who, account).await)
     }
 
     #[tracing::instrument(skip_all, fields(account = %req.get_ref().account_id))]
@@ -355,11 +335,7 @@ impl Subscriptions for SubscriptionsApi {
         let key = IdempotencyKey::new("AdmitContacts", &r.idempotency_key, &r)?;
         let account = id("account_id", &r.account_id)?;
         let n = count("contacts", r.contacts, limits::MAX_CONTACTS)?;
-        ok(self
-            .cases
-            .admit_contacts(&key, account, n)
-            .await
-            .map(Answer::into_message))
+        answer(self.cases.admit_contacts(&key, account, n).await)
     }
 
     #[tracing::instrument(skip_all, fields(account = %req.get_ref().account_id))]
@@ -383,11 +359,11 @@ impl Subscriptions for SubscriptionsApi {
                 .into());
             }
         }
-        ok(self
-            .cases
-            .release_contacts(&key, account, r.subscribed, r.pending)
-            .await
-            .map(Answer::into_message))
+        answer(
+            self.cases
+                .release_contacts(&key, account, r.subscribed, r.pending)
+                .await,
+        )
     }
 
     #[tracing::instrument(skip_all, fields(account = %req.get_ref().account_id))]
@@ -398,11 +374,7 @@ impl Subscriptions for SubscriptionsApi {
         actor(&req, req.get_ref().actor.as_ref())?;
         let r = req.into_inner();
         let account = id("account_id", &r.account_id)?;
-        ok(self
-            .cases
-            .contact_usage(account)
-            .await
-            .map(|v| v.to_message()))
+        view(self.cases.contact_usage(account).await)
     }
 
     #[tracing::instrument(skip_all, fields(account = %req.get_ref().account_id))]
@@ -414,11 +386,7 @@ impl Subscriptions for SubscriptionsApi {
         let r = req.into_inner();
         let account = id("account_id", &r.account_id)?;
         let asked = change(r.change.as_ref())?;
-        ok(self
-            .cases
-            .preview_change(account, &asked)
-            .await
-            .map(|v| v.to_message()))
+        view(self.cases.preview_change(account, &asked).await)
     }
 
     #[tracing::instrument(skip_all, fields(account = %req.get_ref().account_id))]
@@ -432,11 +400,11 @@ impl Subscriptions for SubscriptionsApi {
         let account = id("account_id", &r.account_id)?;
         let asked = change(r.change.as_ref())?;
         id("preview_token", &r.preview_token)?;
-        ok(self
-            .cases
-            .apply_change(&key, &who, account, &asked, &r.preview_token)
-            .await
-            .map(Answer::into_message))
+        answer(
+            self.cases
+                .apply_change(&key, &who, account, &asked, &r.preview_token)
+                .await,
+        )
     }
 
     #[tracing::instrument(skip_all, fields(account = %req.get_ref().account_id))]
@@ -466,11 +434,11 @@ impl Subscriptions for SubscriptionsApi {
         let key = IdempotencyKey::new("ResolveChangeRequest", &r.idempotency_key, &r)?;
         let request_id = id("request_id", &r.request_id)?;
         limits::check_text("note", &r.note, limits::MAX_NOTE_LEN, false).map_err(SubError::from)?;
-        ok(self
-            .cases
-            .resolve_request(&key, &who, request_id, r.approve, &r.note)
-            .await
-            .map(Answer::into_message))
+        answer(
+            self.cases
+                .resolve_request(&key, &who, request_id, r.approve, &r.note)
+                .await,
+        )
     }
 
     #[tracing::instrument(skip_all, fields(account = %req.get_ref().account_id))]
@@ -484,11 +452,7 @@ impl Subscriptions for SubscriptionsApi {
         let account = id("account_id", &r.account_id)?;
         limits::check_code("add_on", &r.add_on).map_err(SubError::from)?;
         let code = r.add_on.as_str();
-        ok(self
-            .cases
-            .cancel_add_on(&key, &who, account, code)
-            .await
-            .map(Answer::into_message))
+        answer(self.cases.cancel_add_on(&key, &who, account, code).await)
     }
 
     #[tracing::instrument(skip_all, fields(account = %req.get_ref().account_id))]
@@ -500,11 +464,7 @@ impl Subscriptions for SubscriptionsApi {
         let r = req.into_inner();
         let key = IdempotencyKey::new("Cancel", &r.idempotency_key, &r)?;
         let account = id("account_id", &r.account_id)?;
-        ok(self
-            .cases
-            .cancel(&key, &who, account, false)
-            .await
-            .map(Answer::into_message))
+        answer(self.cases.cancel(&key, &who, account, false).await)
     }
 
     #[tracing::instrument(skip_all, fields(account = %req.get_ref().account_id))]
@@ -516,11 +476,7 @@ impl Subscriptions for SubscriptionsApi {
         let r = req.into_inner();
         let key = IdempotencyKey::new("Resume", &r.idempotency_key, &r)?;
         let account = id("account_id", &r.account_id)?;
-        ok(self
-            .cases
-            .cancel(&key, &who, account, true)
-            .await
-            .map(Answer::into_message))
+        answer(self.cases.cancel(&key, &who, account, true).await)
     }
 
     #[tracing::instrument(skip_all, fields(account = %req.get_ref().account_id))]
@@ -546,11 +502,7 @@ impl Subscriptions for SubscriptionsApi {
         actor(&req, req.get_ref().actor.as_ref())?;
         let r = req.into_inner();
         let invoice = id("invoice_id", &r.invoice_id)?;
-        ok(self
-            .cases
-            .get_invoice(invoice)
-            .await
-            .map(|v| v.to_message()))
+        view(self.cases.get_invoice(invoice).await)
     }
 
     #[tracing::instrument(skip_all, fields(invoice = %req.get_ref().invoice_id))]
@@ -569,11 +521,11 @@ impl Subscriptions for SubscriptionsApi {
             .and_then(|m| {
                 limits::parse_amount("amount", &m.amount, &m.currency).map_err(SubError::from)
             })?;
-        ok(self
-            .cases
-            .record_bank_transfer(&key, &who, invoice, amount)
-            .await
-            .map(Answer::into_message))
+        answer(
+            self.cases
+                .record_bank_transfer(&key, &who, invoice, amount)
+                .await,
+        )
     }
 
     #[tracing::instrument(skip_all, fields(account = %req.get_ref().account_id))]
@@ -586,11 +538,11 @@ impl Subscriptions for SubscriptionsApi {
         let key = IdempotencyKey::new("UpdatePaymentMethod", &r.idempotency_key, &r)?;
         let account = id("account_id", &r.account_id)?;
         let payment = payment_choice(self.platform.config.payment_provider, r.payment.as_ref())?;
-        ok(self
-            .cases
-            .update_payment_method(&key, &who, account, payment)
-            .await
-            .map(Answer::into_message))
+        answer(
+            self.cases
+                .update_payment_method(&key, &who, account, payment)
+                .await,
+        )
     }
 
     #[tracing::instrument(skip_all, fields(account = %req.get_ref().account_id))]
@@ -608,11 +560,7 @@ impl Subscriptions for SubscriptionsApi {
             )
             .into());
         }
-        ok(self
-            .cases
-            .check_sending(account, r.mails)
-            .await
-            .map(|v| v.to_message()))
+        view(self.cases.check_sending(account, r.mails).await)
     }
 
     #[tracing::instrument(skip_all, fields(account = %req.get_ref().account_id))]
@@ -625,10 +573,6 @@ impl Subscriptions for SubscriptionsApi {
         let key = IdempotencyKey::new("RecordMailsSent", &r.idempotency_key, &r)?;
         let account = id("account_id", &r.account_id)?;
         let n = count("mails", r.mails, limits::MAX_RECIPIENTS)?;
-        ok(self
-            .cases
-            .record_mails_sent(&key, account, n)
-            .await
-            .map(Answer::into_message))
+        answer(self.cases.record_mails_sent(&key, account, n).await)
     }
 }
